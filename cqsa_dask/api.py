@@ -1,0 +1,242 @@
+"""Public entry points: ``attention`` on tensors, ``run`` on a Zarr store.
+
+Data flow of ``run``::
+
+    open store ─> validate q,k,v ─> plan (budget) ─> create or resume _cqsa
+         ─> connect (local cluster | scheduler) ─> check a worker fits a task
+         ─> build graph (skip tasks marked done) ─> submit ─> wait (progress)
+         ─> JobResult
+
+``attention`` writes the tensors into a fresh store (a temporary directory
+unless ``workdir`` is given), calls ``run`` and reads ``out``/``lse`` back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from distributed import Client, as_completed
+
+from . import config
+from .cluster import advertised, check_capacity, connect
+from .errors import InvalidInputError, JobFailedError, StoreError
+from .graph import build_graph
+from .layout import ENGINE, create_outputs, input_info, open_store, read_block, validate_shapes, write_tensor
+from .plan import Plan, make_plan, parse_budget, parse_dtype
+
+__all__ = ["JobResult", "attention", "run"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What one ``run`` did.  Sizes in bytes, times in seconds."""
+
+    plan: Plan
+    seconds: float
+    quorum_tasks_run: int
+    merges_run: int
+    resumed: bool
+    dashboard_link: str | None
+    bytes_read: int
+    bytes_written: int
+    peak_device_bytes: int | None
+    kernels: tuple[str, ...] = field(default=())
+
+    @property
+    def tflops(self) -> float:
+        """Achieved TFLOP/s of the whole run (causal counts half the FLOPs)."""
+        return self.plan.flops / max(self.seconds, 1e-9) / 1e12
+
+
+def _budget(memory_budget: int | str | None, client: Client | None, resource: str) -> int:
+    if memory_budget is not None:
+        return parse_budget(memory_budget)
+    if client is not None:
+        have = [h for h in advertised(client, resource) if h > 0]
+        if have:
+            return int(min(have))
+    return parse_budget(config.get("memory-budget"))
+
+
+def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
+    """Reuse the stored job when its plan equals ``plan``; else start a new one."""
+    if ENGINE in group:
+        stored = dict(group[ENGINE].attrs.get("plan", {}))
+        if stored == plan.to_dict() and not restart:
+            return str(group[ENGINE].attrs["token"]), True
+        if not restart:
+            raise InvalidInputError(
+                "the store holds a job with a different plan (budget, causal, scale or groups "
+                "differ); pass restart=True (CLI: --restart) to discard it and start over"
+            )
+    token = str(uuid.uuid4().int)[:12]
+    try:
+        create_outputs(group, plan, token)
+    except PermissionError as e:
+        raise StoreError(f"the store cannot be written: {e}") from None
+    return token, False
+
+
+def run(
+    store: str | os.PathLike[str],
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    memory_budget: int | str | None = None,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    groups: int | None = None,
+    restart: bool = False,
+    progress: Progress | None = None,
+) -> JobResult:
+    """Compute exact attention of the q, k, v arrays of a Zarr v3 group.
+
+    Args:
+        store: path or URL of a group with q (B, Hq, N, D), k and v
+            (B, Hkv, N, D); float32, float16, or bfloat16 stored as uint16
+            with attribute logical_dtype="bfloat16".
+        causal: lower-triangular (top-left aligned) mask.  scale: default 1/sqrt(D).
+        memory_budget: bytes or "12GB" per worker; default: the smallest
+            budget the scheduler's workers advertise, else ``cqsa.memory-budget``.
+        client / scheduler: an existing Client, or a scheduler address;
+            neither: a local cluster is started and closed.
+        groups: force the number of token groups W (default: the planner's).
+        restart: discard a stored job with a different plan.
+        progress: called as progress(done, total) while tasks finish.
+
+    Writes ``out`` (B, Hq, N, D, q's dtype) and ``lse`` (B, Hq, N, float32)
+    into the group; engine state goes under ``_cqsa``.  A store holding the
+    same plan resumes: tasks recorded as done are not recomputed.
+    """
+    store_s = os.fspath(store)
+    group = open_store(store_s, mode="r+")
+    info = input_info(group)
+    resource = str(config.get("resource"))
+    budget0 = _budget(memory_budget, None, resource) if client is None and scheduler is None else None
+    with connect(client, scheduler, budget_bytes=budget0 or 0, resource=resource) as c:
+        budget = budget0 or _budget(memory_budget, c, resource)
+        plan = make_plan(
+            seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,
+            batch=info.batch, dtype=info.dtype, causal=causal, scale=scale, budget=budget,
+            groups=groups, tasks_in_flight=int(config.get("tasks-in-flight")),
+            margin=float(config.get("memory-margin")),
+        )
+        token, resumed = _prepare(group, plan, restart)
+        check_capacity(c, resource, plan.task_memory_bytes)
+        eng = group[ENGINE]
+        jg = build_graph(
+            store_s, token, plan, resource=resource, retries=int(config.get("retries")),
+            task_done=eng["task_done"][...], merge_done=eng["merge_done"][...],
+        )
+        t0 = time.perf_counter()
+        results = _execute(c, jg.graph, jg.keys, progress)
+        seconds = time.perf_counter() - t0
+        link = c.dashboard_link
+    quorum = [r for r in results if r["kind"] == "quorum"]
+    peaks = [r["peak_device_bytes"] for r in quorum if r["peak_device_bytes"] is not None]
+    return JobResult(
+        plan=plan, seconds=seconds, quorum_tasks_run=len(quorum),
+        merges_run=len(results) - len(quorum), resumed=resumed, dashboard_link=link,
+        bytes_read=sum(r["bytes_read"] for r in results),
+        bytes_written=sum(r["bytes_written"] for r in results),
+        peak_device_bytes=max(peaks) if peaks else None,
+        kernels=tuple(sorted({r["kernel"] for r in quorum})),
+    )
+
+
+def _execute(client: Client, graph: Any, keys: list[Any], progress: Progress | None) -> list[dict[str, Any]]:
+    """Submit ``graph``, wait for ``keys``, fail fast with the failing task's name."""
+    if not keys:
+        return []
+    futures = client.get(graph, keys, sync=False)
+    total, done = len(futures), 0
+    results = []
+    try:
+        for fut in as_completed(futures):
+            if fut.status == "error":
+                exc = fut.exception()
+                raise JobFailedError(f"task {fut.key!r} failed: {type(exc).__name__}: {exc}")
+            if fut.status == "cancelled":
+                raise JobFailedError(f"task {fut.key!r} was cancelled (lost workers or scheduler)")
+            results.append(fut.result())
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    finally:
+        client.cancel(futures)
+    return results
+
+
+def _validate_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidInputError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    parse_dtype(str(q.dtype))
+    if not (q.device == k.device == v.device):
+        raise InvalidInputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    validate_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    memory_budget: int | str = "1GB",
+    return_lse: bool = False,
+    client: Client | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    groups: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact scaled-dot-product attention, streamed through Dask and Zarr.
+
+    Args:
+        q: (B, Hq, N, D); k, v: (B, Hkv, N, D) with Hq % Hkv == 0; float32,
+            float16 or bfloat16; D <= 256.
+        causal, scale: as ``torch.nn.functional.scaled_dot_product_attention``.
+        memory_budget: per-worker device memory, bytes or "512MB"/"1.5GiB".
+        return_lse: also return lse (B, Hq, N) float32, the natural-log
+            softmax denominator of the scaled logits.
+        client: an existing Client (default: a local cluster for this call).
+        workdir: directory for the job store (default: a temporary one,
+            removed afterwards).
+        groups: force the number of token groups W.
+
+    Returns:
+        out (B, Hq, N, D) in q's dtype on q's device, and lse when asked.
+    """
+    _validate_tensors(q, k, v)
+    b, hq, n, d = q.shape
+    plan = make_plan(seq_len=n, heads=hq, kv_heads=k.shape[1], head_dim=d, batch=b,
+                     dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups)
+    tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir)
+    try:
+        path = os.path.join(tmp, "job.zarr")
+        import zarr
+
+        group = zarr.open_group(path, mode="w", zarr_format=3)
+        g = plan.group_size
+        write_tensor(group, "q", q, (1, plan.q_heads_per_task, g, d))
+        write_tensor(group, "k", k, (1, plan.heads_per_task, g, d))
+        write_tensor(group, "v", v, (1, plan.heads_per_task, g, d))
+        run(path, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
+        out = read_block(group["out"], (...,), plan.dtype).to(q.device)
+        lse = read_block(group["lse"], (...,), "float32").to(q.device)
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return (out, lse) if return_lse else out

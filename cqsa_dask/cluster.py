@@ -1,0 +1,71 @@
+"""Clients and clusters: the embedded local cluster, or any Dask scheduler.
+
+The memory budget is a Dask worker resource (``cqsa.resource``, default
+``device_mem``).  The local cluster advertises it on its workers; with an
+external scheduler the user starts ``dask worker ADDR --resources
+device_mem=12e9``.  Before submitting, :func:`check_capacity` makes sure at
+least one worker can hold a task, since a resource request nobody satisfies
+would wait forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from distributed import Client, LocalCluster
+
+from . import config
+from .errors import SchedulerError
+
+__all__ = ["advertised", "check_capacity", "connect"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def connect(client: Client | None = None, scheduler: str | None = None, *,
+            budget_bytes: int, resource: str) -> Iterator[Client]:
+    """Yield ``client``, a client of ``scheduler``, or one of a new local cluster.
+
+    Only what this function starts is closed on exit.
+    """
+    if client is not None:
+        yield client
+        return
+    if scheduler is not None:
+        try:
+            c = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise SchedulerError(f"no Dask scheduler answers at {scheduler!r}: {e}") from None
+        with c:
+            yield c
+        return
+    lc = config.get("local-cluster")
+    with LocalCluster(
+        n_workers=int(lc["n-workers"]), threads_per_worker=int(lc["threads-per-worker"]),
+        processes=bool(lc["processes"]), dashboard_address=lc["dashboard-address"],
+        resources={resource: float(budget_bytes)},
+    ) as cluster, Client(cluster) as c:
+        yield c
+
+
+def advertised(client: Client, resource: str) -> list[float]:
+    """The amount of ``resource`` each connected worker advertises."""
+    workers: dict[str, Any] = client.scheduler_info(n_workers=-1)["workers"]
+    return [float(w.get("resources", {}).get(resource, 0)) for w in workers.values()]
+
+
+def check_capacity(client: Client, resource: str, need: int) -> None:
+    """Raise :class:`SchedulerError` unless some worker offers ``need`` of ``resource``."""
+    have = advertised(client, resource)
+    if not have:
+        raise SchedulerError("the Dask scheduler has no workers: start some with `dask worker ADDRESS "
+                             f"--resources {resource}=BYTES`")
+    if max(have) < need:
+        raise SchedulerError(
+            f"no worker advertises {need:,} bytes of resource {resource!r} (largest: {max(have):,.0f}); "
+            f"start workers with `--resources {resource}={need}` or lower the budget"
+        )

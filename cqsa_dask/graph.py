@@ -1,0 +1,87 @@
+"""Build the Dask graph of one job: quorum tasks, then merges.
+
+Only this module and ``cluster`` talk to dask/distributed.
+
+::
+
+    cqsa-quorum-<job>,i,b,j ──┐      (resources={device_mem: predicted bytes})
+    cqsa-quorum-<job>,i',b,j ─┼──> cqsa-merge-<job>,a,b,j   (one per query group)
+    ...                       ┘
+
+A merge depends on exactly the quorum tasks that wrote partials for its
+query group (``Plan.producers``).  Tasks already recorded as done in the
+store are left out (resume); a merge whose producers are all done has no
+dependencies.  Keys are tuples whose first element starts with a readable
+prefix, so the dashboard groups them as ``cqsa-quorum`` and ``cqsa-merge``.
+Two layers carry the annotations: resources and retries on quorum tasks,
+a higher priority on merges so that finished groups are merged (and their
+partials can be released) early.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from .plan import Plan
+from .tasks import merge_task, quorum_task
+
+__all__ = ["JobGraph", "build_graph", "merge_prefix", "quorum_prefix"]
+
+
+def quorum_prefix(token: str) -> str:
+    return f"cqsa-quorum-{token}"
+
+
+def merge_prefix(token: str) -> str:
+    return f"cqsa-merge-{token}"
+
+
+class JobGraph:
+    """The graph and its output keys (quorum keys, merge keys)."""
+
+    def __init__(self, graph: HighLevelGraph, quorum_keys: list[Any], merge_keys: list[Any]):
+        self.graph, self.quorum_keys, self.merge_keys = graph, quorum_keys, merge_keys
+
+    @property
+    def keys(self) -> list[Any]:
+        return self.quorum_keys + self.merge_keys
+
+
+def build_graph(
+    store: str, token: str, plan: Plan, *, resource: str, retries: int,
+    task_done: np.ndarray | None = None, merge_done: np.ndarray | None = None,
+    device: str | None = None, kernel: str | None = None,
+) -> JobGraph:
+    """Graph for the tasks and merges of ``plan`` not yet marked done.
+
+    Args:
+        task_done, merge_done: (W, B, J) arrays of 0/1 markers from the store.
+        resource: worker resource name; each quorum task asks for
+            ``plan.task_memory_bytes`` of it.
+    """
+    qp, mp = quorum_prefix(token), merge_prefix(token)
+    grid = (plan.groups, plan.batch, plan.head_blocks)
+    tdone = task_done if task_done is not None else np.zeros(grid, np.uint8)
+    mdone = merge_done if merge_done is not None else np.zeros(grid, np.uint8)
+    quorums: dict[Any, Any] = {}
+    merges: dict[Any, Any] = {}
+    for i, b, j in zip(*np.nonzero(tdone == 0)):
+        quorums[(qp, int(i), int(b), int(j))] = (quorum_task, store, token, int(i), int(b), int(j), device, kernel)
+    producers = [sorted({t for t, _ in plan.producers(a)}) for a in range(plan.groups)]
+    for a in range(plan.nonempty_groups):
+        for b in range(plan.batch):
+            for j in range(plan.head_blocks):
+                if mdone[a, b, j]:
+                    continue
+                deps = [k for k in ((qp, t, b, j) for t in producers[a]) if k in quorums]
+                merges[(mp, a, b, j)] = (merge_task, store, token, a, b, j, *deps)
+    layers = {
+        qp: MaterializedLayer(quorums, annotations={
+            "resources": {resource: plan.task_memory_bytes}, "retries": retries, "priority": 0}),
+        mp: MaterializedLayer(merges, annotations={"retries": retries, "priority": 10}),
+    }
+    hlg = HighLevelGraph(layers, {qp: set(), mp: {qp}})
+    return JobGraph(hlg, list(quorums), list(merges))

@@ -1,0 +1,224 @@
+"""The job store: a Zarr v3 group holding inputs, outputs and engine state.
+
+::
+
+    STORE/                       (user's group; only q, k, v are read)
+    ├── q    (B, Hq,  N, D)      input  float32 | float16 | bfloat16*
+    ├── k    (B, Hkv, N, D)      input
+    ├── v    (B, Hkv, N, D)      input
+    ├── out  (B, Hq,  N, D)      written: q's dtype, chunks (1, hq_t, G, D)
+    ├── lse  (B, Hq,  N)         written: float32,  chunks (1, hq_t, G)
+    └── _cqsa/                   everything else the engine keeps
+        ├── zarr.json            attrs: plan, job token, engine version
+        ├── partial_out (|D|, B, Hq, N, D)  slot s of the producer task
+        ├── partial_lse (|D|, B, Hq, N)     float32
+        ├── task_done   (W, B, J) uint8     1 = quorum task's partials durable
+        └── merge_done  (W, B, J) uint8     1 = out/lse of that group durable
+
+    * bfloat16 is stored as uint16 with attribute {"logical_dtype": "bfloat16"}
+      (zarr 3.1 has no bfloat16 dtype); the bits are identical.
+
+Invariants: chunks of out, lse and the partials align with token groups
+(G tokens) and head blocks (hq_t query heads), so every chunk has exactly one
+writer.  Float data does not compress, so every array is stored without a
+compressor (docs/store-format.md).  A marker is written only after the data
+it vouches for.  Nothing outside ``_cqsa``, ``out`` and ``lse`` is ever
+written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.errors
+
+from .errors import InvalidInputError, StoreError
+from .plan import MAX_HEAD_DIM, Plan, parse_dtype
+
+__all__ = [
+    "ENGINE",
+    "InputInfo",
+    "create_outputs",
+    "input_info",
+    "open_store",
+    "read_block",
+    "write_block",
+    "write_tensor",
+]
+
+ENGINE = "_cqsa"
+_LOGICAL = "logical_dtype"
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def open_store(store: Any, mode: str = "r+") -> zarr.Group:
+    """Open an existing Zarr v3 group (path or URL) or raise :class:`StoreError`."""
+    if isinstance(store, (str, os.PathLike)) and "://" not in str(store):
+        if not os.path.exists(store):
+            raise StoreError(f"store {os.fspath(store)!r} does not exist: give the path of a Zarr v3 group")
+    try:
+        return zarr.open_group(store=store, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+    except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError, TypeError) as e:
+        raise StoreError(f"store {store!r} is not a Zarr v3 group ({e}); create one with zarr.open_group") from e
+    except PermissionError as e:
+        raise StoreError(f"store {store!r} cannot be opened for writing: {e}") from e
+
+
+def logical_dtype(arr: zarr.Array) -> str:
+    """The element type an array stands for: float32, float16 or bfloat16."""
+    tag = arr.attrs.get(_LOGICAL)
+    if tag is not None:
+        return parse_dtype(str(tag))
+    return parse_dtype(str(arr.dtype))
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """Shapes and dtype of the q, k, v arrays of a store, validated."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_len: int
+    head_dim: int
+    dtype: str
+
+
+def validate_shapes(qs: tuple[int, ...], ks: tuple[int, ...], vs: tuple[int, ...]) -> None:
+    """Check q (B, Hq, N, D), k and v (B, Hkv, N, D); raise InvalidInputError."""
+    for name, s in (("q", qs), ("k", ks), ("v", vs)):
+        if len(s) != 4:
+            raise InvalidInputError(f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(s)}")
+    if tuple(ks) != tuple(vs):
+        raise InvalidInputError(f"k and v must have the same shape, got {tuple(ks)} and {tuple(vs)}")
+    if qs[0] != ks[0] or qs[3] != ks[3]:
+        raise InvalidInputError(f"q {tuple(qs)} and k {tuple(ks)} must agree in batch (dim 0) and head dim (dim 3)")
+    if qs[2] != ks[2]:
+        raise InvalidInputError(f"q and k must have the same sequence length (self-attention), got {qs[2]} and {ks[2]}")
+    if qs[2] == 0:
+        raise InvalidInputError("the sequence length is 0: there is nothing to attend")
+    if min(qs[0], qs[1], ks[1], qs[3]) < 1:
+        raise InvalidInputError(f"every dimension must be >= 1, got q {tuple(qs)} and k {tuple(ks)}")
+    if qs[1] % ks[1]:
+        raise InvalidInputError(f"query heads ({qs[1]}) must be a multiple of kv heads ({ks[1]}) for GQA/MQA")
+    if qs[3] > MAX_HEAD_DIM:
+        raise InvalidInputError(f"head dim {qs[3]} is larger than the supported {MAX_HEAD_DIM}")
+
+
+def input_info(group: zarr.Group) -> InputInfo:
+    """Validate the q, k, v arrays of ``group`` and describe them."""
+    arrays = {}
+    for name in ("q", "k", "v"):
+        try:
+            arr = group[name]
+        except KeyError:
+            raise StoreError(f"store has no array {name!r}: it needs q, k, v shaped (B, H, N, D)") from None
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"{name!r} in the store is a group, not an array")
+        arrays[name] = arr
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    validate_shapes(q.shape, k.shape, v.shape)
+    dtypes = {logical_dtype(a) for a in (q, k, v)}
+    if len(dtypes) != 1:
+        raise InvalidInputError(f"q, k, v must share one dtype, got {sorted(dtypes)}")
+    b, hq, n, d = q.shape
+    return InputInfo(b, hq, k.shape[1], n, d, dtypes.pop())
+
+
+def _zarr_dtype(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def _attrs(dtype: str) -> dict[str, str]:
+    return {_LOGICAL: dtype} if dtype == "bfloat16" else {}
+
+
+def _create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+            dtype: str, overwrite: bool = True) -> zarr.Array:
+    chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
+    return group.create_array(
+        name, shape=shape, chunks=chunks, dtype=_zarr_dtype(dtype),
+        compressors=None, fill_value=0, attributes=_attrs(dtype), overwrite=overwrite,
+    )
+
+
+def write_tensor(group: zarr.Group, name: str, t: torch.Tensor, chunks: tuple[int, ...]) -> None:
+    """Store tensor ``t`` (any shape, float32/float16/bfloat16) as array ``name``."""
+    dtype = parse_dtype(str(t.dtype))
+    arr = _create(group, name, tuple(t.shape), chunks, dtype)
+    arr[...] = _to_numpy(t)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy()
+    return t.numpy()
+
+
+def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def read_block(arr: zarr.Array, index: tuple[Any, ...], dtype: str) -> torch.Tensor:
+    """Read ``arr[index]`` as a CPU tensor of logical ``dtype``."""
+    return _to_torch(arr[index], dtype)
+
+
+def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> None:
+    """Write tensor ``t`` into ``arr[index]`` (bfloat16 as its uint16 bits)."""
+    arr[index] = _to_numpy(t)
+
+
+def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
+    """Create out, lse and the engine subgroup for ``plan``; return the subgroup.
+
+    Overwrites earlier outputs and engine state (callers decide on resume).
+    """
+    b, hq, n, d = plan.batch, plan.heads_q, plan.seq_len, plan.head_dim
+    g, ht, s = plan.group_size, plan.q_heads_per_task, plan.quorum_size
+    grid = (plan.groups, b, plan.head_blocks)
+    _create(group, "out", (b, hq, n, d), (1, ht, g, d), plan.dtype)
+    _create(group, "lse", (b, hq, n), (1, ht, g), "float32")
+    eng = group.create_group(ENGINE, overwrite=True)
+    _create(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), plan.dtype)
+    _create(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32")
+    _create(eng, "task_done", grid, (1, 1, 1), "uint8")
+    _create(eng, "merge_done", grid, (1, 1, 1), "uint8")
+    eng.attrs.update({"plan": plan.to_dict(), "token": token, "engine_version": _version()})
+    return eng
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class Job:
+    """Arrays of one job, opened once per worker process (see :func:`open_job`)."""
+
+    def __init__(self, store: str, token: str):
+        group = open_store(store, mode="r+")
+        eng = group[ENGINE]
+        assert isinstance(eng, zarr.Group)
+        if eng.attrs.get("token") != token:
+            raise StoreError(f"store {store!r} holds job {eng.attrs.get('token')!r}, not {token!r}")
+        self.plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
+        self.q, self.k, self.v = (group[n] for n in ("q", "k", "v"))
+        self.out, self.lse = group["out"], group["lse"]
+        self.partial_out, self.partial_lse = eng["partial_out"], eng["partial_lse"]
+        self.task_done, self.merge_done = eng["task_done"], eng["merge_done"]
+
+
+@lru_cache(maxsize=16)
+def open_job(store: str, token: str) -> Job:
+    """The :class:`Job` of ``store`` (cached per process and job token)."""
+    return Job(store, token)

@@ -1,0 +1,162 @@
+"""The functions Dask runs: one quorum task, one merge.
+
+Both take only small arguments (store path, job token, indices) and return a
+small dict of metadata; all tensors move through the Zarr store.
+
+Quorum task (task i, batch b, head block j)::
+
+    load k, v of every key group the task owns pairs for   (resident)
+    for each slot s with query group a and key groups [b1, b2, ...]:
+        read q of group a
+        (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc)
+        write partial_out[s, b, heads_j, a], partial_lse[...]
+    write task_done[i, b, j] = 1                       (after all data)
+
+Merge (group a, batch b, head block j)::
+
+    for each producer (task i, slot s) of row a:  acc = merge(acc, partial)
+    write out[b, heads_j, a], lse[...];  then merge_done[a, b, j] = 1
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import zarr
+
+from . import config
+from .kernels import attend, merge, resolve_device, select_kernel
+from .layout import Job, open_job, read_block, write_block
+
+__all__ = ["merge_task", "quorum_task"]
+
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_initialised = False
+
+
+def _init_process(threads: int | None) -> None:
+    """Once per worker process: torch threads and zarr concurrency."""
+    global _initialised
+    if _initialised:
+        return
+    zarr.config.set({"async.concurrency": int(config.get("zarr-concurrency"))})
+    n = threads or config.get("torch-threads")
+    if n is None:
+        n = max(1, (os.cpu_count() or 1) // _dask_threads())
+    torch.set_num_threads(int(n))
+    _initialised = True
+
+
+def _dask_threads() -> int:
+    try:
+        from distributed import get_worker
+
+        return max(1, get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        return 1
+
+
+def _heads(job: Job, block: int) -> tuple[slice, slice]:
+    p = job.plan
+    hk, hq = p.heads_per_task, p.q_heads_per_task
+    return slice(block * hk, (block + 1) * hk), slice(block * hq, (block + 1) * hq)
+
+
+def _tokens(job: Job, g: int) -> slice:
+    return slice(*job.plan.group_bounds(g))
+
+
+def _device_peak(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def quorum_task(store: str, token: str, task: int, batch: int, block: int,
+                device: str | None = None, kernel: str | None = None) -> dict[str, Any]:
+    """Compute every pair quorum ``task`` owns for one batch element and head block.
+
+    Reads k, v (1, hk, G, D) of the quorum's key groups and q (1, hq, G, D)
+    of its query groups; writes partial_out (hq, G, D) and partial_lse (hq, G)
+    per slot, then the task's marker.  Returns timings and byte counts.
+    """
+    _init_process(None)
+    t0 = time.perf_counter()
+    job = open_job(store, token)
+    plan = job.plan
+    dev = resolve_device(device or config.get("device"))
+    dtype = _TORCH[plan.dtype]
+    name = select_kernel(dev, dtype, plan.head_dim, kernel or config.get("kernel"))
+    kv_h, q_h = _heads(job, block)
+    work = plan.work(task)
+    nread = nwritten = 0
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for g in sorted({b for _, _, bs in work for b in bs}):
+        idx = (batch, kv_h, _tokens(job, g))
+        k = read_block(job.k, idx, plan.dtype)
+        v = read_block(job.v, idx, plan.dtype)
+        kv[g] = (k.to(dev)[None], v.to(dev)[None])  # (1, hk, G, D)
+        nread += k.nbytes + v.nbytes
+    t_io = time.perf_counter() - t0
+    t_compute = 0.0
+    for slot, a, bs in work:
+        ta = time.perf_counter()
+        q = read_block(job.q, (batch, q_h, _tokens(job, a)), plan.dtype)
+        nread += q.nbytes
+        q = q.to(dev)[None].contiguous()  # (1, hq, G, D)
+        tb = time.perf_counter()
+        acc = None
+        for b in bs:
+            part = attend(q, *kv[b], scale=plan.scale, diagonal_causal=plan.causal and a == b, kernel=name)
+            acc = merge(acc, part)
+        assert acc is not None
+        out, lse = acc[0].to(dtype)[0].cpu(), acc[1][0].cpu()  # (hq, G, D), (hq, G)
+        tc = time.perf_counter()
+        write_block(job.partial_out, (slot, batch, q_h, _tokens(job, a)), out)
+        write_block(job.partial_lse, (slot, batch, q_h, _tokens(job, a)), lse)
+        nwritten += out.nbytes + lse.nbytes
+        t_compute += tc - tb
+        t_io += (tb - ta) + (time.perf_counter() - tc)
+    job.task_done[task, batch, block] = 1
+    return {
+        "kind": "quorum", "task": task, "batch": batch, "block": block,
+        "pairs": sum(len(bs) for _, _, bs in work), "kernel": name, "device": str(dev),
+        "seconds": time.perf_counter() - t0, "compute_seconds": t_compute, "io_seconds": t_io,
+        "bytes_read": nread, "bytes_written": nwritten, "peak_device_bytes": _device_peak(dev),
+    }
+
+
+def merge_task(store: str, token: str, group: int, batch: int, block: int, *deps: Any) -> dict[str, Any]:
+    """Merge the partial results of query ``group`` into out and lse.
+
+    ``deps`` are the producers' results (only there so Dask orders the
+    merge after them).  Streams one partial (hq, G, D) at a time into a
+    float32 accumulator; writes out (hq, G, D) in the job dtype and lse
+    (hq, G) float32, then the merge marker.
+    """
+    _init_process(None)
+    t0 = time.perf_counter()
+    job = open_job(store, token)
+    plan = job.plan
+    _, q_h = _heads(job, block)
+    rows = _tokens(job, group)
+    acc = None
+    nread = 0
+    for _task, slot in plan.producers(group):
+        out = read_block(job.partial_out, (slot, batch, q_h, rows), plan.dtype)
+        lse = read_block(job.partial_lse, (slot, batch, q_h, rows), "float32")
+        nread += out.nbytes + lse.nbytes
+        acc = merge(acc, (out, lse))
+    assert acc is not None, f"group {group} has no producers"
+    out = acc[0].to(_TORCH[plan.dtype])
+    write_block(job.out, (batch, q_h, rows), out)
+    write_block(job.lse, (batch, q_h, rows), acc[1])
+    job.merge_done[group, batch, block] = 1
+    return {
+        "kind": "merge", "group": group, "batch": batch, "block": block,
+        "seconds": time.perf_counter() - t0, "bytes_read": nread,
+        "bytes_written": out.nbytes + acc[1].nbytes,
+    }
