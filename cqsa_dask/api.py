@@ -98,6 +98,7 @@ def run(
     groups: int | None = None,
     restart: bool = False,
     progress: Progress | None = None,
+    on_start: Callable[[Plan, str | None], None] | None = None,
 ) -> JobResult:
     """Compute exact attention of the q, k, v arrays of a Zarr v3 group.
 
@@ -113,6 +114,7 @@ def run(
         groups: force the number of token groups W (default: the planner's).
         restart: discard a stored job with a different plan.
         progress: called as progress(done, total) while tasks finish.
+        on_start: called as on_start(plan, dashboard_link) before submitting.
 
     Writes ``out`` (B, Hq, N, D, q's dtype) and ``lse`` (B, Hq, N, float32)
     into the group; engine state goes under ``_cqsa``.  A store holding the
@@ -138,6 +140,8 @@ def run(
             store_s, token, plan, resource=resource, retries=int(config.get("retries")),
             task_done=eng["task_done"][...], merge_done=eng["merge_done"][...],
         )
+        if on_start is not None:
+            on_start(plan, c.dashboard_link)
         t0 = time.perf_counter()
         results = _execute(c, jg.graph, jg.keys, progress)
         seconds = time.perf_counter() - t0

@@ -44,6 +44,7 @@ from .plan import MAX_HEAD_DIM, Plan, parse_dtype
 __all__ = [
     "ENGINE",
     "InputInfo",
+    "create_array",
     "create_outputs",
     "input_info",
     "open_store",
@@ -139,7 +140,7 @@ def _attrs(dtype: str) -> dict[str, str]:
     return {_LOGICAL: dtype} if dtype == "bfloat16" else {}
 
 
-def _create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
             dtype: str, overwrite: bool = True) -> zarr.Array:
     chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
     return group.create_array(
@@ -151,7 +152,7 @@ def _create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[
 def write_tensor(group: zarr.Group, name: str, t: torch.Tensor, chunks: tuple[int, ...]) -> None:
     """Store tensor ``t`` (any shape, float32/float16/bfloat16) as array ``name``."""
     dtype = parse_dtype(str(t.dtype))
-    arr = _create(group, name, tuple(t.shape), chunks, dtype)
+    arr = create_array(group, name, tuple(t.shape), chunks, dtype)
     arr[...] = _to_numpy(t)
 
 
@@ -185,13 +186,13 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     b, hq, n, d = plan.batch, plan.heads_q, plan.seq_len, plan.head_dim
     g, ht, s = plan.group_size, plan.q_heads_per_task, plan.quorum_size
     grid = (plan.groups, b, plan.head_blocks)
-    _create(group, "out", (b, hq, n, d), (1, ht, g, d), plan.dtype)
-    _create(group, "lse", (b, hq, n), (1, ht, g), "float32")
+    create_array(group, "out", (b, hq, n, d), (1, ht, g, d), plan.dtype)
+    create_array(group, "lse", (b, hq, n), (1, ht, g), "float32")
     eng = group.create_group(ENGINE, overwrite=True)
-    _create(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), plan.dtype)
-    _create(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32")
-    _create(eng, "task_done", grid, (1, 1, 1), "uint8")
-    _create(eng, "merge_done", grid, (1, 1, 1), "uint8")
+    create_array(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), plan.dtype)
+    create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32")
+    create_array(eng, "task_done", grid, (1, 1, 1), "uint8")
+    create_array(eng, "merge_done", grid, (1, 1, 1), "uint8")
     eng.attrs.update({"plan": plan.to_dict(), "token": token, "engine_version": _version()})
     return eng
 

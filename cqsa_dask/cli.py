@@ -1,0 +1,222 @@
+"""The ``cqsa`` command: plan, run and demo.  The only module that prints.
+
+Every expected failure (a :class:`CQSAError`, a bad option) ends with one
+line ``cqsa: error: ...`` on stderr and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource as _resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import __version__, config
+from .errors import CQSAError, InvalidInputError
+from .plan import Plan, make_plan, parse_budget
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise InvalidInputError(f"{message} (see `{self.prog} --help`)")
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def _plan_lines(p: Plan) -> list[str]:
+    return [
+        f"problem     B={p.batch} Hq={p.heads_q} Hkv={p.heads_kv} N={p.seq_len:,} D={p.head_dim} "
+        f"{p.dtype}{' causal' if p.causal else ''}",
+        f"groups      W={p.groups} of {p.group_size:,} tokens, quorum size |D|={p.quorum_size}",
+        f"tasks       {p.tasks:,} quorum tasks ({p.heads_per_task} kv heads each) + {p.merges:,} merges",
+        f"memory      {_fmt_bytes(p.task_memory_bytes)} per task, budget {_fmt_bytes(p.budget_bytes)}",
+        f"work        {p.flops / 1e12:,.3g} TFLOP, reads {_fmt_bytes(p.bytes_read)}, "
+        f"writes {_fmt_bytes(p.bytes_written)}",
+    ]
+
+
+class _Progress:
+    """A one-line progress bar with ETA on a terminal (stderr)."""
+
+    def __init__(self, enabled: bool, as_json: bool):
+        self.enabled, self.as_json, self.t0 = enabled, as_json, time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if not (self.enabled or self.as_json) or (now - self.last < 0.2 and done < total):
+            return
+        self.last = now
+        el = now - self.t0
+        eta = el / done * (total - done) if done else float("nan")
+        if self.as_json:
+            print(json.dumps({"event": "progress", "done": done, "total": total,
+                              "elapsed_s": round(el, 3), "eta_s": round(eta, 3)}), flush=True)
+            return
+        width = 30
+        fill = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} tasks  "
+                         f"{el:6.1f}s elapsed  eta {eta:6.1f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _cmd_plan(a: argparse.Namespace) -> int:
+    p = make_plan(seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
+                  batch=a.batch, dtype=a.dtype, causal=a.causal, scale=a.scale,
+                  budget=a.budget or config.get("memory-budget"), groups=a.groups,
+                  tasks_in_flight=int(config.get("tasks-in-flight")), margin=float(config.get("memory-margin")))
+    print(p.to_json() if a.json else "\n".join(_plan_lines(p)))
+    return 0
+
+
+def _run_summary(res: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    p = res.plan
+    d = {
+        "tokens": p.seq_len, "seconds": round(res.seconds, 3), "tflops": round(res.tflops, 4),
+        "tokens_per_s": round(p.seq_len * p.batch / max(res.seconds, 1e-9), 1),
+        "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run, "resumed": res.resumed,
+        "task_memory_bytes": p.task_memory_bytes, "budget_bytes": p.budget_bytes,
+        "peak_device_bytes": res.peak_device_bytes, "bytes_read": res.bytes_read,
+        "bytes_written": res.bytes_written, "kernels": list(res.kernels),
+    }
+    d.update(extra or {})
+    return d
+
+
+def _start_printer(quiet: bool):  # type: ignore[no-untyped-def]
+    def on_start(plan: Plan, link: str | None) -> None:
+        if not quiet:
+            print("\n".join(_plan_lines(plan)))
+            print(f"dashboard   {link or 'n/a'}", flush=True)
+    return on_start
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .api import run
+
+    tty = sys.stderr.isatty()
+    res = run(a.store, causal=a.causal, scale=a.scale, memory_budget=a.budget, scheduler=a.scheduler,
+              groups=a.groups, restart=a.restart, progress=_Progress(tty or a.progress, a.json),
+              on_start=_start_printer(a.json))
+    s = _run_summary(res)
+    if a.json:
+        print(json.dumps({"event": "done", **s}))
+    else:
+        print(f"done        {s['seconds']}s, {s['tflops']} TFLOP/s, {s['quorum_tasks_run']} tasks, "
+              f"{s['merges_run']} merges{' (resumed)' if res.resumed else ''}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from .api import run
+    from .demo import make_synthetic_store
+    from .verify import check_rows, sample_rows
+
+    budget = parse_budget(a.budget)
+    with tempfile.TemporaryDirectory(prefix="cqsa-demo-") as tmp:
+        path = os.path.join(tmp, "demo.zarr")
+        print(f"creating    a synthetic job in {path}", flush=True)
+        group = make_synthetic_store(path, seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads,
+                                     head_dim=a.head_dim, dtype=a.dtype, seed=a.seed)
+        res = run(path, causal=a.causal, memory_budget=budget,
+                  progress=_Progress(True, False), on_start=_start_printer(False))
+        rows = sample_rows(group, a.rows, seed=a.seed)
+        chk = check_rows(group, rows, causal=a.causal, scale=res.plan.scale)
+    rss = _resource.getrusage(_resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(f"tokens      {a.seq_len:,} x {a.heads} heads in {res.seconds:.2f}s "
+          f"({res.tflops * 1e3:.1f} GFLOP/s, {a.seq_len / res.seconds:,.0f} tokens/s)")
+    print(f"memory      predicted task peak {_fmt_bytes(res.plan.task_memory_bytes)} of budget "
+          f"{_fmt_bytes(budget)}; device peak {_fmt_bytes(res.peak_device_bytes)}"
+          f"{'' if res.peak_device_bytes else f' (cpu: no device counter; worker peak RSS {_fmt_bytes(rss)})'}")
+    print(f"exactness   {chk.rows} sampled rows vs float64: max |out err| {chk.max_abs_out:.2e} "
+          f"(rel {chk.max_rel_out:.2e}), max |lse err| {chk.max_abs_lse:.2e}")
+    tol = 1e-4 if a.dtype in ("float32", "fp32") else 3e-2
+    if not chk.max_rel_out <= tol:
+        print(f"cqsa: error: sampled rows differ from float64 by more than {tol}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cqsa", description="Exact attention beyond device memory (CQS + Dask + Zarr).")
+    p.add_argument("--version", action="version", version=f"cqsa-dask {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Dask's and the engine's logs")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    pl = sub.add_parser("plan", help="print the plan of a job without running it")
+    pl.add_argument("--seq-len", type=int, required=True, help="tokens N")
+    pl.add_argument("--heads", type=int, required=True, help="query heads Hq")
+    pl.add_argument("--kv-heads", type=int, default=None, help="kv heads Hkv (default Hq)")
+    pl.add_argument("--head-dim", type=int, required=True, help="head dim D (<= 256)")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--dtype", default="bfloat16", help="float32|float16|bfloat16 (fp32, fp16, bf16)")
+    pl.add_argument("--budget", default=None, help="memory budget per worker, e.g. 12GB (default: config)")
+    pl.add_argument("--causal", action="store_true")
+    pl.add_argument("--scale", type=float, default=None)
+    pl.add_argument("--groups", type=int, default=None, help="force the number of token groups W")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(fn=_cmd_plan)
+
+    r = sub.add_parser("run", help="run (or resume) the job of a Zarr store")
+    r.add_argument("store", help="path or URL of a Zarr v3 group with arrays q, k, v")
+    r.add_argument("--causal", action="store_true")
+    r.add_argument("--scale", type=float, default=None)
+    r.add_argument("--budget", default=None, help="memory budget per worker (default: workers' resource or config)")
+    r.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
+    r.add_argument("--groups", type=int, default=None, help="force the number of token groups W")
+    r.add_argument("--restart", action="store_true", help="discard a stored job with a different plan")
+    r.add_argument("--json", action="store_true", help="print JSON progress lines and summary")
+    r.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
+    r.set_defaults(fn=_cmd_run)
+
+    d = sub.add_parser("demo", help="run a synthetic job on a local cluster and check it against float64")
+    d.add_argument("--seq-len", type=int, default=32768)
+    d.add_argument("--heads", type=int, default=4)
+    d.add_argument("--kv-heads", type=int, default=2)
+    d.add_argument("--head-dim", type=int, default=64)
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--budget", default="48MB", help="memory budget (default forces several groups)")
+    d.add_argument("--causal", action="store_true")
+    d.add_argument("--rows", type=int, default=16, help="sampled rows checked against float64")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cqsa`` command; returns the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
+        if not args.verbose:
+            for name in ("distributed", "bokeh", "tornado"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+        return int(args.fn(args))
+    except CQSAError as e:
+        print(f"cqsa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cqsa: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

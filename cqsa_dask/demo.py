@@ -1,0 +1,42 @@
+"""Synthetic jobs: seeded random q, k, v written into a new Zarr store.
+
+Used by ``cqsa demo`` and by the benchmarks.  Values are drawn block by block
+(``chunk_tokens`` tokens at a time) from a seeded generator, so a large store
+is written without holding it in memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import zarr
+
+from .layout import create_array, write_block
+from .plan import parse_dtype
+
+__all__ = ["make_synthetic_store"]
+
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def make_synthetic_store(
+    path: str | os.PathLike[str], *, seq_len: int, heads: int, head_dim: int, kv_heads: int | None = None,
+    batch: int = 1, dtype: str = "float32", seed: int = 0, chunk_tokens: int = 8192, std: float = 1.0,
+) -> zarr.Group:
+    """Create a Zarr v3 group at ``path`` with q (B, H, N, D), k, v (B, Hkv, N, D).
+
+    Entries are N(0, std^2) draws from ``torch.Generator().manual_seed(seed)``.
+    """
+    name = parse_dtype(dtype)
+    kv_heads = heads if kv_heads is None else kv_heads
+    group = zarr.open_group(os.fspath(path), mode="w", zarr_format=3)
+    g = torch.Generator().manual_seed(seed)
+    for arr_name, h in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+        arr = create_array(group, arr_name, (batch, h, seq_len, head_dim), (1, h, chunk_tokens, head_dim), name)
+        for b in range(batch):
+            for t0 in range(0, seq_len, chunk_tokens):
+                t1 = min(seq_len, t0 + chunk_tokens)
+                x = torch.randn(h, t1 - t0, head_dim, generator=g) * std
+                write_block(arr, (b, slice(None), slice(t0, t1)), x.to(_TORCH[name]))
+    return group
