@@ -43,20 +43,9 @@ def _init_process(threads: int | None) -> None:
     if _initialised:
         return
     zarr.config.set({"async.concurrency": int(config.get("zarr-concurrency"))})
-    n = threads or config.get("torch-threads")
-    if n is None:
-        n = max(1, (os.cpu_count() or 1) // _dask_threads())
+    n = threads or config.get("torch-threads") or os.cpu_count() or 1
     torch.set_num_threads(int(n))
     _initialised = True
-
-
-def _dask_threads() -> int:
-    try:
-        from distributed import get_worker
-
-        return max(1, get_worker().state.nthreads)
-    except (ImportError, ValueError):
-        return 1
 
 
 def _heads(job: Job, block: int) -> tuple[slice, slice]:
