@@ -13,6 +13,7 @@ unless ``workdir`` is given), calls ``run`` and reads ``out``/``lse`` back.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from . import config
 from .cluster import advertised, check_capacity, connect
 from .errors import InvalidInputError, JobFailedError, StoreError
 from .graph import build_graph
+from .jobstate import Lease, check_free, fingerprint
 from .layout import ENGINE, create_outputs, input_info, open_store, read_block, validate_shapes, write_tensor
 from .plan import Plan, make_plan, parse_budget, parse_dtype
 
@@ -69,21 +71,37 @@ def _budget(memory_budget: int | str | None, client: Client | None, resource: st
 
 
 def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
-    """Reuse the stored job when its plan equals ``plan``; else start a new one."""
+    """Resume the stored job when its plan and inputs match; else start a new one."""
     if ENGINE in group:
-        stored = dict(group[ENGINE].attrs.get("plan", {}))
-        if stored == plan.to_dict() and not restart:
-            return str(group[ENGINE].attrs["token"]), True
+        eng = group[ENGINE]
+        check_free(eng)
+        stored = dict(eng.attrs.get("plan", {}))
         if not restart:
-            raise InvalidInputError(
-                "the store holds a job with a different plan (budget, causal, scale or groups "
-                "differ); pass restart=True (CLI: --restart) to discard it and start over"
-            )
+            if stored.get("version") != plan.version:
+                raise InvalidInputError(
+                    f"the store's job was planned by an incompatible engine (plan version "
+                    f"{stored.get('version')}, engine {eng.attrs.get('engine_version')}; this is plan "
+                    f"version {plan.version}); pass restart=True (CLI: --restart) to start over"
+                )
+            if stored != plan.to_dict():
+                now = dataclasses.asdict(plan)
+                diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in now.items() if stored.get(k) != v]
+                raise InvalidInputError(
+                    f"the store holds a job with a different plan ({'; '.join(diff)}); pass "
+                    "restart=True (CLI: --restart) to discard it and start over"
+                )
+            if eng.attrs.get("fingerprint") != fingerprint(group):
+                raise InvalidInputError(
+                    "the inputs q, k, v changed since the job started (fingerprint differs); pass "
+                    "restart=True (CLI: --restart) to discard the partial results and start over"
+                )
+            return str(eng.attrs["token"]), True
     token = str(uuid.uuid4().int)[:12]
     try:
-        create_outputs(group, plan, token)
+        eng = create_outputs(group, plan, token)
     except PermissionError as e:
         raise StoreError(f"the store cannot be written: {e}") from None
+    eng.attrs.update({"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
     return token, False
 
 
@@ -133,18 +151,23 @@ def run(
             groups=groups, tasks_in_flight=int(config.get("tasks-in-flight")),
             margin=float(config.get("memory-margin")),
         )
-        token, resumed = _prepare(group, plan, restart)
         check_capacity(c, resource, plan.task_memory_bytes)
-        eng = group[ENGINE]
-        jg = build_graph(
-            store_s, token, plan, resource=resource, retries=int(config.get("retries")),
-            task_done=eng["task_done"][...], merge_done=eng["merge_done"][...],
-        )
-        if on_start is not None:
-            on_start(plan, c.dashboard_link)
-        t0 = time.perf_counter()
-        results = _execute(c, jg.graph, jg.keys, progress)
-        seconds = time.perf_counter() - t0
+        token, resumed = _prepare(group, plan, restart)
+        lease = Lease(group, ttl=float(config.get("lease-seconds")))
+        lease.acquire()
+        try:
+            eng = group[ENGINE]
+            jg = build_graph(
+                store_s, token, plan, resource=resource, retries=int(config.get("retries")),
+                task_done=eng["task_done"][...], merge_done=eng["merge_done"][...],
+            )
+            if on_start is not None:
+                on_start(plan, c.dashboard_link)
+            t0 = time.perf_counter()
+            results = _execute(c, jg.graph, jg.keys, progress)
+            seconds = time.perf_counter() - t0
+        finally:
+            lease.release()
         link = c.dashboard_link
     quorum = [r for r in results if r["kind"] == "quorum"]
     peaks = [r["peak_device_bytes"] for r in quorum if r["peak_device_bytes"] is not None]

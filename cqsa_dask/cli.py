@@ -1,4 +1,4 @@
-"""The ``cqsa`` command: plan, run and demo.  The only module that prints.
+"""The ``cqsa`` command: plan, run, resume, status and demo.  The only module that prints.
 
 Every expected failure (a :class:`CQSAError`, a bad option) ends with one
 line ``cqsa: error: ...`` on stderr and exit status 2; no traceback.
@@ -14,8 +14,11 @@ import resource as _resource
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
+
+import dask.config
 
 from . import __version__, config
 from .errors import CQSAError, InvalidInputError
@@ -125,6 +128,33 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resume(a: argparse.Namespace) -> int:
+    from .jobstate import status
+
+    p = status(a.store).plan
+    a.causal, a.scale, a.budget, a.groups, a.restart = p["causal"], p["scale"], p["budget_bytes"], p["groups"], False
+    return _cmd_run(a)
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    from .jobstate import status
+
+    st = status(a.store)
+    if a.json:
+        d = {k: getattr(st, k) for k in ("tasks_done", "tasks_total", "merges_done", "merges_total",
+                                          "bytes_written", "elapsed_s", "running", "tasks_per_s", "eta_s")}
+        print(json.dumps({**d, "complete": st.complete, "plan": st.plan}))
+        return 0
+    state = "complete" if st.complete else ("running" if st.running else "stopped (resume with `cqsa resume`)")
+    eta = f"{st.eta_s:.0f}s" if st.eta_s is not None and not st.complete else "-"
+    print(f"state       {state}")
+    print(f"tasks       {st.tasks_done:,} / {st.tasks_total:,} quorum tasks, {st.merges_done:,} / "
+          f"{st.merges_total:,} merges")
+    print(f"time        {st.elapsed_s:.1f}s active, {st.tasks_per_s:.2f} tasks/s, eta {eta}")
+    print(f"written     ~{_fmt_bytes(st.bytes_written)} (estimated from the plan)")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .api import run
     from .demo import make_synthetic_store
@@ -187,6 +217,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
     r.set_defaults(fn=_cmd_run)
 
+    rs = sub.add_parser("resume", help="finish the unfinished job of a store with its stored plan")
+    rs.add_argument("store")
+    rs.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
+    rs.add_argument("--json", action="store_true", help="print JSON progress lines and summary")
+    rs.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
+    rs.set_defaults(fn=_cmd_resume)
+
+    st = sub.add_parser("status", help="progress of the job in a store (while it runs or after)")
+    st.add_argument("store")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=_cmd_status)
+
     d = sub.add_parser("demo", help="run a synthetic job on a local cluster and check it against float64")
     d.add_argument("--seq-len", type=int, default=32768)
     d.add_argument("--heads", type=int, default=4)
@@ -208,11 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
         if not args.verbose:
             for name in ("distributed", "bokeh", "tornado"):
-                logging.getLogger(name).setLevel(logging.ERROR)
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            warnings.simplefilter("ignore")
+            dask.config.set({"cqsa.local-cluster.silence-logs": "critical"})
         return int(args.fn(args))
     except CQSAError as e:
         print(f"cqsa: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a command that stopped reading
+        return 0
     except KeyboardInterrupt:
         print("cqsa: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -48,6 +48,7 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
         n_workers=int(lc["n-workers"]), threads_per_worker=int(lc["threads-per-worker"]),
         processes=bool(lc["processes"]), dashboard_address=lc["dashboard-address"],
         resources={resource: float(budget_bytes)},
+        silence_logs=logging.getLevelName(str(lc["silence-logs"]).upper()),
     ) as cluster, Client(cluster) as c:
         yield c
 

@@ -26,7 +26,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .plan import Plan
-from .tasks import merge_task, quorum_task
+from .tasks import merge_task, quorum_task, worker_options
 
 __all__ = ["JobGraph", "build_graph", "merge_prefix", "quorum_prefix"]
 
@@ -53,7 +53,7 @@ class JobGraph:
 def build_graph(
     store: str, token: str, plan: Plan, *, resource: str, retries: int,
     task_done: np.ndarray | None = None, merge_done: np.ndarray | None = None,
-    device: str | None = None, kernel: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> JobGraph:
     """Graph for the tasks and merges of ``plan`` not yet marked done.
 
@@ -61,7 +61,9 @@ def build_graph(
         task_done, merge_done: (W, B, J) arrays of 0/1 markers from the store.
         resource: worker resource name; each quorum task asks for
             ``plan.task_memory_bytes`` of it.
+        options: worker-side settings (``tasks.worker_options()``).
     """
+    options = options if options is not None else worker_options()
     qp, mp = quorum_prefix(token), merge_prefix(token)
     grid = (plan.groups, plan.batch, plan.head_blocks)
     tdone = task_done if task_done is not None else np.zeros(grid, np.uint8)
@@ -69,7 +71,7 @@ def build_graph(
     quorums: dict[Any, Any] = {}
     merges: dict[Any, Any] = {}
     for i, b, j in zip(*np.nonzero(tdone == 0)):
-        quorums[(qp, int(i), int(b), int(j))] = (quorum_task, store, token, int(i), int(b), int(j), device, kernel)
+        quorums[(qp, int(i), int(b), int(j))] = (quorum_task, store, token, int(i), int(b), int(j), options)
     producers = [sorted({t for t, _ in plan.producers(a)}) for a in range(plan.groups)]
     for a in range(plan.nonempty_groups):
         for b in range(plan.batch):
@@ -77,7 +79,7 @@ def build_graph(
                 if mdone[a, b, j]:
                     continue
                 deps = [k for k in ((qp, t, b, j) for t in producers[a]) if k in quorums]
-                merges[(mp, a, b, j)] = (merge_task, store, token, a, b, j, *deps)
+                merges[(mp, a, b, j)] = (merge_task, store, token, a, b, j, options, *deps)
     layers = {
         qp: MaterializedLayer(quorums, annotations={
             "resources": {resource: plan.task_memory_bytes}, "retries": retries, "priority": 0}),

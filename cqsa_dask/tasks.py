@@ -28,22 +28,23 @@ import torch
 import zarr
 
 from . import config
+from .errors import InvalidInputError
 from .kernels import attend, merge, resolve_device, select_kernel
 from .layout import Job, open_job, read_block, write_block
 
-__all__ = ["merge_task", "quorum_task"]
+__all__ = ["merge_task", "quorum_task", "worker_options"]
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _initialised = False
 
 
-def _init_process(threads: int | None) -> None:
+def _init_process(opt: dict[str, Any]) -> None:
     """Once per worker process: torch threads and zarr concurrency."""
     global _initialised
     if _initialised:
         return
-    zarr.config.set({"async.concurrency": int(config.get("zarr-concurrency"))})
-    n = threads or config.get("torch-threads") or os.cpu_count() or 1
+    zarr.config.set({"async.concurrency": int(opt["zarr-concurrency"])})
+    n = opt["torch-threads"] or os.cpu_count() or 1
     torch.set_num_threads(int(n))
     _initialised = True
 
@@ -64,36 +65,59 @@ def _device_peak(device: torch.device) -> int | None:
     return None
 
 
+def worker_options() -> dict[str, Any]:
+    """The client-side settings tasks need, passed with each task.
+
+    dask.config set on the client does not reach running workers, so the
+    graph carries these explicitly.
+    """
+    return {k: config.get(k) for k in ("device", "kernel", "check-finite", "torch-threads", "zarr-concurrency")}
+
+
+def _checked(x: torch.Tensor, name: str, group: int, idx: tuple[Any, ...], check: bool) -> torch.Tensor:
+    """Raise InvalidInputError when block ``x`` of input ``name`` holds NaN or Inf."""
+    if check and not bool(torch.isfinite(x).all()):
+        b, h, t = idx
+        raise InvalidInputError(
+            f"input {name} holds NaN or Inf in group {group} (tokens {t.start}..{t.stop - 1}, batch {b}, "
+            f"heads {h.start}..{h.stop - 1}); clean the input or set cqsa.check-finite to false"
+        )
+    return x
+
+
 def quorum_task(store: str, token: str, task: int, batch: int, block: int,
-                device: str | None = None, kernel: str | None = None) -> dict[str, Any]:
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute every pair quorum ``task`` owns for one batch element and head block.
 
     Reads k, v (1, hk, G, D) of the quorum's key groups and q (1, hq, G, D)
     of its query groups; writes partial_out (hq, G, D) and partial_lse (hq, G)
     per slot, then the task's marker.  Returns timings and byte counts.
     """
-    _init_process(None)
+    opt = options or worker_options()
+    _init_process(opt)
     t0 = time.perf_counter()
     job = open_job(store, token)
     plan = job.plan
-    dev = resolve_device(device or config.get("device"))
+    dev = resolve_device(opt["device"])
     dtype = _TORCH[plan.dtype]
-    name = select_kernel(dev, dtype, plan.head_dim, kernel or config.get("kernel"))
+    name = select_kernel(dev, dtype, plan.head_dim, opt["kernel"])
+    check = bool(opt["check-finite"])
     kv_h, q_h = _heads(job, block)
     work = plan.work(task)
     nread = nwritten = 0
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for g in sorted({b for _, _, bs in work for b in bs}):
         idx = (batch, kv_h, _tokens(job, g))
-        k = read_block(job.k, idx, plan.dtype)
-        v = read_block(job.v, idx, plan.dtype)
+        k = _checked(read_block(job.k, idx, plan.dtype), "k", g, idx, check)
+        v = _checked(read_block(job.v, idx, plan.dtype), "v", g, idx, check)
         kv[g] = (k.to(dev)[None], v.to(dev)[None])  # (1, hk, G, D)
         nread += k.nbytes + v.nbytes
     t_io = time.perf_counter() - t0
     t_compute = 0.0
     for slot, a, bs in work:
         ta = time.perf_counter()
-        q = read_block(job.q, (batch, q_h, _tokens(job, a)), plan.dtype)
+        qidx = (batch, q_h, _tokens(job, a))
+        q = _checked(read_block(job.q, qidx, plan.dtype), "q", a, qidx, check)
         nread += q.nbytes
         q = q.to(dev)[None].contiguous()  # (1, hq, G, D)
         tb = time.perf_counter()
@@ -118,7 +142,8 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     }
 
 
-def merge_task(store: str, token: str, group: int, batch: int, block: int, *deps: Any) -> dict[str, Any]:
+def merge_task(store: str, token: str, group: int, batch: int, block: int, options: dict[str, Any] | None,
+               *deps: Any) -> dict[str, Any]:
     """Merge the partial results of query ``group`` into out and lse.
 
     ``deps`` are the producers' results (only there so Dask orders the
@@ -126,7 +151,7 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, *deps
     float32 accumulator; writes out (hq, G, D) in the job dtype and lse
     (hq, G) float32, then the merge marker.
     """
-    _init_process(None)
+    _init_process(options or worker_options())
     t0 = time.perf_counter()
     job = open_job(store, token)
     plan = job.plan

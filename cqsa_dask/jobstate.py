@@ -1,0 +1,157 @@
+"""Durable job state in the store: input fingerprint, lease, progress.
+
+All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
+
+- Fingerprint: shapes, dtypes and the SHA-256 of up to ``_SAMPLES`` chunks
+  of each of q, k, v (first, last and evenly spaced ones).  A resumed run
+  refuses when it differs.  Limit: a change confined to chunks that are not
+  sampled goes unnoticed (hashing terabytes on every start is not an option).
+- Lease: {"owner", "expires"} in the attributes, renewed by the running
+  client every ``ttl / 3`` seconds.  Another run refuses while the lease is
+  live; a lease whose expiry passed (a killed client) is taken over.  Zarr
+  attributes are last-writer-wins, so acquisition writes, waits briefly and
+  re-reads: two clients starting within that window are the residual risk.
+- Progress: ``status`` counts the task and merge markers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import StoreError
+from .layout import ENGINE, open_store
+from .plan import Plan
+
+__all__ = ["Lease", "Status", "check_free", "fingerprint", "status"]
+
+_SAMPLES = 8
+
+
+def _sample_chunks(arr: zarr.Array) -> list[tuple[int, ...]]:
+    grid = [-(-s // c) for s, c in zip(arr.shape, arr.chunks)]
+    total = int(np.prod(grid))
+    picks = sorted({int(i) for i in np.linspace(0, total - 1, min(_SAMPLES, total))})
+    return [tuple(int(x) for x in np.unravel_index(i, grid)) for i in picks]
+
+
+def fingerprint(group: zarr.Group) -> str:
+    """SHA-256 over shapes, dtypes and sampled chunks of q, k, v."""
+    h = hashlib.sha256()
+    for name in ("q", "k", "v"):
+        arr = group[name]
+        assert isinstance(arr, zarr.Array)
+        h.update(f"{name}{arr.shape}{arr.dtype}{dict(arr.attrs)}".encode())
+        for idx in _sample_chunks(arr):
+            sl = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
+            h.update(np.ascontiguousarray(arr[sl]).tobytes())
+    return h.hexdigest()
+
+
+class Lease:
+    """An expiring claim on a store, renewed in a background thread."""
+
+    def __init__(self, group: zarr.Group, ttl: float = 60.0):
+        self.eng = group[ENGINE]
+        self.ttl = ttl
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last = time.time()
+
+    def _write(self, lease: bool = True) -> None:
+        now = time.time()
+        active = float(self.eng.attrs.get("active_s", 0.0)) + (now - self._last)
+        self._last = now
+        self.eng.attrs.update({
+            "lease": {"owner": self.owner, "expires": now + self.ttl} if lease else None,
+            "updated_at": now, "active_s": active,
+        })
+
+    def acquire(self) -> None:
+        """Take the lease or raise :class:`StoreError` if another run holds it."""
+        check_free(self.eng)
+        self._last = time.time()
+        self._write()
+        time.sleep(0.2)
+        cur = zarr.open_group(self.eng.store, path=self.eng.path, mode="r").attrs.get("lease")
+        if not isinstance(cur, dict) or cur.get("owner") != self.owner:
+            raise StoreError("another run took this store's lease at the same moment; try again")
+        self._thread = threading.Thread(target=self._renew, name="cqsa-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self._write()
+
+    def release(self) -> None:
+        """Stop renewing and drop the lease (only if still ours)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        cur = self.eng.attrs.get("lease")
+        if isinstance(cur, dict) and cur.get("owner") == self.owner:
+            self._write(lease=False)
+
+
+def check_free(eng: zarr.Group) -> None:
+    """Raise :class:`StoreError` when a live lease of another run is present."""
+    cur = eng.attrs.get("lease")
+    if isinstance(cur, dict) and float(cur["expires"]) > time.time():
+        raise StoreError(
+            f"another run holds this store (lease of {cur['owner']}, valid {float(cur['expires']) - time.time():.0f} s "
+            "more); wait for it to finish, or stop it (a killed run's lease expires by itself)"
+        )
+
+
+@dataclass(frozen=True)
+class Status:
+    """Progress of the job in a store.  Times in seconds, sizes in bytes."""
+
+    tasks_done: int
+    tasks_total: int
+    merges_done: int
+    merges_total: int
+    bytes_written: int
+    elapsed_s: float
+    running: bool
+    tasks_per_s: float
+    eta_s: float | None
+    plan: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return self.tasks_done == self.tasks_total and self.merges_done == self.merges_total
+
+
+def status(store: Any) -> Status:
+    """Read the progress of the job stored in ``store`` (running or not)."""
+    group = open_store(store, mode="r")
+    if ENGINE not in group:
+        raise StoreError(f"store {store!r} holds no cqsa job (no {ENGINE} group): start one with `cqsa run`")
+    eng = group[ENGINE]
+    plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
+    tdone = int(np.asarray(eng["task_done"][...]).sum())
+    mdone = int(np.asarray(eng["merge_done"][...]).sum())
+    per_task = plan.bytes_written // max(1, plan.tasks + plan.merges)
+    lease = eng.attrs.get("lease")
+    running = isinstance(lease, dict) and float(lease["expires"]) > time.time()
+    elapsed = float(eng.attrs.get("active_s", 0.0))
+    if running:
+        elapsed += time.time() - float(eng.attrs.get("updated_at", time.time()))
+    done, total = tdone + mdone, plan.tasks + plan.merges
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return Status(
+        tasks_done=tdone, tasks_total=plan.tasks, merges_done=mdone, merges_total=plan.merges,
+        bytes_written=per_task * done, elapsed_s=elapsed, running=running, tasks_per_s=rate,
+        eta_s=(total - done) / rate if rate > 0 else None, plan=plan.to_dict(),
+    )
