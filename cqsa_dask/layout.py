@@ -140,12 +140,21 @@ def _attrs(dtype: str) -> dict[str, str]:
     return {_LOGICAL: dtype} if dtype == "bfloat16" else {}
 
 
+_NAN_BITS = {"bfloat16": 0x7FC0}  # a NaN fill for bfloat16 stored as uint16
+
+
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
-            dtype: str, overwrite: bool = True) -> zarr.Array:
+                 dtype: str, overwrite: bool = True, nan_fill: bool = False) -> zarr.Array:
+    """An uncompressed array of logical ``dtype``; chunks clipped to the shape.
+
+    ``nan_fill``: missing chunks read as NaN (so a lost chunk cannot pass
+    for data); otherwise they read as 0.
+    """
     chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
+    fill: float = (_NAN_BITS.get(dtype, float("nan"))) if nan_fill else 0
     return group.create_array(
         name, shape=shape, chunks=chunks, dtype=_zarr_dtype(dtype),
-        compressors=None, fill_value=0, attributes=_attrs(dtype), overwrite=overwrite,
+        compressors=None, fill_value=fill, attributes=_attrs(dtype), overwrite=overwrite,
     )
 
 
@@ -189,8 +198,8 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     create_array(group, "out", (b, hq, n, d), (1, ht, g, d), plan.dtype)
     create_array(group, "lse", (b, hq, n), (1, ht, g), "float32")
     eng = group.create_group(ENGINE, overwrite=True)
-    create_array(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), plan.dtype)
-    create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32")
+    create_array(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), plan.dtype, nan_fill=True)
+    create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32", nan_fill=True)
     create_array(eng, "task_done", grid, (1, 1, 1), "uint8")
     create_array(eng, "merge_done", grid, (1, 1, 1), "uint8")
     eng.attrs.update({"plan": plan.to_dict(), "token": token, "engine_version": _version()})

@@ -28,7 +28,7 @@ import torch
 import zarr
 
 from . import config
-from .errors import InvalidInputError
+from .errors import InvalidInputError, StoreError
 from .kernels import attend, merge, resolve_device, select_kernel
 from .layout import Job, open_job, read_block, write_block
 
@@ -142,6 +142,31 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     }
 
 
+def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, q_h: slice, rows: slice
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial (out (hq, G, D), lse (hq, G)) of a producer, checked.
+
+    A producer without its marker, or whose chunks are missing (they read as
+    NaN) or unreadable, is damaged: its marker is cleared so that a resume
+    recomputes it, and :class:`StoreError` fails this merge.
+    """
+    where = f"quorum task {task} (batch {batch}, head block {block}, slot {slot})"
+    if not job.task_done[task, batch, block]:
+        raise StoreError(f"{where} has no completion marker; run `cqsa resume` to compute it")
+    try:
+        out = read_block(job.partial_out, (slot, batch, q_h, rows), job.plan.dtype)
+        lse = read_block(job.partial_lse, (slot, batch, q_h, rows), "float32")
+        ok = bool(torch.isfinite(lse).all()) and bool(torch.isfinite(out).all())
+        reason = "missing or non-finite values"
+    except Exception as e:  # a truncated or corrupt chunk fails to decode
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        job.task_done[task, batch, block] = 0
+        raise StoreError(f"partial result of {where} is damaged ({reason}); its marker was cleared, "
+                         "run `cqsa resume` to recompute it")
+    return out, lse
+
+
 def merge_task(store: str, token: str, group: int, batch: int, block: int, options: dict[str, Any] | None,
                *deps: Any) -> dict[str, Any]:
     """Merge the partial results of query ``group`` into out and lse.
@@ -159,9 +184,8 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     rows = _tokens(job, group)
     acc = None
     nread = 0
-    for _task, slot in plan.producers(group):
-        out = read_block(job.partial_out, (slot, batch, q_h, rows), plan.dtype)
-        lse = read_block(job.partial_lse, (slot, batch, q_h, rows), "float32")
+    for task, slot in plan.producers(group):
+        out, lse = _read_partial(job, task, slot, batch, block, q_h, rows)
         nread += out.nbytes + lse.nbytes
         acc = merge(acc, (out, lse))
     assert acc is not None, f"group {group} has no producers"
