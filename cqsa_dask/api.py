@@ -4,8 +4,8 @@ Data flow of ``run``::
 
     open store ─> validate q,k,v ─> plan (budget) ─> create or resume _cqsa
          ─> connect (local cluster | scheduler) ─> check a worker fits a task
-         ─> build graph (skip tasks marked done) ─> submit ─> wait (progress)
-         ─> JobResult
+         ─> build graph (skip tasks marked done) ─> announce to the dashboard
+         ─> submit in span "cqsa-<token>" ─> wait (progress) ─> JobResult
 
 ``attention`` writes the tensors into a fresh store (a temporary directory
 unless ``workdir`` is given), calls ``run`` and reads ``out``/``lse`` back.
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from distributed import Client, as_completed
+from distributed import Client, as_completed, span
 
 from . import config
 from .cluster import advertised, check_capacity, connect
+from .dashboard_events import Outcome, announce_job, finish_job, job_span_name, page_link
 from .errors import InvalidInputError, JobFailedError, StoreError
 from .graph import build_graph
 from .jobstate import Lease, check_free, fingerprint
@@ -142,15 +143,21 @@ def run(
     group = open_store(store_s, mode="r+")
     info = input_info(group)
     resource = str(config.get("resource"))
-    budget0 = _budget(memory_budget, None, resource) if client is None and scheduler is None else None
-    with connect(client, scheduler, budget_bytes=budget0 or 0, resource=resource) as c:
-        budget = budget0 or _budget(memory_budget, c, resource)
-        plan = make_plan(
+
+    def plan_for(budget: int) -> Plan:
+        return make_plan(
             seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,
             batch=info.batch, dtype=info.dtype, causal=causal, scale=scale, budget=budget,
             groups=groups, tasks_in_flight=int(config.get("tasks-in-flight")),
             margin=float(config.get("memory-margin")),
         )
+
+    # Plan before starting anything when the budget is known: bad input fails fast.
+    known = memory_budget is not None or (client is None and scheduler is None)
+    plan = plan_for(_budget(memory_budget, None, resource)) if known else None
+    with connect(client, scheduler, budget_bytes=plan.budget_bytes if plan else 0, resource=resource) as c:
+        if plan is None:  # budget from what the scheduler's workers advertise
+            plan = plan_for(_budget(None, c, resource))
         check_capacity(c, resource, plan.task_memory_bytes)
         token, resumed = _prepare(group, plan, restart)
         lease = Lease(group, ttl=float(config.get("lease-seconds")))
@@ -162,10 +169,8 @@ def run(
                 task_done=eng["task_done"][...], merge_done=eng["merge_done"][...],
             )
             if on_start is not None:
-                on_start(plan, c.dashboard_link)
-            t0 = time.perf_counter()
-            results = _execute(c, jg.graph, jg.keys, progress)
-            seconds = time.perf_counter() - t0
+                on_start(plan, page_link(c))
+            results, seconds = _observed(c, jg.graph, jg.keys, progress, token, plan, store_s, resource, eng)
         finally:
             lease.release()
         link = c.dashboard_link
@@ -179,6 +184,26 @@ def run(
         peak_device_bytes=max(peaks) if peaks else None,
         kernels=tuple(sorted({r["kernel"] for r in quorum})),
     )
+
+
+def _observed(client: Client, graph: Any, keys: list[Any], progress: Progress | None, token: str, plan: Plan,
+              store: str, resource: str, eng: Any) -> tuple[list[dict[str, Any]], float]:
+    """``_execute`` inside the job's span, announced to the scheduler's dashboard plugin."""
+    announce_job(client, token, plan, store=store, resource=resource,
+                 task_done=eng["task_done"][...], merge_done=eng["merge_done"][...])
+    t0 = time.perf_counter()
+    outcome: Outcome = "failed"
+    try:
+        with span(job_span_name(token)):
+            results = _execute(client, graph, keys, progress)
+        outcome = "done"
+    except KeyboardInterrupt:
+        outcome = "cancelled"
+        raise
+    finally:
+        seconds = time.perf_counter() - t0
+        finish_job(client, token, outcome, seconds)
+    return results, seconds
 
 
 def _execute(client: Client, graph: Any, keys: list[Any], progress: Progress | None) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ The memory budget is a Dask worker resource (``cqsa.resource``, default
 external scheduler the user starts ``dask worker ADDR --resources
 device_mem=12e9``.  Before submitting, :func:`check_capacity` makes sure at
 least one worker can hold a task, since a resource request nobody satisfies
-would wait forever.
+would wait forever.  The local cluster's scheduler preloads
+``cqsa_dask.dashboard`` (the /cqsa page, its JSON and Prometheus metrics).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from distributed import Client, LocalCluster
 from . import config
 from .errors import SchedulerError
 
-__all__ = ["advertised", "check_capacity", "connect"]
+__all__ = ["DASHBOARD_PRELOAD", "advertised", "check_capacity", "connect"]
+
+DASHBOARD_PRELOAD = "cqsa_dask.dashboard"
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +46,20 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
         with c:
             yield c
         return
-    lc = config.get("local-cluster")
+    def lc(key: str) -> Any:
+        return config.get(f"local-cluster.{key}")
+
+    # The scheduler runs in this process: register the /cqsa page before it is
+    # built, then preload the module, as `dask scheduler --preload
+    # cqsa_dask.dashboard` does for a scheduler of the user's own.
+    from . import dashboard  # noqa: F401
+
     with LocalCluster(
-        n_workers=int(lc["n-workers"]), threads_per_worker=int(lc["threads-per-worker"]),
-        processes=bool(lc["processes"]), dashboard_address=lc["dashboard-address"],
+        n_workers=int(lc("n-workers")), threads_per_worker=int(lc("threads-per-worker")),
+        processes=bool(lc("processes")), dashboard_address=lc("dashboard-address"),
         resources={resource: float(budget_bytes)},
-        silence_logs=logging.getLevelName(str(lc["silence-logs"]).upper()),
+        silence_logs=logging.getLevelName(str(lc("silence-logs")).upper()),
+        scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},
     ) as cluster, Client(cluster) as c:
         yield c
 

@@ -13,7 +13,9 @@
         ├── partial_out (|D|, B, Hq, N, D)  slot s of the producer task
         ├── partial_lse (|D|, B, Hq, N)     float32
         ├── task_done   (W, B, J) uint8     1 = quorum task's partials durable
-        └── merge_done  (W, B, J) uint8     1 = out/lse of that group durable
+        ├── merge_done  (W, B, J) uint8     1 = out/lse of that group durable
+        ├── task_stats  (W, B, J, F) float64  per-task figures (STAT_FIELDS), NaN = none
+        └── merge_stats (W, B, J, F) float64  the same for merges (``cqsa dashboard``)
 
     * bfloat16 is stored as uint16 with attribute {"logical_dtype": "bfloat16"}
       (zarr 3.1 has no bfloat16 dtype); the bits are identical.
@@ -29,6 +31,8 @@ written.
 from __future__ import annotations
 
 import os
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -43,6 +47,7 @@ from .plan import MAX_HEAD_DIM, Plan, parse_dtype
 
 __all__ = [
     "ENGINE",
+    "STAT_FIELDS",
     "InputInfo",
     "create_array",
     "create_outputs",
@@ -50,10 +55,17 @@ __all__ = [
     "open_store",
     "read_block",
     "write_block",
+    "write_stats",
     "write_tensor",
 ]
 
 ENGINE = "_cqsa"
+# Per-task figures kept in task_stats / merge_stats (last axis), written by the
+# task just before its marker: start (Unix time, s), wall seconds, compute and
+# I/O seconds, bytes read and written, device peak (bytes; NaN on CPU) and
+# worker (CRC-32 of the worker's address).
+STAT_FIELDS = ("start", "seconds", "compute_seconds", "io_seconds", "bytes_read", "bytes_written",
+               "peak_device_bytes", "worker")
 _LOGICAL = "logical_dtype"
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -187,6 +199,18 @@ def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> Non
     arr[index] = _to_numpy(t)
 
 
+def write_stats(arr: zarr.Array, index: tuple[int, int, int], stats: Mapping[str, Any]) -> None:
+    """Write the ``STAT_FIELDS`` of one task into ``arr[index]`` (missing or None: NaN).
+
+    ``stats["worker"]`` may be the worker's address; it is stored as its CRC-32.
+    """
+    worker = stats.get("worker")
+    if isinstance(worker, str):
+        stats = {**stats, "worker": zlib.crc32(worker.encode())}
+    row = [stats.get(f) for f in STAT_FIELDS]
+    arr[index] = np.array([np.nan if v is None else float(v) for v in row], dtype=np.float64)
+
+
 def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     """Create out, lse and the engine subgroup for ``plan``; return the subgroup.
 
@@ -202,6 +226,9 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32", nan_fill=True)
     create_array(eng, "task_done", grid, (1, 1, 1), "uint8")
     create_array(eng, "merge_done", grid, (1, 1, 1), "uint8")
+    nf = len(STAT_FIELDS)
+    for name in ("task_stats", "merge_stats"):
+        create_array(eng, name, (*grid, nf), (1, 1, 1, nf), "float64", nan_fill=True)
     eng.attrs.update({"plan": plan.to_dict(), "token": token, "engine_version": _version()})
     return eng
 
@@ -226,6 +253,9 @@ class Job:
         self.out, self.lse = group["out"], group["lse"]
         self.partial_out, self.partial_lse = eng["partial_out"], eng["partial_lse"]
         self.task_done, self.merge_done = eng["task_done"], eng["merge_done"]
+        # Stores written by an engine without per-task records have neither.
+        self.task_stats = eng["task_stats"] if "task_stats" in eng else None
+        self.merge_stats = eng["merge_stats"] if "merge_stats" in eng else None
 
 
 @lru_cache(maxsize=16)

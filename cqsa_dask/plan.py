@@ -22,7 +22,7 @@ hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
     kernel output + lse             G hq D e + G hq 4
     GQA/causal diagonal expansion   2 G hq D e
     merge / kernel scratch          2 G hq D 4
-    total x margin (config)  + 8 MiB fixed
+    total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
 
 Causal plans use the same (upper-bound) model; ``bytes_read`` and
 ``bytes_written`` are exact for non-causal jobs and upper bounds for causal.
@@ -57,7 +57,7 @@ _ALIASES = {
 }
 MAX_HEAD_DIM = 256
 PLAN_VERSION = 1
-_FIXED_OVERHEAD = 8 * 2**20
+_FIXED_OVERHEAD = 2 * 2**20
 _UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
@@ -70,20 +70,22 @@ def parse_budget(budget: int | float | str) -> int:
     """Return a memory budget in bytes from 4096, "512MB", "12GB" or "1.5GiB"."""
     if isinstance(budget, bool):
         raise BudgetError(f"memory budget must be bytes or a string like '12GB', got {budget!r}")
-    if isinstance(budget, (int, float)):
-        value = float(budget)
+    if isinstance(budget, int):
+        value = budget
+    elif isinstance(budget, float):
+        value = int(budget) if math.isfinite(budget) else 0
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(budget))
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(budget))
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _UNITS:
             raise BudgetError(
                 f"memory budget {budget!r} is not understood: use bytes or a number "
                 "with a unit such as '512MB', '12GB' or '1.5GiB'"
             )
-        value = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value <= 0:
-        raise BudgetError(f"memory budget must be positive, got {budget!r}")
-    return int(value)
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise BudgetError(f"memory budget must be at least 1 byte, got {budget!r}")
+    return value
 
 
 def parse_dtype(dtype: str) -> DType:

@@ -22,10 +22,10 @@ a plan for W ~ 2e4 groups never enumerates its W^2 pairs.
 
     W = 7, D = (0, 1, 3)              task i = 2 loads groups {2, 3, 5}
     slot s  query group   key slots   key groups
-    0       2             (0, 2)      2 (diagonal), 5
-    1       3             (0,)        2
-    2       5             (1,)        3
-    -> 4 ordered pairs here; 7 tasks x ... = 49 pairs = 7^2, each once.
+    0       2             (0, 1, 2)   2 (diagonal), 3, 5
+    1       3             (0, 2)      2, 5
+    2       5             (0, 1)      2, 3
+    -> 7 ordered pairs per task; 7 tasks x 7 = 49 pairs = 7^2, each once.
 
 Causal attention keeps only pairs with key group < query group plus the
 masked diagonal; the owner of each surviving pair is unchanged.
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 __all__ = [
     "QuorumSystem",
@@ -252,26 +252,22 @@ class QuorumSystem:
         wraps past the end, i.e. is >= W - a.
         """
         out = []
+        reach = self.max_offset
         for s, ts in enumerate(self.keys):
             if not ts:
                 continue
-            if causal and s != 0 and self.max_offset[s] < self.groups - group:
+            if causal and s != 0 and reach[s] < self.groups - group:
                 continue
             out.append(((group - self.base[s]) % self.groups, s))
         return out
 
-    @property
+    @cached_property
     def max_offset(self) -> tuple[int, ...]:
         """Per slot, max over its key slots t != s of (D[t] - D[s]) mod W (0 if none)."""
-        return self._max_offset(self)
-
-    @staticmethod
-    @lru_cache(maxsize=64)
-    def _max_offset(qs: QuorumSystem) -> tuple[int, ...]:
-        w, d = qs.groups, qs.base
+        w, d = self.groups, self.base
         return tuple(
             max([(d[t] - d[s]) % w for t in ts if t != s], default=0)
-            for s, ts in enumerate(qs.keys)
+            for s, ts in enumerate(self.keys)
         )
 
 

@@ -5,17 +5,20 @@ small dict of metadata; all tensors move through the Zarr store.
 
 Quorum task (task i, batch b, head block j)::
 
+    tell the scheduler the task runs  (dashboard_events, best effort)
     load k, v of every key group the task owns pairs for   (resident)
     for each slot s with query group a and key groups [b1, b2, ...]:
         read q of group a
         (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc)
         write partial_out[s, b, heads_j, a], partial_lse[...]
+    write task_stats[i, b, j]  (timings, bytes, device peak)
     write task_done[i, b, j] = 1                       (after all data)
+    report the figures to the scheduler (dashboard_events, best effort)
 
 Merge (group a, batch b, head block j)::
 
     for each producer (task i, slot s) of row a:  acc = merge(acc, partial)
-    write out[b, heads_j, a], lse[...];  then merge_done[a, b, j] = 1
+    write out[b, heads_j, a], lse[...], merge_stats[...];  then merge_done[a, b, j] = 1
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import torch
 import zarr
 
 from . import config
+from .dashboard_events import report_task, task_started, worker_address
 from .errors import InvalidInputError, StoreError
 from .kernels import attend, merge, resolve_device, select_kernel
-from .layout import Job, open_job, read_block, write_block
+from .layout import Job, open_job, read_block, write_block, write_stats
 
 __all__ = ["merge_task", "quorum_task", "worker_options"]
 
@@ -65,6 +69,18 @@ def _device_peak(device: torch.device) -> int | None:
     return None
 
 
+def _device_in_use(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return None
+
+
+def _record(stats: zarr.Array | None, index: tuple[int, int, int], rec: dict[str, Any], start: float) -> None:
+    """Keep a finished task's figures in the store (before its marker) for ``cqsa dashboard``."""
+    if stats is not None:
+        write_stats(stats, index, {**rec, "start": start, "worker": worker_address()})
+
+
 def worker_options() -> dict[str, Any]:
     """The client-side settings tasks need, passed with each task.
 
@@ -95,10 +111,12 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     """
     opt = options or worker_options()
     _init_process(opt)
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), task_started(token, "quorum", (task, batch, block))
     job = open_job(store, token)
     plan = job.plan
     dev = resolve_device(opt["device"])
+    if dev.type == "cuda":  # per-task peaks (shared by tasks running at once on one device)
+        torch.cuda.reset_peak_memory_stats(dev)
     dtype = _TORCH[plan.dtype]
     name = select_kernel(dev, dtype, plan.head_dim, opt["kernel"])
     check = bool(opt["check-finite"])
@@ -133,13 +151,17 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
         nwritten += out.nbytes + lse.nbytes
         t_compute += tc - tb
         t_io += (tb - ta) + (time.perf_counter() - tc)
-    job.task_done[task, batch, block] = 1
-    return {
+    rec = {
         "kind": "quorum", "task": task, "batch": batch, "block": block,
         "pairs": sum(len(bs) for _, _, bs in work), "kernel": name, "device": str(dev),
         "seconds": time.perf_counter() - t0, "compute_seconds": t_compute, "io_seconds": t_io,
         "bytes_read": nread, "bytes_written": nwritten, "peak_device_bytes": _device_peak(dev),
+        "device_in_use": _device_in_use(dev),
     }
+    _record(job.task_stats, (task, batch, block), rec, start)
+    job.task_done[task, batch, block] = 1
+    report_task(token, (task, batch, block), rec, start)
+    return rec
 
 
 def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, q_h: slice, rows: slice
@@ -177,7 +199,7 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     (hq, G) float32, then the merge marker.
     """
     _init_process(options or worker_options())
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), task_started(token, "merge", (group, batch, block))
     job = open_job(store, token)
     plan = job.plan
     _, q_h = _heads(job, block)
@@ -192,9 +214,12 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     out = acc[0].to(_TORCH[plan.dtype])
     write_block(job.out, (batch, q_h, rows), out)
     write_block(job.lse, (batch, q_h, rows), acc[1])
-    job.merge_done[group, batch, block] = 1
-    return {
+    rec = {
         "kind": "merge", "group": group, "batch": batch, "block": block,
         "seconds": time.perf_counter() - t0, "bytes_read": nread,
         "bytes_written": out.nbytes + acc[1].nbytes,
     }
+    _record(job.merge_stats, (group, batch, block), rec, start)
+    job.merge_done[group, batch, block] = 1
+    report_task(token, (group, batch, block), rec, start)
+    return rec

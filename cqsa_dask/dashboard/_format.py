@@ -1,0 +1,36 @@
+"""Number formatting shared by the live page and the static report."""
+
+from __future__ import annotations
+
+__all__ = ["fmt_bytes", "fmt_rate", "fmt_seconds"]
+
+
+def fmt_bytes(n: float | None) -> str:
+    """1234567 -> '1.23 MB' (decimal units); None -> 'n/a'."""
+    if n is None:
+        return "n/a"
+    x = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(x) < 1000 or unit == "TB":
+            return f"{int(x)} B" if unit == "B" else f"{x:.3g} {unit}"
+        x /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def fmt_rate(n: float | None) -> str:
+    """Bytes per second as '12.3 MB/s'."""
+    return "n/a" if n is None else f"{fmt_bytes(n)}/s"
+
+
+def fmt_seconds(s: float | None) -> str:
+    """Seconds as '42s', '3m 05s' or '2h 07m'; None -> '-'."""
+    if s is None:
+        return "-"
+    s = max(0.0, float(s))
+    if s < 60:
+        return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
+    m, sec = divmod(int(round(s)), 60)
+    if m < 60:
+        return f"{m}m {sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
