@@ -57,8 +57,15 @@ class JobResult:
 
     @property
     def tflops(self) -> float:
-        """Achieved TFLOP/s of the whole run (causal counts half the FLOPs)."""
-        return self.plan.flops / max(self.seconds, 1e-9) / 1e12
+        """Achieved TFLOP/s of this run's tasks (causal counts half the FLOPs).
+
+        A resumed run counts only the share of the plan's FLOPs its quorum
+        tasks did (tasks carry equal work up to rounding); 0 when none ran.
+        """
+        if self.quorum_tasks_run == 0 or self.seconds <= 0:
+            return 0.0
+        done = self.plan.flops * self.quorum_tasks_run / self.plan.tasks
+        return done / self.seconds / 1e12
 
 
 def _budget(memory_budget: int | str | None, client: Client | None, resource: str) -> int:
@@ -274,7 +281,8 @@ def attention(
     _validate_tensors(q, k, v)
     b, hq, n, d = q.shape
     plan = make_plan(seq_len=n, heads=hq, kv_heads=k.shape[1], head_dim=d, batch=b,
-                     dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups)
+                     dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups,
+                     tasks_in_flight=int(config.get("tasks-in-flight")), margin=float(config.get("memory-margin")))
     tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir)
     try:
         path = os.path.join(tmp, "job.zarr")

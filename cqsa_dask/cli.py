@@ -1,4 +1,4 @@
-"""The ``cqsa`` command: plan, run, resume, status and demo.  The only module that prints.
+"""The ``cqsa`` command: plan, run, resume, status, dashboard and demo.  The only module that prints.
 
 Every expected failure (a :class:`CQSAError`, a bad option) ends with one
 line ``cqsa: error: ...`` on stderr and exit status 2; no traceback.
@@ -22,7 +22,7 @@ import dask.config
 
 from . import __version__, config
 from .errors import CQSAError, InvalidInputError
-from .plan import Plan, make_plan, parse_budget
+from .plan import Plan, make_plan, parse_budget, parse_dtype
 
 __all__ = ["main"]
 
@@ -155,6 +155,15 @@ def _cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(a: argparse.Namespace) -> int:
+    from .dashboard.summary import write_report
+
+    out = a.out or f"{os.path.splitext(os.path.basename(os.path.normpath(a.store)))[0] or 'cqsa'}-report.html"
+    path = write_report(a.store, out)
+    print(f"report      {os.path.abspath(path)}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .api import run
     from .demo import make_synthetic_store
@@ -178,7 +187,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
           f"{'' if res.peak_device_bytes else f' (cpu: no device counter; worker peak RSS {_fmt_bytes(rss)})'}")
     print(f"exactness   {chk.rows} sampled rows vs float64: max |out err| {chk.max_abs_out:.2e} "
           f"(rel {chk.max_rel_out:.2e}), max |lse err| {chk.max_abs_lse:.2e}")
-    tol = 1e-4 if a.dtype in ("float32", "fp32") else 3e-2
+    tol = 1e-4 if parse_dtype(a.dtype) == "float32" else 3e-2
     if not chk.max_rel_out <= tol:
         print(f"cqsa: error: sampled rows differ from float64 by more than {tol}", file=sys.stderr)
         return 1
@@ -228,6 +237,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("store")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_cmd_status)
+
+    db = sub.add_parser("dashboard", help="write a static HTML report of a job: time per task, memory curve")
+    db.add_argument("store", help="path of the job's Zarr store (finished or stopped)")
+    db.add_argument("--out", default=None, help="output HTML file (default: STORE-NAME-report.html here)")
+    db.set_defaults(fn=_cmd_dashboard)
 
     d = sub.add_parser("demo", help="run a synthetic job on a local cluster and check it against float64")
     d.add_argument("--seq-len", type=int, default=32768)

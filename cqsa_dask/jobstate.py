@@ -149,7 +149,7 @@ def status(store: Any) -> Status:
     if running:
         elapsed += time.time() - float(eng.attrs.get("updated_at", time.time()))
     done, total = tdone + mdone, plan.tasks + plan.merges
-    rate = done / elapsed if elapsed > 0 else 0.0
+    rate = done / elapsed if elapsed >= 1.0 else 0.0  # active time is only known to a renewal period
     return Status(
         tasks_done=tdone, tasks_total=plan.tasks, merges_done=mdone, merges_total=plan.merges,
         bytes_written=per_task * done, elapsed_s=elapsed, running=running, tasks_per_s=rate,
