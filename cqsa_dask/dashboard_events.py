@@ -83,7 +83,7 @@ def finish_job(client: Client, token: str, outcome: Outcome, seconds: float) -> 
 def _send(client: Client, msg: dict[str, Any]) -> None:
     try:
         client.log_event(JOB_TOPIC, msg)
-    except Exception as e:  # a lost scheduler fails the job elsewhere, with a better message
+    except Exception as e:  # noqa: BLE001  (best effort: a lost scheduler fails the job elsewhere)
         log.debug("could not send %s event: %s", msg.get("action"), e)
 
 
@@ -132,7 +132,7 @@ def _log_task(msg: dict[str, Any]) -> None:
         return
     try:
         worker.log_event(TASK_TOPIC, msg)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (best effort: telemetry never fails a task)
         log.debug("could not send task event: %s", e)
 
 
@@ -165,6 +165,6 @@ def page_link(client: Client) -> str | None:
         return link
     try:
         enabled = bool(client.run_on_scheduler(_scheduler_has_plugin))
-    except Exception:  # a scheduler without cqsa_dask cannot unpickle the probe
+    except Exception:  # noqa: BLE001  (a scheduler without cqsa_dask cannot unpickle the probe)
         enabled = False
     return link[: -len("status")] + "cqsa" if enabled else link

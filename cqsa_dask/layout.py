@@ -254,8 +254,7 @@ class Job:
         self.partial_out, self.partial_lse = eng["partial_out"], eng["partial_lse"]
         self.task_done, self.merge_done = eng["task_done"], eng["merge_done"]
         # Stores written by an engine without per-task records have neither.
-        self.task_stats = eng["task_stats"] if "task_stats" in eng else None
-        self.merge_stats = eng["merge_stats"] if "merge_stats" in eng else None
+        self.task_stats, self.merge_stats = eng.get("task_stats"), eng.get("merge_stats")
 
 
 @lru_cache(maxsize=16)

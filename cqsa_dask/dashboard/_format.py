@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["fmt_bytes", "fmt_rate", "fmt_seconds"]
+__all__ = ["byte_unit", "fmt_bytes", "fmt_rate", "fmt_seconds"]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -29,8 +29,16 @@ def fmt_seconds(s: float | None) -> str:
     s = max(0.0, float(s))
     if s < 60:
         return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
-    m, sec = divmod(int(round(s)), 60)
+    m, sec = divmod(round(s), 60)
     if m < 60:
         return f"{m}m {sec:02d}s"
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m"
+
+
+def byte_unit(largest: float) -> tuple[float, str]:
+    """(divisor, name) of the decimal unit to plot values up to ``largest`` bytes in."""
+    for scale, name in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if largest >= 10 * scale:
+            return scale, name
+    return 1.0, "bytes"

@@ -14,8 +14,9 @@ Layout (refreshed every ``REFRESH_MS``)::
 Cells are coloured waiting / running / done / failed.  More than
 ``MAX_COLUMNS`` tasks per row are binned; a bin shows its most urgent state
 (failed > running > waiting > done).  Every text a test or a reader needs is
-in named ``Div`` models (``cqsa-header``, ``cqsa-job-<k>``, ``cqsa-workers``),
-so it can be read from ``Bokeh.documents[0].get_model_by_name(...)``.
+in named ``Div`` models (``cqsa-header``, ``cqsa-job-<k>``, ``cqsa-workers``)
+and the cells in ``cqsa-cells-<k>`` sources, so a browser can read them with
+``Bokeh.documents[0].get_model_by_name(...)``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from typing import Any
 import numpy as np
 from bokeh.document import Document
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, Div, FactorRange, FixedTicker, HoverTool, Range1d
+from bokeh.models import ColumnDataSource, FixedTicker, HoverTool
+from bokeh.models.ranges import FactorRange, Range1d
+from bokeh.models.widgets import Div
 from bokeh.plotting import figure
 
-from ._format import fmt_bytes, fmt_rate, fmt_seconds
+from ._format import byte_unit, fmt_bytes, fmt_rate, fmt_seconds
 from .plugin import CQSAPlugin, plugin_of
 from .state import DONE, FAILED, NONE, RUNNING, STATE_NAMES, WAITING
 
@@ -77,10 +80,12 @@ class _JobPanel:
 
     def __init__(self, k: int):
         self.summary = Div(name=f"cqsa-job-{k}", text="", sizing_mode="stretch_width")
-        self.source = ColumnDataSource({k: [] for k in ("x", "y", "w", "color", "state", "what")})
+        self.source = ColumnDataSource({c: [] for c in ("x", "y", "w", "color", "state", "what")},
+                                       name=f"cqsa-cells-{k}")
+        self.x_range, self.y_range = Range1d(start=-1, end=1), Range1d(start=1, end=-1)
         self.fig = figure(name=f"cqsa-grid-{k}", height=200, sizing_mode="stretch_width", toolbar_location=None,
                           tools="", x_axis_label="quorum task i  /  query group a",
-                          x_range=Range1d(-1, 1), y_range=Range1d(1, -1))
+                          x_range=self.x_range, y_range=self.y_range)
         self.fig.rect(x="x", y="y", width="w", height=0.85, fill_color="color", line_color=None, source=self.source)
         self.fig.add_tools(HoverTool(tooltips=[("", "@what"), ("state", "@state")]))
         self.fig.grid.visible = False
@@ -95,8 +100,8 @@ class _JobPanel:
         data, w, r = _cells(mon.grid(job["token"], "quorum"), mon.grid(job["token"], "merge"))
         self.source.data = data
         self.fig.height = int(min(420, 90 + 2 * r * 14 + 14))
-        self.fig.x_range.start, self.fig.x_range.end = -1, w
-        self.fig.y_range.start, self.fig.y_range.end = 2 * r + 1, -1  # first row on top
+        self.x_range.start, self.x_range.end = -1, w
+        self.y_range.start, self.y_range.end = 2 * r + 1, -1  # first row on top
         self.fig.yaxis.ticker = FixedTicker(ticks=[(r - 1) / 2, r + 1 + (r - 1) / 2])
         self.fig.yaxis.major_label_overrides = {(r - 1) / 2: "quorum", r + 1 + (r - 1) / 2: "merges"}
 
@@ -127,8 +132,9 @@ class _WorkerPanel:
 
     def __init__(self) -> None:
         self.source = ColumnDataSource({k: [] for k in ("worker", "budget", "reserved", "peak", "measured")})
+        self.workers = FactorRange(factors=[])
         self.fig = figure(name="cqsa-memory", height=160, sizing_mode="stretch_width", toolbar_location=None,
-                          tools="", y_range=FactorRange(factors=[]), x_axis_label="device memory (bytes)",
+                          tools="", y_range=self.workers, x_axis_label="device memory",
                           title="Device memory per worker: reserved by running tasks (orange), measured (blue), "
                                 "budget (grey)")
         self.fig.hbar(y="worker", right="budget", height=0.8, color="#e8e8e8", source=self.source)
@@ -136,20 +142,21 @@ class _WorkerPanel:
         self.fig.hbar(y="worker", right="measured", height=0.2, color="#337ab7", source=self.source)
         self.fig.scatter(x="peak", y="worker", marker="dash", size=22, angle=math.pi / 2, color="#333",
                          source=self.source)
-        self.fig.add_tools(HoverTool(tooltips=[("worker", "@worker"), ("budget", "@budget{0.00 b}"),
-                                               ("reserved", "@reserved{0.00 b}"), ("peak reserved", "@peak{0.00 b}"),
-                                               ("measured", "@measured{0.00 b}")]))
+        self.fig.add_tools(HoverTool(tooltips=[("worker", "@worker"), ("budget", "@budget"), ("reserved", "@reserved"),
+                                               ("peak reserved", "@peak"), ("measured", "@measured")]))
         self.table = Div(name="cqsa-workers", text="", sizing_mode="stretch_width")
         self.root = column(self.fig, self.table, sizing_mode="stretch_width")
 
     def update(self, workers: list[dict[str, Any]]) -> None:
         names = [w["address"] for w in workers]
-        self.fig.y_range.factors = names
+        scale, unit = byte_unit(max([w["budget"] for w in workers], default=0.0))
+        self.workers.factors = names
         self.fig.height = 90 + 36 * max(1, len(names))
+        self.fig.xaxis.axis_label = f"device memory ({unit})"
         self.source.data = {
-            "worker": names, "budget": [w["budget"] for w in workers], "reserved": [w["reserved"] for w in workers],
-            "peak": [w["peak_reserved"] for w in workers],
-            "measured": [w["device_in_use"] or 0 for w in workers],
+            "worker": names, **{k: [(w[f] or 0) / scale for w in workers] for k, f in (
+                ("budget", "budget"), ("reserved", "reserved"), ("peak", "peak_reserved"),
+                ("measured", "device_in_use"))},
         }
         self.table.text = _workers_html(workers)
 
