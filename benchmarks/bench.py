@@ -1,0 +1,1115 @@
+"""Benchmarks of cqsa_dask against in-memory torch SDPA, and correctness on the device.
+
+Each performance case measures, in one process and one run, side by side:
+
+    torch SDPA on the whole problem in memory    (inputs drawn with randn on the device)
+    cqsa_dask.run end to end on a Zarr store     (store written beforehand, timed apart)
+
+and records wall time, TFLOP/s (4 B H N^2 D, causal counts half), tokens/s,
+peak device memory, bytes read and written, the plan, the kernel and the
+error of sampled rows against float64.  The Dask cluster is started by this
+script (LocalCluster with the sizes of ``cqsa.local-cluster`` and
+resources={"device_mem": budget}) and passed as ``client=``, so cluster start
+is not in the cqsa time; the worker is warmed (CUDA context, kernel probe)
+before timing, as SDPA is.
+
+Suites::
+
+    cpu   N = 32,768, H = 2, D = 64, float32, budget forcing >= 7 groups;
+          non-causal and causal; against CPU SDPA, the two alternating
+          (--rounds) because other work on the 2 cores distorts timings
+    gpu   (a) correctness on CUDA, N ~ 3000, W = 7 and 13, bf16/fp16/fp32,
+              causal or not, GQA, D = 64/128, against float64 (whole output)
+          (b) B=1, H=4, D=128, bf16: N = 262,144 and 1,048,576 at 4 GB,
+              1,048,576 causal at 4 GB
+          (c) N = 1,048,576 at 1, 2, 8 GB (while the deadline allows)
+          (d) N = 4,194,304 at 4 GB (only when asked: --parts ...d)
+
+Usage::
+
+    python benchmarks/bench.py --suite cpu --out docs/benchmarks.json
+    python benchmarks/bench.py --suite gpu --out $OUT/gpu.json        # on the GPU machine
+    python benchmarks/bench.py --suite gpu --parts bd --cases n4M-4GB n1M-4GB --label gpu-4M --out $OUT/gpu2.json
+    python benchmarks/bench.py --suite gpu --tiny --out /tmp/tiny.json  # gpu code path, CPU, tiny sizes
+    python benchmarks/bench.py --merge gpu.json --out docs/benchmarks.json
+    python benchmarks/bench.py --plot docs/benchmarks.json --plot-dir docs
+
+``--out`` holds {"suites": {name: record}}; a run replaces only its own
+suite's record, and the file is rewritten after every case, so a run cut
+short still leaves the cases it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import resource as _resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+GB = 1e9
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+class Record:
+    """The suite's JSON record, rewritten into ``path`` after every change."""
+
+    def __init__(self, path: str, suite: str, data: dict[str, Any]):
+        self.path, self.suite, self.data = path, suite, data
+
+    def save(self) -> None:
+        doc: dict[str, Any] = {"suites": {}}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    doc = json.load(f)
+                doc.setdefault("suites", {})
+            except (OSError, ValueError):
+                doc = {"suites": {}}
+        doc["suites"][self.suite] = self.data
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True, default=_json_default)
+        os.replace(tmp, self.path)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def environment() -> dict[str, Any]:
+    import dask
+    import distributed
+    import numcodecs
+    import numpy
+    import torch
+    import zarr
+
+    import cqsa_dask
+
+    env: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "ram_gb": _ram_gb(),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "dask": dask.__version__, "distributed": distributed.__version__, "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__, "numpy": numpy.__version__,
+        "cqsa_dask": cqsa_dask.__version__, "git_commit": _git_commit(), "git_dirty": _git_dirty(),
+        "cqsa_source_sha256": _source_hash(os.path.dirname(cqsa_dask.__file__)),
+        "torch_threads": torch.get_num_threads(),
+        "cqsa_config": dask.config.get("cqsa"),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gb=p.total_memory / GB, gpu_count=torch.cuda.device_count())
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _ram_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) * 1024 / GB
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _source_hash(folder: str) -> str:
+    """sha256 over the engine's .py and .yaml files: says which code ran, with or without git."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".py", ".yaml")):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
+def _git_dirty() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        r = subprocess.run(["git", "-C", here, "status", "--short", "--", "../cqsa_dask"],
+                           check=False, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        r = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], check=False, capture_output=True, text=True,
+                           timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- in-memory SDPA
+
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def attention_flops(b: int, h: int, n: int, d: int, causal: bool) -> int:
+    """4 B H D times the number of (query, key) pairs; causal: N(N+1)/2."""
+    pairs = n * (n + 1) // 2 if causal else n * n
+    return 4 * b * h * d * pairs
+
+
+def sdpa_in_memory(*, b: int, h: int, n: int, d: int, dtype: str, causal: bool, device: str,
+                   reps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+    """Time torch SDPA on (B, H, N, D) randn inputs made on ``device``.
+
+    CUDA: cuDNN backend, else flash; CUDA events; peak = max_memory_reserved
+    (and allocated) since a reset taken before the inputs were made.
+    CPU: the default backend; perf_counter; peak = growth of the process RSS
+    high-water mark (approximate).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dt = _dtype(dtype)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss * 1024
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dt, generator=g) for _ in range(3))
+    backends = _cuda_backends() if cuda else [None]
+    chosen, last_err = None, None
+    times: list[float] = []
+    o: Any = None
+    for be in backends:
+        try:
+            if cuda and warmup == 0:  # large N: warm the backend on a small shape first
+                with _backend(be):
+                    F.scaled_dot_product_attention(q[:, :, :65536], k[:, :, :65536], v[:, :, :65536],
+                                                   is_causal=causal)
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with _backend(be):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            if cuda:
+                torch.cuda.synchronize()
+            probe = time.perf_counter() - t
+            chosen = be
+            break
+        except RuntimeError as e:
+            last_err = e
+            log(f"  SDPA backend {be} failed: {str(e).splitlines()[0][:200]}")
+    if chosen is None and backends != [None]:
+        raise RuntimeError(f"no SDPA backend ran: {last_err}")
+    if warmup == 0:  # the full-size probe is the first timed rep (host clock after a sync)
+        times.append(probe)
+        reps -= 1
+    with _backend(chosen):
+        for _ in range(max(0, warmup - 1)):  # the probe above was the first warm-up
+            o = None  # free the last output first: one output buffer, as a single call has
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        for _ in range(reps):
+            o = None
+            if cuda:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                e1.record()
+                torch.cuda.synchronize()
+                times.append(e0.elapsed_time(e1) / 1e3)
+            else:
+                t = time.perf_counter()
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                times.append(time.perf_counter() - t)
+    if not bool(torch.isfinite(o).all()):
+        raise RuntimeError("SDPA returned non-finite values")
+    sec = statistics.median(times)
+    flops = attention_flops(b, h, n, d, causal)
+    rec: dict[str, Any] = {
+        "backend": str(chosen).split(".")[-1] if chosen is not None else "default (cpu)",
+        "device": device, "seconds": sec, "seconds_all": times, "reps": len(times),
+        "tflops": flops / sec / 1e12, "tokens_per_s": b * n / sec,
+    }
+    if cuda:
+        rec["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+        rec["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    else:
+        rec["peak_rss_growth_bytes"] = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    del q, k, v, o
+    if cuda:
+        torch.cuda.empty_cache()
+    return rec
+
+
+def _cuda_backends() -> list[Any]:
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+
+
+def _backend(be: Any) -> Any:
+    import contextlib
+
+    if be is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([be])
+
+
+def ceilings(device: str) -> dict[str, Any]:
+    """Dense bf16 matmul rate and pageable/pinned host-to-device copy rates."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    out: dict[str, Any] = {}
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    bm = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ bm
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(20):
+        a @ bm
+    e1.record()
+    torch.cuda.synchronize()
+    out["matmul_bf16_8192_tflops"] = 20 * 2 * 8192**3 / (e0.elapsed_time(e1) / 1e3) / 1e12
+    del a, bm
+    host = torch.randn(128 * 2**20).to(torch.bfloat16)  # 256 MiB
+    for name, src in (("pageable", host), ("pinned", host.pin_memory())):
+        src.to(device)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(3):
+            src.to(device)
+        torch.cuda.synchronize()
+        out[f"h2d_{name}_gb_s"] = 3 * src.nbytes / (time.perf_counter() - t) / GB
+    torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------- Dask cluster
+
+
+class TaskRecorder(WorkerPlugin):
+    """Keeps the result dict of every cqsa task that finishes on the worker."""
+
+    name = "bench-task-recorder"
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        self.records: list[dict[str, Any]] = []
+
+    def teardown(self, worker: Any) -> None:
+        pass
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if start == "executing" and finish == "memory":
+            try:
+                v = self.worker.data[key]
+            except Exception:  # noqa: BLE001  (spilled or gone: skip)
+                return
+            if isinstance(v, dict) and v.get("kind") in ("quorum", "merge"):
+                self.records.append(v)
+
+
+def _worker_reset(dask_worker: Any = None) -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    p = dask_worker.plugins.get(TaskRecorder.name) if dask_worker is not None else None
+    if p is not None:
+        p.records.clear()
+
+
+def _worker_collect(dask_worker: Any = None) -> list[dict[str, Any]]:
+    p = dask_worker.plugins.get(TaskRecorder.name)
+    return list(p.records) if p is not None else []
+
+
+def _worker_warm(dtype: str, head_dim: int) -> dict[str, Any]:
+    """Create the CUDA context and run the engine's kernel probe in the worker."""
+    import torch
+
+    from cqsa_dask import config
+    from cqsa_dask.kernels import attend, resolve_device, select_kernel
+
+    dev = resolve_device(config.get("device"))
+    dt = getattr(torch, dtype)
+    name = select_kernel(dev, dt, head_dim, config.get("kernel"))  # same positional call as the task's
+    q = torch.randn(1, 2, 256, head_dim, device=dev).to(dt)
+    attend(q, q, q, scale=head_dim**-0.5, diagonal_causal=False, kernel=name)
+    attend(q, q, q, scale=head_dim**-0.5, diagonal_causal=True, kernel=name)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return {"device": str(dev), "kernel": name}
+
+
+class Cluster:
+    """LocalCluster + Client shaped as run() would start them, with resource = budget."""
+
+    def __init__(self, budget_bytes: int):
+        import dask
+        from distributed import Client, LocalCluster
+
+        import cqsa_dask  # noqa: F401  (registers cqsa defaults)
+
+        lc = dask.config.get("cqsa.local-cluster")
+        res = str(dask.config.get("cqsa.resource"))
+        t = time.perf_counter()
+        self.cluster = LocalCluster(
+            n_workers=int(lc["n-workers"]), threads_per_worker=int(lc["threads-per-worker"]),
+            processes=bool(lc["processes"]), dashboard_address=":0",
+            resources={res: float(budget_bytes)}, silence_logs=logging.ERROR,
+        )
+        self.client = Client(self.cluster)
+        self.client.register_plugin(TaskRecorder(), name=TaskRecorder.name)
+        self.start_seconds = time.perf_counter() - t
+        self.budget_bytes = budget_bytes
+        self.warmed: dict[tuple[str, int], Any] = {}
+
+    def warm(self, dtype: str, head_dim: int) -> Any:
+        if (dtype, head_dim) not in self.warmed:
+            t = time.perf_counter()
+            r = next(iter(self.client.run(_worker_warm, dtype, head_dim).values()))
+            r["seconds"] = time.perf_counter() - t
+            self.warmed[(dtype, head_dim)] = r
+        return self.warmed[(dtype, head_dim)]
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+class Clusters:
+    """One cluster per budget (the resource must equal the budget), the last one kept."""
+
+    def __init__(self) -> None:
+        self.current: Cluster | None = None
+
+    def get(self, budget_bytes: int) -> Cluster:
+        if self.current is not None and self.current.budget_bytes == budget_bytes:
+            return self.current
+        self.close()
+        log(f"  starting LocalCluster with device_mem={budget_bytes / GB:.3g} GB")
+        self.current = Cluster(budget_bytes)
+        log(f"  cluster up in {self.current.start_seconds:.1f}s")
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+
+def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype: str, head_dim: int,
+             groups: int | None = None, reps: int = 1) -> dict[str, Any]:
+    """cqsa_dask.run on ``store`` with client=cl.client; ``reps`` fresh runs (restart=True)."""
+    import cqsa_dask
+
+    warm = cl.warm(dtype, head_dim)
+    walls, execs, res, tasks = [], [], None, []
+    for _ in range(reps):
+        cl.client.run(_worker_reset)
+        t = time.perf_counter()
+        res = cqsa_dask.run(store, causal=causal, memory_budget=budget_bytes, client=cl.client,
+                            groups=groups, restart=True)
+        walls.append(time.perf_counter() - t)
+        execs.append(res.seconds)
+        tasks = [r for rs in cl.client.run(_worker_collect).values() for r in rs]
+    assert res is not None
+    p = res.plan
+    sec = statistics.median(walls)
+    return {
+        "seconds": sec, "seconds_all": walls, "execute_seconds": statistics.median(execs),
+        "tflops": p.flops / sec / 1e12, "tokens_per_s": p.batch * p.seq_len / sec,
+        "peak_device_bytes": res.peak_device_bytes, "bytes_read": res.bytes_read,
+        "bytes_written": res.bytes_written, "kernels": list(res.kernels),
+        "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run,
+        "plan": {k: v for k, v in p.to_dict().items() if k in (
+            "groups", "quorum_size", "heads_per_task", "task_memory_bytes", "group_size", "tasks",
+            "merges", "flops", "bytes_read", "bytes_written", "budget_bytes")},
+        "worker": warm, "tasks": summarize_tasks(tasks),
+    }
+
+
+def summarize_tasks(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summed task-side seconds (one worker, so sums over concurrent threads can exceed wall)."""
+    q = [t for t in tasks if t["kind"] == "quorum"]
+    m = [t for t in tasks if t["kind"] == "merge"]
+    return {
+        "quorum_count": len(q), "merge_count": len(m),
+        "quorum_seconds": sum(t["seconds"] for t in q),
+        "quorum_compute_seconds": sum(t.get("compute_seconds", 0.0) for t in q),
+        "quorum_io_seconds": sum(t.get("io_seconds", 0.0) for t in q),
+        "merge_seconds": sum(t["seconds"] for t in m),
+        "quorum_bytes_read": sum(t["bytes_read"] for t in q),
+        "quorum_bytes_written": sum(t["bytes_written"] for t in q),
+        "merge_bytes_read": sum(t["bytes_read"] for t in m),
+        "merge_bytes_written": sum(t["bytes_written"] for t in m),
+    }
+
+
+# ----------------------------------------------------------------------------- float64 checks
+
+
+def sampled_reference(group: Any, rows: list[tuple[int, int, int]], *, causal: bool, scale: float,
+                      device: str, chunk: int = 32768) -> dict[tuple[int, int, int], tuple[Any, float]]:
+    """Float64 (out (D,), lse) of ``rows``, streaming k, v once for all rows.
+
+    The same online-softmax reference as cqsa_dask.verify.reference_row, batched
+    over the rows so that each chunk of k and v is read once instead of once
+    per row (at N = 1M that is 2 GB per row).
+    """
+    import torch
+
+    from cqsa_dask.layout import input_info, logical_dtype, read_block
+
+    info = input_info(group)
+    dt = logical_dtype(group["q"])
+    rep = info.heads_q // info.heads_kv
+    refs: dict[tuple[int, int, int], tuple[Any, float]] = {}
+    for b in sorted({r[0] for r in rows}):
+        rs = [r for r in rows if r[0] == b]
+        q = torch.stack([read_block(group["q"], (b, h, n), dt) for _, h, n in rs]).to(device, torch.float64)
+        kh = torch.tensor([h // rep for _, h, _ in rs], device=device)
+        pos = torch.tensor([n for _, _, n in rs], device=device)
+        m = torch.full((len(rs),), -math.inf, dtype=torch.float64, device=device)
+        s = torch.zeros(len(rs), dtype=torch.float64, device=device)
+        acc = torch.zeros(len(rs), info.head_dim, dtype=torch.float64, device=device)
+        stop = max(n for _, _, n in rs) + 1 if causal else info.seq_len
+        for c0 in range(0, stop, chunk):
+            c1 = min(stop, c0 + chunk)
+            k = read_block(group["k"], (b, slice(None), slice(c0, c1)), dt).to(device, torch.float64)  # (Hkv, C, D)
+            v = read_block(group["v"], (b, slice(None), slice(c0, c1)), dt).to(device, torch.float64)
+            logits = torch.bmm(k[kh], q[:, :, None])[..., 0] * scale  # (R, C)
+            if causal:
+                keys = torch.arange(c0, c1, device=device)
+                logits = logits.masked_fill(keys[None, :] > pos[:, None], -math.inf)
+            m_new = torch.maximum(m, logits.max(dim=1).values)  # finite: chunk 0 holds key 0
+            w = torch.exp(logits - m_new[:, None])
+            corr = torch.exp(m - m_new)
+            acc = acc * corr[:, None] + torch.bmm(w[:, None, :], v[kh])[:, 0]
+            s = s * corr + w.sum(dim=1)
+            m = m_new
+        out, lse = (acc / s[:, None]).cpu().numpy(), (m + torch.log(s)).cpu().numpy()
+        for i, r in enumerate(rs):
+            refs[r] = (out[i], float(lse[i]))
+    return refs
+
+
+def compare_rows(group: Any, refs: dict[tuple[int, int, int], tuple[Any, float]]) -> dict[str, Any]:
+    """Max errors of out/lse on the rows of ``refs``, as verify.check_rows reports them."""
+    import numpy as np
+
+    from cqsa_dask.layout import logical_dtype, read_block
+
+    dt = logical_dtype(group["out"])
+    abs_o = rel_o = abs_l = 0.0
+    for (b, h, n), (ref, ref_lse) in refs.items():
+        got = read_block(group["out"], (b, h, n), dt).double().numpy()
+        lse = float(np.asarray(group["lse"][b, h, n]))
+        err = float(np.abs(got - ref).max()) if np.isfinite(got).all() else math.inf
+        abs_o = max(abs_o, err)
+        rel_o = max(rel_o, err / max(float(np.abs(ref).max()), 1e-30))
+        abs_l = max(abs_l, abs(lse - ref_lse) if math.isfinite(lse) else math.inf)
+    return {"rows": len(refs), "max_abs_out": abs_o, "max_rel_out": rel_o, "max_abs_lse": abs_l}
+
+
+def full_reference_errors(group: Any, *, causal: bool, scale: float, device: str) -> dict[str, Any]:
+    """Whole-output errors of the store's out/lse, and of SDPA in the same dtype, against float64."""
+    import torch
+    import torch.nn.functional as F
+
+    from cqsa_dask.layout import logical_dtype, read_block
+
+    dt = logical_dtype(group["q"])
+    q, k, v = (read_block(group[n], (...,), dt).to(device) for n in ("q", "k", "v"))  # (B, H, N, D)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    n = q.shape[2]
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale  # (B, H, N, N)
+    if causal:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), -math.inf)
+    ref_lse = torch.logsumexp(s, dim=-1)
+    ref = torch.matmul(torch.exp(s - ref_lse[..., None]), v.double())
+    del s
+    out = read_block(group["out"], (...,), dt).to(device).double()
+    lse = read_block(group["lse"], (...,), "float32").to(device).double()
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).double()
+
+    def errs(o: Any, l: Any | None) -> dict[str, Any]:
+        d = {"max_abs_out": float((o - ref).abs().max()),
+             "rel_fro_out": float(torch.linalg.vector_norm(o - ref) / torch.linalg.vector_norm(ref)),
+             "finite": bool(torch.isfinite(o).all())}
+        if l is not None:
+            d["max_abs_lse"] = float((l - ref_lse).abs().max())
+        return d
+
+    return {"cqsa": errs(out, lse), "sdpa_same_dtype": errs(sdpa, None)}
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def write_store(path: str, *, n: int, h: int, hkv: int, d: int, dtype: str, seed: int) -> dict[str, Any]:
+    from cqsa_dask.demo import make_synthetic_store
+
+    shutil.rmtree(path, ignore_errors=True)
+    t = time.perf_counter()
+    make_synthetic_store(path, seq_len=n, heads=h, kv_heads=hkv, head_dim=d, batch=1, dtype=dtype, seed=seed)
+    sec = time.perf_counter() - t
+    e = 4 if dtype == "float32" else 2
+    nbytes = n * d * e * (h + 2 * hkv)
+    return {"seconds": sec, "bytes": nbytes, "gb_per_s": nbytes / sec / GB}
+
+
+def zarr_read_rate(path: str, device: str) -> dict[str, Any]:
+    """Read all of k once (sync, as tasks do) and copy it to the device: GB/s of each."""
+    import torch
+    import zarr
+
+    from cqsa_dask.layout import logical_dtype, read_block
+
+    g = zarr.open_group(path, mode="r")
+    t = time.perf_counter()
+    arr = g["k"]
+    assert isinstance(arr, zarr.Array)
+    k = read_block(arr, (...,), logical_dtype(arr))
+    tr = time.perf_counter() - t
+    rec = {"zarr_read_gb_s": k.nbytes / tr / GB, "bytes": k.nbytes}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        k.to(device)
+        torch.cuda.synchronize()
+        rec["h2d_pageable_gb_s"] = k.nbytes / (time.perf_counter() - t) / GB
+        torch.cuda.empty_cache()
+    return rec
+
+
+def correctness_cases(tiny: bool) -> list[dict[str, Any]]:
+    """12 cases: W in {7, 13} x dtype x causal, GQA and D alternating so each dtype sees both."""
+    n = 300 if tiny else 3000
+    cases = []
+    i = 0
+    for dtype in ("bfloat16", "float16", "float32"):
+        for causal in (False, True):
+            for w in (7, 13):
+                gqa = i % 2 == 0
+                d = 128 if (i // 2) % 2 == 0 else 64
+                cases.append({"name": f"c{i:02d}", "n": n + (i % 3), "h": 4, "hkv": 2 if gqa else 4, "d": d,
+                              "dtype": dtype, "causal": causal, "groups": w})
+                i += 1
+    return cases
+
+
+_BOUND = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+def run_correctness(rec: Record, clusters: Clusters, *, device: str, workdir: str, tiny: bool) -> None:
+    import zarr
+
+    rec.data.setdefault("correctness", [])
+    cl = clusters.get(int(1e9))
+    for c in correctness_cases(tiny):
+        path = os.path.join(workdir, "corr.zarr")
+        try:
+            write_store(path, n=c["n"], h=c["h"], hkv=c["hkv"], d=c["d"], dtype=c["dtype"], seed=100 + int(c["name"][1:]))
+            run = cqsa_run(cl, path, causal=c["causal"], budget_bytes=cl.budget_bytes, dtype=c["dtype"],
+                           head_dim=c["d"], groups=c["groups"])
+            g = zarr.open_group(path, mode="r")
+            errs = full_reference_errors(g, causal=c["causal"], scale=c["d"] ** -0.5, device=device)
+            ok = errs["cqsa"]["finite"] and errs["cqsa"]["rel_fro_out"] <= _BOUND[c["dtype"]]
+            entry = {**c, "ok": ok, "errors": errs, "kernels": run["kernels"], "seconds": run["seconds"],
+                     "plan_groups": run["plan"]["groups"], "quorum_size": run["plan"]["quorum_size"]}
+        except Exception as e:  # noqa: BLE001  (record and go on: the report needs every failure)
+            entry = {**c, "ok": False, "error": _exc(e)}
+        rec.data["correctness"].append(entry)
+        rec.save()
+        log("  " + _corr_line(entry))
+        shutil.rmtree(os.path.join(workdir, "corr.zarr"), ignore_errors=True)
+
+
+def _exc(e: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__))
+
+
+def _corr_line(e: dict[str, Any]) -> str:
+    head = (f"{e['name']} N={e['n']} Hq={e['h']} Hkv={e['hkv']} D={e['d']} {e['dtype']:8s} "
+            f"causal={int(e['causal'])} W={e['groups']}")
+    if "error" in e:
+        return head + "  ERROR " + e["error"].strip().splitlines()[-1]
+    c, s = e["errors"]["cqsa"], e["errors"]["sdpa_same_dtype"]
+    return (head + f"  kernel={','.join(e['kernels'])}  cqsa max|dout|={c['max_abs_out']:.2e} "
+            f"rel={c['rel_fro_out']:.2e} max|dlse|={c['max_abs_lse']:.2e}  "
+            f"(sdpa rel={s['rel_fro_out']:.2e})  {'ok' if e['ok'] else 'FAIL'}")
+
+
+def perf_case(rec: Record, clusters: Clusters, case: dict[str, Any], *, store: str, device: str,
+              sdpa_cache: dict[Any, Any], ref_cache: dict[Any, Any], sdpa_reps: int, cqsa_reps: int,
+              check_rows_too: bool = False, rounds: int = 0) -> dict[str, Any]:
+    """One row of the performance table: SDPA (cached per shape) and cqsa_dask.run.
+
+    ``rounds`` > 0: instead, alternate one SDPA call and one cqsa run ``rounds``
+    times (medians of each side), so that load from other processes drifting
+    over the minutes of a case hits both sides alike.
+    """
+    if rounds > 0:
+        return _paired_case(clusters, case, store=store, device=device, ref_cache=ref_cache,
+                            check_rows_too=check_rows_too, rounds=rounds)
+    n, h, d, dtype, causal = case["n"], case["h"], case["d"], case["dtype"], case["causal"]
+    entry: dict[str, Any] = dict(case)
+    entry["loadavg_before"] = os.getloadavg()  # other processes on this machine distort CPU timings
+    skey = (n, h, d, dtype, causal)
+    if skey not in sdpa_cache:
+        log(f"  SDPA in memory N={n} H={h} D={d} {dtype} causal={causal}")
+        try:
+            big = n > 2**21
+            sdpa_cache[skey] = sdpa_in_memory(b=1, h=h, n=n, d=d, dtype=dtype, causal=causal, device=device,
+                                              reps=1 if big else sdpa_reps, warmup=0 if big else 1)
+        except Exception as e:  # noqa: BLE001
+            sdpa_cache[skey] = {"error": _exc(e)}
+    entry["sdpa"] = sdpa_cache[skey]
+    log(f"  sdpa: {_short(entry['sdpa'])}")
+    cl = clusters.get(case["budget_bytes"])
+    try:
+        log(f"  cqsa_dask.run budget={case['budget_bytes'] / GB:.4g} GB causal={causal}")
+        entry["cqsa"] = cqsa_run(cl, store, causal=causal, budget_bytes=case["budget_bytes"], dtype=dtype,
+                                 head_dim=d, reps=cqsa_reps)
+        log(f"  cqsa: {_short(entry['cqsa'])}")
+    except Exception as e:  # noqa: BLE001
+        entry["cqsa"] = {"error": _exc(e)}
+        log("  cqsa FAILED:\n" + entry["cqsa"]["error"])
+        return entry
+    entry["loadavg_after"] = os.getloadavg()
+    return _check_case(entry, store=store, device=device, ref_cache=ref_cache, check_rows_too=check_rows_too)
+
+
+def _with_median(runs: list[dict[str, Any]], flops: int, tokens: int) -> dict[str, Any]:
+    """The last run's record, with seconds = the median over ``runs`` and rates from it."""
+    secs = [r["seconds"] for r in runs]
+    sec = statistics.median(secs)
+    return dict(runs[-1], seconds=sec, seconds_all=secs, tflops=flops / sec / 1e12, tokens_per_s=tokens / sec)
+
+
+def _paired_case(clusters: Clusters, case: dict[str, Any], *, store: str, device: str,
+                 ref_cache: dict[Any, Any], check_rows_too: bool, rounds: int) -> dict[str, Any]:
+    n, h, d, dtype, causal = case["n"], case["h"], case["d"], case["dtype"], case["causal"]
+    entry: dict[str, Any] = dict(case, rounds=rounds, loadavg_before=os.getloadavg())
+    cl = clusters.get(case["budget_bytes"])
+    sdpa, cqsa = [], []
+    for r in range(rounds):
+        sdpa.append(sdpa_in_memory(b=1, h=h, n=n, d=d, dtype=dtype, causal=causal, device=device, reps=1,
+                                   warmup=1 if r == 0 else 0))
+        cqsa.append(cqsa_run(cl, store, causal=causal, budget_bytes=case["budget_bytes"], dtype=dtype, head_dim=d))
+        log(f"  round {r}: sdpa {sdpa[-1]['seconds']:.3f}s  cqsa {cqsa[-1]['seconds']:.3f}s  "
+            f"load {os.getloadavg()[0]:.2f}")
+    flops = attention_flops(1, h, n, d, causal)
+    entry["sdpa"] = _with_median(sdpa, flops, n)
+    entry["cqsa"] = _with_median(cqsa, flops, n)
+    entry["paired_efficiency"] = [s["seconds"] / c["seconds"] for s, c in zip(sdpa, cqsa)]
+    entry["efficiency_of_minima"] = min(s["seconds"] for s in sdpa) / min(c["seconds"] for c in cqsa)
+    entry["loadavg_after"] = os.getloadavg()
+    log(f"  sdpa: {_short(entry['sdpa'])}")
+    log(f"  cqsa: {_short(entry['cqsa'])}")
+    return _check_case(entry, store=store, device=device, ref_cache=ref_cache, check_rows_too=check_rows_too)
+
+
+def _check_case(entry: dict[str, Any], *, store: str, device: str, ref_cache: dict[Any, Any],
+                check_rows_too: bool) -> dict[str, Any]:
+    """Sampled rows against float64, and the efficiency."""
+    import zarr
+
+    from cqsa_dask.verify import check_rows, sample_rows
+
+    causal, d = entry["causal"], entry["d"]
+    g = zarr.open_group(store, mode="r")
+    rows = sample_rows(g, 6, seed=1)  # 6 random rows + the first and the last: 8
+    rkey = (store, causal)
+    t = time.perf_counter()
+    if rkey not in ref_cache:
+        ref_cache[rkey] = sampled_reference(g, rows, causal=causal, scale=d**-0.5, device=device)
+    entry["check"] = compare_rows(g, ref_cache[rkey])
+    if check_rows_too:  # the library's per-row check, to confirm the batched one
+        r = check_rows(g, rows, causal=causal, scale=d**-0.5)
+        entry["check_rows"] = {"rows": r.rows, "max_abs_out": r.max_abs_out, "max_rel_out": r.max_rel_out,
+                               "max_abs_lse": r.max_abs_lse}
+    entry["check"]["seconds"] = time.perf_counter() - t
+    s = entry["sdpa"]
+    if "seconds" in s:
+        entry["efficiency"] = s["seconds"] / entry["cqsa"]["seconds"]
+    log(f"  check: max|dout|={entry['check']['max_abs_out']:.2e} max|dlse|={entry['check']['max_abs_lse']:.2e}"
+        f"  efficiency={entry.get('efficiency', float('nan')):.3f}")
+    return entry
+
+
+def _short(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"].strip().splitlines()[-1]
+    s = f"{r['seconds']:.3f}s {r['tflops']:.2f} TFLOP/s"
+    if "plan" in r:
+        p = r["plan"]
+        s += (f" W={p['groups']} |D|={p['quorum_size']} hk/task={p['heads_per_task']} "
+              f"kernel={','.join(r['kernels'])} read={r['bytes_read'] / GB:.2f}GB written={r['bytes_written'] / GB:.2f}GB")
+        t = r["tasks"]
+        s += (f" | quorum {t['quorum_seconds']:.2f}s (compute {t['quorum_compute_seconds']:.2f}, "
+              f"io {t['quorum_io_seconds']:.2f}), merge {t['merge_seconds']:.2f}s")
+    return s
+
+
+# ----------------------------------------------------------------------------- suites
+
+
+def cpu_budget(n: int, h: int, d: int, dtype: str, min_groups: int = 7) -> int:
+    """The largest budget (bytes) for which make_plan picks at least ``min_groups`` groups."""
+    from cqsa_dask import BudgetError, make_plan
+
+    def groups(b: int) -> int:
+        try:
+            return make_plan(seq_len=n, heads=h, head_dim=d, dtype=dtype, budget=b).groups
+        except BudgetError:
+            return 10**9
+    lo, hi = 1, 10**12
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if groups(mid) >= min_groups else (lo, mid)
+    return lo
+
+
+def suite_cpu(args: argparse.Namespace, rec: Record) -> None:
+    n, h, d, dtype = 32768, 2, 64, "float32"
+    budget = cpu_budget(n, h, d, dtype)
+    rec.data["budget_rule"] = "largest budget with make_plan groups >= 7"
+    rec.data["budget_bytes"] = budget
+    log(f"CPU suite: N={n} H={h} D={d} {dtype}, budget {budget:,} bytes")
+    store = os.path.join(args.workdir, "cpu.zarr")
+    rec.data["store_write"] = write_store(store, n=n, h=h, hkv=h, d=d, dtype=dtype, seed=0)
+    log(f"  store written: {rec.data['store_write']}")
+    clusters = Clusters()
+    sdpa_cache: dict[Any, Any] = {}
+    ref_cache: dict[Any, Any] = {}
+    try:
+        for causal in (False, True):
+            case = {"name": "cpu-causal" if causal else "cpu", "n": n, "h": h, "hkv": h, "d": d, "dtype": dtype,
+                    "causal": causal, "budget_bytes": budget}
+            log(f"case {case['name']}")
+            e = perf_case(rec, clusters, case, store=store, device="cpu", sdpa_cache=sdpa_cache,
+                          ref_cache=ref_cache, sdpa_reps=3, cqsa_reps=3, check_rows_too=True, rounds=args.rounds)
+            rec.data["cases"].append(e)
+            rec.save()
+    finally:
+        clusters.close()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def gpu_perf_cases(tiny: bool) -> list[dict[str, Any]]:
+    """(b) then (c), most important first; tiny: the same code path at small sizes."""
+    base = {"h": 4, "hkv": 4, "d": 128, "dtype": "bfloat16"}
+    n1, n2, n4 = (1024, 2048, 4096) if tiny else (262144, 1048576, 4194304)
+    bud = {k: (int(8.5e6 + k * 1e9 / 512) if tiny else int(k * 1e9)) for k in (1, 2, 4, 8)}
+    rows = [
+        ("n262k-4GB", n1, 4, False, "b"), ("n1M-4GB", n2, 4, False, "b"), ("n1M-4GB-causal", n2, 4, True, "b"),
+        ("n1M-1GB", n2, 1, False, "c"), ("n1M-2GB", n2, 2, False, "c"), ("n1M-8GB", n2, 8, False, "c"),
+        ("n4M-4GB", n4, 4, False, "d"),
+    ]
+    return [{"name": nm, "n": n, "budget_bytes": bud[b], "causal": c, "part": part, **base}
+            for nm, n, b, c, part in rows]
+
+
+def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if not args.tiny and device != "cuda":
+        raise SystemExit("the gpu suite needs CUDA (use --tiny to exercise it on the CPU)")
+    deadline = T0 + args.deadline
+    rec.data["device"] = device
+    if device == "cuda":
+        rec.data["ceilings"] = ceilings(device)
+        log(f"ceilings: {rec.data['ceilings']}")
+    clusters = Clusters()
+    try:
+        if "a" in args.parts:
+            log("(a) correctness against float64")
+            run_correctness(rec, clusters, device=device, workdir=args.workdir, tiny=args.tiny)
+        sdpa_cache: dict[Any, Any] = {}
+        ref_cache: dict[Any, Any] = {}
+        stores: dict[int, str] = {}
+        est: dict[int, float] = {}
+        cases = gpu_perf_cases(args.tiny)
+        if args.cases:  # run in the order given
+            cases = sorted((c for c in cases if c["name"] in args.cases), key=lambda c: args.cases.index(c["name"]))
+        for case in cases:
+            if case["part"] not in args.parts:
+                continue
+            n = case["n"]
+            left = deadline - time.perf_counter()
+            need = est.get(n, 75.0 * max(1.0, n / 2**20))  # first case of a size: a guess from the first run
+            if need > left:
+                log(f"case {case['name']} skipped: about {need:.0f}s needed, {left:.0f}s left before the deadline")
+                rec.data["skipped"].append({"name": case["name"], "reason": f"deadline: ~{need:.0f}s needed, {left:.0f}s left"})
+                rec.save()
+                continue
+            log(f"case {case['name']} (part {case['part']})")
+            t_case = time.perf_counter()
+            if n not in stores:
+                for old in list(stores):  # one large store at a time on disk
+                    shutil.rmtree(stores.pop(old), ignore_errors=True)
+                path = os.path.join(args.workdir, f"n{n}.zarr")
+                w = write_store(path, n=n, h=case["h"], hkv=case["hkv"], d=case["d"], dtype=case["dtype"], seed=n % 997)
+                w["zarr_read"] = zarr_read_rate(path, device)
+                rec.data["stores"][str(n)] = w
+                stores[n] = path
+                log(f"  store N={n} written: {w['bytes'] / GB:.2f} GB in {w['seconds']:.1f}s; read back {w['zarr_read']}")
+            e = perf_case(rec, clusters, case, store=stores[n], device=device, sdpa_cache=sdpa_cache,
+                          ref_cache=ref_cache, sdpa_reps=3, cqsa_reps=1)
+            e["case_seconds"] = time.perf_counter() - t_case
+            est[n] = max(est.get(n, 0.0), e["case_seconds"]) * 1.2
+            rec.data["cases"].append(e)
+            rec.save()
+        for p in stores.values():
+            shutil.rmtree(p, ignore_errors=True)
+    finally:
+        clusters.close()
+
+
+# ----------------------------------------------------------------------------- table and plots
+
+
+def table(data: dict[str, Any]) -> str:
+    lines = []
+    if data.get("correctness"):
+        lines.append("correctness (whole output vs float64):")
+        lines += ["  " + _corr_line(e) for e in data["correctness"]]
+    hdr = (f"{'case':16s} {'N':>9s} {'c':>1s} {'budget':>8s} {'W':>3s} {'|D|':>3s} {'kernel':>9s} "
+           f"{'sdpa s':>8s} {'cqsa s':>8s} {'eff':>6s} {'sdpaTF':>7s} {'cqsaTF':>7s} {'sdpa GB':>7s} "
+           f"{'cqsa GB':>7s} {'readGB':>7s} {'wrotGB':>7s} {'max|dout|':>9s}")
+    lines += ["performance:", hdr]
+    for e in data.get("cases", []):
+        s, c = e.get("sdpa", {}), e.get("cqsa", {})
+        if "error" in c:
+            lines.append(f"{e['name']:16s} {e['n']:>9d} ERROR {c['error'].strip().splitlines()[-1]}")
+            continue
+        p = c["plan"]
+        speak = s.get("peak_reserved_bytes")
+        lines.append(
+            f"{e['name']:16s} {e['n']:>9d} {int(e['causal']):>1d} {e['budget_bytes'] / GB:>7.4g}G {p['groups']:>3d} "
+            f"{p['quorum_size']:>3d} {','.join(c['kernels']):>9s} {s.get('seconds', float('nan')):>8.3f} "
+            f"{c['seconds']:>8.3f} {e.get('efficiency', float('nan')):>6.3f} {s.get('tflops', float('nan')):>7.2f} "
+            f"{c['tflops']:>7.2f} {(speak or float('nan')) / GB:>7.2f} {(c['peak_device_bytes'] or float('nan')) / GB:>7.2f} "
+            f"{c['bytes_read'] / GB:>7.2f} {c['bytes_written'] / GB:>7.2f} {e.get('check', {}).get('max_abs_out', float('nan')):>9.2e}")
+    for s in data.get("skipped", []):
+        lines.append(f"skipped {s['name']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def _kilo(n: int) -> str:
+    return f"{n // 2**20}M" if n % 2**20 == 0 else f"{n // 2**10}k"
+
+
+def _ticks(ax: Any, values: list[float], labels: list[str]) -> None:
+    from matplotlib.ticker import NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(values, labels)
+
+
+def plot(path: str, outdir: str) -> list[str]:
+    """docs/benchmarks_gpu.png (time, efficiency vs N; time, memory vs budget) and benchmarks_cpu.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        doc = json.load(f)
+    suites = doc.get("suites", {})
+    made = []
+    gpu = [dict(e, run=name) for name, d in sorted(suites.items()) if name.startswith("gpu") and not d.get("tiny")
+           for e in d.get("cases", []) if "plan" in e.get("cqsa", {})]
+    if gpu:
+        fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+        at4 = sorted([e for e in gpu if e["budget_bytes"] == int(4e9) and not e["causal"]], key=lambda e: e["n"])
+        ns = sorted({e["n"] for e in at4})
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs)
+
+        def per_n(key: Any) -> list[float]:
+            return [mean([key(e) for e in at4 if e["n"] == n]) for n in ns]
+
+        a = ax[0][0]
+        a.loglog(ns, per_n(lambda e: e["sdpa"]["seconds"]), "o-", label="SDPA in memory (cuDNN)")
+        a.loglog(ns, per_n(lambda e: e["cqsa"]["seconds"]), "s-", label="cqsa_dask.run, 4 GB budget")
+        a.loglog(ns, per_n(lambda e: e["cqsa"]["plan"]["flops"] / 600e12), ":", color="gray",
+                 label="FLOPs / 600 TFLOP/s")
+        a.set(xlabel="N (tokens)", ylabel="seconds", title="time vs N (B=1, H=4, D=128, bf16, non-causal)")
+        _ticks(a, ns, [_kilo(n) for n in ns])
+        a.legend()
+        a = ax[0][1]
+        a.semilogx([e["n"] for e in at4], [e["efficiency"] for e in at4], "s", label="one run each")
+        a.semilogx(ns, per_n(lambda e: e["efficiency"]), "-", color="C1")
+        for n in ns:
+            w = next(e for e in at4 if e["n"] == n)["cqsa"]["plan"]["groups"]
+            a.annotate(f"W={w}", (n, per_n(lambda e: e["efficiency"])[ns.index(n)]), textcoords="offset points",
+                       xytext=(5, 5))
+        a.axhline(0.85, color="red", ls="--", label="target 0.85 at N = 4M")
+        a.set(xlabel="N (tokens)", ylabel="SDPA time / cqsa time", ylim=(0, 1), title="efficiency vs N, 4 GB budget")
+        _ticks(a, ns, [_kilo(n) for n in ns])
+        a.legend()
+        n1 = 2**20
+        byb = sorted([e for e in gpu if e["n"] == n1 and not e["causal"] and e["run"] == "gpu"],
+                     key=lambda e: e["budget_bytes"])
+        if byb:
+            bs = [e["budget_bytes"] / GB for e in byb]
+            a = ax[1][0]
+            a.plot(bs, [e["cqsa"]["seconds"] for e in byb], "s-", label="cqsa_dask.run")
+            a.axhline(byb[0]["sdpa"]["seconds"], color="C0", ls="--", label="SDPA in memory")
+            for e, b in zip(byb, bs):
+                a.annotate(f"W={e['cqsa']['plan']['groups']}, |D|={e['cqsa']['plan']['quorum_size']}",
+                           (b, e["cqsa"]["seconds"]), textcoords="offset points", xytext=(4, 4))
+            a.set(xscale="log", xlabel="memory budget (GB)", ylabel="seconds", ylim=(0, None),
+                  title=f"time vs budget, N = {n1:,}")
+            _ticks(a, bs, [f"{b:g}" for b in bs])
+            a.legend()
+            a = ax[1][1]
+            a.plot(bs, [e["cqsa"]["peak_device_bytes"] / GB for e in byb], "s-", label="cqsa peak (max allocated)")
+            a.plot(bs, bs, ":", color="gray", label="budget")
+            a.axhline(byb[0]["sdpa"]["peak_allocated_bytes"] / GB, color="C0", ls="--",
+                      label="SDPA peak (inputs + output + backend)")
+            a.set(xscale="log", xlabel="memory budget (GB)", ylabel="GB", ylim=(0, None),
+                  title=f"peak device memory vs budget, N = {n1:,}")
+            _ticks(a, bs, [f"{b:g}" for b in bs])
+            a.legend()
+        fig.tight_layout()
+        out = os.path.join(outdir, "benchmarks_gpu.png")
+        fig.savefig(out, dpi=100)
+        made.append(out)
+    cpu = suites.get("cpu")
+    if cpu and cpu.get("cases"):
+        cases = [e for e in cpu["cases"] if "plan" in e.get("cqsa", {})]
+        fig, ax = plt.subplots(1, 1, figsize=(7.5, 4.2))
+        x = range(len(cases))
+        ax.bar([i - 0.2 for i in x], [e["sdpa"]["seconds"] for e in cases], 0.4, label="SDPA in memory")
+        ax.bar([i + 0.2 for i in x], [e["cqsa"]["seconds"] for e in cases], 0.4,
+               label=f"cqsa_dask.run (W={cases[0]['cqsa']['plan']['groups']})")
+        for i, e in zip(x, cases):  # every measurement, to show the spread
+            ax.plot([i - 0.2] * len(e["sdpa"]["seconds_all"]), e["sdpa"]["seconds_all"], "k.")
+            ax.plot([i + 0.2] * len(e["cqsa"]["seconds_all"]), e["cqsa"]["seconds_all"], "k.")
+        load = max(max(e["loadavg_before"][0], e["loadavg_after"][0]) for e in cases)
+        ax.set_xticks(list(x), ["causal" if e["causal"] else "non-causal" for e in cases])
+        ax.set(ylabel="seconds (bars: median; dots: each run)",
+               title=f"CPU, N={cases[0]['n']:,}, H={cases[0]['h']}, D={cases[0]['d']}, float32 "
+                     f"(2 cores, load avg up to {load:.1f})")
+        ax.legend()
+        fig.tight_layout()
+        out = os.path.join(outdir, "benchmarks_cpu.png")
+        fig.savefig(out, dpi=100)
+        made.append(out)
+    return made
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", choices=["cpu", "gpu"])
+    ap.add_argument("--out", help="JSON record to write (suites merged into an existing file)")
+    ap.add_argument("--tiny", action="store_true", help="gpu suite at tiny sizes on the CPU (a dry run)")
+    ap.add_argument("--parts", default="abc", help="gpu suite parts to run: a, b, c, d (d: N = 4M)")
+    ap.add_argument("--cases", nargs="*", help="only these performance cases (names as in the table)")
+    ap.add_argument("--deadline", type=float, default=450.0, help="gpu suite: seconds after start to stop new cases")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="cpu suite: alternate SDPA and cqsa this many times (0: 3 SDPA reps, then 3 cqsa runs)")
+    ap.add_argument("--label", help="name of the suite's record in --out (default: the suite name)")
+    ap.add_argument("--workdir", default=None, help="directory for the Zarr stores (default: a temporary one)")
+    ap.add_argument("--plot", metavar="JSON", help="make PNGs from a JSON record")
+    ap.add_argument("--plot-dir", default="docs")
+    ap.add_argument("--merge", metavar="JSON", help="copy the suites of this record into --out")
+    args = ap.parse_args()
+
+    if args.merge:
+        with open(args.merge) as f:
+            src = json.load(f)
+        for name, data in src.get("suites", {}).items():
+            Record(args.out, name, data).save()
+        print(f"merged {sorted(src.get('suites', {}))} into {args.out}")
+    if args.plot:
+        for p in plot(args.plot, args.plot_dir):
+            print("wrote", p)
+    if not args.suite:
+        return
+    if not args.out:
+        ap.error("--suite needs --out")
+    own_tmp = args.workdir is None
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="cqsa-bench-")
+    os.makedirs(args.workdir, exist_ok=True)
+    cmd = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
+    rec = Record(args.out, args.label or (args.suite + ("-tiny" if args.tiny else "")),
+                 {"suite": args.suite, "tiny": args.tiny, "command": cmd, "cases": [], "skipped": [],
+                  "stores": {}, "env": environment()})
+    log(f"suite {args.suite}: env {json.dumps({k: v for k, v in rec.data['env'].items() if k != 'cqsa_config'})}")
+    rec.save()
+    try:
+        (suite_cpu if args.suite == "cpu" else suite_gpu)(args, rec)
+    finally:
+        rec.data["total_seconds"] = time.perf_counter() - T0
+        rec.save()
+        if own_tmp:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    print(table(rec.data), flush=True)
+
+
+if __name__ == "__main__":
+    main()
