@@ -155,12 +155,14 @@ def merge(acc: tuple[torch.Tensor, torch.Tensor] | None, part: tuple[torch.Tenso
 
     Returns:
         (out float32, lse float32): lse = logaddexp(lse_acc, lse_part) and
-        out = sum_i exp(lse_i - lse) * out_i.
+        out = sum_i exp(lse_i - lse) * out_i.  The accumulator's out is
+        updated in place, and the first call may return ``part``'s own out
+        (when it is float32 already): the caller owns both.
     """
     out, lse = part[0].float(), part[1].float()
     if acc is None:
         return out, lse
-    a_out, a_lse = acc
+    a_out, a_lse = acc  # updated in place: one float32 temporary at most
     new = torch.logaddexp(a_lse, lse)
-    a_out = a_out * torch.exp(a_lse - new)[..., None] + out * torch.exp(lse - new)[..., None]
+    a_out.mul_(torch.exp(a_lse - new)[..., None]).addcmul_(out, torch.exp(lse - new)[..., None])
     return a_out, new

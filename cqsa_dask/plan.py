@@ -17,9 +17,10 @@ Memory model of one task (bytes), G = ceil(N / W) tokens per group,
 hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
 
     k, v of the |D| loaded groups   2 |D| G hk D e      (resident all task)
-    one query group                 G hq D e            (streamed per slot)
+    query groups in flight          3 G hq D e          (one in use, two prefetched)
     float32 accumulator + lse       G hq (D + 1) 4
     kernel output + lse             G hq D e + G hq 4
+    outputs waiting to be written   2 (G hq D e + G hq 4)
     GQA/causal diagonal expansion   2 G hq D e
     merge / kernel scratch          2 G hq D 4
     total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
@@ -210,6 +211,14 @@ class Plan:
             return found
         return [(t, s) for t, s in found if any(ws == s for ws, _, _ in self.work(t))]
 
+    def direct(self, group: int) -> bool:
+        """True when one task computes all of query ``group``'s row.
+
+        That task then writes ``out``/``lse`` itself (no partial, no merge
+        work): always so with W = 1, and for group 0 of causal jobs.
+        """
+        return len(self.producers(group)) == 1
+
     # -- (de)serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Fields plus derived figures, as plain JSON-able values."""
@@ -235,9 +244,9 @@ def task_memory(
     g, hk, hq, d, e = group_size, heads_kv, heads_q, head_dim, itemsize
     total = (
         2 * quorum_size * g * hk * d * e
-        + g * hq * d * e
+        + 3 * g * hq * d * e
         + g * hq * (d + 1) * 4
-        + g * hq * d * e + g * hq * 4
+        + 3 * (g * hq * d * e + g * hq * 4)
         + 2 * g * hq * d * e
         + 2 * g * hq * d * 4
     )

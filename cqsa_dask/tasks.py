@@ -24,7 +24,10 @@ Merge (group a, batch b, head block j)::
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -33,6 +36,7 @@ import zarr
 from . import config
 from .dashboard_events import report_task, task_started, worker_address
 from .errors import InvalidInputError, StoreError
+from .hostcache import host_cache, io_pool
 from .kernels import attend, merge, resolve_device, select_kernel
 from .layout import Job, open_job, read_block, write_block, write_stats
 
@@ -87,7 +91,8 @@ def worker_options() -> dict[str, Any]:
     dask.config set on the client does not reach running workers, so the
     graph carries these explicitly.
     """
-    return {k: config.get(k) for k in ("device", "kernel", "check-finite", "torch-threads", "zarr-concurrency")}
+    keys = ("device", "kernel", "check-finite", "torch-threads", "zarr-concurrency", "host-cache", "io-threads")
+    return {k: config.get(k) for k in keys}
 
 
 def _checked(x: torch.Tensor, name: str, group: int, idx: tuple[Any, ...], check: bool) -> torch.Tensor:
@@ -101,13 +106,77 @@ def _checked(x: torch.Tensor, name: str, group: int, idx: tuple[Any, ...], check
     return x
 
 
+class _TaskIO:
+    """Store reads and writes of one task, through the host cache and the IO pool.
+
+    Thread-safe: its methods run on IO threads while the task computes.
+    Byte counts include only what actually moved through the store.
+    """
+
+    def __init__(self, job: Job, token: str, batch: int, block: int, opt: dict[str, Any]):
+        self.job, self.token, self.batch, self.block = job, token, batch, block
+        self.kv_h, self.q_h = _heads(job, block)
+        self.check = bool(opt["check-finite"])
+        self.cache = host_cache(opt["host-cache"])
+        self.read = self.written = 0
+        self._lock = threading.Lock()
+
+    def _count(self, read: int = 0, written: int = 0) -> None:
+        with self._lock:
+            self.read += read
+            self.written += written
+
+    def _input(self, name: str, arr: zarr.Array, heads: slice, g: int) -> torch.Tensor:
+        idx = (self.batch, heads, _tokens(self.job, g))
+
+        def load() -> torch.Tensor:
+            x = _checked(read_block(arr, idx, self.job.plan.dtype), name, g, idx, self.check)
+            self._count(read=x.nbytes)
+            return x
+
+        return self.cache.get_or_load((self.token, name, self.batch, heads.start, g), load)
+
+    def kv(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of group ``g``: (hk, G, D) each, on the CPU."""
+        return self._input("k", self.job.k, self.kv_h, g), self._input("v", self.job.v, self.kv_h, g)
+
+    def q(self, a: int) -> torch.Tensor:
+        """q of group ``a``: (hq, G, D) on the CPU."""
+        return self._input("q", self.job.q, self.q_h, a)
+
+    def write(self, slot: int, a: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """Write the result (hq, G, D), (hq, G) of query group ``a`` from ``slot``.
+
+        A group with a single producer goes straight to out/lse (then its
+        merge marker); otherwise to the partial arrays, kept in the cache
+        for the merge too.
+        """
+        job, rows = self.job, _tokens(self.job, a)
+        if job.plan.direct(a):
+            write_block(job.out, (self.batch, self.q_h, rows), out)
+            write_block(job.lse, (self.batch, self.q_h, rows), lse)
+            job.merge_done[a, self.batch, self.block] = 1
+        else:
+            write_block(job.partial_out, (slot, self.batch, self.q_h, rows), out)
+            write_block(job.partial_lse, (slot, self.batch, self.q_h, rows), lse)
+            self.cache.put(_partial_key(self.token, slot, self.batch, self.block, a, "out"), out)
+            self.cache.put(_partial_key(self.token, slot, self.batch, self.block, a, "lse"), lse)
+        self._count(written=out.nbytes + lse.nbytes)
+
+
+def _partial_key(token: str, slot: int, batch: int, block: int, group: int, what: str) -> tuple[Any, ...]:
+    return (token, "partial", what, slot, batch, block, group)
+
+
 def quorum_task(store: str, token: str, task: int, batch: int, block: int,
                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute every pair quorum ``task`` owns for one batch element and head block.
 
     Reads k, v (1, hk, G, D) of the quorum's key groups and q (1, hq, G, D)
-    of its query groups; writes partial_out (hq, G, D) and partial_lse (hq, G)
-    per slot, then the task's marker.  Returns timings and byte counts.
+    of its query groups; writes (hq, G, D) and (hq, G) results per slot,
+    then the task's marker.  Reads run ahead (all k, v and two q groups)
+    and writes run behind (two in flight) on the IO pool, so IO overlaps
+    the kernels.  Returns timings and byte counts.
     """
     opt = options or worker_options()
     _init_process(opt)
@@ -119,43 +188,47 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
         torch.cuda.reset_peak_memory_stats(dev)
     dtype = _TORCH[plan.dtype]
     name = select_kernel(dev, dtype, plan.head_dim, opt["kernel"])
-    check = bool(opt["check-finite"])
-    kv_h, q_h = _heads(job, block)
     work = plan.work(task)
-    nread = nwritten = 0
+    io, pool = _TaskIO(job, token, batch, block, opt), io_pool(int(opt["io-threads"]))
+    kv_futs = {g: pool.submit(io.kv, g) for g in sorted({b for _, _, bs in work for b in bs})}
+    q_futs = [pool.submit(io.q, a) for _, a, _ in work[:2]]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for g in sorted({b for _, _, bs in work for b in bs}):
-        idx = (batch, kv_h, _tokens(job, g))
-        k = _checked(read_block(job.k, idx, plan.dtype), "k", g, idx, check)
-        v = _checked(read_block(job.v, idx, plan.dtype), "v", g, idx, check)
-        kv[g] = (k.to(dev)[None], v.to(dev)[None])  # (1, hk, G, D)
-        nread += k.nbytes + v.nbytes
-    t_io = time.perf_counter() - t0
-    t_compute = 0.0
-    for slot, a, bs in work:
-        ta = time.perf_counter()
-        qidx = (batch, q_h, _tokens(job, a))
-        q = _checked(read_block(job.q, qidx, plan.dtype), "q", a, qidx, check)
-        nread += q.nbytes
-        q = q.to(dev)[None].contiguous()  # (1, hq, G, D)
-        tb = time.perf_counter()
-        acc = None
-        for b in bs:
-            part = attend(q, *kv[b], scale=plan.scale, diagonal_causal=plan.causal and a == b, kernel=name)
-            acc = merge(acc, part)
-        assert acc is not None
-        out, lse = acc[0].to(dtype)[0].cpu(), acc[1][0].cpu()  # (hq, G, D), (hq, G)
-        tc = time.perf_counter()
-        write_block(job.partial_out, (slot, batch, q_h, _tokens(job, a)), out)
-        write_block(job.partial_lse, (slot, batch, q_h, _tokens(job, a)), lse)
-        nwritten += out.nbytes + lse.nbytes
-        t_compute += tc - tb
-        t_io += (tb - ta) + (time.perf_counter() - tc)
+    writes: deque[Future[None]] = deque()
+    t_wait = t_compute = 0.0
+    try:
+        for n, (slot, a, bs) in enumerate(work):
+            tw = time.perf_counter()
+            q = q_futs[n].result().to(dev)[None].contiguous()  # (1, hq, G, D)
+            if n + 2 < len(work):
+                q_futs.append(pool.submit(io.q, work[n + 2][1]))
+            for b in bs:
+                if b not in kv:
+                    k, v = kv_futs[b].result()
+                    kv[b] = (k.to(dev)[None], v.to(dev)[None])  # (1, hk, G, D)
+            tc = time.perf_counter()
+            acc = None
+            for b in bs:
+                part = attend(q, *kv[b], scale=plan.scale, diagonal_causal=plan.causal and a == b, kernel=name)
+                acc = merge(acc, part)
+            assert acc is not None
+            out, lse = acc[0].to(dtype)[0].cpu(), acc[1][0].cpu()  # (hq, G, D), (hq, G)
+            t_wait += tc - tw
+            t_compute += time.perf_counter() - tc
+            writes.append(pool.submit(io.write, slot, a, out, lse))
+            while len(writes) > 2:
+                writes.popleft().result()
+        tw = time.perf_counter()
+        for w in writes:
+            w.result()
+        t_wait += time.perf_counter() - tw
+    finally:  # leave no IO running for a failed task
+        for f in [*kv_futs.values(), *q_futs, *writes]:
+            f.cancel()
     rec = {
         "kind": "quorum", "task": task, "batch": batch, "block": block,
         "pairs": sum(len(bs) for _, _, bs in work), "kernel": name, "device": str(dev),
-        "seconds": time.perf_counter() - t0, "compute_seconds": t_compute, "io_seconds": t_io,
-        "bytes_read": nread, "bytes_written": nwritten, "peak_device_bytes": _device_peak(dev),
+        "seconds": time.perf_counter() - t0, "compute_seconds": t_compute, "io_seconds": t_wait,
+        "bytes_read": io.read, "bytes_written": io.written, "peak_device_bytes": _device_peak(dev),
         "device_in_use": _device_in_use(dev),
     }
     _record(job.task_stats, (task, batch, block), rec, start)
@@ -204,11 +277,25 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     plan = job.plan
     _, q_h = _heads(job, block)
     rows = _tokens(job, group)
+    opt = options or worker_options()
+    if plan.direct(group):  # its only producer wrote out/lse and the marker
+        if not job.merge_done[group, batch, block]:
+            task = plan.producers(group)[0][0]
+            raise StoreError(f"query group {group} (batch {batch}, head block {block}) was not written by its "
+                             f"only producer, quorum task {task}; run `cqsa resume`")
+        rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
+               "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
+        report_task(token, (group, batch, block), rec, start)
+        return rec
+    cache = host_cache(opt["host-cache"])
     acc = None
     nread = 0
     for task, slot in plan.producers(group):
-        out, lse = _read_partial(job, task, slot, batch, block, q_h, rows)
-        nread += out.nbytes + lse.nbytes
+        out = cache.pop(_partial_key(token, slot, batch, block, group, "out"))
+        lse = cache.pop(_partial_key(token, slot, batch, block, group, "lse"))
+        if out is None or lse is None or not job.task_done[task, batch, block]:
+            out, lse = _read_partial(job, task, slot, batch, block, q_h, rows)
+            nread += out.nbytes + lse.nbytes
         acc = merge(acc, (out, lse))
     assert acc is not None, f"group {group} has no producers"
     out = acc[0].to(_TORCH[plan.dtype])
