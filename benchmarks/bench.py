@@ -860,7 +860,7 @@ def gpu_perf_cases(tiny: bool) -> list[dict[str, Any]]:
     rows = [
         ("n262k-4GB", n1, 4, False, "b"), ("n1M-4GB", n2, 4, False, "b"), ("n1M-4GB-causal", n2, 4, True, "b"),
         ("n1M-1GB", n2, 1, False, "c"), ("n1M-2GB", n2, 2, False, "c"), ("n1M-8GB", n2, 8, False, "c"),
-        ("n4M-4GB", n4, 4, False, "d"),
+        ("n4M-4GB", n4, 4, False, "d"), ("n4M-4GB-causal", n4, 4, True, "d"),
     ]
     return [{"name": nm, "n": n, "budget_bytes": bud[b], "causal": c, "part": part, **base}
             for nm, n, b, c, part in rows]

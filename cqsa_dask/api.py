@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from distributed import Client, as_completed, span
 
@@ -32,7 +33,17 @@ from .dashboard_events import Outcome, announce_job, finish_job, job_span_name, 
 from .errors import InvalidInputError, JobFailedError, StoreError
 from .graph import build_graph
 from .jobstate import Lease, check_free, fingerprint
-from .layout import ENGINE, create_outputs, input_info, open_store, read_block, validate_shapes, write_tensor
+from .layout import (
+    ENGINE,
+    array,
+    create_outputs,
+    engine,
+    input_info,
+    open_store,
+    read_block,
+    validate_shapes,
+    write_tensor,
+)
 from .plan import Plan, make_plan, parse_budget, parse_dtype
 
 __all__ = ["JobResult", "attention", "run"]
@@ -78,12 +89,17 @@ def _budget(memory_budget: int | str | None, client: Client | None, resource: st
     return parse_budget(config.get("memory-budget"))
 
 
+def _markers(eng: Any, name: str) -> np.ndarray:
+    """The (W, B, J) 0/1 marker array ``name`` of the engine group."""
+    return np.asarray(array(eng, name)[...])
+
+
 def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
     """Resume the stored job when its plan and inputs match; else start a new one."""
     if ENGINE in group:
-        eng = group[ENGINE]
+        eng = engine(group)
         check_free(eng)
-        stored = dict(eng.attrs.get("plan", {}))
+        stored = dict(eng.attrs.get("plan") or {})  # type: ignore[arg-type]
         if not restart:
             if stored.get("version") != plan.version:
                 raise InvalidInputError(
@@ -170,10 +186,10 @@ def run(
         lease = Lease(group, ttl=float(config.get("lease-seconds")))
         lease.acquire()
         try:
-            eng = group[ENGINE]
+            eng = engine(group)
             jg = build_graph(
                 store_s, token, plan, resource=resource, retries=int(config.get("retries")),
-                task_done=eng["task_done"][...], merge_done=eng["merge_done"][...],
+                task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"),
             )
             if on_start is not None:
                 on_start(plan, page_link(c))
@@ -197,7 +213,7 @@ def _observed(client: Client, graph: Any, keys: list[Any], progress: Progress | 
               store: str, resource: str, eng: Any) -> tuple[list[dict[str, Any]], float]:
     """``_execute`` inside the job's span, announced to the scheduler's dashboard plugin."""
     announce_job(client, token, plan, store=store, resource=resource,
-                 task_done=eng["task_done"][...], merge_done=eng["merge_done"][...])
+                 task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"))
     t0 = time.perf_counter()
     outcome: Outcome = "failed"
     try:
@@ -294,8 +310,8 @@ def attention(
         write_tensor(group, "k", k, (1, plan.heads_per_task, g, d))
         write_tensor(group, "v", v, (1, plan.heads_per_task, g, d))
         run(path, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
-        out = read_block(group["out"], (...,), plan.dtype).to(q.device)
-        lse = read_block(group["lse"], (...,), "float32").to(q.device)
+        out = read_block(array(group, "out"), (...,), plan.dtype).to(q.device)
+        lse = read_block(array(group, "lse"), (...,), "float32").to(q.device)
     finally:
         if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -44,13 +44,13 @@ def _fmt_bytes(n: float | None) -> str:
 
 def _plan_lines(p: Plan) -> list[str]:
     return [
-        f"problem     B={p.batch} Hq={p.heads_q} Hkv={p.heads_kv} N={p.seq_len:,} D={p.head_dim} "
-        f"{p.dtype}{' causal' if p.causal else ''}",
+        (f"problem     B={p.batch} Hq={p.heads_q} Hkv={p.heads_kv} N={p.seq_len:,} D={p.head_dim} "
+         f"{p.dtype}{' causal' if p.causal else ''}"),
         f"groups      W={p.groups} of {p.group_size:,} tokens, quorum size |D|={p.quorum_size}",
         f"tasks       {p.tasks:,} quorum tasks ({p.heads_per_task} kv heads each) + {p.merges:,} merges",
         f"memory      {_fmt_bytes(p.task_memory_bytes)} per task, budget {_fmt_bytes(p.budget_bytes)}",
-        f"work        {p.flops / 1e12:,.3g} TFLOP, reads {_fmt_bytes(p.bytes_read)}, "
-        f"writes {_fmt_bytes(p.bytes_written)}",
+        (f"work        {p.flops / 1e12:,.3g} TFLOP, reads {_fmt_bytes(p.bytes_read)}, "
+         f"writes {_fmt_bytes(p.bytes_written)}"),
     ]
 
 

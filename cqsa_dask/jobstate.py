@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
-from .layout import ENGINE, open_store
+from .layout import array, engine, open_store
 from .plan import Plan
 
 __all__ = ["Lease", "Status", "check_free", "fingerprint", "status"]
@@ -48,8 +48,7 @@ def fingerprint(group: zarr.Group) -> str:
     """SHA-256 over shapes, dtypes and sampled chunks of q, k, v."""
     h = hashlib.sha256()
     for name in ("q", "k", "v"):
-        arr = group[name]
-        assert isinstance(arr, zarr.Array)
+        arr = array(group, name)
         h.update(f"{name}{arr.shape}{arr.dtype}{dict(arr.attrs)}".encode())
         for idx in _sample_chunks(arr):
             sl = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
@@ -57,11 +56,16 @@ def fingerprint(group: zarr.Group) -> str:
     return h.hexdigest()
 
 
+def _num(v: Any, default: float = 0.0) -> float:
+    """A number kept in the JSON attributes (``default`` when absent)."""
+    return float(v) if isinstance(v, (int, float)) else default
+
+
 class Lease:
     """An expiring claim on a store, renewed in a background thread."""
 
     def __init__(self, group: zarr.Group, ttl: float = 60.0):
-        self.eng = group[ENGINE]
+        self.eng = engine(group)
         self.ttl = ttl
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
@@ -70,7 +74,7 @@ class Lease:
 
     def _write(self, lease: bool = True) -> None:
         now = time.time()
-        active = float(self.eng.attrs.get("active_s", 0.0)) + (now - self._last)
+        active = _num(self.eng.attrs.get("active_s")) + (now - self._last)
         self._last = now
         self.eng.attrs.update({
             "lease": {"owner": self.owner, "expires": now + self.ttl} if lease else None,
@@ -136,18 +140,16 @@ class Status:
 def status(store: Any) -> Status:
     """Read the progress of the job stored in ``store`` (running or not)."""
     group = open_store(store, mode="r")
-    if ENGINE not in group:
-        raise StoreError(f"store {store!r} holds no cqsa job (no {ENGINE} group): start one with `cqsa run`")
-    eng = group[ENGINE]
+    eng = engine(group)
     plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
-    tdone = int(np.asarray(eng["task_done"][...]).sum())
-    mdone = int(np.asarray(eng["merge_done"][...]).sum())
+    tdone = int(np.asarray(array(eng, "task_done")[...]).sum())
+    mdone = int(np.asarray(array(eng, "merge_done")[...]).sum())
     per_task = plan.bytes_written // max(1, plan.tasks + plan.merges)
     lease = eng.attrs.get("lease")
     running = isinstance(lease, dict) and float(lease["expires"]) > time.time()
-    elapsed = float(eng.attrs.get("active_s", 0.0))
+    elapsed = _num(eng.attrs.get("active_s"))
     if running:
-        elapsed += time.time() - float(eng.attrs.get("updated_at", time.time()))
+        elapsed += time.time() - _num(eng.attrs.get("updated_at"), time.time())
     done, total = tdone + mdone, plan.tasks + plan.merges
     rate = done / elapsed if elapsed >= 1.0 else 0.0  # active time is only known to a renewal period
     return Status(

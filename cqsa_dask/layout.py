@@ -49,8 +49,10 @@ __all__ = [
     "ENGINE",
     "STAT_FIELDS",
     "InputInfo",
+    "array",
     "create_array",
     "create_outputs",
+    "engine",
     "input_info",
     "open_store",
     "read_block",
@@ -72,15 +74,33 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def open_store(store: Any, mode: str = "r+") -> zarr.Group:
     """Open an existing Zarr v3 group (path or URL) or raise :class:`StoreError`."""
-    if isinstance(store, (str, os.PathLike)) and "://" not in str(store):
-        if not os.path.exists(store):
-            raise StoreError(f"store {os.fspath(store)!r} does not exist: give the path of a Zarr v3 group")
+    if isinstance(store, (str, os.PathLike)) and "://" not in str(store) and not os.path.exists(store):
+        raise StoreError(f"store {os.fspath(store)!r} does not exist: give the path of a Zarr v3 group")
     try:
         return zarr.open_group(store=store, mode=mode, zarr_format=3)  # type: ignore[arg-type]
     except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError, TypeError) as e:
         raise StoreError(f"store {store!r} is not a Zarr v3 group ({e}); create one with zarr.open_group") from e
     except PermissionError as e:
         raise StoreError(f"store {store!r} cannot be opened for writing: {e}") from e
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group``; :class:`StoreError` if missing or a group."""
+    try:
+        node = group[name]
+    except KeyError:
+        raise StoreError(f"store has no array {name!r}") from None
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{name!r} in the store is a group, not an array")
+    return node
+
+
+def engine(group: zarr.Group) -> zarr.Group:
+    """The engine subgroup ``_cqsa`` of ``group``; :class:`StoreError` if absent."""
+    node = group.get(ENGINE)
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"the store holds no cqsa job (no {ENGINE} group): start one with `cqsa run`")
+    return node
 
 
 def logical_dtype(arr: zarr.Array) -> str:
@@ -148,7 +168,7 @@ def _zarr_dtype(dtype: str) -> str:
     return "uint16" if dtype == "bfloat16" else dtype
 
 
-def _attrs(dtype: str) -> dict[str, str]:
+def _attrs(dtype: str) -> dict[str, Any]:
     return {_LOGICAL: dtype} if dtype == "bfloat16" else {}
 
 
@@ -191,7 +211,7 @@ def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 def read_block(arr: zarr.Array, index: tuple[Any, ...], dtype: str) -> torch.Tensor:
     """Read ``arr[index]`` as a CPU tensor of logical ``dtype``."""
-    return _to_torch(arr[index], dtype)
+    return _to_torch(np.asarray(arr[index]), dtype)
 
 
 def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> None:
@@ -244,17 +264,17 @@ class Job:
 
     def __init__(self, store: str, token: str):
         group = open_store(store, mode="r+")
-        eng = group[ENGINE]
-        assert isinstance(eng, zarr.Group)
+        eng = engine(group)
         if eng.attrs.get("token") != token:
             raise StoreError(f"store {store!r} holds job {eng.attrs.get('token')!r}, not {token!r}")
         self.plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
-        self.q, self.k, self.v = (group[n] for n in ("q", "k", "v"))
-        self.out, self.lse = group["out"], group["lse"]
-        self.partial_out, self.partial_lse = eng["partial_out"], eng["partial_lse"]
-        self.task_done, self.merge_done = eng["task_done"], eng["merge_done"]
+        self.q, self.k, self.v = (array(group, n) for n in ("q", "k", "v"))
+        self.out, self.lse = array(group, "out"), array(group, "lse")
+        self.partial_out, self.partial_lse = array(eng, "partial_out"), array(eng, "partial_lse")
+        self.task_done, self.merge_done = array(eng, "task_done"), array(eng, "merge_done")
         # Stores written by an engine without per-task records have neither.
-        self.task_stats, self.merge_stats = eng.get("task_stats"), eng.get("merge_stats")
+        self.task_stats = array(eng, "task_stats") if "task_stats" in eng else None
+        self.merge_stats = array(eng, "merge_stats") if "merge_stats" in eng else None
 
 
 @lru_cache(maxsize=16)

@@ -67,7 +67,7 @@ _UNITS = {
 }
 
 
-def parse_budget(budget: int | float | str) -> int:
+def parse_budget(budget: float | str) -> int:
     """Return a memory budget in bytes from 4096, "512MB", "12GB" or "1.5GiB"."""
     if isinstance(budget, bool):
         raise BudgetError(f"memory budget must be bytes or a string like '12GB', got {budget!r}")

@@ -222,7 +222,8 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
             w.result()
         t_wait += time.perf_counter() - tw
     finally:  # leave no IO running for a failed task
-        for f in [*kv_futs.values(), *q_futs, *writes]:
+        pending: list[Future[Any]] = [*kv_futs.values(), *q_futs, *writes]
+        for f in pending:
             f.cancel()
     rec = {
         "kind": "quorum", "task": task, "batch": batch, "block": block,
@@ -253,7 +254,7 @@ def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, q_h: s
         lse = read_block(job.partial_lse, (slot, batch, q_h, rows), "float32")
         ok = bool(torch.isfinite(lse).all()) and bool(torch.isfinite(out).all())
         reason = "missing or non-finite values"
-    except Exception as e:  # a truncated or corrupt chunk fails to decode
+    except Exception as e:  # noqa: BLE001  (a truncated or corrupt chunk fails to decode in many ways)
         ok, reason = False, f"{type(e).__name__}: {e}"
     if not ok:
         job.task_done[task, batch, block] = 0

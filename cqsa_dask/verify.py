@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import zarr
 
-from .layout import input_info, logical_dtype, read_block
+from .layout import array, input_info, logical_dtype, read_block
 
 __all__ = ["RowCheck", "check_rows", "reference_row", "sample_rows"]
 
@@ -34,15 +34,15 @@ def reference_row(group: zarr.Group, b: int, h: int, n: int, *, causal: bool, sc
     """Float64 (out (D,), lse) of query row (b, h, n), keys streamed in chunks."""
     info = input_info(group)
     kh = h // (info.heads_q // info.heads_kv)
-    dt = logical_dtype(group["q"])
-    q = read_block(group["q"], (b, h, n), dt).double()  # (D,)
+    dt = logical_dtype(array(group, "q"))
+    q = read_block(array(group, "q"), (b, h, n), dt).double()  # (D,)
     stop = n + 1 if causal else info.seq_len
     m, s = -math.inf, 0.0
     acc = torch.zeros(info.head_dim, dtype=torch.float64)
     for c0 in range(0, stop, chunk):
         c1 = min(stop, c0 + chunk)
-        k = read_block(group["k"], (b, kh, slice(c0, c1)), dt).double()  # (C, D)
-        v = read_block(group["v"], (b, kh, slice(c0, c1)), dt).double()
+        k = read_block(array(group, "k"), (b, kh, slice(c0, c1)), dt).double()  # (C, D)
+        v = read_block(array(group, "v"), (b, kh, slice(c0, c1)), dt).double()
         logits = (k @ q) * scale  # (C,)
         m_new = max(m, float(logits.max()))
         w = torch.exp(logits - m_new)
@@ -65,12 +65,12 @@ def sample_rows(group: zarr.Group, count: int, seed: int = 0) -> list[tuple[int,
 
 def check_rows(group: zarr.Group, rows: list[tuple[int, int, int]], *, causal: bool, scale: float) -> RowCheck:
     """Compare ``out``/``lse`` of ``group`` with float64 references on ``rows``."""
-    dt = logical_dtype(group["out"])
+    dt = logical_dtype(array(group, "out"))
     abs_o = rel_o = abs_l = 0.0
     for b, h, n in rows:
         ref, ref_lse = reference_row(group, b, h, n, causal=causal, scale=scale)
-        got = read_block(group["out"], (b, h, n), dt).double().numpy()
-        lse = float(np.asarray(group["lse"][b, h, n]))
+        got = read_block(array(group, "out"), (b, h, n), dt).double().numpy()
+        lse = float(np.asarray(array(group, "lse")[b, h, n]))
         err = float(np.abs(got - ref).max())
         abs_o = max(abs_o, err)
         rel_o = max(rel_o, err / max(float(np.abs(ref).max()), 1e-30))
