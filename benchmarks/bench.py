@@ -401,11 +401,15 @@ class Cluster:
 
         import cqsa_dask  # noqa: F401  (registers cqsa defaults)
 
+        from cqsa_dask.api import plan_options
+
         lc = dask.config.get("cqsa.local-cluster")
         res = str(dask.config.get("cqsa.resource"))
+        threads = lc["threads-per-worker"]  # "auto" as run() resolves it: tasks in flight + 1
+        threads = plan_options()["tasks_in_flight"] + 1 if threads == "auto" else int(threads)
         t = time.perf_counter()
         self.cluster = LocalCluster(
-            n_workers=int(lc["n-workers"]), threads_per_worker=int(lc["threads-per-worker"]),
+            n_workers=int(lc["n-workers"]), threads_per_worker=threads,
             processes=bool(lc["processes"]), dashboard_address=":0",
             resources={res: float(budget_bytes)}, silence_logs=logging.ERROR,
         )

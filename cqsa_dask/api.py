@@ -33,6 +33,7 @@ from .dashboard_events import Outcome, announce_job, finish_job, job_span_name, 
 from .errors import InvalidInputError, JobFailedError, StoreError
 from .graph import build_graph
 from .jobstate import Lease, check_free, fingerprint
+from .kernels import resolve_device
 from .layout import (
     ENGINE,
     array,
@@ -46,7 +47,7 @@ from .layout import (
 )
 from .plan import Plan, make_plan, parse_budget, parse_dtype
 
-__all__ = ["JobResult", "attention", "run"]
+__all__ = ["JobResult", "attention", "plan_options", "run"]
 
 Progress = Callable[[int, int], None]
 
@@ -87,6 +88,22 @@ def _budget(memory_budget: int | str | None, client: Client | None, resource: st
         if have:
             return int(min(have))
     return parse_budget(config.get("memory-budget"))
+
+
+def plan_options() -> dict[str, Any]:
+    """Planner settings from dask.config, with "auto" resolved for this machine.
+
+    The device is the one tasks will use (``cqsa.device``, "auto": CUDA when
+    this process sees one); CUDA tasks stage read-ahead and write-behind
+    buffers on the host and run two at a time by default.
+    """
+    cuda = resolve_device(str(config.get("device"))).type == "cuda"
+    flight = config.get("tasks-in-flight")
+    return {
+        "tasks_in_flight": (2 if cuda else 1) if flight == "auto" else int(flight),
+        "margin": float(config.get("memory-margin")),
+        "host_staging": cuda,
+    }
 
 
 def _markers(eng: Any, name: str) -> np.ndarray:
@@ -171,14 +188,15 @@ def run(
         return make_plan(
             seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,
             batch=info.batch, dtype=info.dtype, causal=causal, scale=scale, budget=budget,
-            groups=groups, tasks_in_flight=int(config.get("tasks-in-flight")),
-            margin=float(config.get("memory-margin")),
+            groups=groups, **plan_options(),
         )
 
     # Plan before starting anything when the budget is known: bad input fails fast.
     known = memory_budget is not None or (client is None and scheduler is None)
     plan = plan_for(_budget(memory_budget, None, resource)) if known else None
-    with connect(client, scheduler, budget_bytes=plan.budget_bytes if plan else 0, resource=resource) as c:
+    threads = (plan.tasks_in_flight if plan else 1) + 1
+    with connect(client, scheduler, budget_bytes=plan.budget_bytes if plan else 0, resource=resource,
+                 threads=threads) as c:
         if plan is None:  # budget from what the scheduler's workers advertise
             plan = plan_for(_budget(None, c, resource))
         check_capacity(c, resource, plan.task_memory_bytes)
@@ -298,7 +316,7 @@ def attention(
     b, hq, n, d = q.shape
     plan = make_plan(seq_len=n, heads=hq, kv_heads=k.shape[1], head_dim=d, batch=b,
                      dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups,
-                     tasks_in_flight=int(config.get("tasks-in-flight")), margin=float(config.get("memory-margin")))
+                     **plan_options())
     tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir)
     try:
         path = os.path.join(tmp, "job.zarr")

@@ -82,10 +82,12 @@ class _Progress:
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
+    from .api import plan_options
+
     p = make_plan(seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                   batch=a.batch, dtype=a.dtype, causal=a.causal, scale=a.scale,
                   budget=a.budget or config.get("memory-budget"), groups=a.groups,
-                  tasks_in_flight=int(config.get("tasks-in-flight")), margin=float(config.get("memory-margin")))
+                  **plan_options())
     print(p.to_json() if a.json else "\n".join(_plan_lines(p)))
     return 0
 

@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def connect(client: Client | None = None, scheduler: str | None = None, *,
-            budget_bytes: int, resource: str) -> Iterator[Client]:
+            budget_bytes: int, resource: str, threads: int = 2) -> Iterator[Client]:
     """Yield ``client``, a client of ``scheduler``, or one of a new local cluster.
 
-    Only what this function starts is closed on exit.
+    A local cluster gets ``threads`` threads per worker unless
+    ``cqsa.local-cluster.threads-per-worker`` says otherwise.  Only what
+    this function starts is closed on exit.
     """
     if client is not None:
         yield client
@@ -55,7 +57,8 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
     from . import dashboard  # noqa: F401
 
     with LocalCluster(
-        n_workers=int(lc("n-workers")), threads_per_worker=int(lc("threads-per-worker")),
+        n_workers=int(lc("n-workers")),
+        threads_per_worker=threads if lc("threads-per-worker") == "auto" else int(lc("threads-per-worker")),
         processes=bool(lc("processes")), dashboard_address=lc("dashboard-address"),
         resources={resource: float(budget_bytes)},
         silence_logs=logging.getLevelName(str(lc("silence-logs")).upper()),

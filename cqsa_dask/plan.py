@@ -17,10 +17,11 @@ Memory model of one task (bytes), G = ceil(N / W) tokens per group,
 hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
 
     k, v of the |D| loaded groups   2 |D| G hk D e      (resident all task)
-    query groups in flight          3 G hq D e          (one in use, two prefetched)
+    query groups in flight          3 G hq D e          (one in use, two prefetched;
+                                                         CUDA: only one on the device)
     float32 accumulator + lse       G hq (D + 1) 4
     kernel output + lse             G hq D e + G hq 4
-    outputs waiting to be written   2 (G hq D e + G hq 4)
+    outputs waiting to be written   2 (G hq D e + G hq 4)  (CUDA: on the host, not counted)
     GQA/causal diagonal expansion   2 G hq D e
     merge / kernel scratch          2 G hq D 4
     total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
@@ -124,6 +125,8 @@ class Plan:
     quorum_size: int
     heads_per_task: int
     task_memory_bytes: int
+    tasks_in_flight: int = 1
+    host_staging: bool = False
     version: int = PLAN_VERSION
 
     # -- derived sizes ------------------------------------------------------
@@ -238,15 +241,21 @@ class Plan:
 
 def task_memory(
     *, group_size: int, quorum_size: int, heads_kv: int, heads_q: int,
-    head_dim: int, itemsize: int, margin: float,
+    head_dim: int, itemsize: int, margin: float, host_staging: bool = False,
 ) -> int:
-    """Predicted peak memory (bytes) of one task; see the module docstring."""
+    """Predicted peak memory (bytes) of one task; see the module docstring.
+
+    ``host_staging``: the device is not host memory (CUDA), so the query
+    groups read ahead and the outputs waiting to be written stay on the
+    host and are not counted.
+    """
     g, hk, hq, d, e = group_size, heads_kv, heads_q, head_dim, itemsize
+    q_bufs, out_bufs = (1, 1) if host_staging else (3, 3)
     total = (
         2 * quorum_size * g * hk * d * e
-        + 3 * g * hq * d * e
+        + q_bufs * g * hq * d * e
         + g * hq * (d + 1) * 4
-        + 3 * (g * hq * d * e + g * hq * 4)
+        + out_bufs * (g * hq * d * e + g * hq * 4)
         + 2 * g * hq * d * e
         + 2 * g * hq * d * 4
     )
@@ -294,6 +303,7 @@ def make_plan(
     groups: int | None = None,
     tasks_in_flight: int = 1,
     margin: float = 1.10,
+    host_staging: bool = False,
 ) -> Plan:
     """Choose W and heads per task so that every task fits the budget.
 
@@ -307,6 +317,8 @@ def make_plan(
         groups: force W (any W >= 1, also W > N); default: the planner picks.
         tasks_in_flight: tasks that must fit the budget at once.
         margin: multiplicative safety factor on predicted memory.
+        host_staging: tasks run on a device other than host memory (CUDA):
+            read-ahead and write-behind buffers are not device memory.
 
     Raises:
         InvalidInputError: bad shapes or dtype.  BudgetError: nothing fits.
@@ -328,7 +340,7 @@ def make_plan(
         return task_memory(
             group_size=max(1, -(-seq_len // w)), quorum_size=base_set_size(w),
             heads_kv=hk, heads_q=hk * rep, head_dim=head_dim,
-            itemsize=DTYPES[name], margin=margin,
+            itemsize=DTYPES[name], margin=margin, host_staging=host_staging,
         )
 
     candidates = [groups] if groups is not None else _candidate_groups(seq_len)
@@ -340,7 +352,8 @@ def make_plan(
                     batch=batch, heads_q=heads, heads_kv=kv_heads, seq_len=seq_len,
                     head_dim=head_dim, dtype=name, causal=bool(causal), scale=float(scale),
                     budget_bytes=budget_bytes, groups=w, quorum_size=base_set_size(w),
-                    heads_per_task=hk, task_memory_bytes=m,
+                    heads_per_task=hk, task_memory_bytes=m, tasks_in_flight=max(1, tasks_in_flight),
+                    host_staging=host_staging,
                 )
     smallest = min(need(w, 1) for w in candidates) * max(1, tasks_in_flight)
     raise BudgetError(

@@ -23,10 +23,12 @@ Merge (group a, batch b, head block j)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -168,6 +170,19 @@ def _partial_key(token: str, slot: int, batch: int, block: int, group: int, what
     return (token, "partial", what, slot, batch, block, group)
 
 
+@contextlib.contextmanager
+def _task_stream(dev: torch.device) -> Iterator[None]:
+    """On CUDA, run the task on its own stream, so that two tasks in flight on
+    one device overlap one's copies with the other's kernels."""
+    if dev.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(dev)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
 def quorum_task(store: str, token: str, task: int, batch: int, block: int,
                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute every pair quorum ``task`` owns for one batch element and head block.
@@ -196,27 +211,28 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     writes: deque[Future[None]] = deque()
     t_wait = t_compute = 0.0
     try:
-        for n, (slot, a, bs) in enumerate(work):
-            tw = time.perf_counter()
-            q = q_futs[n].result().to(dev)[None].contiguous()  # (1, hq, G, D)
-            if n + 2 < len(work):
-                q_futs.append(pool.submit(io.q, work[n + 2][1]))
-            for b in bs:
-                if b not in kv:
-                    k, v = kv_futs[b].result()
-                    kv[b] = (k.to(dev)[None], v.to(dev)[None])  # (1, hk, G, D)
-            tc = time.perf_counter()
-            acc = None
-            for b in bs:
-                part = attend(q, *kv[b], scale=plan.scale, diagonal_causal=plan.causal and a == b, kernel=name)
-                acc = merge(acc, part)
-            assert acc is not None
-            out, lse = acc[0].to(dtype)[0].cpu(), acc[1][0].cpu()  # (hq, G, D), (hq, G)
-            t_wait += tc - tw
-            t_compute += time.perf_counter() - tc
-            writes.append(pool.submit(io.write, slot, a, out, lse))
-            while len(writes) > 2:
-                writes.popleft().result()
+        with _task_stream(dev):
+            for n, (slot, a, bs) in enumerate(work):
+                tw = time.perf_counter()
+                q = q_futs[n].result().to(dev)[None].contiguous()  # (1, hq, G, D)
+                if n + 2 < len(work):
+                    q_futs.append(pool.submit(io.q, work[n + 2][1]))
+                for b in bs:
+                    if b not in kv:
+                        k, v = kv_futs[b].result()
+                        kv[b] = (k.to(dev)[None], v.to(dev)[None])  # (1, hk, G, D)
+                tc = time.perf_counter()
+                acc = None
+                for b in bs:
+                    part = attend(q, *kv[b], scale=plan.scale, diagonal_causal=plan.causal and a == b, kernel=name)
+                    acc = merge(acc, part)
+                assert acc is not None
+                out, lse = acc[0].to(dtype)[0].cpu(), acc[1][0].cpu()  # (hq, G, D), (hq, G)
+                t_wait += tc - tw
+                t_compute += time.perf_counter() - tc
+                writes.append(pool.submit(io.write, slot, a, out, lse))
+                while len(writes) > 2:
+                    writes.popleft().result()
         tw = time.perf_counter()
         for w in writes:
             w.result()
