@@ -84,12 +84,15 @@ def open_store(store: Any, mode: str = "r+") -> zarr.Group:
         raise StoreError(f"store {store!r} cannot be opened for writing: {e}") from e
 
 
-def array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array ``name`` of ``group``; :class:`StoreError` if missing or a group."""
+def array(group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
+    """The array ``name`` of ``group``; :class:`StoreError` if missing or a group.
+
+    ``hint`` is appended to the message for a missing array.
+    """
     try:
         node = group[name]
     except KeyError:
-        raise StoreError(f"store has no array {name!r}") from None
+        raise StoreError(f"store has no array {name!r}{': ' + hint if hint else ''}") from None
     if not isinstance(node, zarr.Array):
         raise StoreError(f"{name!r} in the store is a group, not an array")
     return node
@@ -146,16 +149,7 @@ def validate_shapes(qs: tuple[int, ...], ks: tuple[int, ...], vs: tuple[int, ...
 
 def input_info(group: zarr.Group) -> InputInfo:
     """Validate the q, k, v arrays of ``group`` and describe them."""
-    arrays = {}
-    for name in ("q", "k", "v"):
-        try:
-            arr = group[name]
-        except KeyError:
-            raise StoreError(f"store has no array {name!r}: it needs q, k, v shaped (B, H, N, D)") from None
-        if not isinstance(arr, zarr.Array):
-            raise StoreError(f"{name!r} in the store is a group, not an array")
-        arrays[name] = arr
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    q, k, v = (array(group, n, hint="it needs q, k, v shaped (B, H, N, D)") for n in ("q", "k", "v"))
     validate_shapes(q.shape, k.shape, v.shape)
     dtypes = {logical_dtype(a) for a in (q, k, v)}
     if len(dtypes) != 1:
