@@ -42,7 +42,7 @@ import torch
 import zarr
 from reference import reference_attention
 
-from cqsa_dask import config
+from cqsa_dask.api import plan_options
 from cqsa_dask.demo import make_synthetic_store
 from cqsa_dask.plan import make_plan, parse_budget
 
@@ -198,8 +198,7 @@ def _assert_one_line_error(r: Result) -> str:
 
 def _config_plan(**kw: object):  # type: ignore[no-untyped-def]
     """make_plan with the same configuration the CLI reads."""
-    return make_plan(**kw, tasks_in_flight=int(config.get("tasks-in-flight")),  # type: ignore[arg-type]
-                     margin=float(config.get("memory-margin")))
+    return make_plan(**kw, **plan_options())  # type: ignore[arg-type]
 
 
 # -- cqsa plan -----------------------------------------------------------------

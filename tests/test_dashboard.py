@@ -40,8 +40,7 @@ import dask.config
 import numpy as np
 import pytest
 
-from cqsa_dask import config
-from cqsa_dask.api import JobResult, run
+from cqsa_dask.api import JobResult, plan_options, run
 from cqsa_dask.cluster import connect
 from cqsa_dask.dashboard._format import fmt_bytes
 from cqsa_dask.dashboard.state import DONE, RUNNING, WAITING, Monitor
@@ -173,7 +172,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
     make_synthetic_store(store, **JOB, seed=3)
     plan = make_plan(seq_len=JOB["seq_len"], heads=JOB["heads"], kv_heads=JOB["kv_heads"],
                      head_dim=JOB["head_dim"], dtype=JOB["dtype"], budget=BUDGET, groups=GROUPS,
-                     tasks_in_flight=int(config.get("tasks-in-flight")), margin=float(config.get("memory-margin")))
+                     **plan_options())
     skip = None
     if not (CHROMIUM and CHROMEDRIVER):
         skip = "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
