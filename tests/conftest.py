@@ -1,0 +1,77 @@
+"""Shared fixtures: one Dask cluster per session, fresh random inputs per test.
+
+``client``: a ``LocalCluster`` of one worker process (two threads) that
+advertises 4 GB of the engine's resource, so exactness tests don't each start
+a cluster.  ``make_inputs``: a factory for random q, k, v whose seed comes
+from ``os.urandom`` (or ``CQSA_TEST_SEED`` to replay one) and is printed in
+the test's output and in every assertion message built from ``Inputs.ctx``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from distributed import Client, LocalCluster
+
+RESOURCE = "device_mem"
+CLIENT_DEVICE_MEM = 4e9
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Client]:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, resources={RESOURCE: CLIENT_DEVICE_MEM},
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """q (B, Hq, N, D), k and v (B, Hkv, N, D) and how they were drawn."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    seed: int
+    magnitude: float
+
+    @property
+    def ctx(self) -> str:
+        """Replay hint for assertion messages."""
+        return f"seed {self.seed} (replay: CQSA_TEST_SEED={self.seed}), magnitude {self.magnitude:g}"
+
+
+def draw_inputs(batch: int, heads_q: int, heads_kv: int, seq_len: int, head_dim: int,
+                dtype: torch.dtype = torch.float32, *, magnitude: float = 1.0, scale: float | None = None,
+                seed: int | None = None) -> Inputs:
+    """Random inputs whose scaled logits have standard deviation ~``magnitude``.
+
+    q and k are N(0, 1) draws times sqrt(magnitude / scale / sqrt(D)), so
+    scale * q.k ~ N(0, magnitude^2); v is N(0, 1).  Never zeros.
+    """
+    if seed is None:
+        env = os.environ.get("CQSA_TEST_SEED")
+        seed = int(env) if env else int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    s = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    amp = math.sqrt(magnitude / (s * math.sqrt(head_dim)))
+    q = torch.randn(batch, heads_q, seq_len, head_dim, generator=g, dtype=torch.float64) * amp
+    k = torch.randn(batch, heads_kv, seq_len, head_dim, generator=g, dtype=torch.float64) * amp
+    v = torch.randn(batch, heads_kv, seq_len, head_dim, generator=g, dtype=torch.float64)
+    return Inputs(q.to(dtype), k.to(dtype), v.to(dtype), seed, magnitude)
+
+
+@pytest.fixture
+def make_inputs(request: pytest.FixtureRequest) -> Callable[..., Inputs]:
+    """``make_inputs(B, Hq, Hkv, N, D, dtype, magnitude=, scale=)``; prints the seed."""
+
+    def make(*args: object, **kw: object) -> Inputs:
+        inp = draw_inputs(*args, **kw)  # type: ignore[arg-type]
+        print(f"{request.node.nodeid}: {inp.ctx}")
+        return inp
+
+    return make

@@ -1,0 +1,201 @@
+"""``cqsa_dask.run`` on a real on-disk Zarr v3 store: what it writes, what it leaves alone, resume.
+
+The store of every test::
+
+    STORE/                 user's group, root attributes {"owner": "test"}
+    ├── q, k, v            inputs (synthetic, random seed printed)
+    ├── extra              a user's array the engine must not touch
+    ├── out, lse           written by run()
+    └── _cqsa/             engine state: partials, markers, stats, attributes
+
+Files are hashed byte for byte before and after, so "untouched" means the
+bytes on disk, not just the decoded values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from reference import check_exact
+
+import cqsa_dask
+from cqsa_dask.demo import make_synthetic_store
+
+B, HQ, HKV, N, D, W = 2, 4, 2, 150, 32, 7
+OUTSIDE = {"zarr.json", "q", "k", "v", "extra", "out", "lse", "_cqsa"}
+
+
+def tree_hash(path: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``path`` (or of ``path`` itself), by relative name."""
+    if path.is_file():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def to_torch(arr: zarr.Array) -> torch.Tensor:
+    """A stored array as a tensor of its logical dtype (bfloat16 = uint16 bits + attribute)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr[...]))
+    if arr.attrs.get("logical_dtype") == "bfloat16":
+        assert arr.dtype == np.uint16
+        return t.view(torch.bfloat16)
+    return t
+
+
+def make_store(path: Path, dtype: str = "float32") -> tuple[Path, int]:
+    """A job store with q, k, v, a user's array and root attributes; returns (path, seed)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"store {path}: seed {seed}")
+    g = make_synthetic_store(path, seq_len=N, heads=HQ, kv_heads=HKV, head_dim=D, batch=B, dtype=dtype,
+                             seed=seed, chunk_tokens=64)
+    extra = g.create_array("extra", shape=(3, 5), chunks=(2, 2), dtype="int32")
+    extra[...] = np.arange(15, dtype=np.int32).reshape(3, 5) + 1
+    g.attrs["owner"] = "test"
+    return path, seed
+
+
+def check_store_result(path: Path, causal: bool, ctx: str) -> None:
+    """out/lse in the store are exact attention of its q, k, v."""
+    g = zarr.open_group(path, mode="r", zarr_format=3)
+    q, k, v = (to_torch(g[n]) for n in ("q", "k", "v"))
+    assert g["out"].shape == g["q"].shape and g["out"].dtype == g["q"].dtype, (g["out"].metadata, ctx)
+    assert dict(g["out"].attrs).get("logical_dtype") == dict(g["q"].attrs).get("logical_dtype"), ctx
+    assert g["lse"].shape == (B, HQ, N) and g["lse"].dtype == np.float32, ctx
+    check_exact(q, k, v, to_torch(g["out"]), to_torch(g["lse"]), causal=causal, scale=None, context=ctx)
+
+
+def marker_file(path: Path, which: str, i: int, b: int, j: int) -> Path:
+    return path / "_cqsa" / which / "c" / str(i) / str(b) / str(j)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inputs_untouched_outputs_written(tmp_path: Path, client, dtype: str) -> None:  # type: ignore[no-untyped-def]
+    path, seed = make_store(tmp_path / "job.zarr", dtype)
+    ctx = f"seed {seed}"
+    before = {name: tree_hash(path / name) for name in ("q", "k", "v", "extra", "zarr.json")}
+    attrs = dict(zarr.open_group(path, mode="r").attrs)
+
+    res = cqsa_dask.run(path, causal=True, memory_budget="1GB", groups=W, client=client)
+
+    assert not res.resumed and res.plan.groups == W
+    assert res.quorum_tasks_run == res.plan.tasks and res.merges_run == res.plan.merges
+    after = {name: tree_hash(path / name) for name in before}
+    for name, digest in before.items():
+        assert after[name] == digest, f"{name} changed on disk; {ctx}"
+    g = zarr.open_group(path, mode="r")
+    assert dict(g.attrs) == attrs
+    np.testing.assert_array_equal(g["extra"][...], np.arange(15).reshape(3, 5) + 1)
+    # engine state only under _cqsa; no temporary files left behind anywhere
+    assert {p.name for p in path.iterdir()} == OUTSIDE
+    assert not [p for p in path.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".")]
+    check_store_result(path, causal=True, ctx=ctx)
+    if dtype == "bfloat16":
+        for name in ("out", "_cqsa/partial_out"):
+            assert g[name].dtype == np.uint16 and g[name].attrs["logical_dtype"] == "bfloat16", name
+
+
+def test_arrays_are_uncompressed(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    path, _ = make_store(tmp_path / "job.zarr")
+    cqsa_dask.run(path, memory_budget="1GB", groups=W, client=client)
+    g = zarr.open_group(path, mode="r")
+    for name in ("out", "lse", "_cqsa/partial_out", "_cqsa/partial_lse"):
+        arr = g[name]
+        assert arr.compressors == (), (name, arr.compressors)
+        codecs = [type(c).__name__ for c in arr.metadata.codecs]
+        assert codecs == ["BytesCodec"], (name, codecs)
+        meta = (path / name / "zarr.json").read_text()
+        assert "zstd" not in meta and "blosc" not in meta and "gzip" not in meta, meta
+
+
+def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    r"""Second run: nothing to do.  Third run: exactly the task and merge whose markers were deleted.
+
+    Deleted: task_done[t, b, j] of a producer t of group a, and merge_done[a, b, j].
+    The out chunk of group a and that producer's partial are overwritten with
+    finite garbage first, so a rerun that skipped either would leave it behind::
+
+        task t ──(slot s)──> partial[s, b, :, group a] ──> merge a ──> out[b, :, group a]
+        (marker deleted)     (garbage)                     (marker deleted)  (garbage)
+    """
+    path, seed = make_store(tmp_path / "job.zarr")
+    ctx = f"seed {seed}"
+    kw = {"causal": False, "memory_budget": "1GB", "groups": W, "client": client}
+    first = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
+    outputs = {n: tree_hash(path / n) for n in ("out", "lse")}
+
+    second = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
+    assert second.resumed and second.quorum_tasks_run == 0 and second.merges_run == 0, second
+    assert second.plan == first.plan
+    assert {n: tree_hash(path / n) for n in outputs} == outputs
+
+    plan = first.plan
+    a, b, j = 3, 1, plan.head_blocks - 1
+    producers = plan.producers(a)
+    assert len(producers) > 1, producers  # the merge really combines several partials
+    t, slot = producers[-1]
+    g = zarr.open_group(path, mode="r+")
+    lo, hi = plan.group_bounds(a)
+    hq = slice(j * plan.q_heads_per_task, (j + 1) * plan.q_heads_per_task)
+    g["out"][b, hq, lo:hi] = 123.0
+    g["lse"][b, hq, lo:hi] = -7.0
+    g["_cqsa/partial_out"][slot, b, hq, lo:hi] = 55.0
+    for which, i in (("task_done", t), ("merge_done", a)):
+        f = marker_file(path, which, i, b, j)
+        assert f.is_file(), f
+        f.unlink()
+    assert g["_cqsa/task_done"][t, b, j] == 0 and g["_cqsa/merge_done"][a, b, j] == 0
+
+    third = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
+    assert third.resumed and third.quorum_tasks_run == 1 and third.merges_run == 1, third
+    assert g["_cqsa/task_done"][...].all() and g["_cqsa/merge_done"][: plan.nonempty_groups].all()
+    assert {n: tree_hash(path / n) for n in outputs} == outputs, f"rerun output differs from the first; {ctx}"
+    check_store_result(path, causal=False, ctx=ctx)
+
+
+def test_different_budget_needs_restart(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    path, seed = make_store(tmp_path / "job.zarr")
+    cqsa_dask.run(path, memory_budget="1GB", groups=W, client=client)
+    state = tree_hash(path)
+
+    with pytest.raises(cqsa_dask.InvalidInputError, match="restart") as info:
+        cqsa_dask.run(path, memory_budget="2GB", groups=W, client=client)
+    assert isinstance(info.value, ValueError)
+    assert tree_hash(path) == state, "a refused run modified the store"
+
+    res = cqsa_dask.run(path, memory_budget="2GB", groups=W, client=client, restart=True)
+    assert not res.resumed and res.plan.budget_bytes == 2 * 10**9
+    assert res.quorum_tasks_run == res.plan.tasks and res.merges_run == res.plan.merges
+    assert zarr.open_group(path, mode="r")["_cqsa"].attrs["plan"]["budget_bytes"] == 2 * 10**9
+    check_store_result(path, causal=False, ctx=f"seed {seed}")
+
+
+def test_lost_partial_chunk_fails_then_resumes(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    """A partial chunk lost after its task was marked done (docs/reliability.md).
+
+    The merge that needs it fails the run with JobFailedError and clears the
+    producer's marker; the next run recomputes that task and the merge.
+    """
+    path, seed = make_store(tmp_path / "job.zarr")
+    kw = {"memory_budget": "1GB", "groups": W, "client": client}
+    plan = cqsa_dask.run(path, **kw).plan  # type: ignore[arg-type]
+    outputs = {n: tree_hash(path / n) for n in ("out", "lse")}
+    a, b, j = 5, 0, 0
+    t, slot = plan.producers(a)[0]
+    lost = path / "_cqsa" / "partial_out" / "c" / str(slot) / str(b) / str(j) / str(a) / "0"
+    assert lost.is_file(), sorted(p.name for p in lost.parent.iterdir())
+    lost.unlink()
+    marker_file(path, "merge_done", a, b, j).unlink()
+
+    with pytest.raises(cqsa_dask.JobFailedError, match=f"quorum task {t}"):
+        cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
+    assert zarr.open_group(path, mode="r")["_cqsa/task_done"][t, b, j] == 0
+
+    res = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
+    assert res.resumed and res.quorum_tasks_run == 1 and res.merges_run == 1, res
+    assert {n: tree_hash(path / n) for n in outputs} == outputs, f"seed {seed}"
