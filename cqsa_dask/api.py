@@ -140,9 +140,9 @@ def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
     token = str(uuid.uuid4().int)[:12]
     try:
         eng = create_outputs(group, plan, token)
-    except PermissionError as e:
+        eng.attrs.update({"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
+    except OSError as e:  # read-only file system, permissions, full disk
         raise StoreError(f"the store cannot be written: {e}") from None
-    eng.attrs.update({"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
     return token, False
 
 
@@ -202,7 +202,12 @@ def run(
         check_capacity(c, resource, plan.task_memory_bytes)
         token, resumed = _prepare(group, plan, restart)
         lease = Lease(group, ttl=float(config.get("lease-seconds")))
-        lease.acquire()
+        try:
+            lease.acquire()
+        except OSError as e:
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"the store cannot be written: {e}") from None
         try:
             eng = engine(group)
             jg = build_graph(

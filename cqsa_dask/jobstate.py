@@ -17,6 +17,7 @@ All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -31,6 +32,8 @@ import zarr
 from .errors import StoreError
 from .layout import array, engine, open_store
 from .plan import Plan
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Lease", "Status", "check_free", "fingerprint", "status"]
 
@@ -95,16 +98,22 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            self._write()
+            try:
+                self._write()
+            except OSError as e:  # keep trying: a full disk may be freed while the job runs
+                log.warning("could not renew the lease of %s: %s", self.owner, e)
 
     def release(self) -> None:
         """Stop renewing and drop the lease (only if still ours)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        cur = self.eng.attrs.get("lease")
-        if isinstance(cur, dict) and cur.get("owner") == self.owner:
-            self._write(lease=False)
+        try:
+            cur = self.eng.attrs.get("lease")
+            if isinstance(cur, dict) and cur.get("owner") == self.owner:
+                self._write(lease=False)
+        except OSError as e:  # e.g. a full disk: the lease then expires by itself
+            log.warning("could not release the lease of %s: %s", self.owner, e)
 
 
 def check_free(eng: zarr.Group) -> None:

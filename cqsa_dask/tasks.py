@@ -254,13 +254,14 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     return rec
 
 
-def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, q_h: slice, rows: slice
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, q_h: slice, rows: slice,
+                  finite_inputs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial (out (hq, G, D), lse (hq, G)) of a producer, checked.
 
-    A producer without its marker, or whose chunks are missing (they read as
-    NaN) or unreadable, is damaged: its marker is cleared so that a resume
-    recomputes it, and :class:`StoreError` fails this merge.
+    A producer without its marker, or whose chunks are unreadable, or (when
+    the inputs were checked finite, so its values must be) whose chunks are
+    missing (they read as NaN), is damaged: its marker is cleared so that a
+    resume recomputes it, and :class:`StoreError` fails this merge.
     """
     where = f"quorum task {task} (batch {batch}, head block {block}, slot {slot})"
     if not job.task_done[task, batch, block]:
@@ -268,7 +269,7 @@ def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, q_h: s
     try:
         out = read_block(job.partial_out, (slot, batch, q_h, rows), job.plan.dtype)
         lse = read_block(job.partial_lse, (slot, batch, q_h, rows), "float32")
-        ok = bool(torch.isfinite(lse).all()) and bool(torch.isfinite(out).all())
+        ok = not finite_inputs or (bool(torch.isfinite(lse).all()) and bool(torch.isfinite(out).all()))
         reason = "missing or non-finite values"
     except Exception as e:  # noqa: BLE001  (a truncated or corrupt chunk fails to decode in many ways)
         ok, reason = False, f"{type(e).__name__}: {e}"
@@ -311,7 +312,7 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
         out = cache.pop(_partial_key(token, slot, batch, block, group, "out"))
         lse = cache.pop(_partial_key(token, slot, batch, block, group, "lse"))
         if out is None or lse is None or not job.task_done[task, batch, block]:
-            out, lse = _read_partial(job, task, slot, batch, block, q_h, rows)
+            out, lse = _read_partial(job, task, slot, batch, block, q_h, rows, bool(opt["check-finite"]))
             nread += out.nbytes + lse.nbytes
         acc = merge(acc, (out, lse))
     assert acc is not None, f"group {group} has no producers"
