@@ -400,7 +400,6 @@ class Cluster:
         from distributed import Client, LocalCluster
 
         import cqsa_dask  # noqa: F401  (registers cqsa defaults)
-
         from cqsa_dask.api import plan_options
 
         lc = dask.config.get("cqsa.local-cluster")
