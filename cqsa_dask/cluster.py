@@ -68,9 +68,16 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
 
 
 def advertised(client: Client, resource: str) -> list[float]:
-    """The amount of ``resource`` each connected worker advertises."""
-    workers: dict[str, Any] = client.scheduler_info(n_workers=-1)["workers"]
-    return [float(w.get("resources", {}).get(resource, 0)) for w in workers.values()]
+    """The amount of ``resource`` each connected worker advertises.
+
+    Asked of the scheduler itself: the client's cached scheduler info is
+    replaced by a periodic refresh that may momentarily list no workers.
+    """
+
+    def read(dask_scheduler: Any) -> list[float]:
+        return [float(ws.resources.get(resource, 0)) for ws in dask_scheduler.workers.values()]
+
+    return list(client.run_on_scheduler(read))
 
 
 def check_capacity(client: Client, resource: str, need: int) -> None:

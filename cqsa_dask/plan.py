@@ -58,7 +58,7 @@ _ALIASES = {
     "bf16": "bfloat16",
 }
 MAX_HEAD_DIM = 256
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: tasks_in_flight and host_staging joined the plan
 _FIXED_OVERHEAD = 2 * 2**20
 _UNITS = {
     "": 1, "b": 1,

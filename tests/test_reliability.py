@@ -1,0 +1,1035 @@
+"""Fault tolerance on a real multi-process cluster: the guarantees of docs/reliability.md.
+
+The module starts, as a user would, one ``dask scheduler`` and two ``dask worker``
+processes on loopback, each worker under its own nanny with one thread and
+``--resources device_mem=3.2e6``; jobs go through the ``cqsa`` command (a
+subprocess per invocation) and through ``cqsa_dask.run``::
+
+    dask scheduler 127.0.0.1:P  <──  nanny ─> worker process   device_mem=3.2e6  (1 thread)
+                                <──  nanny ─> worker process   device_mem=3.2e6  (1 thread)
+
+    test                     fault                              what must hold
+    ─────────────────────────────────────────────────────────────────────────────────────────────
+    killed worker            kill -9 a worker process mid-job   the same run completes, exact
+    killed client            kill -9 `cqsa run` mid-job         `cqsa resume` completes; tasks run
+                                                                once, plus at most those in flight
+    damaged partials         truncate a chunk recorded done,    1st resume fails naming the task and
+                             delete one not recorded done       clears its marker; 2nd resume exact
+    disk full                tmpfs holds q, k, v, not partials, the run stops with one ENOSPC line;
+                             and stays full                     enlarge; resume exact
+    bad input / job state    shapes, dtypes, budget, read-only  typed error (Python), one
+                             store, lease, plan, changed        `cqsa: error:` line (CLI), store
+                             inputs                             bytes unchanged
+    NaN / Inf in the inputs  a NaN in q, an Inf in k            the run fails naming input and group;
+                                                                with check-finite=false it completes
+    workers' budget          the client's periodic refresh of   run() reads the device_mem the
+                             scheduler info (every 1 ms here)   workers advertise, every time (*)
+
+    (*) an engine bug; the test is kept as it should be and marked xfail(strict=True)
+
+Sizes (float32, Hq=2, Hkv=1): with the workers' 3.2e6 bytes the planner picks
+W=31 (|D|=6) for BIG (N=4096, D=32): 31 quorum tasks + 31 merges, 2-3 s
+here, long enough to kill something mid-job; and W=7 (|D|=3) for
+SMALL (N=2048, D=16), where every query group has three producers, so
+partial results exist (a group with one producer is written straight to
+out/lse).  A quorum task needs 2.7e6 of the 3.2e6 a worker advertises, so at
+most one runs per worker: never more than two are in flight.
+
+The workers outlive the jobs, and so does their host cache of partials
+(keyed by job token, and copies of a store share the token).  Where a test
+needs the merges to read partials from disk, as after a crash, its runs set
+``cqsa.host-cache`` to 0, which gives the workers a fresh, empty cache.
+
+Each ``cqsa`` invocation pays ~3 s of imports, so the CLI cases that need no
+cluster (and the 10 s wait on a scheduler that does not answer) start in a
+background pool of two threads while the cluster comes up; their tests
+only collect the results.  Every process and mount this module starts is
+stopped or unmounted in a fixture finalizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import dask.config
+import numpy as np
+import pytest
+import torch
+import zarr
+from distributed import Client
+from distributed.utils import key_split
+from reference import FACTOR, check_exact, lse_tolerance, reference_attention, sdpa
+
+import cqsa_dask
+from cqsa_dask.cluster import advertised
+from cqsa_dask.demo import make_synthetic_store
+from cqsa_dask.errors import (
+    BudgetError,
+    CQSAError,
+    InvalidInputError,
+    JobFailedError,
+    SchedulerError,
+    StoreError,
+)
+from cqsa_dask.jobstate import status
+from cqsa_dask.layout import array
+from cqsa_dask.plan import Plan
+
+RESOURCE = "device_mem"
+DEVICE_MEM = 3.2e6  # bytes each worker advertises
+WORKERS = 2
+BIG = {"seq_len": 4096, "heads": 2, "kv_heads": 1, "head_dim": 32}  # W = 31 with DEVICE_MEM
+SMALL = {"seq_len": 2048, "heads": 2, "kv_heads": 1, "head_dim": 16}  # W = 7 with DEVICE_MEM
+# Every client of the module: one torch thread per worker process (two workers on two cores with
+# torch's default, every core each, oversubscribe the machine: a BIG job took ~8 s instead of ~2 s),
+# and no periodic refresh of the client's scheduler info, whose race with cqsa's reading of the
+# workers' budget has its own test (test_workers_budget_is_read_reliably).
+CLIENT_CONFIG = {"cqsa.torch-threads": 1, "distributed.client.scheduler-info-interval": "1h"}
+ENV = {"DASK_CQSA__TORCH_THREADS": "1", "DASK_DISTRIBUTED__CLIENT__SCHEDULER_INFO_INTERVAL": "1h"}  # `cqsa`
+SHORT_LEASE = {"DASK_CQSA__LEASE_SECONDS": "3"}
+NO_HOST_CACHE = {"DASK_CQSA__HOST_CACHE": "0"}
+UNANSWERED = "tcp://127.0.0.1:9"  # the discard port: nothing listens on loopback
+
+# The scheduler and the workers cannot import this module: ship its probes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _cli() -> list[str]:
+    """The installed ``cqsa`` next to this interpreter, else any on PATH, else ``python -m``."""
+    exe = shutil.which("cqsa", path=os.path.dirname(sys.executable)) or shutil.which("cqsa")
+    return [exe] if exe else [sys.executable, "-m", "cqsa_dask.cli"]
+
+
+def _dask() -> list[str]:
+    exe = shutil.which("dask", path=os.path.dirname(sys.executable)) or shutil.which("dask")
+    return [exe] if exe else [sys.executable, "-m", "dask"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _kill_session(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL the session ``proc`` leads (it was started with start_new_session), children included."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """One finished ``cqsa`` invocation."""
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"`cqsa {' '.join(self.args)}` -> {self.returncode} in {self.seconds:.1f}s\n"
+                f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}")
+
+
+def _cqsa(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 240) -> CliResult:
+    """Run ``cqsa ARGS`` in its own session; kill that session if it outlives ``timeout``."""
+    argv = tuple(str(a) for a in args)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*_cli(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ENV, **(env or {})}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"`cqsa {' '.join(argv)}` did not finish in {timeout}s\n{out[-2000:]}\n{err[-2000:]}")
+    return CliResult(argv, proc.returncode, out, err, time.perf_counter() - t0)
+
+
+def _one_line_error(r: CliResult) -> str:
+    """The single ``cqsa: error: ...`` line of a failed invocation (asserted)."""
+    assert r.returncode not in (0, None), f"expected a failure:\n{r}"
+    assert "Traceback" not in r.stderr + r.stdout, f"traceback leaked:\n{r}"
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cqsa: error: "), f"expected one 'cqsa: error:' line:\n{r}"
+    return lines[0]
+
+
+def _done_event(r: CliResult) -> dict[str, Any]:
+    """The final {"event": "done", ...} of a successful ``--json`` invocation."""
+    assert r.returncode == 0 and "Traceback" not in r.stderr, str(r)
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert events and events[-1].get("event") == "done", f"no done event:\n{r}"
+    return events[-1]
+
+
+@dataclass
+class DaskCluster:
+    """``dask scheduler`` and ``WORKERS`` nanny-managed ``dask worker`` processes on loopback."""
+
+    address: str
+    logdir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def spawn(self, name: str, args: list[str]) -> None:
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            # own session: teardown signals the nanny and the worker process it spawned together
+            self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.logdir,
+                                               start_new_session=True))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
+                         for p in sorted(self.logdir.glob("*.log")))
+
+    def client(self) -> Client:
+        return Client(self.address, timeout="30s")
+
+    def ensure_workers(self, n: int = WORKERS, timeout: float = 90) -> None:
+        """Wait until ``n`` workers are connected (a nanny restarts a killed one)."""
+        try:
+            with self.client() as c:
+                c.wait_for_workers(n, timeout=timeout)
+        except Exception as e:  # any failure: report it with the processes' logs
+            raise AssertionError(f"{n} workers not up at {self.address}: {e}\n{self.logs()}") from e
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 3  # then SIGKILL: nothing of a test job needs a clean shutdown
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _kill_session(p)  # the nanny's worker child may outlive the nanny
+
+
+def _start_cluster(logdir: Path) -> DaskCluster:
+    port = _free_port()
+    cluster = DaskCluster(f"tcp://127.0.0.1:{port}", logdir)
+    cluster.spawn("scheduler", [*_dask(), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                "--no-dashboard"])
+    for i in range(WORKERS):
+        cluster.spawn(f"worker{i}", [
+            *_dask(), "worker", cluster.address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
+            "--resources", f"{RESOURCE}={DEVICE_MEM:g}", "--no-dashboard", "--death-timeout", "60",
+            "--local-directory", str(logdir / f"scratch{i}"), "--name", f"reliability-{i}"])
+    return cluster
+
+
+# -- stores ------------------------------------------------------------------------------------
+
+
+def _snapshot(path: Path) -> dict[str, str | None]:
+    """Every file (SHA-256) and directory (None) under ``path``, by relative path."""
+    if not path.exists():
+        return {}
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(path.rglob("*"))}
+
+
+def _inputs_digest(path: Path) -> dict[str, str | None]:
+    """The snapshot of q, k, v and the root metadata: what the engine must never write."""
+    return {k: h for k, h in _snapshot(path).items() if k.split("/")[0] in ("q", "k", "v", "zarr.json")}
+
+
+def _engine(path: Path, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(str(path / "_cqsa"), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+
+
+def _markers(path: Path, name: str) -> np.ndarray:
+    """The (W, B, J) marker array ``task_done`` or ``merge_done``."""
+    return np.asarray(array(_engine(path), name)[...])
+
+
+def _count(path: Path, name: str) -> int:
+    """Markers set so far; 0 while the job state is still being created."""
+    try:
+        return int(_markers(path, name).sum())
+    except Exception:  # noqa: BLE001  (no _cqsa yet, or its metadata half written)
+        return 0
+
+
+def _leased(path: Path) -> bool:
+    """A run holds (or held, if killed) the store's lease."""
+    try:
+        return isinstance(_engine(path).attrs.get("lease"), dict)
+    except Exception:  # noqa: BLE001  (no _cqsa yet, or its metadata half written)
+        return False
+
+
+def _plan(path: Path) -> Plan:
+    return Plan.from_dict(dict(_engine(path).attrs["plan"]))  # type: ignore[arg-type]
+
+
+def _slots(plan: Plan) -> int:
+    """Quorum tasks in flight at once, at most: each holds task_memory_bytes of a worker's DEVICE_MEM."""
+    return WORKERS * int(DEVICE_MEM // plan.task_memory_bytes)
+
+
+def _tensors(path: Path, *names: str) -> tuple[torch.Tensor, ...]:
+    g = zarr.open_group(str(path), mode="r", zarr_format=3)
+    return tuple(torch.from_numpy(np.asarray(array(g, n)[...])) for n in names)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A synthetic store of inputs only, copied for every test that runs a job on it."""
+
+    path: Path
+    seed: int
+
+    def copy(self, dst: Path) -> Path:
+        shutil.copytree(self.path, dst)
+        return dst
+
+    def assert_exact(self, store: Path, causal: bool = False) -> None:
+        q, k, v, out, lse = _tensors(store, "q", "k", "v", "out", "lse")
+        check_exact(q, k, v, out, lse, causal=causal, scale=None, context=f"{store}: seed {self.seed}")
+
+
+def _source(tmp_path_factory: pytest.TempPathFactory, name: str, shape: dict[str, int]) -> Source:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"{name} store seed {seed}")
+    path = tmp_path_factory.mktemp(name) / "inputs.zarr"
+    make_synthetic_store(path, **shape, dtype="float32", seed=seed)
+    return Source(path, seed)
+
+
+def _write_inputs(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None) -> Path:
+    """A Zarr v3 group with random arrays named by ``shapes`` (default dtype float32)."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, shape in shapes.items():
+        dtype = (dtypes or {}).get(name, "float32")
+        arr = g.create_array(name, shape=shape, chunks=tuple(max(1, s) for s in shape), dtype=dtype)
+        if math.prod(shape):
+            arr[...] = (rng.standard_normal(shape) * 8 + 1).astype(dtype)
+    return path
+
+
+def _clear_task(path: Path, plan: Plan, task: int) -> None:
+    """Make ``task`` look not yet run: its marker and those of the merges it feeds are 0."""
+    eng = _engine(path, "r+")
+    array(eng, "task_done")[task, 0, 0] = 0
+    for _, group, _ in plan.work(task):
+        array(eng, "merge_done")[group, 0, 0] = 0
+
+
+# -- probes run inside the scheduler and workers ----------------------------------------------
+
+
+def _job_tasks_on_scheduler(dask_scheduler: Any, token: str) -> int:
+    return sum(1 for key in dask_scheduler.tasks if token in str(key))
+
+
+def _executing_on_worker(dask_worker: Any) -> int:
+    return len(dask_worker.state.executing)  # includes tasks cancelled while they execute
+
+
+def _await(cond: Callable[[], Any], what: str, timeout: float = 120, poll: float = 0.05) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadCase:
+    """A store (or an argument) the engine must refuse before writing anything."""
+
+    build: Callable[[Path], Path]
+    error: type[CQSAError]
+    match: str  # regular expression the message must contain
+    budget: str | None = None
+
+
+def _store(**shapes: tuple[int, ...]) -> Callable[[Path], Path]:
+    return lambda p: _write_inputs(p, shapes)
+
+
+def _typed(dtype: str, shape: tuple[int, ...] = (1, 1, 64, 8)) -> Callable[[Path], Path]:
+    return lambda p: _write_inputs(p, {"q": shape, "k": shape, "v": shape}, dict.fromkeys("qkv", dtype))
+
+
+def _good(p: Path) -> Path:
+    return _write_inputs(p, {"q": (1, 2, 64, 8), "k": (1, 1, 64, 8), "v": (1, 1, 64, 8)})
+
+
+def _not_a_group(p: Path) -> Path:
+    p.mkdir()
+    (p / "notes.txt").write_bytes(os.urandom(64))
+    return p
+
+
+# Refused by validation, before any cluster or write.  The first group also runs through the
+# CLI; test_cli.py already covers the CLI for missing arrays, a non-group path, and budget,
+# dtype and head-dim errors of `cqsa plan` (not of `cqsa run` on a store, which is here).
+CLI_AND_API: dict[str, BadCase] = {
+    "k-v-shapes-differ": BadCase(_store(q=(1, 2, 64, 8), k=(1, 1, 64, 8), v=(1, 1, 64, 16)),
+                                 InvalidInputError, r"k and v must have the same shape"),
+    "q-k-head-dim-differs": BadCase(_store(q=(1, 2, 64, 16), k=(1, 1, 64, 8), v=(1, 1, 64, 8)),
+                                    InvalidInputError, r"must agree in batch \(dim 0\) and head dim \(dim 3\)"),
+    "q-k-batch-differs": BadCase(_store(q=(2, 2, 64, 8), k=(1, 1, 64, 8), v=(1, 1, 64, 8)),
+                                 InvalidInputError, r"must agree in batch"),
+    "heads-not-multiple": BadCase(_store(q=(1, 3, 64, 8), k=(1, 2, 64, 8), v=(1, 2, 64, 8)),
+                                  InvalidInputError, r"query heads \(3\) must be a multiple of kv heads \(2\)"),
+    "seq-len-differs": BadCase(_store(q=(1, 2, 64, 8), k=(1, 1, 32, 8), v=(1, 1, 32, 8)),
+                               InvalidInputError, r"same sequence length.*64 and 32"),
+    "float64-arrays": BadCase(_typed("float64"), InvalidInputError, r"'float64' is not supported"),
+    "int32-arrays": BadCase(_typed("int32"), InvalidInputError, r"'int32' is not supported"),
+    "mixed-dtypes": BadCase(lambda p: _write_inputs(p, dict.fromkeys("qkv", (1, 1, 64, 8)), {"k": "float16"}),
+                            InvalidInputError, r"share one dtype"),
+    "head-dim-300": BadCase(_typed("float32", (1, 1, 4, 300)), InvalidInputError,
+                            r"head dim 300 is larger than the supported 256"),
+    "zero-tokens": BadCase(_typed("float32", (1, 1, 0, 8)), InvalidInputError, r"sequence length is 0"),
+    "budget-malformed": BadCase(_good, BudgetError, r"'12 parsecs' is not understood", budget="12 parsecs"),
+    "budget-too-small": BadCase(_good, BudgetError, r"too small.*needs [\d,]+ bytes", budget="1kB"),
+}
+API_ONLY: dict[str, BadCase] = {
+    "missing-v": BadCase(lambda p: _write_inputs(p, {"q": (1, 1, 64, 8), "k": (1, 1, 64, 8)}),
+                         StoreError, r"no array 'v'"),
+    "not-a-group": BadCase(_not_a_group, StoreError, r"not a Zarr v3 group"),
+    "missing-path": BadCase(lambda p: p, StoreError, r"does not exist"),
+}
+
+
+def _refused(store: Path, **kw: Any) -> tuple[BaseException | None, float]:
+    """What ``cqsa_dask.run(store, **kw)`` raised (None: nothing), and after how many seconds."""
+    t0 = time.perf_counter()
+    try:
+        cqsa_dask.run(store, **kw)
+    except BaseException as e:  # noqa: BLE001  (the caller checks the type)
+        return e, time.perf_counter() - t0
+    return None, time.perf_counter() - t0
+
+
+@dataclass
+class Battery:
+    """Refused runs going on in the background; each test collects its own."""
+
+    pool: ThreadPoolExecutor
+    before: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    stores: dict[str, Path] = field(default_factory=dict)
+    futures: dict[str, Future[Any]] = field(default_factory=dict)
+
+    def submit(self, name: str, store: Path, fn: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        self.stores[name], self.before[name] = store, _snapshot(store)
+        self.futures[name] = self.pool.submit(fn, *args, **kw)
+
+    def result(self, name: str) -> Any:
+        return self.futures[name].result()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _client_config() -> Iterator[None]:
+    """CLIENT_CONFIG for the runs of this process (``ENV`` carries it to `cqsa`)."""
+    with dask.config.set(CLIENT_CONFIG):
+        yield
+
+
+@pytest.fixture(scope="module")
+def battery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Battery]:
+    """The CLI_AND_API cases through ``cqsa run``, and ``run`` against a scheduler that does not
+    answer (it waits out the client's 10 s connect timeout), two at a time, started at once."""
+    root = tmp_path_factory.mktemp("refused")
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="refused") as pool:
+        b = Battery(pool)
+        store = _good(root / "unanswered.zarr")
+        b.submit("unanswered", store, _refused, store, scheduler=UNANSWERED)
+        for name, case in CLI_AND_API.items():
+            store = case.build(root / f"{name}.zarr")
+            args = ["run", str(store), *(["--budget", case.budget] if case.budget else [])]
+            b.submit(name, store, _cqsa, *args, timeout=180)
+        yield b
+        for f in b.futures.values():
+            f.cancel()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, battery: Battery) -> Iterator[DaskCluster]:
+    """One scheduler and two workers for the module (the CLI battery runs while they start)."""
+    c = _start_cluster(tmp_path_factory.mktemp("dask"))
+    try:
+        c.ensure_workers()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Source:
+    return _source(tmp_path_factory, "big", BIG)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Source:
+    return _source(tmp_path_factory, "small", SMALL)
+
+
+@pytest.fixture(scope="module")
+def small_job(cluster: DaskCluster, small: Source, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished job on SMALL (W = 7): the template of the tests that start from a stored job."""
+    path = small.copy(tmp_path_factory.mktemp("small-job") / "job.zarr")
+    res = cqsa_dask.run(path, scheduler=cluster.address)
+    assert res.plan.groups >= 7 and all(len(res.plan.producers(a)) > 1 for a in range(res.plan.groups)), res.plan
+    assert res.quorum_tasks_run == res.plan.tasks and res.merges_run == res.plan.merges
+    return path
+
+
+@contextlib.contextmanager
+def _mounted(target: Path, *args: str) -> Iterator[Path]:
+    """``mount ARGS TARGET`` for the block; skip the test where mounting is not permitted."""
+    target.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True, check=False)
+    if r.returncode:
+        pytest.skip(f"`mount {' '.join(args)} {target}` is not permitted here: {r.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        if subprocess.run(["umount", str(target)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def mounts() -> Iterator[Callable[..., Path]]:
+    """``mount(target, *options)``: mounted until the test's teardown."""
+    with contextlib.ExitStack() as stack:
+        yield lambda target, *args: stack.enter_context(_mounted(target, *args))
+
+
+# -- 1. a worker killed mid-job -----------------------------------------------------------------
+
+
+def _busy_worker(c: Client, store: Path) -> tuple[str, list[int]] | None:
+    """(address, quorum task indices) of a worker processing quorum tasks, once two tasks are done."""
+    if _count(store, "task_done") < 2:
+        return None
+    for addr, keys in c.processing().items():
+        tasks = [int(k[1]) for k in keys if key_split(k) == "cqsa-quorum"]  # key: (prefix, i, b, j)
+        if tasks:
+            return addr, tasks
+    return None
+
+
+@pytest.mark.integration
+def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_path: Path) -> None:
+    """kill -9 of a worker process (not its nanny) while it runs quorum tasks.
+
+    The scheduler reschedules the tasks it held on the other worker (the
+    nanny starts a new worker process meanwhile); the same ``run`` call
+    returns normally, every task the dead worker left without a marker was
+    completed by another worker (task_stats records the worker), and the
+    result is exact.
+    """
+    cluster.ensure_workers()
+    store = big.copy(tmp_path / "job.zarr")
+    with cluster.client() as c, ThreadPoolExecutor(1) as pool:
+        pids: dict[str, int] = c.run(os.getpid)  # worker address -> pid of the worker process
+        job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address)
+        victim, held = _await(lambda: job.done() or _busy_worker(c, store), "a worker processing quorum tasks")
+        assert not job.done(), f"the job ended before a worker could be killed: {job.result()}"
+        os.kill(pids[victim], signal.SIGKILL)
+        marked = _markers(store, "task_done")[:, 0, 0]  # the dead worker writes nothing more
+        orphans = sorted(i for i in held if not marked[i])
+        res = job.result(timeout=240)
+        workers_after = set(c.scheduler_info(n_workers=-1)["workers"])
+    plan = res.plan
+    print(f"killed {victim} (pid {pids[victim]}) holding quorum tasks {held}; {int(marked.sum())}/{plan.tasks} "
+          f"done; left unfinished: {orphans}")
+    assert plan.groups >= 7, plan
+    assert 2 <= marked.sum() < plan.tasks and orphans, "the worker was not killed in the middle of its tasks"
+    assert victim not in workers_after, f"the killed worker {victim} is still registered"
+    assert (res.quorum_tasks_run, res.merges_run) == (plan.tasks, plan.merges), res
+    assert _markers(store, "task_done").all() and _markers(store, "merge_done").all()
+    ran_on = np.asarray(array(_engine(store), "task_stats")[...])[:, 0, 0, -1]  # CRC-32 of the worker's address
+    survivors = {zlib.crc32(addr.encode()) for addr in workers_after}
+    assert all(int(ran_on[i]) in survivors for i in orphans), f"orphans {orphans} ran on {ran_on[orphans]}"
+    big.assert_exact(store)
+    cluster.ensure_workers()  # the nanny brought up a replacement for the tests that follow
+
+
+# -- 2. the client killed mid-job ----------------------------------------------------------------
+
+
+def _settled(c: Client, token: str) -> bool:
+    """The scheduler forgot the job's tasks and no worker is still executing one."""
+    return (c.run_on_scheduler(_job_tasks_on_scheduler, token=token) == 0
+            and sum(c.run(_executing_on_worker).values()) == 0)
+
+
+def _lease_expired(store: Path) -> bool:
+    lease = _engine(store).attrs.get("lease")
+    return not isinstance(lease, dict) or float(lease["expires"]) < time.time()
+
+
+@pytest.mark.integration
+def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tmp_path: Path) -> None:
+    """kill -9 of `cqsa run`; `cqsa resume` finishes the job without redoing finished tasks.
+
+    Both runs get cqsa.lease-seconds = 3 from the environment, so the killed
+    run's lease (never released) expires soon.  While the first run holds it,
+    a second run is refused.  Quorum tasks executed: the markers set by the
+    killed run (counted once its tasks in flight have finished: Dask cannot
+    interrupt a running task, so they complete after the client is gone)
+    plus what the resume reports; at most the tasks in flight (one per
+    worker, from the memory budget) more than the plan's tasks.
+    """
+    cluster.ensure_workers()
+    store = big.copy(tmp_path / "job.zarr")
+    log = tmp_path / "first-run.log"
+    with cluster.client() as c:
+        with open(log, "wb") as f:
+            first = subprocess.Popen([*_cli(), "run", str(store), "--scheduler", cluster.address, "--json"],
+                                     stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV, **SHORT_LEASE},
+                                     start_new_session=True)
+        try:
+            _await(lambda: first.poll() is not None or _count(store, "task_done") >= 1, "the first task", 180)
+            assert first.poll() is None, f"the first run ended early:\n{log.read_text()}"
+            with pytest.raises(StoreError, match="another run holds this store") as refused:
+                cqsa_dask.run(store, client=c)  # through a connected client: refused within ~0.1 s
+            assert isinstance(refused.value, OSError)
+            _await(lambda: first.poll() is not None or _count(store, "task_done") >= 4, "four finished tasks")
+            assert first.poll() is None, f"the first run ended before the kill (make BIG larger):\n{log.read_text()}"
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+            plan, token = _plan(store), str(_engine(store).attrs["token"])
+            _await(lambda: _settled(c, token), "the killed job's tasks to finish or be forgotten", 60, 0.2)
+            st = status(store)
+            assert _leased(store), "a killed run cannot have released its lease"
+            _await(lambda: _lease_expired(store), "the killed run's 3 s lease to expire", 30, 0.2)
+        finally:
+            if first.poll() is None:
+                _kill_session(first)
+    done_by_first = _count(store, "task_done")
+    merged_by_first = _count(store, "merge_done")
+    print(f"killed run: {done_by_first}/{plan.tasks} tasks, {merged_by_first}/{plan.merges} merges")
+    assert 4 <= done_by_first < plan.tasks, f"not killed mid-job: {done_by_first}/{plan.tasks} tasks done"
+    assert st.tasks_done == done_by_first and not st.complete
+
+    done = _done_event(_cqsa("resume", store, "--scheduler", cluster.address, "--json", env=SHORT_LEASE))
+    executed = done_by_first + done["quorum_tasks_run"]
+    print(f"resume: {done['quorum_tasks_run']} tasks, {done['merges_run']} merges; executed in all {executed}")
+    assert done["resumed"] is True
+    in_flight = _slots(plan)
+    assert in_flight == WORKERS, f"task memory {plan.task_memory_bytes} should let one task run per worker"
+    assert plan.tasks <= executed <= plan.tasks + in_flight, f"{executed} executions for {plan.tasks} tasks"
+    assert done["merges_run"] == plan.merges - merged_by_first
+    assert _markers(store, "task_done").all() and _markers(store, "merge_done").all()
+    assert status(store).complete and not status(store).running
+    big.assert_exact(store)
+
+
+# -- 3. damaged partial results --------------------------------------------------------------------
+
+
+def _chunk(store: Path, array: str, *index: int) -> Path:
+    """The file of one chunk, e.g. _cqsa/partial_out/c/<slot>/<b>/<h>/<group>/<d>."""
+    return store.joinpath(array, "c", *(str(i) for i in index))
+
+
+@pytest.mark.integration
+def test_damaged_partials_are_detected_and_recomputed(cluster: DaskCluster, small: Source, small_job: Path,
+                                                      tmp_path: Path) -> None:
+    r"""Two damaged partial chunks of a job stopped before some merges::
+
+        task T  (marker 1) ──slot s ──> partial[s, group a]   TRUNCATED ──> merge a  (marker 0)
+        task t2 (marker 0) ──slot s2──> partial[s2, group a2] DELETED   ──> merge a2 (marker 0)
+
+    The out/lse chunks of every unmerged group are deleted too, so a merge
+    that did not run would show.  First `cqsa resume`: t2 is simply
+    recomputed, but merge a reads T's chunk, fails to decode it, clears T's
+    marker and the run stops with one line naming task T (after Dask's
+    retries of that merge the line says T "has no completion marker": its
+    first attempt cleared it; the decode error is not shown).  Second `cqsa
+    resume`: recomputes exactly the tasks whose marker is 0 (T among them)
+    and the remaining merges; the result is exact.  Both resumes run with
+    cqsa.host-cache = 0, as after a crash, so merges read the partials from
+    disk (a worker still holding T's partial in memory would merge that
+    intact copy instead: exact too, but nothing to detect).
+    """
+    cluster.ensure_workers()
+    store = tmp_path / "job.zarr"
+    shutil.copytree(small_job, store)
+    plan = _plan(store)
+    a = 0
+    producers = plan.producers(a)
+    assert len(producers) > 1, producers
+    task_t, slot = producers[0]
+    task_t2 = next(t for t in range(plan.tasks) if t not in {p for p, _ in producers})
+    slot2, a2, _ = plan.work(task_t2)[0]
+    _clear_task(store, plan, task_t2)
+    array(_engine(store, "r+"), "merge_done")[a, 0, 0] = 0
+    unmerged = [int(g) for g in np.flatnonzero(_markers(store, "merge_done")[:, 0, 0] == 0)]
+    for g in unmerged:
+        _chunk(store, "out", 0, 0, g, 0).unlink()
+        _chunk(store, "lse", 0, 0, g).unlink()
+    truncated = _chunk(store, "_cqsa/partial_out", slot, 0, 0, a, 0)
+    deleted = _chunk(store, "_cqsa/partial_out", slot2, 0, 0, a2, 0)
+    assert truncated.is_file() and deleted.is_file(), sorted(p.name for p in truncated.parent.iterdir())
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    deleted.unlink()
+    print(f"truncated partial of task {task_t} (slot {slot}, group {a}); deleted that of task {task_t2} "
+          f"(slot {slot2}, group {a2}); unmerged groups {unmerged}")
+
+    line = _one_line_error(_cqsa("resume", store, "--scheduler", cluster.address, env=NO_HOST_CACHE))
+    print(f"first resume: {line}")
+    # merge a, or another merge fed by T (their markers were cleared with t2's), finds T damaged or,
+    # once the first has cleared T's marker, unmarked: either way the line names T
+    assert f"quorum task {task_t} (batch 0, head block 0, slot " in line, line
+    assert "cqsa resume" in line, f"the message should say how to recover: {line}"
+    assert _markers(store, "task_done")[task_t, 0, 0] == 0, "the damaged producer's marker was not cleared"
+
+    to_redo = plan.tasks - _count(store, "task_done")
+    done = _done_event(_cqsa("resume", store, "--scheduler", cluster.address, "--json", env=NO_HOST_CACHE))
+    assert done["resumed"] is True and done["quorum_tasks_run"] == to_redo >= 1, (done, to_redo)
+    assert _markers(store, "task_done").all() and _markers(store, "merge_done").all()
+    assert deleted.is_file() and truncated.stat().st_size == deleted.stat().st_size
+    small.assert_exact(store)
+
+
+# -- 4. the disk fills up during a run -------------------------------------------------------------
+
+
+def _used_kib(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
+
+
+class _DiskHog(threading.Thread):
+    """Another writer on the disk: appends 4 KiB blocks to ``path`` until stopped, taking every block
+    that frees up, so that a full disk stays full."""
+
+    def __init__(self, path: Path):
+        super().__init__(name="disk-hog", daemon=True)
+        self.path, self.halt, self.full = path, threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        block = b"\0" * 4096
+        with open(self.path, "ab", buffering=0) as f:
+            while not self.halt.is_set():
+                try:
+                    f.write(block)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    self.full.set()
+                    time.sleep(0.001)
+
+
+@dataclass(frozen=True)
+class FullDisk:
+    """What happened to a job whose disk filled up during the run, then was enlarged."""
+
+    store: Path
+    first: CliResult
+    plan: Plan
+    done_before: int
+    resume: CliResult
+    inputs_before: dict[str, str | None]
+    stayed_full: bool  # the hog found no free block at some point after the run started
+
+
+@pytest.fixture(scope="module")
+def full_disk(cluster: DaskCluster, small: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullDisk]:
+    """`cqsa run` on a tmpfs that fills up during the run; `mount -o remount,size=64M`; `cqsa resume`.
+
+    The tmpfs holds q, k, v and 256 KiB more: the job's metadata fits, its
+    partial results (3 x the output) do not.  Once the run holds its lease,
+    a hog thread takes every free block and keeps the disk full, as on a
+    disk shared with other writers.  (Without the hog the tmpfs regains a
+    few blocks whenever zarr removes the temporary file of a failed chunk
+    write, and whether the run's last writes of its own fit is chance.)
+    Both runs get cqsa.lease-seconds = 3: the release of the lease is best
+    effort (docs/reliability.md), so on a disk that stays full the lease
+    is left behind, and the resume waits for it to expire.
+    """
+    cluster.ensure_workers()
+    with _mounted(tmp_path_factory.mktemp("full-disk") / "disk", "-t", "tmpfs", "-o", "size=16M", "tmpfs") as disk:
+        store = small.copy(disk / "job.zarr")
+        inputs = _inputs_digest(store)
+        subprocess.run(["mount", "-o", f"remount,size={_used_kib(disk) + 256}k", str(disk)], check=True)
+        hog = _DiskHog(disk / "other-writer.bin")
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(_cqsa, "run", store, "--scheduler", cluster.address, "--json", env=SHORT_LEASE)
+            try:
+                _await(lambda: first.done() or _leased(store), "the run to take its lease", 120, 0.02)
+                hog.start()
+                first_result = first.result(timeout=240)
+            finally:
+                hog.halt.set()
+                if hog.is_alive():
+                    hog.join()
+        plan = _plan(store)
+        done_before = _count(store, "task_done")
+        subprocess.run(["mount", "-o", "remount,size=64M", str(disk)], check=True)
+        _await(lambda: _lease_expired(store), "the failed run's lease to expire", 30, 0.2)
+        resume = _cqsa("resume", store, "--scheduler", cluster.address, "--json", env=SHORT_LEASE)
+        yield FullDisk(store, first_result, plan, done_before, resume, inputs, hog.full.is_set())
+
+
+@pytest.mark.integration
+def test_full_disk_stops_the_run_and_resume_completes(full_disk: FullDisk, small: Source) -> None:
+    """The run stops (non-zero, errno 28 reported); after enlarging, resume completes exactly,
+    recomputing only the tasks without a marker."""
+    r, plan = full_disk.first, full_disk.plan
+    assert full_disk.stayed_full, "the disk never filled up"
+    assert r.returncode != 0, f"the run should fail on a full disk:\n{r}"
+    assert "No space left on device" in r.stderr, str(r)
+    partial_kib = plan.quorum_size * plan.batch * plan.heads_q * plan.seq_len * plan.head_dim * 4 // 1024
+    assert partial_kib > 2 * 256, f"the partials ({partial_kib} KiB) should need far more than the free space"
+    assert full_disk.done_before < plan.tasks, "the job should not have finished on a full disk"
+    done = _done_event(full_disk.resume)
+    assert done["resumed"] is True and done["quorum_tasks_run"] == plan.tasks - full_disk.done_before, done
+    assert _markers(full_disk.store, "task_done").all() and _markers(full_disk.store, "merge_done").all()
+    assert _inputs_digest(full_disk.store) == full_disk.inputs_before, "the inputs were modified"
+    small.assert_exact(full_disk.store)
+
+
+@pytest.mark.integration
+def test_full_disk_is_reported_in_one_line(full_disk: FullDisk) -> None:
+    line = _one_line_error(full_disk.first)
+    assert "[Errno 28] No space left on device" in line, line
+
+
+# -- 5. bad input: typed error, one CLI line, nothing written ---------------------------------------
+
+
+@pytest.mark.parametrize("name", [*CLI_AND_API, *API_ONLY])
+def test_bad_input_raises_typed_error_and_writes_nothing(name: str, tmp_path: Path) -> None:
+    case = {**CLI_AND_API, **API_ONLY}[name]
+    store = case.build(tmp_path / "store.zarr")
+    before = _snapshot(store)
+    # A scheduler that does not answer: a case that got past validation would fail on it, fast,
+    # with a SchedulerError, instead of starting a local cluster.
+    with pytest.raises(case.error, match=case.match) as info:
+        cqsa_dask.run(store, scheduler=UNANSWERED, memory_budget=case.budget)
+    assert isinstance(info.value, CQSAError) and type(info.value) is case.error, repr(info.value)
+    assert _snapshot(store) == before, "a refused run wrote into the store"
+    if name == "missing-path":
+        assert not store.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(CLI_AND_API))
+def test_bad_input_cli_one_line_and_writes_nothing(battery: Battery, name: str) -> None:
+    line = _one_line_error(battery.result(name))
+    assert re.search(CLI_AND_API[name].match, line), f"{name}: the message should name the problem: {line}"
+    assert _snapshot(battery.stores[name]) == battery.before[name], "a refused run wrote into the store"
+
+
+@pytest.mark.integration
+def test_unanswered_scheduler_raises_scheduler_error(battery: Battery) -> None:
+    """(The CLI case is in test_cli.py.)"""
+    error, seconds = battery.result("unanswered")
+    assert isinstance(error, SchedulerError) and isinstance(error, ConnectionError), repr(error)
+    assert UNANSWERED in str(error), error
+    assert seconds < 60, f"took {seconds:.0f}s to give up on the scheduler"
+    assert _snapshot(battery.stores["unanswered"]) == battery.before["unanswered"]
+
+
+# -- read-only store --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_store(small: Source, tmp_path: Path, mounts: Callable[..., Path]) -> Path:
+    """A valid store seen through a read-only bind mount (root ignores chmod, not a ro mount)."""
+    src = small.copy(tmp_path / "src.zarr")
+    ro = mounts(tmp_path / "ro.zarr", "--bind", str(src))
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+    assert not os.access(ro, os.W_OK), f"{ro} is writable"  # EROFS, for root too
+    return ro
+
+
+@pytest.mark.integration
+def test_read_only_store_api(cluster: DaskCluster, read_only_store: Path) -> None:
+    before = _snapshot(read_only_store)
+    with pytest.raises(StoreError, match="cannot be written"):
+        cqsa_dask.run(read_only_store, scheduler=cluster.address)
+    assert _snapshot(read_only_store) == before
+
+
+@pytest.mark.integration
+def test_read_only_store_cli(cluster: DaskCluster, read_only_store: Path) -> None:
+    before = _snapshot(read_only_store)
+    r = _cqsa("run", read_only_store, "--scheduler", cluster.address)
+    assert _snapshot(read_only_store) == before
+    line = _one_line_error(r)
+    assert "cannot be written" in line or "read-only" in line.lower(), line
+
+
+# -- NaN / Inf in the inputs ------------------------------------------------------------------------
+
+
+def _poison(store: Path, name: str, head: int, token: int, value: float) -> None:
+    array(zarr.open_group(str(store), mode="r+", zarr_format=3), name)[0, head, token, 3] = value
+
+
+@pytest.mark.integration
+def test_nan_in_q_fails_naming_input_and_group(cluster: DaskCluster, small: Source, tmp_path: Path) -> None:
+    store = small.copy(tmp_path / "job.zarr")
+    token = 1000
+    _poison(store, "q", 1, token, float("nan"))
+    inputs = _inputs_digest(store)
+    with pytest.raises(JobFailedError, match=r"input q holds NaN or Inf in group") as info:
+        cqsa_dask.run(store, scheduler=cluster.address)
+    group = token // _plan(store).group_size
+    assert f"input q holds NaN or Inf in group {group} (tokens " in str(info.value), info.value
+    assert isinstance(info.value, RuntimeError)
+    assert "cqsa.check-finite" in str(info.value), "the message should name the option that lets them through"
+    assert _inputs_digest(store) == inputs
+
+
+@pytest.mark.integration
+def test_inf_in_k_fails_with_one_cli_line(cluster: DaskCluster, small: Source, tmp_path: Path) -> None:
+    store = small.copy(tmp_path / "job.zarr")
+    token = 1900
+    _poison(store, "k", 0, token, float("inf"))
+    inputs = _inputs_digest(store)
+    line = _one_line_error(_cqsa("run", store, "--scheduler", cluster.address))
+    group = token // _plan(store).group_size
+    assert f"input k holds NaN or Inf in group {group} (tokens " in line, line
+    assert _inputs_digest(store) == inputs
+
+
+@pytest.mark.integration
+def test_check_finite_false_lets_nan_through(cluster: DaskCluster, small: Source, tmp_path: Path) -> None:
+    """DASK_CQSA__CHECK_FINITE=false: the run completes; the poisoned query's row is NaN (IEEE), every
+    other row is exact by the criterion of ``reference.check_exact``.
+
+    The host cache is off, so the merges read the partials from disk, as a
+    merge on another worker than the partial's producer, or after a resume,
+    does.
+    """
+    store = small.copy(tmp_path / "job.zarr")
+    _poison(store, "q", 1, 1000, float("nan"))
+    done = _done_event(_cqsa("run", store, "--scheduler", cluster.address, "--json",
+                             env={"DASK_CQSA__CHECK_FINITE": "false", **NO_HOST_CACHE}))
+    plan = _plan(store)
+    assert (done["quorum_tasks_run"], done["merges_run"]) == (plan.tasks, plan.merges), done
+    q, k, v, out, lse = _tensors(store, "q", "k", "v", "out", "lse")
+    ref_out, ref_lse = reference_attention(q, k, v, False, None)
+    nan_rows = torch.isnan(out).any(-1)
+    assert nan_rows.sum() == 1 and nan_rows[0, 1, 1000], "exactly the row of the NaN query is NaN"
+    assert torch.equal(torch.isnan(lse), nan_rows)
+    ok = ~nan_rows
+    err = (out.double() - ref_out)[ok].abs().max().item()
+    base_err = (sdpa(q, k, v, False, None).double() - ref_out)[ok].abs().max().item()
+    assert err <= FACTOR * base_err + 1e-6, f"seed {small.seed}: out err {err:.2e}, SDPA's {base_err:.2e}"
+    lse_ratio = ((lse.double() - ref_lse).abs() / lse_tolerance(q, k, None, ref_lse))[ok].max().item()
+    assert lse_ratio <= 1.0, f"seed {small.seed}: lse error {lse_ratio:.2f} of the tolerance"
+
+
+# -- job state: lease, plan, fingerprint ------------------------------------------------------------
+
+
+def _stopped_job(small_job: Path, dst: Path) -> Path:
+    """A copy of the finished SMALL job with task 0 and its merges not yet done (as if stopped)."""
+    shutil.copytree(small_job, dst)
+    _clear_task(dst, _plan(dst), 0)
+    return dst
+
+
+@pytest.mark.integration
+def test_live_lease_refuses_a_second_run(cluster: DaskCluster, small_job: Path, tmp_path: Path) -> None:
+    """Another run's live lease (here written by hand; a real one in the killed-client test)."""
+    store = _stopped_job(small_job, tmp_path / "job.zarr")
+    _engine(store, "r+").attrs["lease"] = {"owner": "elsewhere:4242:cafe", "expires": time.time() + 3600}
+    before = _snapshot(store)
+    line = _one_line_error(_cqsa("resume", store, "--scheduler", cluster.address))
+    assert "another run holds this store (lease of elsewhere:4242:cafe" in line, line
+    with pytest.raises(StoreError, match="another run holds this store"):
+        cqsa_dask.run(store, scheduler=cluster.address)
+    assert _snapshot(store) == before
+
+
+@pytest.mark.integration
+def test_different_parameters_need_restart(cluster: DaskCluster, small: Source, small_job: Path,
+                                           tmp_path: Path) -> None:
+    store = _stopped_job(small_job, tmp_path / "job.zarr")
+    before = _snapshot(store)
+    line = _one_line_error(_cqsa("run", store, "--causal", "--scheduler", cluster.address))
+    assert "different plan" in line and "causal False -> True" in line and "--restart" in line, line
+    with pytest.raises(InvalidInputError, match=r"different plan \(.*budget_bytes 3200000 -> 2700000"):
+        cqsa_dask.run(store, scheduler=cluster.address, memory_budget="2.7MB")
+    assert _snapshot(store) == before, "a refused run wrote into the store"
+
+    done = _done_event(_cqsa("run", store, "--causal", "--restart", "--scheduler", cluster.address, "--json"))
+    plan = _plan(store)
+    assert plan.causal and done["resumed"] is False
+    assert (done["quorum_tasks_run"], done["merges_run"]) == (plan.tasks, plan.merges), done
+    small.assert_exact(store, causal=True)
+
+
+@pytest.mark.integration
+def test_changed_input_refuses_with_fingerprint(cluster: DaskCluster, small_job: Path, tmp_path: Path) -> None:
+    store = _stopped_job(small_job, tmp_path / "job.zarr")
+    q = array(zarr.open_group(str(store), mode="r+", zarr_format=3), "q")
+    q[0, 0, 5, 0] = np.asarray(q[0, 0, 5, 0]) + 1.0
+    before = _snapshot(store)
+    line = _one_line_error(_cqsa("resume", store, "--scheduler", cluster.address))
+    assert "inputs q, k, v changed since the job started (fingerprint differs)" in line and "--restart" in line, line
+    with pytest.raises(InvalidInputError, match="fingerprint differs"):
+        cqsa_dask.run(store, scheduler=cluster.address)
+    assert _snapshot(store) == before
+
+
+@pytest.mark.integration
+def test_plan_of_another_engine_version_is_refused(cluster: DaskCluster, small_job: Path, tmp_path: Path) -> None:
+    store = _stopped_job(small_job, tmp_path / "job.zarr")
+    eng = _engine(store, "r+")
+    eng.attrs["plan"] = {**_plan(store).to_dict(), "version": 0}
+    before = _snapshot(store)
+    with pytest.raises(InvalidInputError, match=r"incompatible engine \(plan version 0"):
+        cqsa_dask.run(store, scheduler=cluster.address)
+    assert _snapshot(store) == before
+
+
+# -- the workers' budget, read while the client refreshes its scheduler info ------------------------
+
+
+@pytest.mark.integration
+def test_workers_budget_is_read_reliably(cluster: DaskCluster) -> None:
+    """What run() takes for the workers' device_mem (its budget when none is given, and the capacity
+    check) must not depend on when the client's periodic refresh of scheduler info happens.
+
+    The refresh runs every 1 ms here instead of 2 s, so that 1000 reads hit the window of the race
+    (one read in 7 to 12 did here); at 2 s the window is rare, but a run was refused by it once.
+    """
+    cluster.ensure_workers()
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), cluster.client() as c:
+        seen = [advertised(c, RESOURCE) for _ in range(1000)]
+    wrong = [s for s in seen if s != [DEVICE_MEM] * WORKERS]
+    assert not wrong, f"{len(wrong)} of {len(seen)} reads were wrong, e.g. {wrong[0]}"
