@@ -39,10 +39,13 @@ procs=${#gpus[@]}
 total_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 memory_limit=${CQSA_WORKER_MEMORY_LIMIT:-$(( total_kb * 1024 / procs ))}
 
+# Threads: two quorum tasks in flight on a GPU plus one for merges; one plus one on the CPU.
+if [ "$procs" -gt 1 ] || [ ${#gpus[@]} -gt 0 ]; then nthreads=3; else nthreads=2; fi
+
 start() {  # start NAME [env assignments...]
     local name=$1
     shift
-    env "$@" dask worker "$scheduler" --nthreads 2 --name "$name" \
+    env "$@" dask worker "$scheduler" --nthreads "$nthreads" --name "$name" \
         --resources "${resource}=${device_mem}" --memory-limit "$memory_limit" &
     echo "started worker $name (pid $!): ${resource}=${device_mem}, memory limit ${memory_limit}" >&2
 }
