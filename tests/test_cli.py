@@ -21,15 +21,12 @@ thread pool (longest first) and each test waits only for its own result::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +37,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from clitools import CliResult, cqsa_command, snapshot
 from reference import reference_attention
 
 from cqsa_dask.api import plan_options
@@ -62,35 +60,16 @@ E2E = {"seq_len": 600, "heads": 2, "kv_heads": 1, "head_dim": 16, "dtype": "floa
 SCHEDULER_DEADLINE_S = 40.0  # the spec's "~30 s", plus slack for imports on a loaded 2-core machine
 
 
-def _cli() -> list[str]:
-    """The installed ``cqsa`` next to this interpreter, else any on PATH, else ``python -m``."""
-    exe = shutil.which("cqsa", path=os.path.dirname(sys.executable)) or shutil.which("cqsa")
-    return [exe] if exe else [sys.executable, "-m", "cqsa_dask.cli"]
 
 
 def _seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-@dataclass(frozen=True)
-class Result:
-    """One finished ``cqsa`` invocation."""
-
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def __str__(self) -> str:
-        return (f"`cqsa {' '.join(self.args)}` -> {self.returncode} in {self.seconds:.1f}s\n"
-                f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}")
-
-
-def _invoke(args: list[str], timeout: float, env: dict[str, str] | None = None) -> Result:
+def _invoke(args: list[str], timeout: float, env: dict[str, str] | None = None) -> CliResult:
     """Run ``cqsa args`` in its own session; kill that session if it outlives ``timeout``."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(_cli() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cqsa_command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -98,18 +77,7 @@ def _invoke(args: list[str], timeout: float, env: dict[str, str] | None = None) 
         os.killpg(proc.pid, signal.SIGKILL)  # the session this Popen started (cluster processes included)
         out, err = proc.communicate()
         raise AssertionError(f"`cqsa {' '.join(args)}` did not finish in {timeout}s\n{out[-2000:]}\n{err[-2000:]}")
-    return Result(tuple(args), proc.returncode, out, err, time.perf_counter() - t0)
-
-
-def _snapshot(path: Path) -> dict[str, str | None]:
-    """Every file (sha256) and directory (None) under ``path``, by relative path."""
-    if not path.exists():
-        return {}
-    snap: dict[str, str | None] = {}
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path).as_posix()
-        snap[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-    return snap
+    return CliResult(tuple(args), proc.returncode, out, err, time.perf_counter() - t0)
 
 
 @dataclass
@@ -119,9 +87,9 @@ class Jobs:
     stores: dict[str, Path]
     before: dict[str, dict[str, str | None]]
     seeds: dict[str, int]
-    futures: dict[str, Future[Result]] = field(default_factory=dict)
+    futures: dict[str, Future[CliResult]] = field(default_factory=dict)
 
-    def result(self, name: str) -> Result:
+    def result(self, name: str) -> CliResult:
         return self.futures[name].result()
 
 
@@ -179,7 +147,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
     _store_without_k(stores["no-k"], seeds["no-k"])
     _not_a_group(stores["not-a-group"], seeds["not-a-group"])
     print(f"cli seeds: {seeds}")
-    j = Jobs(stores, {name: _snapshot(p) for name, p in stores.items()}, seeds)
+    j = Jobs(stores, {name: snapshot(p) for name, p in stores.items()}, seeds)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cqsa-cli") as pool:
         for name, (args, timeout, env) in _commands(stores, seeds).items():
             j.futures[name] = pool.submit(_invoke, args, timeout, env)
@@ -188,7 +156,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
             f.cancel()
 
 
-def _assert_one_line_error(r: Result) -> str:
+def _assert_one_line_error(r: CliResult) -> str:
     assert r.returncode not in (0, None), f"expected failure:\n{r}"
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, f"traceback leaked:\n{r}"
     lines = r.stderr.splitlines()
@@ -268,7 +236,7 @@ def test_bad_budget_names_the_smallest_budget_that_works(jobs: Jobs) -> None:
                                              ("not-a-group", "err-run-not-a-group"), ("no-k", "err-run-no-k")])
 def test_bad_store_is_left_untouched(jobs: Jobs, store: str, name: str) -> None:
     _assert_one_line_error(jobs.result(name))
-    assert _snapshot(jobs.stores[store]) == jobs.before[store]
+    assert snapshot(jobs.stores[store]) == jobs.before[store]
     if store == "missing":
         assert not jobs.stores[store].exists()
 
@@ -278,13 +246,13 @@ def test_unreachable_scheduler_fails_fast(jobs: Jobs) -> None:
     line = _assert_one_line_error(r)
     assert "tcp://127.0.0.1:1" in line, line
     assert r.seconds < SCHEDULER_DEADLINE_S, f"took {r.seconds:.1f}s to give up on the scheduler"
-    assert _snapshot(jobs.stores["sched"]) == jobs.before["sched"], "a failed run wrote into the store"
+    assert snapshot(jobs.stores["sched"]) == jobs.before["sched"], "a failed run wrote into the store"
 
 
 # -- cqsa run, end to end ---------------------------------------------------------
 
 
-def _json_lines(r: Result) -> list[dict[str, object]]:
+def _json_lines(r: CliResult) -> list[dict[str, object]]:
     lines = [line for line in r.stdout.splitlines() if line.strip()]
     try:
         return [json.loads(line) for line in lines]
@@ -328,7 +296,7 @@ def test_run_end_to_end_matches_float64(jobs: Jobs) -> None:
     def inputs(snap: dict[str, str | None]) -> dict[str, str | None]:  # all but what the engine may write
         return {k: h for k, h in snap.items() if k.split("/")[0] not in ("out", "lse", "_cqsa")}
 
-    assert inputs(_snapshot(jobs.stores["e2e"])) == inputs(jobs.before["e2e"]), f"{ctx}: inputs were modified"
+    assert inputs(snapshot(jobs.stores["e2e"])) == inputs(jobs.before["e2e"]), f"{ctx}: inputs were modified"
 
 
 def test_run_honours_local_cluster_environment_variables(jobs: Jobs) -> None:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -76,6 +75,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from clitools import CliResult, cqsa_command, snapshot
 from distributed import Client
 from distributed.utils import key_split
 from reference import FACTOR, check_exact, lse_tolerance, reference_attention, sdpa
@@ -117,12 +117,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 # -- processes -------------------------------------------------------------------------------
 
 
-def _cli() -> list[str]:
-    """The installed ``cqsa`` next to this interpreter, else any on PATH, else ``python -m``."""
-    exe = shutil.which("cqsa", path=os.path.dirname(sys.executable)) or shutil.which("cqsa")
-    return [exe] if exe else [sys.executable, "-m", "cqsa_dask.cli"]
-
-
 def _dask() -> list[str]:
     exe = shutil.which("dask", path=os.path.dirname(sys.executable)) or shutil.which("dask")
     return [exe] if exe else [sys.executable, "-m", "dask"]
@@ -142,26 +136,11 @@ def _kill_session(proc: subprocess.Popen[Any]) -> None:
         proc.wait(timeout=10)
 
 
-@dataclass(frozen=True)
-class CliResult:
-    """One finished ``cqsa`` invocation."""
-
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def __str__(self) -> str:
-        return (f"`cqsa {' '.join(self.args)}` -> {self.returncode} in {self.seconds:.1f}s\n"
-                f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}")
-
-
 def _cqsa(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 240) -> CliResult:
     """Run ``cqsa ARGS`` in its own session; kill that session if it outlives ``timeout``."""
     argv = tuple(str(a) for a in args)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*_cli(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([*cqsa_command(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ENV, **(env or {})}, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -245,17 +224,9 @@ def _start_cluster(logdir: Path) -> DaskCluster:
 # -- stores ------------------------------------------------------------------------------------
 
 
-def _snapshot(path: Path) -> dict[str, str | None]:
-    """Every file (SHA-256) and directory (None) under ``path``, by relative path."""
-    if not path.exists():
-        return {}
-    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            for p in sorted(path.rglob("*"))}
-
-
 def _inputs_digest(path: Path) -> dict[str, str | None]:
     """The snapshot of q, k, v and the root metadata: what the engine must never write."""
-    return {k: h for k, h in _snapshot(path).items() if k.split("/")[0] in ("q", "k", "v", "zarr.json")}
+    return {k: h for k, h in snapshot(path).items() if k.split("/")[0] in ("q", "k", "v", "zarr.json")}
 
 
 def _engine(path: Path, mode: str = "r") -> zarr.Group:
@@ -446,7 +417,7 @@ class Battery:
     futures: dict[str, Future[Any]] = field(default_factory=dict)
 
     def submit(self, name: str, store: Path, fn: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        self.stores[name], self.before[name] = store, _snapshot(store)
+        self.stores[name], self.before[name] = store, snapshot(store)
         self.futures[name] = self.pool.submit(fn, *args, **kw)
 
     def result(self, name: str) -> Any:
@@ -612,7 +583,7 @@ def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tm
     log = tmp_path / "first-run.log"
     with cluster.client() as c:
         with open(log, "wb") as f:
-            first = subprocess.Popen([*_cli(), "run", str(store), "--scheduler", cluster.address, "--json"],
+            first = subprocess.Popen([*cqsa_command(), "run", str(store), "--scheduler", cluster.address, "--json"],
                                      stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV, **SHORT_LEASE},
                                      start_new_session=True)
         try:
@@ -831,13 +802,13 @@ def test_full_disk_is_reported_in_one_line(full_disk: FullDisk) -> None:
 def test_bad_input_raises_typed_error_and_writes_nothing(name: str, tmp_path: Path) -> None:
     case = {**CLI_AND_API, **API_ONLY}[name]
     store = case.build(tmp_path / "store.zarr")
-    before = _snapshot(store)
+    before = snapshot(store)
     # A scheduler that does not answer: a case that got past validation would fail on it, fast,
     # with a SchedulerError, instead of starting a local cluster.
     with pytest.raises(case.error, match=case.match) as info:
         cqsa_dask.run(store, scheduler=UNANSWERED, memory_budget=case.budget)
     assert isinstance(info.value, CQSAError) and type(info.value) is case.error, repr(info.value)
-    assert _snapshot(store) == before, "a refused run wrote into the store"
+    assert snapshot(store) == before, "a refused run wrote into the store"
     if name == "missing-path":
         assert not store.exists()
 
@@ -847,7 +818,7 @@ def test_bad_input_raises_typed_error_and_writes_nothing(name: str, tmp_path: Pa
 def test_bad_input_cli_one_line_and_writes_nothing(battery: Battery, name: str) -> None:
     line = _one_line_error(battery.result(name))
     assert re.search(CLI_AND_API[name].match, line), f"{name}: the message should name the problem: {line}"
-    assert _snapshot(battery.stores[name]) == battery.before[name], "a refused run wrote into the store"
+    assert snapshot(battery.stores[name]) == battery.before[name], "a refused run wrote into the store"
 
 
 @pytest.mark.integration
@@ -857,7 +828,7 @@ def test_unanswered_scheduler_raises_scheduler_error(battery: Battery) -> None:
     assert isinstance(error, SchedulerError) and isinstance(error, ConnectionError), repr(error)
     assert UNANSWERED in str(error), error
     assert seconds < 60, f"took {seconds:.0f}s to give up on the scheduler"
-    assert _snapshot(battery.stores["unanswered"]) == battery.before["unanswered"]
+    assert snapshot(battery.stores["unanswered"]) == battery.before["unanswered"]
 
 
 # -- read-only store --------------------------------------------------------------------------------
@@ -875,17 +846,17 @@ def read_only_store(small: Source, tmp_path: Path, mounts: Callable[..., Path]) 
 
 @pytest.mark.integration
 def test_read_only_store_api(cluster: DaskCluster, read_only_store: Path) -> None:
-    before = _snapshot(read_only_store)
+    before = snapshot(read_only_store)
     with pytest.raises(StoreError, match="cannot be written"):
         cqsa_dask.run(read_only_store, scheduler=cluster.address)
-    assert _snapshot(read_only_store) == before
+    assert snapshot(read_only_store) == before
 
 
 @pytest.mark.integration
 def test_read_only_store_cli(cluster: DaskCluster, read_only_store: Path) -> None:
-    before = _snapshot(read_only_store)
+    before = snapshot(read_only_store)
     r = _cqsa("run", read_only_store, "--scheduler", cluster.address)
-    assert _snapshot(read_only_store) == before
+    assert snapshot(read_only_store) == before
     line = _one_line_error(r)
     assert "cannot be written" in line or "read-only" in line.lower(), line
 
@@ -967,24 +938,24 @@ def test_live_lease_refuses_a_second_run(cluster: DaskCluster, small_job: Path, 
     """Another run's live lease (here written by hand; a real one in the killed-client test)."""
     store = _stopped_job(small_job, tmp_path / "job.zarr")
     _engine(store, "r+").attrs["lease"] = {"owner": "elsewhere:4242:cafe", "expires": time.time() + 3600}
-    before = _snapshot(store)
+    before = snapshot(store)
     line = _one_line_error(_cqsa("resume", store, "--scheduler", cluster.address))
     assert "another run holds this store (lease of elsewhere:4242:cafe" in line, line
     with pytest.raises(StoreError, match="another run holds this store"):
         cqsa_dask.run(store, scheduler=cluster.address)
-    assert _snapshot(store) == before
+    assert snapshot(store) == before
 
 
 @pytest.mark.integration
 def test_different_parameters_need_restart(cluster: DaskCluster, small: Source, small_job: Path,
                                            tmp_path: Path) -> None:
     store = _stopped_job(small_job, tmp_path / "job.zarr")
-    before = _snapshot(store)
+    before = snapshot(store)
     line = _one_line_error(_cqsa("run", store, "--causal", "--scheduler", cluster.address))
     assert "different plan" in line and "causal False -> True" in line and "--restart" in line, line
     with pytest.raises(InvalidInputError, match=r"different plan \(.*budget_bytes 3200000 -> 2700000"):
         cqsa_dask.run(store, scheduler=cluster.address, memory_budget="2.7MB")
-    assert _snapshot(store) == before, "a refused run wrote into the store"
+    assert snapshot(store) == before, "a refused run wrote into the store"
 
     done = _done_event(_cqsa("run", store, "--causal", "--restart", "--scheduler", cluster.address, "--json"))
     plan = _plan(store)
@@ -998,12 +969,12 @@ def test_changed_input_refuses_with_fingerprint(cluster: DaskCluster, small_job:
     store = _stopped_job(small_job, tmp_path / "job.zarr")
     q = array(zarr.open_group(str(store), mode="r+", zarr_format=3), "q")
     q[0, 0, 5, 0] = np.asarray(q[0, 0, 5, 0]) + 1.0
-    before = _snapshot(store)
+    before = snapshot(store)
     line = _one_line_error(_cqsa("resume", store, "--scheduler", cluster.address))
     assert "inputs q, k, v changed since the job started (fingerprint differs)" in line and "--restart" in line, line
     with pytest.raises(InvalidInputError, match="fingerprint differs"):
         cqsa_dask.run(store, scheduler=cluster.address)
-    assert _snapshot(store) == before
+    assert snapshot(store) == before
 
 
 @pytest.mark.integration
@@ -1011,10 +982,10 @@ def test_plan_of_another_engine_version_is_refused(cluster: DaskCluster, small_j
     store = _stopped_job(small_job, tmp_path / "job.zarr")
     eng = _engine(store, "r+")
     eng.attrs["plan"] = {**_plan(store).to_dict(), "version": 0}
-    before = _snapshot(store)
+    before = snapshot(store)
     with pytest.raises(InvalidInputError, match=r"incompatible engine \(plan version 0"):
         cqsa_dask.run(store, scheduler=cluster.address)
-    assert _snapshot(store) == before
+    assert snapshot(store) == before
 
 
 # -- the workers' budget, read while the client refreshes its scheduler info ------------------------
