@@ -146,8 +146,11 @@ def _running_ok(plan: Plan) -> Any:
 
 
 def _final_ok(plan: Plan) -> Any:
+    # The summary text and the grid are separate bokeh models, updated by one refresh but rendered
+    # one after the other: wait for both, so a view between the two is not taken for the final one.
     def ok(v: PageView) -> bool:
-        return v.count("tasks") == (plan.tasks, plan.tasks) and v.count("merges") == (plan.merges, plan.merges)
+        return (v.count("tasks") == (plan.tasks, plan.tasks) and v.count("merges") == (plan.merges, plan.merges)
+                and set(v.states) == {"done"})
     return ok
 
 
