@@ -12,12 +12,11 @@ import os
 import torch
 import zarr
 
-from .layout import create_array, write_block
+from .layout import TORCH_DTYPES, create_array, write_block
 from .plan import parse_dtype
 
 __all__ = ["make_synthetic_store"]
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def make_synthetic_store(
@@ -38,5 +37,5 @@ def make_synthetic_store(
             for t0 in range(0, seq_len, chunk_tokens):
                 t1 = min(seq_len, t0 + chunk_tokens)
                 x = torch.randn(h, t1 - t0, head_dim, generator=g) * std
-                write_block(arr, (b, slice(None), slice(t0, t1)), x.to(_TORCH[name]))
+                write_block(arr, (b, slice(None), slice(t0, t1)), x.to(TORCH_DTYPES[name]))
     return group

@@ -48,6 +48,7 @@ from .plan import MAX_HEAD_DIM, Plan, parse_dtype
 __all__ = [
     "ENGINE",
     "STAT_FIELDS",
+    "TORCH_DTYPES",
     "InputInfo",
     "array",
     "create_array",
@@ -69,7 +70,8 @@ ENGINE = "_cqsa"
 STAT_FIELDS = ("start", "seconds", "compute_seconds", "io_seconds", "bytes_read", "bytes_written",
                "peak_device_bytes", "worker")
 _LOGICAL = "logical_dtype"
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: torch dtype of each logical dtype name.
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def open_store(store: Any, mode: str = "r+") -> zarr.Group:

@@ -40,11 +40,10 @@ from .dashboard_events import report_task, task_started, worker_address
 from .errors import InvalidInputError, StoreError
 from .hostcache import host_cache, io_pool
 from .kernels import attend, merge, resolve_device, select_kernel
-from .layout import Job, open_job, read_block, write_block, write_stats
+from .layout import TORCH_DTYPES, Job, open_job, read_block, write_block, write_stats
 
 __all__ = ["merge_task", "quorum_task", "worker_options"]
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _initialised = False
 
 
@@ -201,7 +200,7 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     dev = resolve_device(opt["device"])
     if dev.type == "cuda":  # per-task peaks (shared by tasks running at once on one device)
         torch.cuda.reset_peak_memory_stats(dev)
-    dtype = _TORCH[plan.dtype]
+    dtype = TORCH_DTYPES[plan.dtype]
     name = select_kernel(dev, dtype, plan.head_dim, opt["kernel"])
     work = plan.work(task)
     io, pool = _TaskIO(job, token, batch, block, opt), io_pool(int(opt["io-threads"]))
@@ -316,7 +315,7 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
             nread += out.nbytes + lse.nbytes
         acc = merge(acc, (out, lse))
     assert acc is not None, f"group {group} has no producers"
-    out = acc[0].to(_TORCH[plan.dtype])
+    out = acc[0].to(TORCH_DTYPES[plan.dtype])
     write_block(job.out, (batch, q_h, rows), out)
     write_block(job.lse, (batch, q_h, rows), acc[1])
     rec = {
