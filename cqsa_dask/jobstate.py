@@ -3,8 +3,9 @@
 All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
 
 - Fingerprint: shapes, dtypes and the SHA-256 of up to ``_SAMPLES`` chunks
-  of each of q, k, v (first, last and evenly spaced ones).  A resumed run
-  refuses when it differs.  Limit: a change confined to chunks that are not
+  of each of q, k, v (first, last and evenly spaced ones); for generated
+  inputs, the SHA-256 of the source's canonical JSON (it defines every
+  value).  A resumed run refuses when it differs.  Limit: a change confined to chunks that are not
   sampled goes unnoticed (hashing terabytes on every start is not an option).
 - Lease: {"owner", "expires"} in the attributes, renewed by the running
   client every ``ttl / 3`` seconds.  Another run refuses while the lease is
@@ -17,6 +18,7 @@ All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -32,6 +34,7 @@ import zarr
 from .errors import StoreError
 from .layout import array, engine, open_store
 from .plan import Plan
+from .synthetic import source_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,11 @@ def _sample_chunks(arr: zarr.Array) -> list[tuple[int, ...]]:
 
 
 def fingerprint(group: zarr.Group) -> str:
-    """SHA-256 over shapes, dtypes and sampled chunks of q, k, v."""
+    """SHA-256 over shapes, dtypes and sampled chunks of q, k, v (of the source's JSON, when generated)."""
+    source = source_of(group)
+    if source is not None:
+        canonical = json.dumps(source.to_attrs(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
     h = hashlib.sha256()
     for name in ("q", "k", "v"):
         arr = array(group, name)

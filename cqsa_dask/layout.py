@@ -2,7 +2,8 @@
 
 ::
 
-    STORE/                       (user's group; only q, k, v are read)
+    STORE/                       (user's group; only q, k, v, or the attribute
+                                  cqsa_source of generated inputs (synthetic.py), are read)
     ├── q    (B, Hq,  N, D)      input  float32 | float16 | bfloat16*
     ├── k    (B, Hkv, N, D)      input
     ├── v    (B, Hkv, N, D)      input
@@ -44,6 +45,7 @@ import zarr.errors
 
 from .errors import InvalidInputError, StoreError
 from .plan import MAX_HEAD_DIM, Plan, parse_dtype
+from .synthetic import SyntheticSource, source_of
 
 __all__ = [
     "ENGINE",
@@ -150,7 +152,11 @@ def validate_shapes(qs: tuple[int, ...], ks: tuple[int, ...], vs: tuple[int, ...
 
 
 def input_info(group: zarr.Group) -> InputInfo:
-    """Validate the q, k, v arrays of ``group`` and describe them."""
+    """Validate the q, k, v arrays (or the synthetic source) of ``group`` and describe them."""
+    source = source_of(group)
+    if source is not None:  # generated inputs (synthetic.py): the source was validated when parsed
+        return InputInfo(source.batch, source.heads_q, source.heads_kv, source.seq_len, source.head_dim,
+                         source.dtype)
     q, k, v = (array(group, n, hint="it needs q, k, v shaped (B, H, N, D)") for n in ("q", "k", "v"))
     validate_shapes(q.shape, k.shape, v.shape)
     dtypes = {logical_dtype(a) for a in (q, k, v)}
@@ -264,7 +270,9 @@ class Job:
         if eng.attrs.get("token") != token:
             raise StoreError(f"store {store!r} holds job {eng.attrs.get('token')!r}, not {token!r}")
         self.plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
-        self.q, self.k, self.v = (array(group, n) for n in ("q", "k", "v"))
+        # A synthetic store generates its inputs (synthetic.py) and has no q, k, v arrays.
+        self.source: SyntheticSource | None = source_of(group)
+        self.q, self.k, self.v = (array(group, n) if self.source is None else None for n in ("q", "k", "v"))
         self.out, self.lse = array(group, "out"), array(group, "lse")
         self.partial_out, self.partial_lse = array(eng, "partial_out"), array(eng, "partial_lse")
         self.task_done, self.merge_done = array(eng, "task_done"), array(eng, "merge_done")

@@ -127,8 +127,16 @@ class _TaskIO:
             self.read += read
             self.written += written
 
-    def _input(self, name: str, arr: zarr.Array, heads: slice, g: int) -> torch.Tensor:
+    def _input(self, name: str, arr: zarr.Array | None, heads: slice, g: int,
+               device: torch.device | None) -> torch.Tensor:
         idx = (self.batch, heads, _tokens(self.job, g))
+        source = self.job.source
+        if source is not None:  # generated where it is used (synthetic.py): nothing read, nothing cached
+            x = {"q": source.q, "k": source.k, "v": source.v}[name](*idx, device)
+            if x.is_cuda:  # this IO thread waits for the kernels: the task reads x on its own stream
+                torch.cuda.current_stream(x.device).synchronize()
+            return x
+        assert arr is not None
 
         def load() -> torch.Tensor:
             x = _checked(read_block(arr, idx, self.job.plan.dtype), name, g, idx, self.check)
@@ -137,13 +145,15 @@ class _TaskIO:
 
         return self.cache.get_or_load((self.token, name, self.batch, heads.start, g), load)
 
-    def kv(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v of group ``g``: (hk, G, D) each, on the CPU."""
-        return self._input("k", self.job.k, self.kv_h, g), self._input("v", self.job.v, self.kv_h, g)
+    def kv(self, g: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of group ``g``: (hk, G, D) each, on the CPU (stored inputs) or on ``device``
+        (generated inputs; CPU when None)."""
+        return (self._input("k", self.job.k, self.kv_h, g, device),
+                self._input("v", self.job.v, self.kv_h, g, device))
 
-    def q(self, a: int) -> torch.Tensor:
-        """q of group ``a``: (hq, G, D) on the CPU."""
-        return self._input("q", self.job.q, self.q_h, a)
+    def q(self, a: int, device: torch.device | None = None) -> torch.Tensor:
+        """q of group ``a``: (hq, G, D) on the CPU (stored inputs) or on ``device`` (generated)."""
+        return self._input("q", self.job.q, self.q_h, a, device)
 
     def write(self, slot: int, a: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Write the result (hq, G, D), (hq, G) of query group ``a`` from ``slot``.
@@ -204,8 +214,8 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     name = select_kernel(dev, dtype, plan.head_dim, opt["kernel"])
     work = plan.work(task)
     io, pool = _TaskIO(job, token, batch, block, opt), io_pool(int(opt["io-threads"]))
-    kv_futs = {g: pool.submit(io.kv, g) for g in sorted({b for _, _, bs in work for b in bs})}
-    q_futs = [pool.submit(io.q, a) for _, a, _ in work[:2]]
+    kv_futs = {g: pool.submit(io.kv, g, dev) for g in sorted({b for _, _, bs in work for b in bs})}
+    q_futs = [pool.submit(io.q, a, dev) for _, a, _ in work[:2]]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     writes: deque[Future[None]] = deque()
     t_wait = t_compute = 0.0
@@ -215,7 +225,7 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
                 tw = time.perf_counter()
                 q = q_futs[n].result().to(dev)[None].contiguous()  # (1, hq, G, D)
                 if n + 2 < len(work):
-                    q_futs.append(pool.submit(io.q, work[n + 2][1]))
+                    q_futs.append(pool.submit(io.q, work[n + 2][1], dev))
                 for b in bs:
                     if b not in kv:
                         k, v = kv_futs[b].result()
