@@ -1,7 +1,8 @@
-"""The ``cqsa`` command: plan, run, resume, status, dashboard and demo.  The only module that prints.
+"""The ``cqsa`` command: plan, run, resume, status, verify, dashboard and demo.  The only module that prints.
 
 Every expected failure (a :class:`CQSAError`, a bad option) ends with one
-line ``cqsa: error: ...`` on stderr and exit status 2; no traceback.
+line ``cqsa: error: ...`` on stderr and exit status 2; no traceback.  A
+check that ran and failed (``verify``, ``demo``) exits with status 1.
 """
 
 from __future__ import annotations
@@ -114,9 +115,46 @@ def _start_printer(quiet: bool):  # type: ignore[no-untyped-def]
     return on_start
 
 
+_SYNTHETIC_OPTIONS = ("heads", "kv_heads", "head_dim", "dtype", "batch", "seed", "vocab", "gain")
+
+
+def _synthetic_store(a: argparse.Namespace) -> None:
+    """Create the synthetic store of ``run --synthetic N`` (or keep one holding the same source)."""
+    from .layout import open_store
+    from .synthetic import SyntheticSource, create_synthetic_store, source_of
+
+    def opt(name: str, default: Any) -> Any:
+        value = getattr(a, name)
+        return default if value is None else value
+
+    heads = opt("heads", 1)
+    src = SyntheticSource(seq_len=a.synthetic, heads_q=heads, heads_kv=opt("kv_heads", heads),
+                          head_dim=opt("head_dim", 128), dtype=opt("dtype", "bfloat16"), batch=opt("batch", 1),
+                          seed=opt("seed", 0), vocab=opt("vocab", 4096), gain=opt("gain", 2.0))
+    if os.path.isdir(a.store) and os.path.exists(os.path.join(a.store, "zarr.json")):
+        have = source_of(open_store(a.store, mode="r"))
+        if have == src:
+            return  # the same job again: run resumes it
+        if have is not None:
+            changed = [f"{k} {v!r} -> {src.to_attrs()[k]!r}" for k, v in have.to_attrs().items()
+                       if src.to_attrs()[k] != v]
+            raise InvalidInputError(f"{a.store!r} holds another synthetic source ({'; '.join(changed)}); "
+                                    "give a new path for another job")
+    create_synthetic_store(a.store, src)
+    if not a.json:
+        print(f"inputs      generated (synthetic-v1, seed {src.seed}, vocab {src.vocab}, gain {src.gain:g}) "
+              f"in {a.store}", flush=True)
+
+
 def _cmd_run(a: argparse.Namespace) -> int:
     from .api import run
 
+    if getattr(a, "synthetic", None) is not None:
+        _synthetic_store(a)
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in _SYNTHETIC_OPTIONS if getattr(a, n, None) is not None]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)}: only for generated inputs, add --synthetic N")
     tty = sys.stderr.isatty()
     res = run(a.store, causal=a.causal, scale=a.scale, memory_budget=a.budget, scheduler=a.scheduler,
               groups=a.groups, restart=a.restart, progress=_Progress(tty or a.progress, a.json),
@@ -155,6 +193,29 @@ def _cmd_status(a: argparse.Namespace) -> int:
     print(f"time        {st.elapsed_s:.1f}s active, {st.tasks_per_s:.2f} tasks/s, eta {eta}")
     print(f"written     ~{_fmt_bytes(st.bytes_written)} (estimated from the plan)")
     return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from .verify import OUT_TOL, verify
+
+    v = verify(a.store, rows=a.rows, seed=a.seed)
+    w = v.worst
+    if a.json:
+        print(json.dumps(v.to_dict()))
+    else:
+        d = v.to_dict()
+        print(f"rows        {d['rows_checked']} checked, {v.skipped} skipped (query group not merged yet); "
+              f"float64 reference by {v.method}, {v.seconds:.1f}s")
+        print(f"out         max |err| {d['max_abs_out']:.3e}, max |err| / max|v| {d['max_rel_out']:.3e} "
+              f"(tolerance {OUT_TOL[v.dtype]:.3g} for {v.dtype}, plus the logit term)")
+        print(f"lse         max |err| {d['max_abs_lse']:.3e}")
+        print(f"worst       row b={w.row[0]} h={w.row[1]} n={w.row[2]}: {w.ratio:.3g} of its tolerance")
+        print(f"result      {'passed' if v.passed else 'FAILED'}")
+    if v.passed:
+        return 0
+    print(f"cqsa: error: row b={w.row[0]} h={w.row[1]} n={w.row[2]} differs from float64: |out err| {w.abs_out:.3g} "
+          f"(allowed {w.allowed_out:.3g}), |lse err| {w.abs_lse:.3g} (allowed {w.allowed_lse:.3g})", file=sys.stderr)
+    return 1
 
 
 def _cmd_dashboard(a: argparse.Namespace) -> int:
@@ -226,6 +287,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true", help="discard a stored job with a different plan")
     r.add_argument("--json", action="store_true", help="print JSON progress lines and summary")
     r.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
+    syn = r.add_argument_group("generated inputs (docs/synthetic.md)")
+    syn.add_argument("--synthetic", type=int, default=None, metavar="N",
+                     help="create STORE as a synthetic store of N tokens (q, k, v generated by the tasks), then run")
+    syn.add_argument("--heads", type=int, default=None, help="query heads Hq (default 1)")
+    syn.add_argument("--kv-heads", type=int, default=None, help="kv heads Hkv (default Hq)")
+    syn.add_argument("--head-dim", type=int, default=None, help="head dim D (default 128)")
+    syn.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default bfloat16)")
+    syn.add_argument("--batch", type=int, default=None, help="batch B (default 1)")
+    syn.add_argument("--seed", type=int, default=None, help="seed of the generated values (default 0)")
+    syn.add_argument("--vocab", type=int, default=None, help="distinct token ids (default 4096)")
+    syn.add_argument("--gain", type=float, default=None, help="query scale (default 2.0)")
     r.set_defaults(fn=_cmd_run)
 
     rs = sub.add_parser("resume", help="finish the unfinished job of a store with its stored plan")
@@ -239,6 +311,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("store")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_cmd_status)
+
+    vf = sub.add_parser("verify", help="check sampled rows of a job's out and lse against a float64 reference")
+    vf.add_argument("store", help="path of the job's Zarr store (finished, or partly: unmerged rows are skipped)")
+    vf.add_argument("--rows", type=int, default=16, help="random rows checked, plus the first and the last token")
+    vf.add_argument("--seed", type=int, default=0, help="seed of the row sample")
+    vf.add_argument("--json", action="store_true", help="machine-readable output")
+    vf.set_defaults(fn=_cmd_verify)
 
     db = sub.add_parser("dashboard", help="write a static HTML report of a job: time per task, memory curve")
     db.add_argument("store", help="path of the job's Zarr store (finished or stopped)")

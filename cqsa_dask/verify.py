@@ -1,48 +1,144 @@
-"""Float64 check of sampled output rows, streaming over all keys.
+"""Float64 check of sampled output rows: ``cqsa verify`` (and ``cqsa demo``).
 
-For a row (b, h, n) the reference is computed in float64 with an online
-softmax over key chunks, so memory stays O(chunk * D) whatever N is: no
-N x N matrix anywhere.  Used by ``cqsa demo`` (and the verify command).
+::
+
+    STORE ─> plan, merge_done markers ─> sample rows (seed): R random (b, h, n) + the first and the last
+          ─> keep the rows whose query group is merged; the others are counted as skipped
+          ─> float64 reference of each kept row, on the CPU, over ALL its keys:
+               stored q, k, v     online softmax over key chunks read from the store
+               synthetic source   sum over the vocab, entry u weighted by the number of keys with
+                                  token id u (bincount of the ids over all keys or the causal prefix)
+          ─> errors of out and lse ─> tolerance of the job's dtype ─> passed, or the worst row
+
+Memory stays O(chunk · D) (stored) or O(vocab · D) (synthetic): no N x N
+matrix anywhere.  A synthetic key vector is the table row of its token id,
+so sum_j f(k_j, v_j) = sum_u count(u) f(Tk[u], Tv[u]) exactly: one
+streaming pass of integer hashing and counting per (batch, kv head) covers
+all rows of that head, causal ones included (the counts are snapshotted at
+each row's position).
+
+Tolerances, per row (docs/synthetic.md has the measurements behind them)::
+
+    max_d |out - ref|  <=  (OUT_TOL[dtype] + 2 δ) · v_max     v_max = largest |v| entry among the row's keys
+    |lse - ref_lse|    <=  LSE_TOL[dtype] · (1 + |ref_lse|) + δ
+    δ = 4 · eps32 · scale · |q| · max_j |k_j|                  float32 rounding of the largest logit
+
+out is a convex combination of v rows, so its natural scale is v_max; a
+kernel rounds it (and the partials) to the job dtype, hence a few units of
+that dtype's epsilon.  δ bounds the float32 error of a logit (kernels
+compute logits and lse in float32), which shifts a softmax weight by a
+factor exp(±δ).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import zarr
 
-from .layout import array, input_info, logical_dtype, read_block
+from .errors import InvalidInputError
+from .jobstate import fingerprint
+from .layout import array, engine, input_info, logical_dtype, open_store, read_block
+from .plan import Plan
+from .synthetic import SyntheticSource, source_of
 
-__all__ = ["RowCheck", "check_rows", "reference_row", "sample_rows"]
+__all__ = [
+    "LSE_TOL",
+    "OUT_TOL",
+    "Reference",
+    "RowCheck",
+    "RowResult",
+    "Verification",
+    "check_rows",
+    "counted_references",
+    "key_counts",
+    "reference_row",
+    "references",
+    "sample_rows",
+    "streamed_reference",
+    "verify",
+]
+
+Row = tuple[int, int, int]  # (batch b, query head h, token n)
+
+#: Allowed max |out - ref| per row, in units of the row's v_max (plus the logit term 2 δ).
+OUT_TOL = {"float32": 1e-5, "float16": 4 * 2.0**-10, "bfloat16": 4 * 2.0**-7}
+#: Allowed |lse - ref| per row, in units of 1 + |ref| (plus the logit term δ).
+LSE_TOL = {"float32": 2e-6, "float16": 2e-4, "bfloat16": 2e-4}
+_EPS32 = float(np.finfo(np.float32).eps)
+_STREAM_CHUNK = 65536  # keys per step of the streamed reference
+_COUNT_CHUNK = 2**20  # positions per step of the token counts
 
 
 @dataclass(frozen=True)
-class RowCheck:
-    """Errors of ``out``/``lse`` against float64 on the sampled rows."""
+class Reference:
+    """Float64 result of one query row and the scales of its tolerance."""
 
-    rows: int
-    max_abs_out: float
-    max_rel_out: float
-    max_abs_lse: float
+    out: np.ndarray  # (D,) float64
+    lse: float
+    v_max: float  # largest |v| entry over the keys the row attends to
+    logit_bound: float  # scale · |q| · max_j |k_j| over those keys
 
 
-def reference_row(group: zarr.Group, b: int, h: int, n: int, *, causal: bool, scale: float,
-                  chunk: int = 65536) -> tuple[np.ndarray, float]:
-    """Float64 (out (D,), lse) of query row (b, h, n), keys streamed in chunks."""
-    info = input_info(group)
-    kh = h // (info.heads_q // info.heads_kv)
-    dt = logical_dtype(array(group, "q"))
-    q = read_block(array(group, "q"), (b, h, n), dt).double()  # (D,)
-    stop = n + 1 if causal else info.seq_len
-    m, s = -math.inf, 0.0
-    acc = torch.zeros(info.head_dim, dtype=torch.float64)
+# -- the streamed reference (any inputs) ------------------------------------------------
+
+
+class _Inputs(Protocol):
+    def q_row(self, b: int, h: int, n: int) -> torch.Tensor: ...  # (D,) float64
+
+    def kv(self, b: int, g: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]: ...  # (C, D) float64
+
+
+class _StoredInputs:
+    """q, k, v arrays of a store, read as float64 blocks."""
+
+    def __init__(self, group: zarr.Group):
+        self.q, self.k, self.v = (array(group, n) for n in ("q", "k", "v"))
+        self.dtype = logical_dtype(self.q)
+
+    def q_row(self, b: int, h: int, n: int) -> torch.Tensor:
+        return read_block(self.q, (b, h, n), self.dtype).double()
+
+    def kv(self, b: int, g: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = (b, g, slice(c0, c1))
+        return read_block(self.k, idx, self.dtype).double(), read_block(self.v, idx, self.dtype).double()
+
+
+class _GeneratedInputs:
+    """q, k, v of a synthetic source, generated on the CPU as float64 blocks."""
+
+    def __init__(self, source: SyntheticSource):
+        self.source = source
+
+    def q_row(self, b: int, h: int, n: int) -> torch.Tensor:
+        return self.source.q(b, slice(h, h + 1), slice(n, n + 1))[0, 0].double()
+
+    def kv(self, b: int, g: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        heads, tokens = slice(g, g + 1), slice(c0, c1)
+        return self.source.k(b, heads, tokens)[0].double(), self.source.v(b, heads, tokens)[0].double()
+
+
+def _inputs(group: zarr.Group) -> _Inputs:
+    source = source_of(group)
+    return _GeneratedInputs(source) if source is not None else _StoredInputs(group)
+
+
+def streamed_reference(inputs: _Inputs, rep: int, seq_len: int, row: Row, *, causal: bool, scale: float,
+                       chunk: int = _STREAM_CHUNK) -> Reference:
+    """Float64 reference of ``row`` with an online softmax over key chunks (``rep`` = Hq / Hkv)."""
+    b, h, n = row
+    g = h // rep
+    q = inputs.q_row(b, h, n)  # (D,)
+    stop = n + 1 if causal else seq_len
+    m, s, v_max, k_max = -math.inf, 0.0, 0.0, 0.0
+    acc = torch.zeros_like(q)  # (D,)
     for c0 in range(0, stop, chunk):
-        c1 = min(stop, c0 + chunk)
-        k = read_block(array(group, "k"), (b, kh, slice(c0, c1)), dt).double()  # (C, D)
-        v = read_block(array(group, "v"), (b, kh, slice(c0, c1)), dt).double()
+        k, v = inputs.kv(b, g, c0, min(stop, c0 + chunk))  # (C, D) each
         logits = (k @ q) * scale  # (C,)
         m_new = max(m, float(logits.max()))
         w = torch.exp(logits - m_new)
@@ -50,10 +146,86 @@ def reference_row(group: zarr.Group, b: int, h: int, n: int, *, causal: bool, sc
         acc = acc * corr + w @ v
         s = s * corr + float(w.sum())
         m = m_new
-    return (acc / s).numpy(), m + math.log(s)
+        v_max = max(v_max, float(v.abs().max()))
+        k_max = max(k_max, float(k.norm(dim=1).max()))
+    return Reference((acc / s).numpy(), m + math.log(s), v_max, scale * float(q.norm()) * k_max)
 
 
-def sample_rows(group: zarr.Group, count: int, seed: int = 0) -> list[tuple[int, int, int]]:
+def reference_row(group: zarr.Group, b: int, h: int, n: int, *, causal: bool, scale: float,
+                  chunk: int = _STREAM_CHUNK) -> tuple[np.ndarray, float]:
+    """Float64 (out (D,), lse) of query row (b, h, n), keys streamed in chunks."""
+    info = input_info(group)
+    ref = streamed_reference(_inputs(group), info.heads_q // info.heads_kv, info.seq_len, (b, h, n),
+                             causal=causal, scale=scale, chunk=chunk)
+    return ref.out, ref.lse
+
+
+# -- the counted reference (synthetic sources) ------------------------------------------
+
+
+def key_counts(source: SyntheticSource, b: int, g: int, stops: list[int],
+               chunk: int = _COUNT_CHUNK) -> dict[int, torch.Tensor]:
+    """For each stop, how many of the positions [0, stop) carry each token id: (vocab,) int64.
+
+    One pass over [0, max(stops)) in chunks of ``chunk`` positions.
+    """
+    counts = torch.zeros(source.vocab, dtype=torch.int64)
+    snapshots, pos = {}, 0
+    for stop in sorted(set(stops)):
+        while pos < stop:
+            end = min(stop, pos + chunk)
+            counts += torch.bincount(source.token_ids(b, g, slice(pos, end)), minlength=source.vocab)
+            pos = end
+        snapshots[stop] = counts.clone()
+    return snapshots
+
+
+def _from_counts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
+                 scale: float) -> Reference:
+    """Reference of a query q (D,) over keys given as table rows k, v (vocab, D) and their counts (vocab,)."""
+    present = counts > 0
+    k, v, c = k[present], v[present], counts[present].double()  # (U, D), (U, D), (U,)
+    logits = (k @ q) * scale  # (U,)
+    m = float(logits.max())
+    w = c * torch.exp(logits - m)  # (U,)
+    s = float(w.sum())
+    return Reference(((w @ v) / s).numpy(), m + math.log(s), float(v.abs().max()),
+                     scale * float(q.norm()) * float(k.norm(dim=1).max()))
+
+
+def counted_references(source: SyntheticSource, rows: list[Row], *, causal: bool, scale: float,
+                       chunk: int = _COUNT_CHUNK) -> dict[Row, Reference]:
+    """Float64 references of ``rows`` of a synthetic job from token counts (exact; see the module doc)."""
+    tq, tk, tv = (t.double() for t in source.tables())  # the job-dtype values, exactly
+    by_head: dict[tuple[int, int], list[Row]] = {}
+    for row in rows:
+        by_head.setdefault((row[0], row[1] // source.rep), []).append(row)
+    refs = {}
+    for (b, g), head_rows in by_head.items():
+        stops = [n + 1 for _, _, n in head_rows] if causal else [source.seq_len]
+        counts = key_counts(source, b, g, stops, chunk)
+        for row in head_rows:
+            _, h, n = row
+            u = int(source.token_ids(b, g, slice(n, n + 1))[0])
+            refs[row] = _from_counts(tq[h, u], tk[g], tv[g], counts[n + 1 if causal else source.seq_len], scale)
+    return refs
+
+
+def references(group: zarr.Group, rows: list[Row], *, causal: bool, scale: float) -> dict[Row, Reference]:
+    """Float64 references of ``rows``: token counts for a synthetic store, streamed keys otherwise."""
+    source = source_of(group)
+    if source is not None:
+        return counted_references(source, rows, causal=causal, scale=scale)
+    info = input_info(group)
+    inputs = _StoredInputs(group)
+    return {row: streamed_reference(inputs, info.heads_q // info.heads_kv, info.seq_len, row, causal=causal,
+                                    scale=scale) for row in rows}
+
+
+# -- sampling and comparison ------------------------------------------------------------
+
+
+def sample_rows(group: zarr.Group, count: int, seed: int = 0) -> list[Row]:
     """``count`` random (b, h, n) rows plus the first and last token."""
     info = input_info(group)
     rng = np.random.default_rng(seed)
@@ -63,16 +235,135 @@ def sample_rows(group: zarr.Group, count: int, seed: int = 0) -> list[tuple[int,
     return sorted(rows)
 
 
-def check_rows(group: zarr.Group, rows: list[tuple[int, int, int]], *, causal: bool, scale: float) -> RowCheck:
+@dataclass(frozen=True)
+class RowCheck:
+    """Errors of ``out``/``lse`` against float64 on the sampled rows (rel: to max |ref| of the row)."""
+
+    rows: int
+    max_abs_out: float
+    max_rel_out: float
+    max_abs_lse: float
+
+
+def _stored_row(group: zarr.Group, row: Row) -> tuple[np.ndarray, float]:
+    """out (D,) float64 and lse of ``row`` as the job wrote them."""
+    out = array(group, "out")
+    return (read_block(out, row, logical_dtype(out)).double().numpy(),
+            float(np.asarray(array(group, "lse")[row])))
+
+
+def check_rows(group: zarr.Group, rows: list[Row], *, causal: bool, scale: float) -> RowCheck:
     """Compare ``out``/``lse`` of ``group`` with float64 references on ``rows``."""
-    dt = logical_dtype(array(group, "out"))
     abs_o = rel_o = abs_l = 0.0
-    for b, h, n in rows:
-        ref, ref_lse = reference_row(group, b, h, n, causal=causal, scale=scale)
-        got = read_block(array(group, "out"), (b, h, n), dt).double().numpy()
-        lse = float(np.asarray(array(group, "lse")[b, h, n]))
-        err = float(np.abs(got - ref).max())
+    for row, ref in references(group, rows, causal=causal, scale=scale).items():
+        got, lse = _stored_row(group, row)
+        err = float(np.abs(got - ref.out).max())
         abs_o = max(abs_o, err)
-        rel_o = max(rel_o, err / max(float(np.abs(ref).max()), 1e-30))
-        abs_l = max(abs_l, abs(lse - ref_lse))
+        rel_o = max(rel_o, err / max(float(np.abs(ref.out).max()), 1e-30))
+        abs_l = max(abs_l, abs(lse - ref.lse))
     return RowCheck(len(rows), abs_o, rel_o, abs_l)
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One checked row: its errors and what its tolerance allows (absolute)."""
+
+    row: Row
+    abs_out: float  # max_d |out - ref|
+    rel_out: float  # abs_out / v_max
+    abs_lse: float
+    allowed_out: float
+    allowed_lse: float
+
+    @property
+    def ratio(self) -> float:
+        """Largest error over its allowance (<= 1 passes; inf when out or lse is not finite)."""
+        r = max(self.abs_out / self.allowed_out, self.abs_lse / self.allowed_lse)
+        return r if math.isfinite(r) else math.inf
+
+
+def _compare(row: Row, ref: Reference, got: np.ndarray, lse: float, dtype: str) -> RowResult:
+    delta = 4 * _EPS32 * ref.logit_bound
+    err = float(np.abs(got - ref.out).max())
+    v_max = max(ref.v_max, 1e-30)
+    return RowResult(row, err, err / v_max, abs(lse - ref.lse),
+                     (OUT_TOL[dtype] + 2 * delta) * v_max, LSE_TOL[dtype] * (1 + abs(ref.lse)) + delta)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What ``verify`` found.  ``method``: "token counts" (synthetic) or "streamed keys"."""
+
+    dtype: str
+    method: str
+    results: tuple[RowResult, ...]
+    skipped: int
+    seconds: float
+
+    @property
+    def worst(self) -> RowResult:
+        return max(self.results, key=lambda r: r.ratio)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ratio <= 1.0 for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (what ``cqsa verify --json`` prints)."""
+        w = self.worst
+        return {
+            "passed": self.passed, "rows_checked": len(self.results), "rows_skipped": self.skipped,
+            "dtype": self.dtype, "method": self.method, "seconds": round(self.seconds, 3),
+            "max_abs_out": max(r.abs_out for r in self.results),
+            "max_rel_out": max(r.rel_out for r in self.results),
+            "max_abs_lse": max(r.abs_lse for r in self.results),
+            "tolerance": {"out": OUT_TOL[self.dtype], "lse": LSE_TOL[self.dtype]},
+            "worst_row": {"b": w.row[0], "h": w.row[1], "n": w.row[2], "abs_out": w.abs_out, "rel_out": w.rel_out,
+                          "abs_lse": w.abs_lse, "allowed_out": w.allowed_out, "allowed_lse": w.allowed_lse,
+                          "ratio": w.ratio},
+        }
+
+
+def _complete(plan: Plan, merge_done: np.ndarray, row: Row) -> bool:
+    b, h, n = row
+    return bool(merge_done[n // plan.group_size, b, h // plan.q_heads_per_task])
+
+
+def verify(store: Any, rows: int = 16, seed: int = 0) -> Verification:
+    """Check ``rows`` random rows (plus the first and the last) of a job's out and lse against float64.
+
+    Only rows whose query group is merged are checked.  Raises
+    :class:`InvalidInputError` for bad arguments, a job whose inputs changed,
+    or when no sampled row is complete; :class:`StoreError` for a missing
+    store or job.
+    """
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise InvalidInputError(f"rows must be an integer >= 1, got {rows!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}")
+    t0 = time.perf_counter()
+    group = open_store(store, mode="r")
+    eng = engine(group)
+    plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
+    _check_same_inputs(group, eng, plan)
+    sampled = sample_rows(group, rows, seed)
+    done = np.asarray(array(eng, "merge_done")[...])  # (W, B, J)
+    kept = [r for r in sampled if _complete(plan, done, r)]
+    if not kept:
+        raise InvalidInputError(f"none of the {len(sampled)} sampled rows is in a merged query group "
+                                f"({int(done.sum())} of {done.size} merges done): finish the job with "
+                                "`cqsa resume` first")
+    refs = references(group, kept, causal=plan.causal, scale=plan.scale)
+    results = tuple(_compare(row, refs[row], *_stored_row(group, row), plan.dtype) for row in kept)
+    method = "token counts" if source_of(group) is not None else "streamed keys"
+    return Verification(plan.dtype, method, results, len(sampled) - len(kept), time.perf_counter() - t0)
+
+
+def _check_same_inputs(group: zarr.Group, eng: zarr.Group, plan: Plan) -> None:
+    """Refuse a store whose inputs are not those the job ran on."""
+    info = input_info(group)
+    now = (info.batch, info.heads_q, info.heads_kv, info.seq_len, info.head_dim, info.dtype)
+    then = (plan.batch, plan.heads_q, plan.heads_kv, plan.seq_len, plan.head_dim, plan.dtype)
+    if now != then or eng.attrs.get("fingerprint") not in (None, fingerprint(group)):
+        raise InvalidInputError("the inputs changed since the job ran (shape, dtype or fingerprint differs): "
+                                "its outputs cannot be checked against them; rerun it with --restart")
