@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,8 @@ def plan_options() -> dict[str, Any]:
         "tasks_in_flight": (2 if cuda else 1) if flight == "auto" else int(flight),
         "margin": float(config.get("memory-margin")),
         "host_staging": cuda,
+        "partials": str(config.get("partials")),
+        "partials_limit": config.get("partials-limit"),
     }
 
 
@@ -158,6 +160,8 @@ def run(
     restart: bool = False,
     progress: Progress | None = None,
     on_start: Callable[[Plan, str | None], None] | None = None,
+    partials: str | None = None,
+    query_groups: Sequence[int] | None = None,
 ) -> JobResult:
     """Compute exact attention of the q, k, v arrays of a Zarr v3 group.
 
@@ -174,6 +178,12 @@ def run(
         restart: discard a stored job with a different plan.
         progress: called as progress(done, total) while tasks finish.
         on_start: called as on_start(plan, dashboard_link) before submitting.
+        partials: "all" (|D| x the output on disk until merged, fastest),
+            "bounded" (folded into each row on arrival: at most about half
+            the output for half-precision jobs) or "auto" (default
+            ``cqsa.partials``: bounded above ``cqsa.partials-limit``).
+        query_groups: compute only these query groups' rows (see
+            ``Plan.group_bounds``); the others stay unwritten.
 
     Writes ``out`` (B, Hq, N, D, q's dtype) and ``lse`` (B, Hq, N, float32)
     into the group; engine state goes under ``_cqsa``.  A store holding the
@@ -188,7 +198,8 @@ def run(
         return make_plan(
             seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,
             batch=info.batch, dtype=info.dtype, causal=causal, scale=scale, budget=budget,
-            groups=groups, **plan_options(),
+            groups=groups, query_groups=query_groups,
+            **{**plan_options(), **({"partials": partials} if partials is not None else {})},
         )
 
     # Plan before starting anything when the budget is known: bad input fails fast.
@@ -224,7 +235,7 @@ def run(
     peaks = [r["peak_device_bytes"] for r in quorum if r["peak_device_bytes"] is not None]
     return JobResult(
         plan=plan, seconds=seconds, quorum_tasks_run=len(quorum),
-        merges_run=len(results) - len(quorum), resumed=resumed, dashboard_link=link,
+        merges_run=sum(r["kind"] == "merge" for r in results), resumed=resumed, dashboard_link=link,
         bytes_read=sum(r["bytes_read"] for r in results),
         bytes_written=sum(r["bytes_written"] for r in results),
         peak_device_bytes=max(peaks) if peaks else None,

@@ -9,7 +9,10 @@ Only this module and ``cluster`` talk to dask/distributed.
     ...                       ┘
 
 A merge depends on exactly the quorum tasks that wrote partials for its
-query group (``Plan.producers``).  Tasks already recorded as done in the
+query group (``Plan.producers``); in a bounded job the producers fold their
+results into the row themselves and the merge only checks (and, after a
+crash, finishes) it.  With ``plan.query_groups`` only those rows' merges and
+producers are in the graph.  Tasks already recorded as done in the
 store are left out (resume); a merge whose producers are all done has no
 dependencies.  Keys are tuples whose first element starts with a readable
 prefix, so the dashboard groups them as ``cqsa-quorum`` and ``cqsa-merge``.
@@ -50,6 +53,10 @@ class JobGraph:
         return self.quorum_keys + self.merge_keys
 
 
+def _index_order(key: Any) -> int:
+    return -int(key[1])
+
+
 def build_graph(
     store: str, token: str, plan: Plan, *, resource: str, retries: int,
     task_done: np.ndarray | None = None, merge_done: np.ndarray | None = None,
@@ -70,19 +77,27 @@ def build_graph(
     mdone = merge_done if merge_done is not None else np.zeros(grid, np.uint8)
     quorums: dict[Any, Any] = {}
     merges: dict[Any, Any] = {}
-    for i, b, j in zip(*np.nonzero(tdone == 0)):
+    todo = tdone == 0
+    if plan.query_groups:  # only the producers of the chosen rows
+        chosen = np.zeros(plan.groups, bool)
+        chosen[plan.task_ids] = True
+        todo &= chosen[:, None, None]
+    for i, b, j in zip(*np.nonzero(todo)):
         quorums[(qp, int(i), int(b), int(j))] = (quorum_task, store, token, int(i), int(b), int(j), options)
-    producers = [sorted({t for t, _ in plan.producers(a)}) for a in range(plan.groups)]
-    for a in range(plan.nonempty_groups):
+    producers = {a: sorted({t for t, _ in plan.producers(a)}) for a in plan.merge_groups}
+    for a in plan.merge_groups:
         for b in range(plan.batch):
             for j in range(plan.head_blocks):
                 if mdone[a, b, j]:
                     continue
                 deps = [k for k in ((qp, t, b, j) for t in producers[a]) if k in quorums]
                 merges[(mp, a, b, j)] = (merge_task, store, token, a, b, j, options, *deps)
+    # A bounded job runs quorum tasks in index order, so rows fill up (and
+    # their fold state goes away) early; merges then only check the rows.
+    priority: Any = _index_order if plan.partials == "bounded" else 0
     layers = {
         qp: MaterializedLayer(quorums, annotations={
-            "resources": {resource: plan.task_memory_bytes}, "retries": retries, "priority": 0}),
+            "resources": {resource: plan.task_memory_bytes}, "retries": retries, "priority": priority}),
         mp: MaterializedLayer(merges, annotations={"retries": retries, "priority": 10}),
     }
     hlg = HighLevelGraph(layers, {qp: set(), mp: {qp}})

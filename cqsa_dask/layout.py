@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import zarr
 import zarr.errors
+from zarr.core.sync import sync as zarr_sync
 
 from .errors import InvalidInputError, StoreError
 from .plan import MAX_HEAD_DIM, Plan, parse_dtype
@@ -53,8 +54,10 @@ __all__ = [
     "TORCH_DTYPES",
     "InputInfo",
     "array",
+    "chunk_exists",
     "create_array",
     "create_outputs",
+    "delete_chunk",
     "engine",
     "input_info",
     "open_store",
@@ -221,6 +224,22 @@ def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> Non
     arr[index] = _to_numpy(t)
 
 
+def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    path = arr.store_path.path
+    key = arr.metadata.encode_chunk_key(coords)
+    return f"{path}/{key}" if path else key
+
+
+def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
+    """Whether the chunk at grid position ``coords`` of ``arr`` is stored."""
+    return bool(zarr_sync(arr.store_path.store.exists(_chunk_key(arr, coords))))
+
+
+def delete_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> None:
+    """Delete the chunk at grid position ``coords`` (absent: nothing to do); it then reads as the fill value."""
+    zarr_sync(arr.store_path.store.delete(_chunk_key(arr, coords)))
+
+
 def write_stats(arr: zarr.Array, index: tuple[int, int, int], stats: Mapping[str, Any]) -> None:
     """Write the ``STAT_FIELDS`` of one task into ``arr[index]`` (missing or None: NaN).
 
@@ -248,6 +267,12 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32", nan_fill=True)
     create_array(eng, "task_done", grid, (1, 1, 1), "uint8")
     create_array(eng, "merge_done", grid, (1, 1, 1), "uint8")
+    if plan.partials == "bounded":  # see fold.py
+        from .fold import journal_bytes, state_bytes
+
+        create_array(eng, "fold_state", (*grid, state_bytes(plan)), (1, 1, 1, state_bytes(plan)), "uint8")
+        create_array(eng, "fold_journal", (*grid, journal_bytes(plan)), (1, 1, 1, journal_bytes(plan)), "uint8")
+        create_array(eng, "fold_journal_head", (*grid, 2), (1, 1, 1, 2), "int64")
     nf = len(STAT_FIELDS)
     for name in ("task_stats", "merge_stats"):
         create_array(eng, name, (*grid, nf), (1, 1, 1, nf), "float64", nan_fill=True)
@@ -279,6 +304,10 @@ class Job:
         # Stores written by an engine without per-task records have neither.
         self.task_stats = array(eng, "task_stats") if "task_stats" in eng else None
         self.merge_stats = array(eng, "merge_stats") if "merge_stats" in eng else None
+        bounded = self.plan.partials == "bounded"
+        self.fold_state = array(eng, "fold_state") if bounded else None
+        self.fold_journal = array(eng, "fold_journal") if bounded else None
+        self.fold_journal_head = array(eng, "fold_journal_head") if bounded else None
 
 
 @lru_cache(maxsize=16)

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,7 +59,10 @@ _ALIASES = {
     "bf16": "bfloat16",
 }
 MAX_HEAD_DIM = 256
-PLAN_VERSION = 2  # 2: tasks_in_flight and host_staging joined the plan
+PLAN_VERSION = 3  # 2: tasks_in_flight and host_staging; 3: partials and query_groups
+Partials = Literal["all", "bounded"]
+#: Bytes of the fold state per element of ``out`` (the int8 low part) by dtype.
+LO_BYTES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 1}
 _FIXED_OVERHEAD = 2 * 2**20
 _UNITS = {
     "": 1, "b": 1,
@@ -127,6 +131,8 @@ class Plan:
     task_memory_bytes: int
     tasks_in_flight: int = 1
     host_staging: bool = False
+    partials: Partials = "all"
+    query_groups: tuple[int, ...] = ()
     version: int = PLAN_VERSION
 
     # -- derived sizes ------------------------------------------------------
@@ -146,14 +152,72 @@ class Plan:
         return self.heads_per_task * (self.heads_q // self.heads_kv)
 
     @property
+    def task_ids(self) -> list[int]:
+        """Quorum indices that have work: all W, or the producers of ``query_groups``."""
+        if not self.query_groups:
+            return list(range(self.groups))
+        return sorted({t for a in self.query_groups for t, _ in self.producers(a)})
+
+    @property
+    def merge_groups(self) -> list[int]:
+        """Query groups whose row the job computes (non-empty ones)."""
+        if self.query_groups:
+            return list(self.query_groups)
+        return list(range(self.nonempty_groups))
+
+    @property
     def tasks(self) -> int:
         """Number of quorum tasks (every task owns at least its diagonal pair)."""
-        return self.groups * self.batch * self.head_blocks
+        n = len(self.task_ids) if self.query_groups else self.groups
+        return n * self.batch * self.head_blocks
 
     @property
     def merges(self) -> int:
-        """Number of merge tasks: one per non-empty (group, batch, head block)."""
-        return self.nonempty_groups * self.batch * self.head_blocks
+        """Number of merge tasks: one per computed non-empty (group, batch, head block)."""
+        return len(self.merge_groups) * self.batch * self.head_blocks
+
+    @property
+    def folds(self) -> int:
+        """Fold steps of a bounded job (one per (producer, group, batch, head block)
+        of groups with several producers); 0 when partials are "all"."""
+        if self.partials != "bounded":
+            return 0
+        per = sum(len(p) for p in (self.producers(a) for a in self.merge_groups) if len(p) > 1)
+        return per * self.batch * self.head_blocks
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of out and lse (B, Hq, N, D) and (B, Hq, N) float32."""
+        return self.batch * self.heads_q * self.seq_len * (self.head_dim * self.itemsize + 4)
+
+    @property
+    def fold_state_bytes(self) -> int:
+        """Bytes of one fold state chunk (bounded jobs, ``fold.py``): header,
+        producer mask, lo (hq, G, D) int8 (none for float32), lse (hq, G) float32."""
+        hq, g, d = self.q_heads_per_task, self.group_size, self.head_dim
+        return 16 + -(-self.quorum_size // 8) * 8 + hq * g * (d * LO_BYTES[self.dtype] + 4)
+
+    @property
+    def fold_journal_bytes(self) -> int:
+        """Bytes of one fold journal chunk: a fold state and the out chunk (hq, G, D) it goes with."""
+        return self.fold_state_bytes + self.q_heads_per_task * self.group_size * self.head_dim * self.itemsize
+
+    @property
+    def partial_bytes(self) -> int:
+        """Planned peak bytes of partial results on disk.
+
+        "all": every producer's partial of every computed row (|D| x the
+        output).  "bounded": no partial is stored; a fold state per row with
+        several producers plus, per fold in flight (three per task in flight:
+        the writes behind compute), its journal and the new state being
+        written (a temporary file, renamed over the old one).  Rows with a
+        single producer are written directly and need nothing.
+        """
+        if self.partials == "all":
+            return int(self.quorum_size * self.output_bytes * self._row_fraction())
+        rows = sum(len(self.producers(a)) > 1 for a in self.merge_groups) * self.batch * self.head_blocks
+        in_flight = 3 * self.tasks_in_flight * (self.fold_journal_bytes + self.fold_state_bytes) if rows else 0
+        return rows * self.fold_state_bytes + in_flight
 
     @property
     def itemsize(self) -> int:
@@ -163,8 +227,20 @@ class Plan:
     def flops(self) -> int:
         """Floating-point operations of exact attention (causal: only b <= a)."""
         n = self.seq_len
-        pairs = n * (n + 1) // 2 if self.causal else n * n
+        if self.query_groups:
+            pairs = 0
+            for a in self.query_groups:
+                s, e = self.group_bounds(a)
+                pairs += (e * (e + 1) - s * (s + 1)) // 2 if self.causal else (e - s) * n
+        else:
+            pairs = n * (n + 1) // 2 if self.causal else n * n
         return 4 * self.batch * self.heads_q * self.head_dim * pairs
+
+    def _row_fraction(self) -> float:
+        """Share of the query rows the job computes (1 unless ``query_groups``)."""
+        if not self.query_groups:
+            return 1.0
+        return sum(e - s for s, e in map(self.group_bounds, self.query_groups)) / self.seq_len
 
     @property
     def bytes_read(self) -> int:
@@ -172,13 +248,12 @@ class Plan:
         e, n, d = self.itemsize, self.seq_len, self.head_dim
         qkv = self.batch * n * d * e * (self.heads_q + 2 * self.heads_kv)
         partial = self.batch * self.heads_q * n * (d * e + 4)
-        return self.quorum_size * (qkv + partial)
+        return int(self.quorum_size * (qkv + partial) * self._row_fraction())
 
     @property
     def bytes_written(self) -> int:
         """Bytes written: |D| partial outputs with lse, then out and lse."""
-        out = self.batch * self.heads_q * self.seq_len * (self.head_dim * self.itemsize + 4)
-        return (self.quorum_size + 1) * out
+        return int((self.quorum_size + 1) * self.output_bytes * self._row_fraction())
 
     def group_bounds(self, g: int) -> tuple[int, int]:
         """Token range [start, stop) of group ``g`` (stop may equal start)."""
@@ -198,16 +273,17 @@ class Plan:
     def work(self, task: int) -> list[tuple[int, int, list[int]]]:
         """[(slot, query group, [key groups])] of quorum ``task``, empty groups dropped."""
         ne = self.nonempty_groups
+        chosen = set(self.query_groups)
         out = []
         for s, a, bs in self.quorums.pairs(task, self.causal):
             bs = [b for b in bs if b < ne]
-            if a < ne and bs:
+            if a < ne and bs and (not chosen or a in chosen):
                 out.append((s, a, bs))
         return out
 
     def producers(self, group: int) -> list[tuple[int, int]]:
         """(task, slot) pairs holding a partial result for query ``group``."""
-        if group >= self.nonempty_groups:
+        if group >= self.nonempty_groups or (self.query_groups and group not in self.query_groups):
             return []
         found = self.quorums.producers(group, self.causal)
         if self.nonempty_groups == self.groups:
@@ -226,8 +302,10 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """Fields plus derived figures, as plain JSON-able values."""
         d = dataclasses.asdict(self)
-        for name in ("group_size", "tasks", "merges", "flops", "bytes_read", "bytes_written"):
+        for name in ("group_size", "tasks", "merges", "folds", "flops", "bytes_read", "bytes_written",
+                     "output_bytes", "partial_bytes"):
             d[name] = getattr(self, name)
+        d["query_groups"] = list(self.query_groups)
         return d
 
     def to_json(self) -> str:
@@ -236,7 +314,10 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        if "query_groups" in kw:
+            kw["query_groups"] = tuple(int(g) for g in kw["query_groups"])
+        return cls(**kw)
 
 
 def task_memory(
@@ -260,6 +341,28 @@ def task_memory(
         + 2 * g * hq * d * 4
     )
     return int(total * margin) + _FIXED_OVERHEAD
+
+
+def _finish(plan: Plan, partials: str, limit: int | str, query_groups: Sequence[int] | None) -> Plan:
+    """Resolve the partials policy and validate ``query_groups`` for a chosen plan."""
+    if partials not in ("all", "bounded", "auto"):
+        raise InvalidInputError(f"partials must be 'all', 'bounded' or 'auto', got {partials!r}")
+    chosen: tuple[int, ...] = ()
+    if query_groups is not None:
+        try:
+            chosen = tuple(sorted({int(g) for g in query_groups}))
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"query groups must be integers, got {query_groups!r}") from None
+        bad = [g for g in chosen if not 0 <= g < plan.nonempty_groups]
+        if not chosen or bad:
+            raise InvalidInputError(
+                f"query groups must be a non-empty list of groups in 0..{plan.nonempty_groups - 1} "
+                f"(this plan has W={plan.groups} groups of {plan.group_size} tokens), got {list(query_groups)!r}"
+            )
+        plan = dataclasses.replace(plan, query_groups=chosen)
+    if partials == "auto":
+        partials = "bounded" if plan.partial_bytes > parse_budget(limit) else "all"
+    return dataclasses.replace(plan, partials=partials)  # type: ignore[arg-type]
 
 
 def _candidate_groups(seq_len: int) -> list[int]:
@@ -304,6 +407,9 @@ def make_plan(
     tasks_in_flight: int = 1,
     margin: float = 1.10,
     host_staging: bool = False,
+    partials: str = "all",
+    partials_limit: int | str = "64GiB",
+    query_groups: Sequence[int] | None = None,
 ) -> Plan:
     """Choose W and heads per task so that every task fits the budget.
 
@@ -319,6 +425,12 @@ def make_plan(
         margin: multiplicative safety factor on predicted memory.
         host_staging: tasks run on a device other than host memory (CUDA):
             read-ahead and write-behind buffers are not device memory.
+        partials: "all" keeps every producer's partial result until its
+            row is merged (|D| x the output on disk, fastest); "bounded"
+            folds them into each row as they arrive and deletes them (about
+            half the output for half-precision jobs, see ``fold.py``);
+            "auto": "bounded" when "all" would exceed ``partials_limit``.
+        query_groups: compute only these query groups' rows (default all).
 
     Raises:
         InvalidInputError: bad shapes or dtype.  BudgetError: nothing fits.
@@ -348,13 +460,14 @@ def make_plan(
         for hk in _divisors_desc(kv_heads):
             m = need(w, hk)
             if m <= per_task:
-                return Plan(
+                plan = Plan(
                     batch=batch, heads_q=heads, heads_kv=kv_heads, seq_len=seq_len,
                     head_dim=head_dim, dtype=name, causal=bool(causal), scale=float(scale),
                     budget_bytes=budget_bytes, groups=w, quorum_size=base_set_size(w),
                     heads_per_task=hk, task_memory_bytes=m, tasks_in_flight=max(1, tasks_in_flight),
                     host_staging=host_staging,
                 )
+                return _finish(plan, partials, partials_limit, query_groups)
     smallest = min(need(w, 1) for w in candidates) * max(1, tasks_in_flight)
     raise BudgetError(
         f"memory budget {budget_bytes:,} bytes is too small for N={seq_len}, "

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ import zarr
 from . import config
 from .dashboard_events import report_task, task_started, worker_address
 from .errors import InvalidInputError, StoreError
+from .fold import damaged_row, finish_row, fold, lock_for
 from .hostcache import host_cache, io_pool
 from .kernels import attend, merge, resolve_device, select_kernel
 from .layout import TORCH_DTYPES, Job, open_job, read_block, write_block, write_stats
@@ -114,8 +116,9 @@ class _TaskIO:
     Byte counts include only what actually moved through the store.
     """
 
-    def __init__(self, job: Job, token: str, batch: int, block: int, opt: dict[str, Any]):
-        self.job, self.token, self.batch, self.block = job, token, batch, block
+    def __init__(self, job: Job, token: str, task: int, batch: int, block: int, opt: dict[str, Any]):
+        self.job, self.token, self.task, self.batch, self.block = job, token, task, batch, block
+        self.locks: dict[int, AbstractContextManager[Any]] = {}
         self.kv_h, self.q_h = _heads(job, block)
         self.check = bool(opt["check-finite"])
         self.cache = host_cache(opt["host-cache"])
@@ -159,14 +162,19 @@ class _TaskIO:
         """Write the result (hq, G, D), (hq, G) of query group ``a`` from ``slot``.
 
         A group with a single producer goes straight to out/lse (then its
-        merge marker); otherwise to the partial arrays, kept in the cache
-        for the merge too.
+        merge marker); in a bounded job the result (float32) is folded into
+        the row (``fold.py``); otherwise it goes to the partial arrays, kept
+        in the cache for the merge too.
         """
         job, rows = self.job, _tokens(self.job, a)
         if job.plan.direct(a):
-            write_block(job.out, (self.batch, self.q_h, rows), out)
+            write_block(job.out, (self.batch, self.q_h, rows), out.to(TORCH_DTYPES[job.plan.dtype]))
             write_block(job.lse, (self.batch, self.q_h, rows), lse)
             job.merge_done[a, self.batch, self.block] = 1
+        elif job.plan.partials == "bounded":
+            with self.locks[a]:
+                self._count(written=fold(job, a, self.batch, self.block, self.task, out, lse))
+            return
         else:
             write_block(job.partial_out, (slot, self.batch, self.q_h, rows), out)
             write_block(job.partial_lse, (slot, self.batch, self.q_h, rows), lse)
@@ -213,7 +221,10 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     dtype = TORCH_DTYPES[plan.dtype]
     name = select_kernel(dev, dtype, plan.head_dim, opt["kernel"])
     work = plan.work(task)
-    io, pool = _TaskIO(job, token, batch, block, opt), io_pool(int(opt["io-threads"]))
+    io, pool = _TaskIO(job, token, task, batch, block, opt), io_pool(int(opt["io-threads"]))
+    bounded = plan.partials == "bounded"
+    if bounded:  # created here: a distributed lock needs the task thread's worker context
+        io.locks = {a: lock_for(token, a) for _, a, _ in work}
     kv_futs = {g: pool.submit(io.kv, g, dev) for g in sorted({b for _, _, bs in work for b in bs})}
     q_futs = [pool.submit(io.q, a, dev) for _, a, _ in work[:2]]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -236,7 +247,9 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
                     part = attend(q, *kv[b], scale=plan.scale, diagonal_causal=plan.causal and a == b, kernel=name)
                     acc = merge(acc, part)
                 assert acc is not None
-                out, lse = acc[0].to(dtype)[0].cpu(), acc[1][0].cpu()  # (hq, G, D), (hq, G)
+                # (hq, G, D), (hq, G); a bounded job folds the float32 result
+                keep = bounded and not plan.direct(a)
+                out, lse = (acc[0] if keep else acc[0].to(dtype))[0].cpu(), acc[1][0].cpu()
                 t_wait += tc - tw
                 t_compute += time.perf_counter() - tc
                 writes.append(pool.submit(io.write, slot, a, out, lse))
@@ -305,6 +318,14 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     _, q_h = _heads(job, block)
     rows = _tokens(job, group)
     opt = options or worker_options()
+    if plan.partials == "bounded" and not plan.direct(group):  # its producers folded the row
+        with lock_for(token, group):
+            if not finish_row(job, group, batch, block):
+                raise damaged_row(job, group, batch, block)
+        rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
+               "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
+        report_task(token, (group, batch, block), rec, start)
+        return rec
     if plan.direct(group):  # its only producer wrote out/lse and the marker
         if not job.merge_done[group, batch, block]:
             task = plan.producers(group)[0][0]

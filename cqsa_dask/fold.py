@@ -1,0 +1,324 @@
+"""Bounded partials: fold each producer's result into its row as it arrives.
+
+With ``plan.partials == "bounded"`` a quorum task does not store its per-slot
+result (out (hq, L, D) float32, lse (hq, L)) as a partial: it folds it into
+the row's running result under a per-row lock, so the partials never exist on
+disk and what the store holds beyond the output is one *fold state* per open
+row:
+
+- the high part of the running output lives in ``out`` itself (the job
+  dtype, rounded to nearest);
+- the low part, ``acc - hi`` in units of 2^-8 ulp(hi), is an int8 in the fold
+  state (none for float32 jobs, whose ``out`` holds the float32 running value);
+- the running float32 lse and a mask of the producers already folded.
+
+hi + lo carries 16 significant bits for bfloat16 (19 for float16), so
+folding |D| results in any order adds far less than the final rounding to
+the output dtype.  A bfloat16 row's state is G hq (D + 4) bytes against its
+output's G hq (2 D + 4): at most about half the output, the bound of issue 6.
+
+Crash safety (every zarr chunk write on a local store is atomic: temporary
+file, then rename).  One fold of producer p into row a, under the row lock::
+
+    if a journal chunk exists: the previous fold died; if the state is still the
+        one the journal saved, restore out from it; delete the journal
+    if merge_done[a] or p is in the state's mask: nothing to do (idempotent)
+    journal := old state and old out chunk (if any), then its head (the journal is valid)
+    out := hi(new);  state := (lo, lse, mask + p)     <- the commit
+    delete the journal (head first)
+    if the mask is full: lse := state.lse, merge_done[a] := 1, delete the state
+
+Without a journal, ``out``'s chunk exists exactly when the state does, so a
+lost state (or a lost out chunk) is detected: the row is reset, the markers
+of its producers are cleared and the job fails with a :class:`StoreError`
+asking for a resume, which recomputes that row (the producers' other rows
+skip them by their masks).  Folding in completion order makes bounded jobs
+exact but not bitwise reproducible from run to run; ``partials="all"`` is.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import StoreError
+from .kernels import merge
+from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, read_block, write_block
+from .plan import LO_BYTES, Plan
+
+__all__ = ["FoldState", "damaged_row", "finish_row", "fold", "join", "journal_bytes", "lock_for", "split", "state_bytes"]
+
+_MAGIC = 0x43515346  # "CQSF": a fold state chunk
+_PRECISION = {"bfloat16": 8, "float16": 11}  # significand bits of hi
+_MIN_EXP = {"bfloat16": -125, "float16": -13}  # frexp exponent of the smallest normal hi
+_LO_BITS = 8  # lo counts units of 2^-8 ulp(hi)
+_STRIPES = 256  # row locks per job: rows share a lock modulo this
+
+
+# -- hi/lo codec ----------------------------------------------------------------
+def split(acc: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hi in ``dtype``, lo int8) of a float32 ``acc`` (any shape); lo None for float32."""
+    hi = acc.to(TORCH_DTYPES[dtype])
+    if dtype == "float32":
+        return hi, None
+    h = hi.double()
+    unit = _unit(h, dtype)
+    lo = torch.round((acc.double() - h) / unit).clamp_(-127, 127).to(torch.int8)
+    return hi, lo
+
+
+def join(hi: torch.Tensor, lo: torch.Tensor | None, dtype: str) -> torch.Tensor:
+    """The float32 value hi + lo (inverse of :func:`split`, to 2^-17 relative for bfloat16)."""
+    if lo is None:
+        return hi.float()
+    h = hi.double()
+    return (h + lo.double() * _unit(h, dtype)).float()
+
+
+def _unit(h: torch.Tensor, dtype: str) -> torch.Tensor:
+    """2^-8 ulp of each hi value (float64), subnormal and zero hi counted as the smallest normal."""
+    e = torch.frexp(h).exponent.clamp(min=_MIN_EXP[dtype])
+    e = torch.where(h == 0, torch.full_like(e, _MIN_EXP[dtype]), e)
+    return torch.exp2((e - (_PRECISION[dtype] + _LO_BITS)).double())
+
+
+# -- fold state and journal (one uint8 chunk each per (row, batch, head block)) --
+def _mask_len(plan: Plan) -> int:
+    return -(-plan.quorum_size // 8) * 8
+
+
+def state_bytes(plan: Plan) -> int:
+    """Bytes of one fold state chunk (``Plan.fold_state_bytes``)."""
+    return plan.fold_state_bytes
+
+
+def journal_bytes(plan: Plan) -> int:
+    """Bytes of one journal chunk (``Plan.fold_journal_bytes``)."""
+    return plan.fold_journal_bytes
+
+
+@dataclass
+class FoldState:
+    """Running result of one row: mask (m,) uint8, lo (hq, L, D) int8 or None, lse (hq, L) float32."""
+
+    mask: np.ndarray
+    lo: torch.Tensor | None
+    lse: torch.Tensor
+
+
+def _pack_state(plan: Plan, st: FoldState) -> np.ndarray:
+    buf = np.zeros(state_bytes(plan), np.uint8)
+    buf[:16] = np.array([_MAGIC, 1], np.int64).view(np.uint8)
+    m = _mask_len(plan)
+    buf[16:16 + len(st.mask)] = st.mask
+    pos = 16 + m
+    if st.lo is not None:
+        lo = _bytes(st.lo)
+        buf[pos:pos + lo.size] = lo
+        pos += lo.size
+    lse = _bytes(st.lse)
+    buf[pos:pos + lse.size] = lse
+    return buf
+
+
+def _unpack_state(plan: Plan, buf: np.ndarray, rows: int, producers: int) -> FoldState | None:
+    if int(buf[:8].view(np.int64)[0]) != _MAGIC:
+        return None
+    hq, d = plan.q_heads_per_task, plan.head_dim
+    pos = 16 + _mask_len(plan)
+    mask = buf[16:16 + producers].copy()
+    lo = None
+    if LO_BYTES[plan.dtype]:
+        n = hq * rows * d
+        lo = torch.from_numpy(buf[pos:pos + n].copy()).view(torch.int8).reshape(hq, rows, d)
+        pos += n
+    lse = torch.from_numpy(buf[pos:pos + hq * rows * 4].copy().view(np.float32)).reshape(hq, rows)
+    return FoldState(mask, lo, lse)
+
+
+# -- locks ------------------------------------------------------------------------
+_local_locks: dict[tuple[str, int], threading.Lock] = {}
+_dist_locks: dict[tuple[str, int], Any] = {}
+_guard = threading.Lock()
+
+
+def lock_for(token: str, group: int) -> AbstractContextManager[Any]:
+    """The lock of row ``group``: a ``distributed.Lock`` (striped) inside a Dask
+    worker, a process-local lock otherwise.  Call from the task's own thread
+    (a distributed lock needs the worker's context to be created)."""
+    key = (token, group % _STRIPES)
+    with _guard:
+        try:
+            from distributed import Lock, get_worker
+
+            get_worker()
+        except (ImportError, ValueError):
+            return _local_locks.setdefault(key, threading.Lock())
+        if key not in _dist_locks:
+            _dist_locks[key] = Lock(f"cqsa-{token}-fold-{key[1]}")
+        return _dist_locks[key]  # type: ignore[no-any-return]
+
+
+# -- the fold -----------------------------------------------------------------------
+class _Row:
+    """Store access for one (row, batch, head block) of a bounded job."""
+
+    def __init__(self, job: Job, group: int, batch: int, block: int):
+        p = job.plan
+        self.job, self.group, self.batch, self.block = job, group, batch, block
+        hq = p.q_heads_per_task
+        self.q_h = slice(block * hq, (block + 1) * hq)
+        start, stop = p.group_bounds(group)
+        self.rows, self.n = slice(start, stop), stop - start
+        self.producers = sorted(p.producers(group))
+        self.cell = (group, batch, block)
+        self.out_chunk = (batch, block, group, 0)
+        assert job.fold_state is not None and job.fold_journal is not None and job.fold_journal_head is not None
+        self.state_arr, self.journal_arr, self.journal_head = job.fold_state, job.fold_journal, job.fold_journal_head
+
+    def state(self) -> FoldState | None:
+        if not chunk_exists(self.state_arr, (*self.cell, 0)):
+            return None
+        buf = np.asarray(self.state_arr[self.cell])
+        st = _unpack_state(self.job.plan, buf, self.n, len(self.producers))
+        if st is None:
+            raise StoreError(f"the fold state of query group {self.group} (batch {self.batch}, head block "
+                             f"{self.block}) is damaged; delete the store's _cqsa group and run again")
+        return st
+
+    def hi(self) -> torch.Tensor:
+        return read_block(self.job.out, (self.batch, self.q_h, self.rows), self.job.plan.dtype)
+
+    def out_exists(self) -> bool:
+        return chunk_exists(self.job.out, self.out_chunk)
+
+    def recover(self) -> None:
+        """Undo a fold that died between its journal and its commit."""
+        head_idx = (*self.cell, 0)
+        if not chunk_exists(self.journal_head, head_idx):
+            return
+        plan = self.job.plan
+        had_state = bool(np.asarray(self.journal_head[self.cell])[0])
+        saved = None
+        if had_state:
+            buf = np.asarray(self.journal_arr[self.cell])
+            sb = state_bytes(plan)
+            saved = _unpack_state(plan, buf[:sb], self.n, len(self.producers))
+        now = self.state()
+        same = (saved is None and now is None) or (
+            saved is not None and now is not None and bool(np.array_equal(saved.mask, now.mask)))
+        if same:  # not committed: put back the out chunk the journal saved
+            if saved is None:
+                delete_chunk(self.job.out, self.out_chunk)
+            else:
+                n = plan.q_heads_per_task * self.n * plan.head_dim * plan.itemsize
+                raw = torch.from_numpy(buf[sb:sb + n].copy())
+                hi = raw.view(TORCH_DTYPES[plan.dtype]).reshape(plan.q_heads_per_task, self.n, plan.head_dim)
+                write_block(self.job.out, (self.batch, self.q_h, self.rows), hi)
+        delete_chunk(self.journal_head, head_idx)
+        delete_chunk(self.journal_arr, head_idx)
+
+    def journal(self, st: FoldState | None, hi: torch.Tensor | None) -> int:
+        """Save the state and out chunk a fold is about to replace; returns bytes written."""
+        plan = self.job.plan
+        n = 16
+        if st is not None and hi is not None:
+            buf = np.zeros(journal_bytes(plan), np.uint8)
+            sb = state_bytes(plan)
+            buf[:sb] = _pack_state(plan, st)
+            flat = _bytes(hi)
+            buf[sb:sb + flat.size] = flat
+            self.journal_arr[self.cell] = buf
+            n += buf.size
+        self.journal_head[self.cell] = np.array([int(st is not None), 1], np.int64)
+        return n
+
+    def end_journal(self) -> None:
+        delete_chunk(self.journal_head, (*self.cell, 0))
+        delete_chunk(self.journal_arr, (*self.cell, 0))
+
+    def damaged(self, what: str) -> StoreError:
+        """Reset the row, clear its producers' markers; the error to raise."""
+        delete_chunk(self.job.out, self.out_chunk)
+        delete_chunk(self.state_arr, (*self.cell, 0))
+        for t, _ in self.producers:
+            self.job.task_done[t, self.batch, self.block] = 0
+        return StoreError(
+            f"query group {self.group} (batch {self.batch}, head block {self.block}) lost its {what}; "
+            "the row was reset and its producers' markers cleared: run `cqsa resume` to recompute it")
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a CPU tensor, flat uint8."""
+    return t.contiguous().view(torch.uint8).numpy().ravel()
+
+
+
+
+def damaged_row(job: Job, group: int, batch: int, block: int) -> StoreError:
+    """For a row whose producers are all done but whose mask is not full: reset it."""
+    return _Row(job, group, batch, block).damaged("fold state (not every producer is in it)")
+
+
+def finish_row(job: Job, group: int, batch: int, block: int) -> bool:
+    """Write lse and the merge marker of a row whose mask is full; True when the row is done.
+
+    Idempotent (call under the row's lock): a crash inside is finished by the next caller.
+    """
+    if job.merge_done[group, batch, block]:
+        return True
+    row = _Row(job, group, batch, block)
+    row.recover()
+    st = row.state()
+    if st is None or not bool(st.mask.all()):
+        return False
+    write_block(job.lse, (batch, row.q_h, row.rows), st.lse)
+    job.merge_done[group, batch, block] = 1
+    delete_chunk(row.state_arr, (*row.cell, 0))
+    return True
+
+
+def fold(job: Job, group: int, batch: int, block: int, task: int,
+         out: torch.Tensor, lse: torch.Tensor) -> int:
+    """Fold task ``task``'s result for row ``group`` (out (hq, L, D) float32, lse (hq, L)).
+
+    Call under ``lock_for(token, group)``.  Returns the bytes written.
+    """
+    plan = job.plan
+    if job.merge_done[group, batch, block]:
+        return 0
+    row = _Row(job, group, batch, block)
+    row.recover()
+    index = [t for t, _ in row.producers].index(task)
+    st = row.state()
+    has_out = row.out_exists()
+    if st is None and has_out:
+        raise row.damaged("fold state")
+    if st is not None and not has_out:
+        raise row.damaged("running output (the out chunk)")
+    if st is not None and st.mask[index]:
+        finish_row(job, group, batch, block)
+        return 0
+    if st is None:
+        acc = (out.float(), lse.float())
+        mask = np.zeros(len(row.producers), np.uint8)
+        hi_old = None
+    else:
+        hi_old = row.hi()
+        acc = merge((join(hi_old, st.lo, plan.dtype), st.lse), (out, lse))
+        mask = st.mask.copy()
+    mask[index] = 1
+    hi, lo = split(acc[0], plan.dtype)
+    written = row.journal(st, hi_old)
+    write_block(job.out, (batch, row.q_h, row.rows), hi)
+    row.state_arr[row.cell] = _pack_state(plan, FoldState(mask, lo, acc[1]))  # the commit
+    row.end_journal()
+    written += hi.nbytes + state_bytes(plan)
+    if bool(mask.all()):
+        finish_row(job, group, batch, block)
+    return written

@@ -1,0 +1,293 @@
+"""Bounded partials (``partials="bounded"``, cqsa_dask/fold.py).
+
+- exactness against float64 through the session cluster (uneven sizes,
+  causal, GQA, many groups, large logits), with the same criterion as
+  test_exactness;
+- the hi/lo codec keeps 16 (bfloat16) or 19 (float16) significant bits;
+- folding in any order, and every crash point of a fold (journal written,
+  out overwritten, commit done but journal left), gives the exact result;
+- a lost fold state is detected, the row reset and its producers' markers cleared;
+- the storage bound: peak bytes of partial results on disk, sampled while a
+  real job with many groups runs, stay below the output's bytes (and the
+  same job with partials="all" needs several times the output).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import draw_inputs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import check_exact, reference_attention
+
+import cqsa_dask
+from cqsa_dask.errors import StoreError
+from cqsa_dask.fold import _Row, fold, join, split
+from cqsa_dask.layout import chunk_exists, create_outputs, open_job, write_tensor
+from cqsa_dask.plan import make_plan
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CASES = {  # (B, Hq, Hkv, N, D, W)
+    "ragged": (2, 2, 2, 257, 64, 7),
+    "gqa-w13": (1, 4, 2, 300, 32, 13),
+    "n<w": (1, 2, 1, 9, 16, 13),
+    "w31": (1, 2, 2, 500, 16, 31),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_bounded_is_exact(case: tuple[int, ...], dtype: torch.dtype, causal: bool, client, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    b, hq, hkv, n, d, w = case
+    inp = make_inputs(b, hq, hkv, n, d, dtype)
+    with dask.config.set({"cqsa.partials": "bounded"}):
+        out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, causal=causal, return_lse=True, client=client, groups=w)
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=causal, scale=None, context=inp.ctx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bounded_large_logits(dtype: torch.dtype, client, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    inp = make_inputs(1, 4, 2, 257, 64, dtype, magnitude=1e3)
+    with dask.config.set({"cqsa.partials": "bounded"}):
+        out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, causal=True, return_lse=True, client=client, groups=13)
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=True, scale=None, context=inp.ctx)
+    assert lse.abs().max() > 500
+
+
+# -- the codec -------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(["bfloat16", "float16"]), seed=st.integers(0, 2**32 - 1),
+       exp=st.integers(-20, 15))
+def test_split_join_keeps_sixteen_bits(dtype: str, seed: int, exp: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4096, generator=g, dtype=torch.float64) * 2.0**exp).float()
+    if dtype == "float16":
+        x = x.clamp(-60000, 60000)
+    hi, lo = split(x, dtype)
+    assert hi.dtype == cqsa_dask.layout.TORCH_DTYPES[dtype] and lo is not None and lo.dtype == torch.int8
+    y = join(hi, lo, dtype).double()
+    p = 8 if dtype == "bfloat16" else 11
+    # |error| <= 2^-(p+8) of hi's binade (half a unit of lo, plus float32 rounding), or tiny for subnormals
+    binade = torch.exp2(torch.frexp(x.double()).exponent.double())
+    floor = 2.0**-32 if dtype == "float16" else 0.0
+    err = (y - x.double()).abs()
+    bound = binade * 2.0 ** -(p + 8) + x.double().abs() * 2.0**-24 + floor
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert torch.equal(hi, x.to(hi.dtype)), "hi is x rounded to nearest"
+
+
+def test_split_float32_has_no_low_part() -> None:
+    x = torch.randn(100)
+    hi, lo = split(x, "float32")
+    assert lo is None and torch.equal(hi, x) and torch.equal(join(hi, None, "float32"), x)
+
+
+# -- folds at the Python level: any order, every crash point -----------------------------------------
+def _fold_job(tmp_path: Path, dtype: torch.dtype, causal: bool, w: int = 7, seed: int | None = None):  # type: ignore[no-untyped-def]
+    inp = draw_inputs(1, 2, 1, 150, 16, dtype, seed=seed)
+    path = tmp_path / "job.zarr"
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+        write_tensor(g, name, t, (1, t.shape[1], 64, 16))
+    plan = make_plan(seq_len=150, heads=2, kv_heads=1, head_dim=16, dtype=str(dtype), causal=causal,
+                     groups=w, budget="1GB", partials="bounded")
+    create_outputs(g, plan, "tok")
+    return inp, str(path), plan
+
+
+def _partial(inp, plan, a: int, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """float64 attention of query group a over key groups ``keys`` -> (out (Hq, L, D) float32, lse (Hq, L))."""
+    s0, s1 = plan.group_bounds(a)
+    q = inp.q[0, :, s0:s1].double()  # (Hq, L, D)
+    idx = torch.cat([torch.arange(*plan.group_bounds(b)) for b in keys])
+    k = inp.k[0, 0, idx].double()
+    v = inp.v[0, 0, idx].double()
+    logits = q @ k.T / math.sqrt(q.shape[-1])  # (Hq, L, K)
+    if plan.causal:
+        logits = logits.masked_fill(idx[None, None, :] > torch.arange(s0, s1)[None, :, None], -math.inf)
+    lse = torch.logsumexp(logits, -1)
+    out = torch.softmax(logits, -1) @ v
+    return out.float(), lse.float()
+
+
+def _contributions(inp, plan) -> dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]]:  # type: ignore[no-untyped-def]
+    """For each row with several producers: [(task, out, lse)] as the quorum tasks would fold them."""
+    rows: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for t in range(plan.groups):
+        for _, a, bs in plan.work(t):
+            if not plan.direct(a):
+                rows.setdefault(a, []).append((t, *_partial(inp, plan, a, bs)))
+    return rows
+
+
+def _check_rows(inp, path: str, plan, rows, causal: bool) -> None:  # type: ignore[no-untyped-def]
+    g = zarr.open_group(path, mode="r")
+    ref_out, ref_lse = reference_attention(inp.q, inp.k, inp.v, causal, None)
+    out = cqsa_dask.layout.read_block(g["out"], (slice(None),) * 4, plan.dtype)  # type: ignore[arg-type]
+    lse = torch.from_numpy(np.asarray(g["lse"][...]))
+    tol = 4 * torch.finfo(inp.q.dtype).eps + 1e-6
+    for a in rows:
+        s0, s1 = plan.group_bounds(a)
+        assert (out[0, :, s0:s1].double() - ref_out[0, :, s0:s1]).abs().max() <= tol * inp.v.abs().max(), a
+        assert (lse[0, :, s0:s1].double() - ref_lse[0, :, s0:s1]).abs().max() <= 1e-5, a
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fold_order_and_crash_points(tmp_path: Path, dtype: torch.dtype, causal: bool) -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    inp, path, plan = _fold_job(tmp_path, dtype, causal, seed=seed)
+    job = open_job(path, "tok")
+    rows = _contributions(inp, plan)
+    crashes = iter(["journal", "out-written", "committed"] * 10)
+    for a, parts in rows.items():
+        rng.shuffle(parts)  # any completion order
+        for n, (t, out, lse) in enumerate(parts):
+            if n and n % 2 == 0:  # a fold that dies somewhere, then its retry
+                _crash(job, a, t, out, lse, next(crashes))
+            fold(job, a, 0, 0, t, out, lse)
+            fold(job, a, 0, 0, t, out, lse)  # a second delivery changes nothing
+        assert job.merge_done[a, 0, 0] == 1, f"row {a} not finished (seed {seed})"
+        assert not chunk_exists(job.fold_state, (a, 0, 0, 0)), "fold state left behind"
+        assert not chunk_exists(job.fold_journal_head, (a, 0, 0, 0)), "journal left behind"
+    _check_rows(inp, path, plan, rows, causal)
+
+
+def _crash(job, a: int, t: int, out: torch.Tensor, lse: torch.Tensor, where: str) -> None:  # type: ignore[no-untyped-def]
+    """Replay the steps of fold(task t into row a) up to ``where``, then stop as a killed process would."""
+    from cqsa_dask.fold import FoldState, _pack_state, merge
+
+    row = _Row(job, a, 0, 0)
+    st = row.state()
+    hi_old = row.hi() if st is not None else None
+    row.journal(st, hi_old)
+    if where == "journal":
+        return
+    garbage = torch.randn(out.shape).to(cqsa_dask.layout.TORCH_DTYPES[job.plan.dtype])
+    cqsa_dask.layout.write_block(job.out, (0, row.q_h, row.rows), garbage)
+    if where == "out-written":
+        return
+    index = [p for p, _ in row.producers].index(t)
+    if st is None:
+        acc = (out.float(), lse.float())
+        mask = np.zeros(len(row.producers), np.uint8)
+    else:
+        assert hi_old is not None
+        acc = merge((join(hi_old, st.lo, job.plan.dtype), st.lse), (out, lse))
+        mask = st.mask.copy()
+    mask[index] = 1
+    hi, lo = split(acc[0], job.plan.dtype)
+    cqsa_dask.layout.write_block(job.out, (0, row.q_h, row.rows), hi)
+    row.state_arr[row.cell] = _pack_state(job.plan, FoldState(mask, lo, acc[1]))  # committed, journal left
+
+
+def test_lost_fold_state_is_detected(tmp_path: Path) -> None:
+    inp, path, plan = _fold_job(tmp_path, torch.bfloat16, False)
+    job = open_job(path, "tok")
+    rows = _contributions(inp, plan)
+    a, parts = next(iter(rows.items()))
+    for t, out, lse in parts[:2]:
+        fold(job, a, 0, 0, t, out, lse)
+        job.task_done[t, 0, 0] = 1
+    cqsa_dask.layout.delete_chunk(job.fold_state, (a, 0, 0, 0))  # lost
+    t, out, lse = parts[2]
+    with pytest.raises(StoreError, match=f"query group {a} .*lost its fold state"):
+        fold(job, a, 0, 0, t, out, lse)
+    producers = [p for p, _ in plan.producers(a)]
+    assert not any(job.task_done[p, 0, 0] for p in producers), "the row's producers must be recomputed"
+    assert not chunk_exists(job.out, (0, 0, a, 0)), "the row must be reset"
+    for t, out, lse in parts:  # what a resume does: every producer folds again
+        fold(job, a, 0, 0, t, out, lse)
+    _check_rows(inp, path, plan, {a: parts}, False)
+
+
+# -- the storage bound -------------------------------------------------------------------------------
+def _partial_bytes(store: Path) -> int:
+    """Bytes on disk of everything the job keeps beyond out and lse (partials, fold states, journals)."""
+    total = 0
+    for name in ("partial_out", "partial_lse", "fold_state", "fold_journal", "fold_journal_head"):
+        for root, _, files in os.walk(store / "_cqsa" / name):
+            for f in files:
+                if f != "zarr.json":
+                    try:
+                        total += os.stat(os.path.join(root, f)).st_size
+                    except FileNotFoundError:
+                        pass
+    return total
+
+
+def _peak_partials(store: Path, run) -> tuple[int, int, Any]:  # type: ignore[no-untyped-def]
+    """(peak sampled partial bytes, samples, ``run()``'s result) while ``run()`` executes."""
+    peak, samples, stop = 0, 0, threading.Event()
+
+    def watch() -> None:
+        nonlocal peak, samples
+        while not stop.is_set():
+            peak = max(peak, _partial_bytes(store))
+            samples += 1
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        result = run()
+    finally:
+        stop.set()
+        th.join()
+    return peak, samples, result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_peak_partial_bytes_below_output(tmp_path: Path, client, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """W = 57 groups (|D| = 8): bounded stays under 1x the output, "all" does not."""
+    inp = draw_inputs(1, 2, 2, 2048, 64, dtype)
+    figures = {}
+    for mode in ("bounded", "all"):
+        store = tmp_path / f"{mode}.zarr"
+        g = zarr.open_group(str(store), mode="w", zarr_format=3)
+        for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+            write_tensor(g, name, t, (1, 2, 512, 64))
+        run = functools.partial(cqsa_dask.run, store, client=client, groups=57, partials=mode, memory_budget="1GB")
+        with dask.config.set({"cqsa.tasks-in-flight": 2}):  # what the session cluster (two threads) runs
+            res = _peak_partials(store, run)
+        peak, samples, plan = res[0], res[1], res[2].plan
+        assert plan.partials == mode and plan.groups == 57 and plan.quorum_size == 8
+        figures[mode] = (peak / plan.output_bytes, samples, plan.partial_bytes / plan.output_bytes)
+        out = cqsa_dask.layout.read_block(g["out"], (slice(None),) * 4, plan.dtype)  # type: ignore[arg-type]
+        lse = torch.from_numpy(np.asarray(g["lse"][...]))
+        check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=f"{mode} seed {inp.seed}")
+    print(f"peak partial bytes / output bytes (sampled, samples, planned): {figures}")
+    bounded, all_ = figures["bounded"], figures["all"]
+    assert bounded[1] > 20 and all_[1] > 20, "too few samples to see the peak"
+    assert 0 < bounded[0] <= 1.0, figures
+    assert bounded[0] <= bounded[2], "the plan's figure is an upper bound"
+    assert all_[0] > 2.0, "the same job keeping every partial needs several times the output"
+    if dtype == torch.bfloat16:
+        assert bounded[0] > 0.3, "the low parts of the open rows must show"
+    assert _partial_bytes(tmp_path / "bounded.zarr") == 0, "a finished bounded job keeps no partials"
+
+
+def test_auto_partials_follows_the_limit() -> None:
+    kw = {"seq_len": 2**20, "heads": 4, "head_dim": 128, "budget": "4GB", "partials": "auto"}
+    small = make_plan(**kw, partials_limit="1TB")  # type: ignore[arg-type]
+    big = make_plan(**kw, partials_limit="1GB")  # type: ignore[arg-type]
+    assert small.partials == "all" and big.partials == "bounded"
+    many = make_plan(**{**kw, "budget": "200MB"}, partials_limit="1GB")  # type: ignore[arg-type]
+    assert many.groups >= 13 and many.partials == "bounded"
+    assert many.partial_bytes < many.output_bytes < replace(many, partials="all").partial_bytes
+    huge = make_plan(seq_len=2**30, heads=1, head_dim=128, budget="12GB", partials="auto")
+    assert huge.partials == "bounded" and huge.partial_bytes < huge.output_bytes
