@@ -350,7 +350,8 @@ def _finish(plan: Plan, partials: str, limit: int | str, query_groups: Sequence[
     chosen: tuple[int, ...] = ()
     if query_groups is not None:
         try:
-            chosen = tuple(sorted({int(g) for g in query_groups}))
+            ne = plan.nonempty_groups
+            chosen = tuple(sorted({int(g) + ne if int(g) < 0 else int(g) for g in query_groups}))
         except (TypeError, ValueError):
             raise InvalidInputError(f"query groups must be integers, got {query_groups!r}") from None
         bad = [g for g in chosen if not 0 <= g < plan.nonempty_groups]
@@ -430,7 +431,8 @@ def make_plan(
             folds them into each row as they arrive and deletes them (about
             half the output for half-precision jobs, see ``fold.py``);
             "auto": "bounded" when "all" would exceed ``partials_limit``.
-        query_groups: compute only these query groups' rows (default all).
+        query_groups: compute only these query groups' rows (default all;
+            negative numbers count from the last non-empty group).
 
     Raises:
         InvalidInputError: bad shapes or dtype.  BudgetError: nothing fits.
