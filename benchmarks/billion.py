@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 PAPER_TOKENS_PER_S = {"1M": 1.2e3, "1B": 0.8e3}  # Stream-CQSA, A100, 12 GB budget
+LEASE_S = 6
 
 
 def _cqsa() -> list[str]:
@@ -80,8 +81,9 @@ class Run:
         self.args, self.log = args, log
         self.t0 = time.time()
         self._f = open(log, "wb")  # noqa: SIM115 (closed in wait/kill)
+        env = {**os.environ, "DASK_CQSA__LEASE_SECONDS": str(LEASE_S)}  # a killed run's lease expires soon
         self.proc = subprocess.Popen([*_cqsa(), *args], stdout=self._f, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
 
     def events(self) -> list[dict[str, Any]]:
         out = []
@@ -100,7 +102,9 @@ class Run:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self._f.close()
-        return time.time() - self.t0
+        ran = time.time() - self.t0
+        time.sleep(LEASE_S + 1)  # until the killed run's lease has expired
+        return ran
 
     def wait(self, timeout: float) -> int:
         try:
@@ -243,7 +247,7 @@ def part_full(a: argparse.Namespace, work: str) -> dict[str, Any]:
 def part_rows(a: argparse.Namespace, work: str) -> dict[str, Any]:
     store = os.path.join(work, "rows.zarr")
     rec: dict[str, Any] = {"n": a.n, "budget": a.budget, "groups": a.groups}
-    args = ["run", store, *_synthetic_args(a, a.n), "--query-groups", a.groups]
+    args = ["run", store, *_synthetic_args(a, a.n), "--query-groups", a.groups, "--partials", a.partials]
     first = Run(args, os.path.join(work, "rows-1.log"))
     _wait_for(lambda: first.proc.poll() is not None or os.path.exists(os.path.join(store, "_cqsa", "zarr.json")),
               300)
@@ -283,6 +287,7 @@ def main() -> int:
     ap.add_argument("--resume-seconds", type=float, default=100, help="full: resume this long before the stop")
     ap.add_argument("--min-tasks", type=int, default=10**9, help="full: stop earlier once this many tasks are done")
     ap.add_argument("--groups", default="0,-1", help="rows: query groups to complete")
+    ap.add_argument("--partials", default="bounded", help="rows: partials policy of the job")
     ap.add_argument("--kill-after", type=float, default=0.4, help="rows: stop after this share of the tasks")
     ap.add_argument("--rows", type=int, default=16, help="rows checked by cqsa verify")
     ap.add_argument("--workdir", default=None)

@@ -329,10 +329,30 @@ def _complete(plan: Plan, merge_done: np.ndarray, row: Row) -> bool:
     return bool(merge_done[n // plan.group_size, b, h // plan.q_heads_per_task])
 
 
+def _sample_merged(plan: Plan, done: np.ndarray, count: int, seed: int) -> list[Row]:
+    """For a partly merged job: ``count`` random rows of merged (group, batch, head block) cells,
+    plus the first and last row of each of up to 8 such cells (none: an empty list)."""
+    cells = np.argwhere(done > 0)  # (k, 3): group, batch, head block
+    if not len(cells):
+        return []
+    rng = np.random.default_rng(seed)
+    hq = plan.q_heads_per_task
+    found: set[Row] = set()
+    for a, b, j in cells[rng.permutation(len(cells))[:8]]:
+        start, stop = plan.group_bounds(int(a))
+        found |= {(int(b), int(j) * hq, start), (int(b), int(j) * hq + hq - 1, stop - 1)}
+    for _ in range(count):
+        a, b, j = cells[rng.integers(len(cells))]
+        start, stop = plan.group_bounds(int(a))
+        found.add((int(b), int(j) * hq + int(rng.integers(hq)), int(rng.integers(start, stop))))
+    return sorted(found)
+
+
 def verify(store: Any, rows: int = 16, seed: int = 0) -> Verification:
     """Check ``rows`` random rows (plus the first and the last) of a job's out and lse against float64.
 
-    Only rows whose query group is merged are checked.  Raises
+    Only rows whose query group is merged are checked; in a partly merged
+    job the rows are drawn from the merged groups.  Raises
     :class:`InvalidInputError` for bad arguments, a job whose inputs changed,
     or when no sampled row is complete; :class:`StoreError` for a missing
     store or job.
@@ -346,8 +366,8 @@ def verify(store: Any, rows: int = 16, seed: int = 0) -> Verification:
     eng = engine(group)
     plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
     _check_same_inputs(group, eng, plan)
-    sampled = sample_rows(group, rows, seed)
     done = np.asarray(array(eng, "merge_done")[...])  # (W, B, J)
+    sampled = sample_rows(group, rows, seed) if done.all() else _sample_merged(plan, done, rows, seed)
     kept = [r for r in sampled if _complete(plan, done, r)]
     if not kept:
         raise InvalidInputError(f"none of the {len(sampled)} sampled rows is in a merged query group "
