@@ -80,9 +80,21 @@ def finish_job(client: Client, token: str, outcome: Outcome, seconds: float) -> 
     _send(client, {"action": "end", "token": token, "outcome": outcome, "seconds": seconds, "time": time.time()})
 
 
+def _wire_safe(obj: Any) -> Any:
+    """``obj`` with integers beyond 64 bits as floats: msgpack cannot carry them (a 2**30-token
+    plan has 5.9e20 FLOPs), and a message that fails to serialise breaks the client's stream."""
+    if isinstance(obj, dict):
+        return {k: _wire_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_wire_safe(v) for v in obj)
+    if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**63:
+        return float(obj)
+    return obj
+
+
 def _send(client: Client, msg: dict[str, Any]) -> None:
     try:
-        client.log_event(JOB_TOPIC, msg)
+        client.log_event(JOB_TOPIC, _wire_safe(msg))
     except Exception as e:  # noqa: BLE001  (best effort: a lost scheduler fails the job elsewhere)
         log.debug("could not send %s event: %s", msg.get("action"), e)
 
