@@ -226,7 +226,9 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     if bounded:  # created here: a distributed lock needs the task thread's worker context
         io.locks = {a: lock_for(token, a) for _, a, _ in work}
     kv_futs = {g: pool.submit(io.kv, g, dev) for g in sorted({b for _, _, bs in work for b in bs})}
-    q_futs = [pool.submit(io.q, a, dev) for _, a, _ in work[:2]]
+    # q of the next slots, read ahead; a consumed future is dropped at once (its tensor
+    # would otherwise stay alive to the end of the task: all of q, on the device for generated inputs)
+    q_futs: dict[int, Future[torch.Tensor]] = {n: pool.submit(io.q, a, dev) for n, (_, a, _) in enumerate(work[:2])}
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     writes: deque[Future[None]] = deque()
     t_wait = t_compute = 0.0
@@ -234,9 +236,9 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
         with _task_stream(dev):
             for n, (slot, a, bs) in enumerate(work):
                 tw = time.perf_counter()
-                q = q_futs[n].result().to(dev)[None].contiguous()  # (1, hq, G, D)
+                q = q_futs.pop(n).result().to(dev)[None].contiguous()  # (1, hq, G, D)
                 if n + 2 < len(work):
-                    q_futs.append(pool.submit(io.q, work[n + 2][1], dev))
+                    q_futs[n + 2] = pool.submit(io.q, work[n + 2][1], dev)
                 for b in bs:
                     if b not in kv:
                         k, v = kv_futs[b].result()
@@ -260,7 +262,7 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
             w.result()
         t_wait += time.perf_counter() - tw
     finally:  # leave no IO running for a failed task
-        pending: list[Future[Any]] = [*kv_futs.values(), *q_futs, *writes]
+        pending: list[Future[Any]] = [*kv_futs.values(), *q_futs.values(), *writes]
         for f in pending:
             f.cancel()
     rec = {
