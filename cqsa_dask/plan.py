@@ -213,9 +213,11 @@ class Plan:
         written (a temporary file, renamed over the old one).  Rows with a
         single producer are written directly and need nothing.
         """
+        merged = [a for a in self.merge_groups if len(self.producers(a)) > 1]
         if self.partials == "all":
-            return int(self.quorum_size * self.output_bytes * self._row_fraction())
-        rows = sum(len(self.producers(a)) > 1 for a in self.merge_groups) * self.batch * self.head_blocks
+            tokens = sum(e - s for s, e in map(self.group_bounds, merged))
+            return int(self.quorum_size * self.output_bytes * tokens / self.seq_len)
+        rows = len(merged) * self.batch * self.head_blocks
         in_flight = 3 * self.tasks_in_flight * (self.fold_journal_bytes + self.fold_state_bytes) if rows else 0
         return rows * self.fold_state_bytes + in_flight
 
