@@ -184,11 +184,13 @@ class _Row:
     def state(self) -> FoldState | None:
         if not chunk_exists(self.state_arr, (*self.cell, 0)):
             return None
-        buf = np.asarray(self.state_arr[self.cell])
-        st = _unpack_state(self.job.plan, buf, self.n, len(self.producers))
+        try:
+            buf = np.asarray(self.state_arr[self.cell])
+            st = _unpack_state(self.job.plan, buf, self.n, len(self.producers))
+        except Exception:  # noqa: BLE001  (a truncated chunk fails to decode in many ways)
+            st = None
         if st is None:
-            raise StoreError(f"the fold state of query group {self.group} (batch {self.batch}, head block "
-                             f"{self.block}) is damaged; delete the store's _cqsa group and run again")
+            raise self.damaged("fold state (unreadable)")
         return st
 
     def hi(self) -> torch.Tensor:

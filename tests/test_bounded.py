@@ -216,6 +216,20 @@ def test_lost_fold_state_is_detected(tmp_path: Path) -> None:
     _check_rows(inp, path, plan, {a: parts}, False)
 
 
+def test_unreadable_fold_state_resets_the_row(tmp_path: Path) -> None:
+    inp, path, plan = _fold_job(tmp_path, torch.bfloat16, False)
+    job = open_job(path, "tok")
+    a, parts = next(iter(_contributions(inp, plan).items()))
+    for t, out, lse in parts[:2]:
+        fold(job, a, 0, 0, t, out, lse)
+    chunk = Path(path, "_cqsa", "fold_state", "c", str(a), "0", "0", "0")
+    chunk.write_bytes(chunk.read_bytes()[:100])  # truncated
+    t, out, lse = parts[2]
+    with pytest.raises(StoreError, match="lost its fold state \\(unreadable\\)"):
+        fold(job, a, 0, 0, t, out, lse)
+    assert not chunk.exists() and not chunk_exists(job.out, (0, 0, a, 0))
+
+
 # -- the storage bound -------------------------------------------------------------------------------
 def _partial_bytes(store: Path) -> int:
     """Bytes on disk of everything the job keeps beyond out and lse (partials, fold states, journals)."""
