@@ -25,9 +25,6 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from clitools import CliResult, cqsa_command, snapshot
+from clitools import CliResult, invoke, snapshot
 from reference import reference_attention
 
 from cqsa_dask.api import plan_options
@@ -66,18 +63,6 @@ def _seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def _invoke(args: list[str], timeout: float, env: dict[str, str] | None = None) -> CliResult:
-    """Run ``cqsa args`` in its own session; kill that session if it outlives ``timeout``."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cqsa_command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this Popen started (cluster processes included)
-        out, err = proc.communicate()
-        raise AssertionError(f"`cqsa {' '.join(args)}` did not finish in {timeout}s\n{out[-2000:]}\n{err[-2000:]}")
-    return CliResult(tuple(args), proc.returncode, out, err, time.perf_counter() - t0)
 
 
 @dataclass
@@ -150,7 +135,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
     j = Jobs(stores, {name: snapshot(p) for name, p in stores.items()}, seeds)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cqsa-cli") as pool:
         for name, (args, timeout, env) in _commands(stores, seeds).items():
-            j.futures[name] = pool.submit(_invoke, args, timeout, env)
+            j.futures[name] = pool.submit(invoke, args, timeout, env)
         yield j
         for f in j.futures.values():
             f.cancel()

@@ -23,9 +23,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from clitools import CliResult, cqsa_command, snapshot
+from clitools import CliResult, invoke, snapshot
 from reference import reference_attention
 
 import cqsa_dask
@@ -88,18 +85,6 @@ def test_token_counts_agree_with_streamed_keys_and_float64(causal: bool, vocab: 
 # -- the commands --------------------------------------------------------------------------
 
 
-def _invoke(args: list[str], timeout: float) -> CliResult:
-    """Run ``cqsa args`` in its own session; kill that session (cluster included) if it outlives ``timeout``."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cqsa_command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this Popen started
-        out, err = proc.communicate()
-        raise AssertionError(f"`cqsa {' '.join(args)}` did not finish in {timeout}s\n{out[-2000:]}\n{err[-2000:]}")
-    return CliResult(tuple(args), proc.returncode, out, err, time.perf_counter() - t0)
 
 
 @dataclass
@@ -150,7 +135,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, client) -> Iterator[Jobs]:  #
     stores = {n: root / f"{n}.zarr" for n in ("stored", "synthetic", "corrupted", "partial", "unmerged",
                                               "no-job", "missing", "occupied")}
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cqsa-verify") as pool:
-        synthetic = pool.submit(_invoke, ["run", str(stores["synthetic"]), *SYNTHETIC, "--seed",
+        synthetic = pool.submit(invoke, ["run", str(stores["synthetic"]), *SYNTHETIC, "--seed",
                                           str(seeds["synthetic"]), "--json"], 300)
         make_synthetic_store(stores["stored"], **STORED, seed=seeds["stored"])
         make_synthetic_store(stores["no-job"], **STORED, seed=seeds["stored"])
@@ -187,7 +172,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, client) -> Iterator[Jobs]:  #
         def after(args: list[str], dep: Future[CliResult] | None) -> CliResult:
             if dep is not None:
                 dep.result()
-            return _invoke(args, 240)
+            return invoke(args, 240)
 
         j.futures["run-synthetic"] = synthetic
         for name, (args, dep) in commands.items():
