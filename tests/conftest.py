@@ -75,3 +75,16 @@ def make_inputs(request: pytest.FixtureRequest) -> Callable[..., Inputs]:
         return inp
 
     return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a CUDA device: deselected (and counted as such) where there is none.
+
+    They run on the GPU machine (``python -m pytest -m gpu``); the CPU suite has no skips for them.
+    """
+    if torch.cuda.is_available():
+        return
+    gpu = [it for it in items if it.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [it for it in items if not it.get_closest_marker("gpu")]

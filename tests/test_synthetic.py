@@ -316,7 +316,6 @@ def test_synthetic_job_matches_float64(name: str, tmp_path: Path, client) -> Non
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_cuda_generates_the_same_bits_as_the_cpu(dtype: str) -> None:
     src = SyntheticSource(seq_len=300_000, heads_q=4, heads_kv=2, head_dim=128, dtype=dtype, seed=_seed(),
