@@ -138,10 +138,11 @@ def _poll(driver: Any, ok: Any, until: float) -> PageView | None:
 def _running_ok(plan: Plan) -> Any:
     reserved, budget = fmt_bytes(plan.task_memory_bytes), fmt_bytes(plan.budget_bytes)
 
-    def ok(v: PageView) -> bool:
+    def ok(v: PageView) -> bool:  # the grid, a separate bokeh model, must have caught up with the summary too
         tasks = v.count("tasks")
         return (tasks is not None and 0 < tasks[0] < tasks[1] and "running" in v.job
-                and f" {reserved} {budget} " in f" {v.workers} ")
+                and f" {reserved} {budget} " in f" {v.workers} "
+                and v.states[: plan.tasks].count("done") == tasks[0])
     return ok
 
 
