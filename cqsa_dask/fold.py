@@ -20,10 +20,10 @@ output's G hq (2 D + 4): at most about half the output, the bound of issue 6.
 Crash safety (every zarr chunk write on a local store is atomic: temporary
 file, then rename).  One fold of producer p into row a, under the row lock::
 
-    if a journal chunk exists: the previous fold died; if the state is still the
-        one the journal saved, restore out from it; delete the journal
+    if a journal chunk exists: the previous fold died; if the state still has the
+        mask the journal saved, restore out from it; delete the journal
     if merge_done[a] or p is in the state's mask: nothing to do (idempotent)
-    journal := old state and old out chunk (if any), then its head (the journal is valid)
+    journal := the mask seen and the old out chunk (if any), then its head (the journal is valid)
     out := hi(new);  state := (lo, lse, mask + p)     <- the commit
     delete the journal (head first)
     if the mask is full: lse := state.lse, merge_done[a] := 1, delete the state
@@ -200,41 +200,45 @@ class _Row:
         return chunk_exists(self.job.out, self.out_chunk)
 
     def recover(self) -> None:
-        """Undo a fold that died between its journal and its commit."""
+        """Undo a fold that died between its journal and its commit.
+
+        The state is replaced only by the commit (an atomic chunk write), so
+        the journal needs just the mask it saw and the out chunk it replaced.
+        """
         head_idx = (*self.cell, 0)
         if not chunk_exists(self.journal_head, head_idx):
             return
         plan = self.job.plan
         had_state = bool(np.asarray(self.journal_head[self.cell])[0])
-        saved = None
-        if had_state:
-            buf = np.asarray(self.journal_arr[self.cell])
-            sb = state_bytes(plan)
-            saved = _unpack_state(plan, buf[:sb], self.n, len(self.producers))
         now = self.state()
-        same = (saved is None and now is None) or (
-            saved is not None and now is not None and bool(np.array_equal(saved.mask, now.mask)))
+        if not had_state:
+            same = now is None
+        else:
+            buf = np.asarray(self.journal_arr[self.cell])
+            saved_mask = buf[:len(self.producers)]
+            same = now is not None and bool(np.array_equal(saved_mask, now.mask))
         if same:  # not committed: put back the out chunk the journal saved
-            if saved is None:
+            if not had_state:
                 delete_chunk(self.job.out, self.out_chunk)
             else:
+                m = _mask_len(plan)
                 n = plan.q_heads_per_task * self.n * plan.head_dim * plan.itemsize
-                raw = torch.from_numpy(buf[sb:sb + n].copy())
+                raw = torch.from_numpy(buf[m:m + n].copy())
                 hi = raw.view(TORCH_DTYPES[plan.dtype]).reshape(plan.q_heads_per_task, self.n, plan.head_dim)
                 write_block(self.job.out, (self.batch, self.q_h, self.rows), hi)
         delete_chunk(self.journal_head, head_idx)
         delete_chunk(self.journal_arr, head_idx)
 
     def journal(self, st: FoldState | None, hi: torch.Tensor | None) -> int:
-        """Save the state and out chunk a fold is about to replace; returns bytes written."""
+        """Save the mask seen and the out chunk a fold is about to replace; returns bytes written."""
         plan = self.job.plan
         n = 16
         if st is not None and hi is not None:
             buf = np.zeros(journal_bytes(plan), np.uint8)
-            sb = state_bytes(plan)
-            buf[:sb] = _pack_state(plan, st)
+            m = _mask_len(plan)
+            buf[:len(st.mask)] = st.mask
             flat = _bytes(hi)
-            buf[sb:sb + flat.size] = flat
+            buf[m:m + flat.size] = flat
             self.journal_arr[self.cell] = buf
             n += buf.size
         self.journal_head[self.cell] = np.array([int(st is not None), 1], np.int64)

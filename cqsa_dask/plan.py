@@ -199,8 +199,9 @@ class Plan:
 
     @property
     def fold_journal_bytes(self) -> int:
-        """Bytes of one fold journal chunk: a fold state and the out chunk (hq, G, D) it goes with."""
-        return self.fold_state_bytes + self.q_heads_per_task * self.group_size * self.head_dim * self.itemsize
+        """Bytes of one fold journal chunk: the producer mask seen and the out chunk (hq, G, D) replaced."""
+        mask = -(-self.quorum_size // 8) * 8
+        return mask + self.q_heads_per_task * self.group_size * self.head_dim * self.itemsize
 
     @property
     def partial_bytes(self) -> int:
@@ -208,9 +209,10 @@ class Plan:
 
         "all": every producer's partial of every computed row (|D| x the
         output).  "bounded": no partial is stored; a fold state per row with
-        several producers plus, per fold in flight (three per task in flight:
-        the writes behind compute), its journal and the new state being
-        written (a temporary file, renamed over the old one).  Rows with a
+        several producers plus, for the one fold a worker runs at a time, its
+        journal (the mask and the replaced out chunk) and the new state being
+        written (a temporary file, renamed over the old one).  Per worker:
+        add that last term once per further worker.  Rows with a
         single producer are written directly and need nothing.
         """
         merged = [a for a in self.merge_groups if len(self.producers(a)) > 1]
@@ -218,7 +220,7 @@ class Plan:
             tokens = sum(e - s for s, e in map(self.group_bounds, merged))
             return int(self.quorum_size * self.output_bytes * tokens / self.seq_len)
         rows = len(merged) * self.batch * self.head_blocks
-        in_flight = 3 * self.tasks_in_flight * (self.fold_journal_bytes + self.fold_state_bytes) if rows else 0
+        in_flight = self.fold_journal_bytes + 16 + self.fold_state_bytes if rows else 0  # one fold at a time
         return rows * self.fold_state_bytes + in_flight
 
     @property

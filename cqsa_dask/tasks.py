@@ -47,6 +47,7 @@ from .layout import TORCH_DTYPES, Job, open_job, read_block, write_block, write_
 __all__ = ["merge_task", "quorum_task", "worker_options"]
 
 _initialised = False
+_FOLDS = threading.Lock()
 
 
 def _init_process(opt: dict[str, Any]) -> None:
@@ -172,7 +173,7 @@ class _TaskIO:
             write_block(job.lse, (self.batch, self.q_h, rows), lse)
             job.merge_done[a, self.batch, self.block] = 1
         elif job.plan.partials == "bounded":
-            with self.locks[a]:
+            with _FOLDS, self.locks[a]:  # one fold at a time per process: bounds journals on disk
                 self._count(written=fold(job, a, self.batch, self.block, self.task, out, lse))
             return
         else:
