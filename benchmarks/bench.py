@@ -404,8 +404,9 @@ class Cluster:
 
         lc = dask.config.get("cqsa.local-cluster")
         res = str(dask.config.get("cqsa.resource"))
-        threads = lc["threads-per-worker"]  # "auto" as run() resolves it: tasks in flight + 1
-        threads = plan_options()["tasks_in_flight"] + 1 if threads == "auto" else int(threads)
+        threads = dask.config.get("cqsa.local-cluster.threads-per-worker")  # "auto": tasks in flight + 1, as run()
+        opts = plan_options()
+        threads = opts["tasks_in_flight"] + int(opts["host_staging"]) if threads == "auto" else int(threads)
         t = time.perf_counter()
         self.cluster = LocalCluster(
             n_workers=int(lc["n-workers"]), threads_per_worker=threads,

@@ -205,7 +205,9 @@ def run(
     # Plan before starting anything when the budget is known: bad input fails fast.
     known = memory_budget is not None or (client is None and scheduler is None)
     plan = plan_for(_budget(memory_budget, None, resource)) if known else None
-    threads = (plan.tasks_in_flight if plan else 1) + 1
+    # CUDA: a thread more than tasks in flight, for merges while the device computes; CPU: a task
+    # already uses every core, and a second thread running torch at once oversubscribes them
+    threads = (plan.tasks_in_flight + int(plan.host_staging)) if plan else 2
     with connect(client, scheduler, budget_bytes=plan.budget_bytes if plan else 0, resource=resource,
                  threads=threads) as c:
         if plan is None:  # budget from what the scheduler's workers advertise
