@@ -20,6 +20,8 @@ from .errors import (
     StoreError,
 )
 from .plan import Plan, make_plan
+from .synthetic import SyntheticSource, create_synthetic_store
+from .verify import Verification, verify
 
 __all__ = [
     "BudgetError",
@@ -30,7 +32,11 @@ __all__ = [
     "Plan",
     "SchedulerError",
     "StoreError",
+    "SyntheticSource",
+    "Verification",
     "attention",
+    "create_synthetic_store",
     "make_plan",
     "run",
+    "verify",
 ]
