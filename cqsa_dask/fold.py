@@ -264,8 +264,6 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint8).numpy().ravel()
 
 
-
-
 def damaged_row(job: Job, group: int, batch: int, block: int) -> StoreError:
     """For a row whose producers are all done but whose mask is not full: reset it."""
     return _Row(job, group, batch, block).damaged("fold state (not every producer is in it)")
