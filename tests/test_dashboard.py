@@ -365,3 +365,18 @@ def test_monitor_follows_transitions_and_events() -> None:
     grid = mon.grid(token, "quorum")
     assert grid.shape == (3, 2) and grid[0, 1] == DONE and grid[2, 1] == DONE and (grid == DONE).sum() == 2
     assert mon.workers["w1"].peak_reserved == 100
+
+
+def test_grid_of_a_job_restricted_to_some_rows() -> None:
+    """With query_groups only their producers and merges have cells; the rest is not part of the job."""
+    from cqsa_dask.plan import make_plan
+
+    plan = make_plan(seq_len=3000, heads=2, kv_heads=1, head_dim=64, groups=31, budget="1GB", query_groups=[0, -1])
+    mon = Monitor()
+    empty = {"shape": [31, 1, 1], "bits": np.packbits(np.zeros(31, np.uint8)).tobytes()}
+    mon.on_job_event({"action": "start", "token": "77", "plan": plan.to_dict(), "task_done": empty,
+                      "merge_done": empty, "time": 0.0}, now=0.0)
+    quorum, merge = mon.grid("77", "quorum"), mon.grid("77", "merge")
+    assert sorted(np.nonzero(quorum[:, 0] == WAITING)[0].tolist()) == plan.task_ids and len(plan.task_ids) < 31
+    assert np.nonzero(merge[:, 0] == WAITING)[0].tolist() == [0, 30]
+    assert mon.job_summary(mon.jobs["77"], now=1.0)["tasks"]["total"] == plan.tasks == len(plan.task_ids)

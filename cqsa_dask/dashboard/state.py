@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from ..plan import Plan
+
 __all__ = ["DONE", "FAILED", "NONE", "RUNNING", "STATE_NAMES", "WAITING", "JobView", "Monitor", "WorkerView",
            "parse_key"]
 
@@ -284,7 +286,12 @@ class Monitor:
         job = self.jobs[token]
         w, nb, nj = _shape(job)
         out = np.full((w, nb * nj), WAITING if job.plan else NONE, np.uint8)
-        if kind == "merge" and job.plan is not None:
+        if job.plan is not None and job.plan.get("query_groups"):  # only some rows: their producers, merges
+            plan = Plan.from_dict(dict(job.plan))
+            absent = np.ones(w, bool)
+            absent[plan.task_ids if kind == "quorum" else list(plan.query_groups)] = False
+            out[absent] = NONE
+        elif kind == "merge" and job.plan is not None:
             out[int(job.plan["merges"]) // (nb * nj):] = NONE  # empty groups have no merge
         for (i, b, j), s in job.states(kind).items():
             if i < w and b < nb and j < nj:
