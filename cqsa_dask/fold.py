@@ -51,7 +51,7 @@ from .kernels import merge
 from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, read_block, write_block
 from .plan import LO_BYTES, Plan
 
-__all__ = ["FoldState", "damaged_row", "finish_row", "fold", "join", "journal_bytes", "lock_for", "split", "state_bytes"]
+__all__ = ["FoldState", "damaged_row", "finish_row", "fold", "join", "lock_for", "split"]
 
 _MAGIC = 0x43515346  # "CQSF": a fold state chunk
 _PRECISION = {"bfloat16": 8, "float16": 11}  # significand bits of hi
@@ -88,20 +88,6 @@ def _unit(h: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 # -- fold state and journal (one uint8 chunk each per (row, batch, head block)) --
-def _mask_len(plan: Plan) -> int:
-    return -(-plan.quorum_size // 8) * 8
-
-
-def state_bytes(plan: Plan) -> int:
-    """Bytes of one fold state chunk (``Plan.fold_state_bytes``)."""
-    return plan.fold_state_bytes
-
-
-def journal_bytes(plan: Plan) -> int:
-    """Bytes of one journal chunk (``Plan.fold_journal_bytes``)."""
-    return plan.fold_journal_bytes
-
-
 @dataclass
 class FoldState:
     """Running result of one row: mask (m,) uint8, lo (hq, L, D) int8 or None, lse (hq, L) float32."""
@@ -112,9 +98,9 @@ class FoldState:
 
 
 def _pack_state(plan: Plan, st: FoldState) -> np.ndarray:
-    buf = np.zeros(state_bytes(plan), np.uint8)
+    buf = np.zeros(plan.fold_state_bytes, np.uint8)
     buf[:16] = np.array([_MAGIC, 1], np.int64).view(np.uint8)
-    m = _mask_len(plan)
+    m = plan.fold_mask_bytes
     buf[16:16 + len(st.mask)] = st.mask
     pos = 16 + m
     if st.lo is not None:
@@ -130,7 +116,7 @@ def _unpack_state(plan: Plan, buf: np.ndarray, rows: int, producers: int) -> Fol
     if int(buf[:8].view(np.int64)[0]) != _MAGIC:
         return None
     hq, d = plan.q_heads_per_task, plan.head_dim
-    pos = 16 + _mask_len(plan)
+    pos = 16 + plan.fold_mask_bytes
     mask = buf[16:16 + producers].copy()
     lo = None
     if LO_BYTES[plan.dtype]:
@@ -160,7 +146,11 @@ def lock_for(token: str, group: int) -> AbstractContextManager[Any]:
         except (ImportError, ValueError):
             return _local_locks.setdefault(key, threading.Lock())
         if key not in _dist_locks:
-            _dist_locks[key] = Lock(f"cqsa-{token}-fold-{key[1]}")
+            lock = Lock(f"cqsa-{token}-fold-{key[1]}")
+            # bind it to this worker's scheduler connection and loop now, in the task's thread: it is
+            # used from IO threads, where the lazy binding would find no worker context
+            _ = lock.scheduler, lock.loop
+            _dist_locks[key] = lock
         return _dist_locks[key]  # type: ignore[no-any-return]
 
 
@@ -221,7 +211,7 @@ class _Row:
             if not had_state:
                 delete_chunk(self.job.out, self.out_chunk)
             else:
-                m = _mask_len(plan)
+                m = plan.fold_mask_bytes
                 n = plan.q_heads_per_task * self.n * plan.head_dim * plan.itemsize
                 raw = torch.from_numpy(buf[m:m + n].copy())
                 hi = raw.view(TORCH_DTYPES[plan.dtype]).reshape(plan.q_heads_per_task, self.n, plan.head_dim)
@@ -234,8 +224,8 @@ class _Row:
         plan = self.job.plan
         n = 16
         if st is not None and hi is not None:
-            buf = np.zeros(journal_bytes(plan), np.uint8)
-            m = _mask_len(plan)
+            buf = np.zeros(plan.fold_journal_bytes, np.uint8)
+            m = plan.fold_mask_bytes
             buf[:len(st.mask)] = st.mask
             flat = _bytes(hi)
             buf[m:m + flat.size] = flat
@@ -322,7 +312,7 @@ def fold(job: Job, group: int, batch: int, block: int, task: int,
     write_block(job.out, (batch, row.q_h, row.rows), hi)
     row.state_arr[row.cell] = _pack_state(plan, FoldState(mask, lo, acc[1]))  # the commit
     row.end_journal()
-    written += hi.nbytes + state_bytes(plan)
+    written += hi.nbytes + plan.fold_state_bytes
     if bool(mask.all()):
         finish_row(job, group, batch, block)
     return written

@@ -268,10 +268,9 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     create_array(eng, "task_done", grid, (1, 1, 1), "uint8")
     create_array(eng, "merge_done", grid, (1, 1, 1), "uint8")
     if plan.partials == "bounded":  # see fold.py
-        from .fold import journal_bytes, state_bytes
-
-        create_array(eng, "fold_state", (*grid, state_bytes(plan)), (1, 1, 1, state_bytes(plan)), "uint8")
-        create_array(eng, "fold_journal", (*grid, journal_bytes(plan)), (1, 1, 1, journal_bytes(plan)), "uint8")
+        sb, jb = plan.fold_state_bytes, plan.fold_journal_bytes
+        create_array(eng, "fold_state", (*grid, sb), (1, 1, 1, sb), "uint8")
+        create_array(eng, "fold_journal", (*grid, jb), (1, 1, 1, jb), "uint8")
         create_array(eng, "fold_journal_head", (*grid, 2), (1, 1, 1, 2), "int64")
     nf = len(STAT_FIELDS)
     for name in ("task_stats", "merge_stats"):

@@ -38,6 +38,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from .errors import BudgetError, InvalidInputError
@@ -179,11 +180,28 @@ class Plan:
     @property
     def folds(self) -> int:
         """Fold steps of a bounded job (one per (producer, group, batch, head block)
-        of groups with several producers); 0 when partials are "all"."""
+        of groups with several producers; an upper bound for causal plans); 0 when partials are "all"."""
         if self.partials != "bounded":
             return 0
-        per = sum(len(p) for p in (self.producers(a) for a in self.merge_groups) if len(p) > 1)
-        return per * self.batch * self.head_blocks
+        return self._shared[2] * self.batch * self.head_blocks
+
+    @cached_property
+    def _shared(self) -> tuple[int, int, int]:
+        """(rows, their tokens, their producers) over the computed rows with several producers.
+
+        Every row of a full non-causal plan has the same producers up to the
+        cyclic shift, so one row stands for all (O(|D|), whatever W); causal
+        rows have at most as many, so the figures are then upper bounds.
+        Only ``query_groups`` or empty groups (W > N) make rows differ: those
+        are counted one by one (few rows, or W <= N).
+        """
+        if self.query_groups or self.nonempty_groups < self.groups:
+            counts = {a: len(self.producers(a)) for a in self.merge_groups}
+            shared = [a for a, n in counts.items() if n > 1]
+            tokens = sum(e - s for s, e in map(self.group_bounds, shared))
+            return len(shared), tokens, sum(counts[a] for a in shared)
+        n = len(self.quorums.producers(0, False))
+        return (self.groups, self.seq_len, n * self.groups) if n > 1 else (0, 0, 0)
 
     @property
     def output_bytes(self) -> int:
@@ -191,17 +209,21 @@ class Plan:
         return self.batch * self.heads_q * self.seq_len * (self.head_dim * self.itemsize + 4)
 
     @property
+    def fold_mask_bytes(self) -> int:
+        """Bytes of a row's producer mask in fold states and journals: |D| rounded up to 8."""
+        return -(-self.quorum_size // 8) * 8
+
+    @property
     def fold_state_bytes(self) -> int:
         """Bytes of one fold state chunk (bounded jobs, ``fold.py``): header,
         producer mask, lo (hq, G, D) int8 (none for float32), lse (hq, G) float32."""
         hq, g, d = self.q_heads_per_task, self.group_size, self.head_dim
-        return 16 + -(-self.quorum_size // 8) * 8 + hq * g * (d * LO_BYTES[self.dtype] + 4)
+        return 16 + self.fold_mask_bytes + hq * g * (d * LO_BYTES[self.dtype] + 4)
 
     @property
     def fold_journal_bytes(self) -> int:
         """Bytes of one fold journal chunk: the producer mask seen and the out chunk (hq, G, D) replaced."""
-        mask = -(-self.quorum_size // 8) * 8
-        return mask + self.q_heads_per_task * self.group_size * self.head_dim * self.itemsize
+        return self.fold_mask_bytes + self.q_heads_per_task * self.group_size * self.head_dim * self.itemsize
 
     @property
     def partial_bytes(self) -> int:
@@ -215,11 +237,10 @@ class Plan:
         add that last term once per further worker.  Rows with a
         single producer are written directly and need nothing.
         """
-        merged = [a for a in self.merge_groups if len(self.producers(a)) > 1]
+        shared, tokens, _ = self._shared
         if self.partials == "all":
-            tokens = sum(e - s for s, e in map(self.group_bounds, merged))
             return int(self.quorum_size * self.output_bytes * tokens / self.seq_len)
-        rows = len(merged) * self.batch * self.head_blocks
+        rows = shared * self.batch * self.head_blocks
         in_flight = self.fold_journal_bytes + 16 + self.fold_state_bytes if rows else 0  # one fold at a time
         return rows * self.fold_state_bytes + in_flight
 

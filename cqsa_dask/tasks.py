@@ -321,16 +321,12 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     _, q_h = _heads(job, block)
     rows = _tokens(job, group)
     opt = options or worker_options()
-    if plan.partials == "bounded" and not plan.direct(group):  # its producers folded the row
-        with lock_for(token, group):
-            if not finish_row(job, group, batch, block):
-                raise damaged_row(job, group, batch, block)
-        rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
-               "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
-        report_task(token, (group, batch, block), rec, start)
-        return rec
-    if plan.direct(group):  # its only producer wrote out/lse and the marker
-        if not job.merge_done[group, batch, block]:
+    if plan.direct(group) or plan.partials == "bounded":  # the producers wrote the row: only check it
+        if not plan.direct(group):  # bounded: they folded it; finish a row whose last fold died
+            with lock_for(token, group):
+                if not finish_row(job, group, batch, block):
+                    raise damaged_row(job, group, batch, block)
+        elif not job.merge_done[group, batch, block]:  # its only producer wrote out/lse and the marker
             task = plan.producers(group)[0][0]
             raise StoreError(f"query group {group} (batch {batch}, head block {block}) was not written by its "
                              f"only producer, quorum task {task}; run `cqsa resume`")
