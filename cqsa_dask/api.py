@@ -113,6 +113,38 @@ def _markers(eng: Any, name: str) -> np.ndarray:
     return np.asarray(array(eng, name)[...])
 
 
+def _fit_disk(plan: Plan, group: Any, store: str, restart: bool) -> Plan:
+    """"auto" partials that also fit the disk: bounded when "all" would not.
+
+    "all" is chosen by the planner below ``cqsa.partials-limit``; on a local
+    store it is kept only when everything the job writes (``bytes_written``)
+    fits in ``cqsa.partials-disk-fraction`` of the disk's free space (plus
+    what a job being replaced occupies).  A stored job that is resumed keeps
+    the policy it started with, whatever the disk holds now.
+    """
+    if plan.partials != "all" or "://" in store:
+        return plan
+    if ENGINE in group and not restart:
+        stored = (engine(group).attrs.get("plan") or {}).get("partials")  # type: ignore[union-attr]
+        return dataclasses.replace(plan, partials=stored) if stored in ("all", "bounded") else plan
+    free = shutil.disk_usage(store).free + sum(_dir_bytes(os.path.join(store, n)) for n in (ENGINE, "out", "lse"))
+    if plan.bytes_written > float(config.get("partials-disk-fraction")) * free:
+        return dataclasses.replace(plan, partials="bounded")
+    return plan
+
+
+def _dir_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:  # removed meanwhile
+                pass
+    return total
+
+
 def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
     """Resume the stored job when its plan and inputs match; else start a new one."""
     if ENGINE in group:
@@ -181,7 +213,8 @@ def run(
         partials: "all" (|D| x the output on disk until merged, fastest),
             "bounded" (folded into each row on arrival: at most about half
             the output for half-precision jobs) or "auto" (default
-            ``cqsa.partials``: bounded above ``cqsa.partials-limit``).
+            ``cqsa.partials``: bounded above ``cqsa.partials-limit``, or
+            when "all" would not fit the store's disk).
         query_groups: compute only these query groups' rows (see
             ``Plan.group_bounds``); the others stay unwritten.
 
@@ -195,12 +228,13 @@ def run(
     resource = str(config.get("resource"))
 
     def plan_for(budget: int) -> Plan:
-        return make_plan(
+        opts = {**plan_options(), **({"partials": partials} if partials is not None else {})}
+        p = make_plan(
             seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,
             batch=info.batch, dtype=info.dtype, causal=causal, scale=scale, budget=budget,
-            groups=groups, query_groups=query_groups,
-            **{**plan_options(), **({"partials": partials} if partials is not None else {})},
+            groups=groups, query_groups=query_groups, **opts,
         )
+        return _fit_disk(p, group, store_s, restart) if opts["partials"] == "auto" else p
 
     # Plan before starting anything when the budget is known: bad input fails fast.
     known = memory_budget is not None or (client is None and scheduler is None)

@@ -305,3 +305,32 @@ def test_auto_partials_follows_the_limit() -> None:
     assert many.partial_bytes < many.output_bytes < replace(many, partials="all").partial_bytes
     huge = make_plan(seq_len=2**30, heads=1, head_dim=128, budget="12GB", partials="auto")
     assert huge.partials == "bounded" and huge.partial_bytes < huge.output_bytes
+
+
+def test_auto_partials_fit_the_disk(tmp_path: Path, client, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    """"auto" takes bounded when "all" would not fit the disk; a resumed job keeps its policy.
+
+    The disk is the real one: ``cqsa.partials-disk-fraction`` moves the line
+    instead (1e-15 of any real disk's free space is under a byte).
+    """
+    inp = make_inputs(1, 2, 1, 600, 32, torch.bfloat16)
+    store = tmp_path / "s.zarr"
+    g = zarr.open_group(str(store), mode="w", zarr_format=3)
+    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+        write_tensor(g, name, t, (1, t.shape[1], 128, 32))
+    run = functools.partial(cqsa_dask.run, store, client=client, groups=7, memory_budget="1GB", partials="auto")
+
+    def result() -> tuple[torch.Tensor, torch.Tensor]:
+        out = cqsa_dask.layout.read_block(g["out"], (slice(None),) * 4, "bfloat16")  # type: ignore[arg-type]
+        return out, torch.from_numpy(np.asarray(g["lse"][...]))
+
+    with dask.config.set({"cqsa.partials-disk-fraction": 1e-15}):
+        first = run()
+    assert first.plan.partials == "bounded" and first.quorum_tasks_run == first.plan.tasks
+    check_exact(inp.q, inp.k, inp.v, *result(), causal=False, scale=None, context=inp.ctx)
+    with dask.config.set({"cqsa.partials-disk-fraction": 1.0}):
+        again = run()  # the stored job is resumed with its policy, not re-planned as "all"
+        assert again.resumed and again.plan.partials == "bounded" and again.quorum_tasks_run == 0
+        fresh = run(restart=True)  # a new job: the disk has room for "all"
+    assert fresh.plan.partials == "all" and not fresh.resumed
+    check_exact(inp.q, inp.k, inp.v, *result(), causal=False, scale=None, context=inp.ctx)
