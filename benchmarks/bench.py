@@ -23,7 +23,11 @@ Suites::
           (b) B=1, H=4, D=128, bf16: N = 262,144 and 1,048,576 at 4 GB,
               1,048,576 causal at 4 GB
           (c) N = 1,048,576 at 1, 2, 8 GB (while the deadline allows)
-          (d) N = 4,194,304 at 4 GB (only when asked: --parts ...d)
+          (d) N = 4,194,304 at 4 GB, non-causal and causal
+          (e) N = 4,194,304 at 16, 8, 2, 1 GB (cqsa alone)
+          (f) out of memory: the process capped at 4 GB, SDPA fails, cqsa completes
+          (g) N = 2M, 8M, 16M at 4 GB (cqsa alone: the N^2 fit with 1M and 4M)
+          d-g only when asked (--parts), in the order of --cases ("oom" for f)
 
 Usage::
 
@@ -715,6 +719,8 @@ def perf_case(rec: Record, clusters: Clusters, case: dict[str, Any], *, store: s
     entry: dict[str, Any] = dict(case)
     entry["loadavg_before"] = os.getloadavg()  # other processes on this machine distort CPU timings
     skey = (n, h, d, dtype, causal)
+    if not case.get("sdpa", True) and skey not in sdpa_cache:
+        sdpa_cache[skey] = {"skipped": "cqsa alone in this case (SDPA is timed in the cases of parts b and d)"}
     if skey not in sdpa_cache:
         log(f"  SDPA in memory N={n} H={h} D={d} {dtype} causal={causal}")
         try:
@@ -800,6 +806,8 @@ def _check_case(entry: dict[str, Any], *, store: str, device: str, ref_cache: di
 def _short(r: dict[str, Any]) -> str:
     if "error" in r:
         return "ERROR " + r["error"].strip().splitlines()[-1]
+    if "seconds" not in r:
+        return "not run: " + str(r.get("skipped", ""))
     s = f"{r['seconds']:.3f}s {r['tflops']:.2f} TFLOP/s"
     if "plan" in r:
         p = r["plan"]
@@ -860,13 +868,17 @@ def gpu_perf_cases(tiny: bool) -> list[dict[str, Any]]:
     """(b) then (c), most important first; tiny: the same code path at small sizes."""
     base = {"h": 4, "hkv": 4, "d": 128, "dtype": "bfloat16"}
     n1, n2, n4 = (1024, 2048, 4096) if tiny else (262144, 1048576, 4194304)
-    bud = {k: (int(8.5e6 + k * 1e9 / 512) if tiny else int(k * 1e9)) for k in (1, 2, 4, 8)}
+    bud = {k: (int(8.5e6 + k * 1e9 / 512) if tiny else int(k * 1e9)) for k in (1, 2, 4, 8, 16)}
     rows = [
         ("n262k-4GB", n1, 4, False, "b"), ("n1M-4GB", n2, 4, False, "b"), ("n1M-4GB-causal", n2, 4, True, "b"),
         ("n1M-1GB", n2, 1, False, "c"), ("n1M-2GB", n2, 2, False, "c"), ("n1M-8GB", n2, 8, False, "c"),
         ("n4M-4GB", n4, 4, False, "d"), ("n4M-4GB-causal", n4, 4, True, "d"),
+        ("n4M-16GB", n4, 16, False, "e"), ("n4M-8GB", n4, 8, False, "e"), ("n4M-2GB", n4, 2, False, "e"),
+        ("n4M-1GB", n4, 1, False, "e"),
+        ("n2M-4GB", 2 * n2, 4, False, "g"), ("n8M-4GB", 2 * n4, 4, False, "g"), ("n16M-4GB", 4 * n4, 4, False, "g"),
     ]
-    return [{"name": nm, "n": n, "budget_bytes": bud[b], "causal": c, "part": part, **base}
+    # (e) budget sweep and (g) the N^2 fit: cqsa alone (SDPA is timed once per shape, in (b) and (d))
+    return [{"name": nm, "n": n, "budget_bytes": bud[b], "causal": c, "part": part, "sdpa": part not in "eg", **base}
             for nm, n, b, c, part in rows]
 
 
@@ -889,16 +901,27 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
         sdpa_cache: dict[Any, Any] = {}
         ref_cache: dict[Any, Any] = {}
         stores: dict[int, str] = {}
-        est: dict[int, float] = {}
         cases = gpu_perf_cases(args.tiny)
         if args.cases:  # run in the order given
             cases = sorted((c for c in cases if c["name"] in args.cases), key=lambda c: args.cases.index(c["name"]))
+        cases = [c for c in cases if c["part"] in args.parts]
+        if "f" in args.parts:  # the out-of-memory case, after the cases listed before it in --cases
+            at = args.cases.index("oom") if args.cases and "oom" in args.cases else len(cases)
+            cases.insert(at, {"name": "oom", "part": "f"})
+        cost = Costs(args.tiny)
         for case in cases:
-            if case["part"] not in args.parts:
+            if case["name"] == "oom":
+                stores = _one_store(stores, None)
+                if cost.oom > deadline - time.perf_counter():
+                    rec.data["skipped"].append({"name": "oom", "reason": "deadline"})
+                    continue
+                rec.data["oom"] = oom_case(clusters, device=device, workdir=args.workdir, tiny=args.tiny)
+                rec.save()
                 continue
             n = case["n"]
             left = deadline - time.perf_counter()
-            need = est.get(n, 75.0 * max(1.0, n / 2**20))  # first case of a size: a guess from the first run
+            need = cost.need(case, have_store=n in stores,
+                             have_sdpa=(n, case["h"], case["d"], case["dtype"], case["causal"]) in sdpa_cache)
             if need > left:
                 log(f"case {case['name']} skipped: about {need:.0f}s needed, {left:.0f}s left before the deadline")
                 rec.data["skipped"].append({"name": case["name"], "reason": f"deadline: ~{need:.0f}s needed, {left:.0f}s left"})
@@ -907,24 +930,125 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
             log(f"case {case['name']} (part {case['part']})")
             t_case = time.perf_counter()
             if n not in stores:
-                for old in list(stores):  # one large store at a time on disk
-                    shutil.rmtree(stores.pop(old), ignore_errors=True)
+                stores = _one_store(stores, None)
                 path = os.path.join(args.workdir, f"n{n}.zarr")
                 w = write_store(path, n=n, h=case["h"], hkv=case["hkv"], d=case["d"], dtype=case["dtype"], seed=n % 997)
                 w["zarr_read"] = zarr_read_rate(path, device)
                 rec.data["stores"][str(n)] = w
                 stores[n] = path
+                cost.store_rate = w["bytes"] / w["seconds"]
                 log(f"  store N={n} written: {w['bytes'] / GB:.2f} GB in {w['seconds']:.1f}s; read back {w['zarr_read']}")
             e = perf_case(rec, clusters, case, store=stores[n], device=device, sdpa_cache=sdpa_cache,
                           ref_cache=ref_cache, sdpa_reps=3, cqsa_reps=1)
             e["case_seconds"] = time.perf_counter() - t_case
-            est[n] = max(est.get(n, 0.0), e["case_seconds"]) * 1.2
+            cost.learn(e)
             rec.data["cases"].append(e)
             rec.save()
         for p in stores.values():
             shutil.rmtree(p, ignore_errors=True)
     finally:
         clusters.close()
+
+
+def _one_store(stores: dict[int, str], keep: int | None) -> dict[int, str]:
+    """Delete every store but ``keep``'s: one large store at a time on disk."""
+    for n in [n for n in stores if n != keep]:
+        shutil.rmtree(stores.pop(n), ignore_errors=True)
+    return stores
+
+
+class Costs:
+    """Seconds a case will take, from what the cases before it took (for --deadline).
+
+    Before any measurement: cqsa at 300 TFLOP/s (half of cuDNN), SDPA at 500, stores written at 0.2 GB/s, the float64 row check
+    20 s; each learned figure replaces its guess.  Margin 1.25.
+    """
+
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+        self.cqsa_rate, self.sdpa_rate, self.store_rate = 300e12, 500e12, 0.2e9
+        self.oom = 5.0 if tiny else 90.0
+
+    def need(self, case: dict[str, Any], *, have_store: bool, have_sdpa: bool) -> float:
+        if self.tiny:
+            return 5.0
+        n, h, d = case["n"], case["h"], case["d"]
+        flops = attention_flops(1, h, n, d, case["causal"])
+        t = flops / self.cqsa_rate + 20.0
+        if not have_store:
+            t += 3 * n * h * d * 2 / self.store_rate
+        if case.get("sdpa", True) and not have_sdpa:
+            t += flops / self.sdpa_rate
+        return 1.25 * t
+
+    def learn(self, e: dict[str, Any]) -> None:
+        c, s = e.get("cqsa", {}), e.get("sdpa", {})
+        if "tflops" in c:
+            self.cqsa_rate = min(self.cqsa_rate, c["tflops"] * 1e12) if e["budget_bytes"] <= 2e9 else c["tflops"] * 1e12
+        if "tflops" in s:
+            self.sdpa_rate = s["tflops"] * 1e12
+
+
+def oom_case(clusters: Clusters, *, device: str, workdir: str, tiny: bool) -> dict[str, Any]:
+    """Target 3: a process capped at 4 GB of device memory; SDPA runs out, cqsa completes.
+
+    The cap is ``torch.cuda.set_per_process_memory_fraction(4 GB / total)``
+    in this process (for SDPA) and in the worker process (for cqsa, budget
+    4 GB); N starts at 1M (inputs 3.2 GB + output 1.1 GB) and doubles until
+    SDPA fails.  Sampled rows of cqsa's result are checked against float64.
+    On the CPU (--tiny) there is no cap: only the code path runs.
+    """
+    import torch
+
+    cap = int(4e9)
+    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
+    rec: dict[str, Any] = {"cap_bytes": cap, "device_total_bytes": total, "tries": []}
+    log(f"(f) out-of-memory case: device memory capped at {cap / GB:g} GB")
+    n = 2048 if tiny else 2**20
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(cap / total)
+        try:
+            r = sdpa_in_memory(b=1, h=4, n=n, d=128, dtype="bfloat16", causal=False, device=device, reps=1, warmup=1)
+            rec["tries"].append({"n": n, "sdpa": r})
+            log(f"  SDPA at N={n} fits under the cap ({r['seconds']:.2f}s): doubling N")
+        except torch.OutOfMemoryError as e:
+            rec["tries"].append({"n": n, "sdpa_error": str(e).splitlines()[0][:300]})
+            log(f"  SDPA at N={n}: out of memory under the cap, as expected")
+            break
+        finally:
+            if device == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                torch.cuda.empty_cache()
+        if tiny:
+            break
+        n *= 2
+    rec["n"] = n
+    path = os.path.join(workdir, "oom.zarr")
+    write_store(path, n=n, h=4, hkv=4, d=128, dtype="bfloat16", seed=7)
+    cl = clusters.get(cap)
+    frac = cap / total if total else None
+    try:
+        if frac is not None:
+            cl.client.run(_set_fraction, frac)
+        run = cqsa_run(cl, path, causal=False, budget_bytes=cap, dtype="bfloat16", head_dim=128)
+    finally:
+        if frac is not None:
+            cl.client.run(_set_fraction, 1.0)
+    e = _check_case({"causal": False, "d": 128, "sdpa": {}, "cqsa": run}, store=path, device=device, ref_cache={},
+                    check_rows_too=False)
+    rec.update(cqsa=run, check=e["check"])
+    log(f"  cqsa under the cap: {_short(run)}")
+    shutil.rmtree(path, ignore_errors=True)
+    return rec
+
+
+def _set_fraction(fraction: float) -> None:
+    import torch
+
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(fraction)
 
 
 # ----------------------------------------------------------------------------- table and plots
@@ -952,9 +1076,33 @@ def table(data: dict[str, Any]) -> str:
             f"{c['seconds']:>8.3f} {e.get('efficiency', float('nan')):>6.3f} {s.get('tflops', float('nan')):>7.2f} "
             f"{c['tflops']:>7.2f} {(speak or float('nan')) / GB:>7.2f} {(c['peak_device_bytes'] or float('nan')) / GB:>7.2f} "
             f"{c['bytes_read'] / GB:>7.2f} {c['bytes_written'] / GB:>7.2f} {e.get('check', {}).get('max_abs_out', float('nan')):>9.2e}")
+    fit = fit_exponent(data.get("cases", []))
+    if fit:
+        lines.append(f"time ~ N^{fit['exponent']:.3f} over N = {', '.join(_kilo(n) for n in fit['n'])} "
+                     f"(4 GB, non-causal); peak device GB {', '.join(f'{b / GB:.2f}' for b in fit['peak_bytes'])}")
+    o = data.get("oom")
+    if o:
+        c = o.get("cqsa", {})
+        lines.append(f"oom: cap {o['cap_bytes'] / GB:g} GB, N={o['n']}: SDPA "
+                     + ("out of memory" if "sdpa_error" in o["tries"][-1] else "fit")
+                     + (f"; cqsa {c['seconds']:.2f}s, peak {(c['peak_device_bytes'] or 0) / GB:.2f} GB, "
+                        f"max|dout| {o['check']['max_abs_out']:.2e}" if "seconds" in c else ""))
     for s in data.get("skipped", []):
         lines.append(f"skipped {s['name']}: {s['reason']}")
     return "\n".join(lines)
+
+
+def fit_exponent(cases: list[dict[str, Any]], budget: float = 4e9) -> dict[str, Any] | None:
+    """Least-squares slope of log(cqsa seconds) on log(N), non-causal cases at ``budget``."""
+    pts = sorted((e["n"], e["cqsa"]["seconds"], e["cqsa"]["peak_device_bytes"] or 0) for e in cases
+                 if not e["causal"] and e["budget_bytes"] == int(budget) and "seconds" in e.get("cqsa", {}))
+    if len({n for n, _, _ in pts}) < 2:
+        return None
+    xs, ys = [math.log(n) for n, _, _ in pts], [math.log(t) for _, t, _ in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return {"exponent": slope, "n": [n for n, _, _ in pts], "seconds": [t for _, t, _ in pts],
+            "peak_bytes": [p for _, _, p in pts]}
 
 
 def _kilo(n: int) -> str:
@@ -1071,7 +1219,9 @@ def main() -> None:
     ap.add_argument("--suite", choices=["cpu", "gpu"])
     ap.add_argument("--out", help="JSON record to write (suites merged into an existing file)")
     ap.add_argument("--tiny", action="store_true", help="gpu suite at tiny sizes on the CPU (a dry run)")
-    ap.add_argument("--parts", default="abc", help="gpu suite parts to run: a, b, c, d (d: N = 4M)")
+    ap.add_argument("--parts", default="abc",
+                    help="gpu suite parts: a correctness, b 262k/1M, c 1M budgets, d 4M, e 4M budgets 1-16 GB, "
+                         "f out of memory under a 4 GB cap, g 2M/8M/16M for the N^2 fit")
     ap.add_argument("--cases", nargs="*", help="only these performance cases (names as in the table)")
     ap.add_argument("--deadline", type=float, default=450.0, help="gpu suite: seconds after start to stop new cases")
     ap.add_argument("--rounds", type=int, default=3,
