@@ -59,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Self
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -337,6 +337,57 @@ def ceilings(device: str) -> dict[str, Any]:
     return out
 
 
+class NvmlPeak:
+    """Peak of NVML's used device memory (all processes: contexts included) while the block runs.
+
+    Sampled every 20 ms on a thread; ``result()`` gives the baseline before
+    the block and the peak during it, or {} without CUDA or nvidia-ml-py.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.handle: Any = None
+        try:
+            import pynvml
+            import torch
+
+            if torch.cuda.is_available():
+                pynvml.nvmlInit()
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        except Exception:  # noqa: BLE001  (no NVML: torch's figures only)
+            self.handle = None
+        self.stop = threading.Event()
+        self.base = self.peak = 0
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _used(self) -> int:
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self._used())
+
+    def __enter__(self) -> Self:
+        if self.handle is not None:
+            self.base = self.peak = self._used()
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self._used())
+
+    def result(self) -> dict[str, int]:
+        if self.handle is None:
+            return {}
+        return {"nvml_baseline_bytes": self.base, "nvml_peak_used_bytes": self.peak}
+
+
 # ----------------------------------------------------------------------------- Dask cluster
 
 
@@ -466,10 +517,11 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
     walls, execs, res, tasks = [], [], None, []
     for _ in range(reps):
         cl.client.run(_worker_reset)
-        t = time.perf_counter()
-        res = cqsa_dask.run(store, causal=causal, memory_budget=budget_bytes, client=cl.client,
-                            groups=groups, restart=True)
-        walls.append(time.perf_counter() - t)
+        with NvmlPeak() as nv:
+            t = time.perf_counter()
+            res = cqsa_dask.run(store, causal=causal, memory_budget=budget_bytes, client=cl.client,
+                                groups=groups, restart=True)
+            walls.append(time.perf_counter() - t)
         execs.append(res.seconds)
         tasks = [r for rs in cl.client.run(_worker_collect).values() for r in rs]
     assert res is not None
@@ -484,7 +536,7 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
         "plan": {k: v for k, v in p.to_dict().items() if k in (
             "groups", "quorum_size", "heads_per_task", "task_memory_bytes", "group_size", "tasks",
             "merges", "flops", "bytes_read", "bytes_written", "budget_bytes")},
-        "worker": warm, "tasks": summarize_tasks(tasks),
+        "worker": warm, "tasks": summarize_tasks(tasks), "partials": p.partials, **nv.result(),
     }
 
 

@@ -1,0 +1,25 @@
+#!/bin/bash
+# Run one benchmark detached on the GPU machine, across several device calls.
+#
+# A device call may run 10 minutes; a benchmark of all the GPU targets runs
+# longer.  The first call starts bench.py in its own process session (so it
+# outlives the call while the machine stays held), later calls find it
+# running; each call waits up to WAIT seconds, then copies the JSON record
+# and the log into $OUT.  Prints RUNNING or DONE, then the log's tail.
+#
+#   bash benchmarks/device_session.sh WAIT bench.py-arguments...   (no --out: it is set here)
+set -u
+wait_s=$1; shift
+state=/tmp/cqsa-device-session
+mkdir -p "$state"
+if [ ! -f "$state/pid" ]; then
+  setsid nohup python3 benchmarks/bench.py "$@" --out "$state/gpu.json" > "$state/log" 2>&1 < /dev/null &
+  echo $! > "$state/pid"
+  echo "started bench.py (pid $(cat "$state/pid")): $*"
+fi
+pid=$(cat "$state/pid")
+end=$((SECONDS + wait_s))
+while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$end" ]; do sleep 3; done
+cp "$state/gpu.json" "$state/log" "${OUT:-/tmp}/" 2>/dev/null
+if kill -0 "$pid" 2>/dev/null; then echo RUNNING; else echo DONE; fi
+grep -v '^ \|^Traceback\|^distributed\.\|^tornado\.\|^$' "$state/log" | tail -60
