@@ -188,14 +188,27 @@ def _partial_key(token: str, slot: int, batch: int, block: int, group: int, what
     return (token, "partial", what, slot, batch, block, group)
 
 
+_STREAMS = threading.local()
+
+
 @contextlib.contextmanager
 def _task_stream(dev: torch.device) -> Iterator[None]:
     """On CUDA, run the task on its own stream, so that two tasks in flight on
-    one device overlap one's copies with the other's kernels."""
+    one device overlap one's copies with the other's kernels.
+
+    One stream per worker thread, kept for the thread's life: the caching
+    allocator reuses a freed block only for the stream it was allocated on,
+    so a new stream per task (torch hands out up to 32 in turn) left each
+    task's blocks cached on its own stream, and the worker's reserved memory
+    grew to tens of GB under a 4 GB budget (H200, 2026-11-28).
+    """
     if dev.type != "cuda":
         yield
         return
-    stream = torch.cuda.Stream(dev)
+    streams: dict[torch.device, torch.cuda.Stream] = _STREAMS.__dict__.setdefault("by_device", {})
+    stream = streams.get(dev)
+    if stream is None:
+        stream = streams[dev] = torch.cuda.Stream(dev)
     with torch.cuda.stream(stream):
         yield
     stream.synchronize()
