@@ -110,6 +110,18 @@ def _checked(x: torch.Tensor, name: str, group: int, idx: tuple[Any, ...], check
     return x
 
 
+def _chunk_heads(arr: zarr.Array, heads: slice) -> tuple[int, int]:
+    """The heads [lo, hi) of the chunks that ``heads`` of ``arr`` (B, H, N, D) touch."""
+    c, h = arr.chunks[1], arr.shape[1]
+    return heads.start // c * c, min(h, -(-heads.stop // c) * c)
+
+
+def _bytes(arr: zarr.Array, idx: tuple[Any, ...]) -> int:
+    """Bytes of one head of block ``idx`` = (b, heads, tokens) of ``arr``."""
+    t = idx[2]
+    return (t.stop - t.start) * arr.shape[3] * arr.dtype.itemsize
+
+
 class _TaskIO:
     """Store reads and writes of one task, through the host cache and the IO pool.
 
@@ -142,12 +154,25 @@ class _TaskIO:
             return x
         assert arr is not None
 
-        def load() -> torch.Tensor:
-            x = _checked(read_block(arr, idx, self.job.plan.dtype), name, g, idx, self.check)
-            self._count(read=x.nbytes)
-            return x
+        def key(h0: int) -> tuple[Any, ...]:
+            return (self.token, name, self.batch, h0, g)
 
-        return self.cache.get_or_load((self.token, name, self.batch, heads.start, g), load)
+        def load() -> torch.Tensor:
+            lo, hi = _chunk_heads(arr, heads)
+            n = heads.stop - heads.start
+            wide = (lo, hi) != (heads.start, heads.stop) and self.cache.capacity >= 4 * (hi - lo) * _bytes(arr, idx)
+            ridx = (self.batch, slice(lo, hi), idx[2]) if wide else idx
+            x = _checked(read_block(arr, ridx, self.job.plan.dtype), name, g, ridx, self.check)
+            self._count(read=x.nbytes)
+            if not wide:
+                return x
+            # the chunks hold every head in lo..hi: read once, the other head blocks served from memory
+            for h0 in range(-(-lo // n) * n, hi - n + 1, n):  # the task head blocks inside lo..hi
+                if h0 != heads.start:
+                    self.cache.put(key(h0), x[h0 - lo:h0 - lo + n].clone())
+            return x[heads.start - lo:heads.stop - lo].clone()
+
+        return self.cache.get_or_load(key(heads.start), load)
 
     def kv(self, g: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of group ``g``: (hk, G, D) each, on the CPU (stored inputs) or on ``device``

@@ -199,3 +199,43 @@ def test_lost_partial_chunk_fails_then_resumes(tmp_path: Path, client) -> None: 
     res = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
     assert res.resumed and res.quorum_tasks_run == 1 and res.merges_run == 1, res
     assert {n: tree_hash(path / n) for n in outputs} == outputs, f"seed {seed}"
+
+
+def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, client, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    """Chunks holding every head, tasks of one head: a task's read of a group takes all the
+    chunk's heads once, and the other head blocks' tasks get theirs from the host cache
+    (reading one head of such a chunk decodes the whole chunk: 4 x the bytes at H = 4)."""
+    from cqsa_dask import tasks
+    from cqsa_dask.hostcache import HostCache
+    from cqsa_dask.layout import create_outputs, open_job, read_block, write_tensor
+    from cqsa_dask.plan import make_plan
+
+    inp = make_inputs(1, 4, 2, 3000, 32, torch.float32)  # GQA: a task holds 1 kv head, 2 q heads
+    store = tmp_path / "s.zarr"
+    g = zarr.open_group(str(store), mode="w", zarr_format=3)
+    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+        write_tensor(g, name, t, (1, t.shape[1], 256, 32))  # every head in each chunk
+    res = cqsa_dask.run(store, client=client, memory_budget="3MB")
+    assert res.plan.heads_per_task == 1 and res.plan.head_blocks == 2 and res.plan.groups > 5
+    out = torch.from_numpy(np.asarray(g["out"][...]))
+    check_exact(inp.q, inp.k, inp.v, out, torch.from_numpy(np.asarray(g["lse"][...])), causal=False,
+                scale=None, context=inp.ctx)
+
+    plan = res.plan
+    create_outputs(g, plan, "tok")
+    job, opts = open_job(str(store), "tok"), {**tasks.worker_options(), "host-cache": "1GB"}
+    cache = HostCache(2**30)
+    ios = [tasks._TaskIO(job, "tok", 0, 0, block, opts) for block in (0, 1)]
+    for io in ios:
+        io.cache = cache
+    k0, v0 = ios[0].kv(5)
+    q0 = ios[0].q(5)
+    assert ios[0].read == 2 * (k0.nbytes + v0.nbytes + q0.nbytes), "k, v: both kv heads; q: all 4 heads"
+    k1, v1 = ios[1].kv(5)
+    q1 = ios[1].q(5)
+    assert ios[1].read == 0, "the second head block comes from memory"
+    rows = slice(*plan.group_bounds(5))
+    for got, name, heads in ((k0, "k", slice(0, 1)), (k1, "k", slice(1, 2)), (v1, "v", slice(1, 2)),
+                             (q0, "q", slice(0, 2)), (q1, "q", slice(2, 4))):
+        want = read_block(g[name], (0, heads, rows), "float32")  # type: ignore[arg-type]
+        assert torch.equal(got, want), name
