@@ -145,6 +145,11 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
+def _fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The plan's own fields in a plan dict (its derived figures left out)."""
+    return {f.name: d.get(f.name) for f in dataclasses.fields(Plan)} | {"query_groups": list(d.get("query_groups") or [])}
+
+
 def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
     """Resume the stored job when its plan and inputs match; else start a new one."""
     if ENGINE in group:
@@ -158,7 +163,7 @@ def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
                     f"{stored.get('version')}, engine {eng.attrs.get('engine_version')}; this is plan "
                     f"version {plan.version}); pass restart=True (CLI: --restart) to start over"
                 )
-            if stored != plan.to_dict():
+            if _fields(stored) != _fields(plan.to_dict()):  # derived figures may change between versions
                 now = dataclasses.asdict(plan)
                 diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in now.items() if stored.get(k) != v]
                 raise InvalidInputError(

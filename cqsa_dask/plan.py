@@ -231,18 +231,18 @@ class Plan:
 
         "all": every producer's partial of every computed row (|D| x the
         output).  "bounded": no partial is stored; a fold state per row with
-        several producers plus, for the one fold a worker runs at a time, its
-        journal (the mask and the replaced out chunk) and the new state being
-        written (a temporary file, renamed over the old one).  Per worker:
-        add that last term once per further worker.  Rows with a
-        single producer are written directly and need nothing.
+        several producers plus, for each of the ``tasks_in_flight`` folds a
+        worker runs at once, its journal (the mask and the replaced out
+        chunk) and the new state being written (a temporary file, renamed
+        over the old one).  Per worker: add that last term once per further
+        worker.  Rows with a single producer are written directly and need nothing.
         """
         shared, tokens, _ = self._shared
         if self.partials == "all":
             return int(self.quorum_size * self.output_bytes * tokens / self.seq_len)
         rows = shared * self.batch * self.head_blocks
-        in_flight = self.fold_journal_bytes + 16 + self.fold_state_bytes if rows else 0  # one fold at a time
-        return rows * self.fold_state_bytes + in_flight
+        in_flight = self.fold_journal_bytes + 16 + self.fold_state_bytes if rows else 0
+        return rows * self.fold_state_bytes + self.tasks_in_flight * in_flight
 
     @property
     def itemsize(self) -> int:

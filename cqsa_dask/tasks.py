@@ -24,6 +24,7 @@ Merge (group a, batch b, head block j)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -47,7 +48,13 @@ from .layout import TORCH_DTYPES, Job, open_job, read_block, write_block, write_
 __all__ = ["merge_task", "quorum_task", "worker_options"]
 
 _initialised = False
-_FOLDS = threading.Lock()
+
+
+@functools.cache
+def _fold_slots(n: int) -> threading.BoundedSemaphore:
+    """At most ``n`` folds at once in this process (n = tasks in flight): bounds the
+    journals on disk (``Plan.partial_bytes``); folds of different rows run in parallel."""
+    return threading.BoundedSemaphore(n)
 
 
 def _init_process(opt: dict[str, Any]) -> None:
@@ -198,7 +205,7 @@ class _TaskIO:
             write_block(job.lse, (self.batch, self.q_h, rows), lse)
             job.merge_done[a, self.batch, self.block] = 1
         elif job.plan.partials == "bounded":
-            with _FOLDS, self.locks[a]:  # one fold at a time per process: bounds journals on disk
+            with _fold_slots(job.plan.tasks_in_flight), self.locks[a]:
                 self._count(written=fold(job, a, self.batch, self.block, self.task, out, lse))
             return
         else:

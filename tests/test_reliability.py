@@ -969,6 +969,20 @@ def test_different_parameters_need_restart(cluster: DaskCluster, small: Source, 
 
 
 @pytest.mark.integration
+def test_derived_plan_figures_do_not_block_a_resume(cluster: DaskCluster, small: Source, small_job: Path,
+                                                    tmp_path: Path) -> None:
+    """A job stored by an engine that computed a plan's derived figures (FLOPs, bytes) differently
+    resumes: only the plan's own fields must match."""
+    store = _stopped_job(small_job, tmp_path / "job.zarr")
+    eng = _engine(store, "r+")
+    stored = dict(eng.attrs["plan"])  # type: ignore[arg-type]
+    eng.attrs["plan"] = {**stored, "flops": 1, "partial_bytes": 2, "bytes_read": 3}
+    res = cqsa_dask.run(store, scheduler=cluster.address)
+    assert res.resumed and res.quorum_tasks_run == 1, res
+    small.assert_exact(store, causal=False)
+
+
+@pytest.mark.integration
 def test_changed_input_refuses_with_fingerprint(cluster: DaskCluster, small_job: Path, tmp_path: Path) -> None:
     store = _stopped_job(small_job, tmp_path / "job.zarr")
     q = array(zarr.open_group(str(store), mode="r+", zarr_format=3), "q")
