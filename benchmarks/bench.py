@@ -1201,7 +1201,8 @@ def plot(path: str, outdir: str) -> list[str]:
            for e in d.get("cases", []) if "plan" in e.get("cqsa", {})]
     if gpu:
         fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
-        at4 = sorted([e for e in gpu if e["budget_bytes"] == int(4e9) and not e["causal"]], key=lambda e: e["n"])
+        at4 = sorted([e for e in gpu if e["budget_bytes"] == int(4e9) and not e["causal"] and "efficiency" in e],
+                     key=lambda e: e["n"])
         ns = sorted({e["n"] for e in at4})
 
         def mean(xs: list[float]) -> float:
@@ -1257,6 +1258,7 @@ def plot(path: str, outdir: str) -> list[str]:
         out = os.path.join(outdir, "benchmarks_gpu.png")
         fig.savefig(out, dpi=100)
         made.append(out)
+    made += plot_targets(suites, outdir, plt)
     cpu = suites.get("cpu")
     if cpu and cpu.get("cases"):
         cases = [e for e in cpu["cases"] if "plan" in e.get("cqsa", {})]
@@ -1279,6 +1281,62 @@ def plot(path: str, outdir: str) -> list[str]:
         fig.savefig(out, dpi=100)
         made.append(out)
     return made
+
+
+def plot_targets(suites: dict[str, Any], outdir: str, plt: Any) -> list[str]:
+    """docs/benchmarks_gpu_targets.png: time and peak memory against budget (N = 4M) and against N (4 GB),
+    from the runs gpu-targets and gpu-targets-2 (one session, one machine)."""
+    cases = [e for name in ("gpu-targets", "gpu-targets-2") for e in suites.get(name, {}).get("cases", [])
+             if "seconds" in e.get("cqsa", {}) and not e["causal"]]
+    byb = sorted((e for e in cases if e["n"] == 4194304), key=lambda e: e["budget_bytes"])
+    byn = sorted((e for e in cases if e["budget_bytes"] == int(4e9)), key=lambda e: e["n"])
+    if len(byb) < 2 or len(byn) < 2:
+        return []
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    bs = [e["budget_bytes"] / GB for e in byb]
+    a = ax[0][0]
+    a.plot(bs, [e["cqsa"]["seconds"] for e in byb], "s-", label="cqsa_dask.run")
+    sdpa = byb[0]["sdpa"]["seconds"]
+    a.axhline(sdpa, color="C0", ls="--", label=f"SDPA in memory ({sdpa:.1f} s, 28 GB)")
+    t16 = next((e["cqsa"]["seconds"] for e in byb if e["budget_bytes"] == int(16e9)), None)
+    if t16:
+        a.axhline(1.25 * t16, color="red", ls=":", label="1.25 x the 16 GB time (target 2)")
+    for e, b in zip(byb, bs):
+        a.annotate(f"W={e['cqsa']['plan']['groups']}", (b, e["cqsa"]["seconds"]), textcoords="offset points",
+                   xytext=(4, 4))
+    a.set(xscale="log", xlabel="memory budget (GB)", ylabel="seconds", ylim=(0, None),
+          title="time vs budget, N = 4,194,304, H=4, D=128, bf16 (1 GB: not finished)")
+    _ticks(a, bs, [f"{b:g}" for b in bs])
+    a.legend(fontsize=8)
+    a = ax[0][1]
+    a.plot(bs, [e["cqsa"]["peak_device_bytes"] / GB for e in byb], "s-", label="cqsa peak (torch, max allocated)")
+    a.plot(bs, bs, ":", color="gray", label="budget")
+    a.set(xscale="log", yscale="log", xlabel="memory budget (GB)", ylabel="GB",
+          title="peak device memory vs budget, N = 4M")
+    _ticks(a, bs, [f"{b:g}" for b in bs])
+    a.legend(fontsize=8)
+    ns = [e["n"] for e in byn]
+    ts = [e["cqsa"]["seconds"] for e in byn]
+    a = ax[1][0]
+    a.loglog(ns, ts, "s-", label="cqsa_dask.run, 4 GB")
+    a.loglog(ns, [ts[-1] * (n / ns[-1]) ** 2 for n in ns], ":", color="gray", label="N^2 through the 4M point")
+    sd = [(e["n"], e["sdpa"]["seconds"]) for e in byn if "seconds" in e.get("sdpa", {})]
+    a.loglog([n for n, _ in sd], [t for _, t in sd], "o", label="SDPA in memory")
+    fit = fit_exponent(byn)
+    a.set(xlabel="N (tokens)", ylabel="seconds",
+          title=f"time vs N, 4 GB (fitted exponent {fit['exponent']:.2f})" if fit else "time vs N")
+    _ticks(a, ns, [_kilo(n) for n in ns])
+    a.legend(fontsize=8)
+    a = ax[1][1]
+    a.semilogx(ns, [e["cqsa"]["peak_device_bytes"] / GB for e in byn], "s-", label="cqsa peak (torch, max allocated)")
+    a.axhline(4, color="gray", ls=":", label="budget")
+    a.set(xlabel="N (tokens)", ylabel="GB", ylim=(0, 5), title="peak device memory vs N, 4 GB budget")
+    _ticks(a, ns, [_kilo(n) for n in ns])
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    out = os.path.join(outdir, "benchmarks_gpu_targets.png")
+    fig.savefig(out, dpi=100)
+    return [out]
 
 
 # ----------------------------------------------------------------------------- main
