@@ -208,7 +208,6 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     from cqsa_dask import tasks
     from cqsa_dask.hostcache import HostCache
     from cqsa_dask.layout import create_outputs, open_job, read_block, write_tensor
-    from cqsa_dask.plan import make_plan
 
     inp = make_inputs(1, 4, 2, 3000, 32, torch.float32)  # GQA: a task holds 1 kv head, 2 q heads
     store = tmp_path / "s.zarr"
