@@ -145,6 +145,16 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
+def _store_op(op: Callable[[], None]) -> None:
+    """Run ``op``; an OSError (read-only file system, full disk) becomes :class:`StoreError`."""
+    try:
+        op()
+    except OSError as e:
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"the store cannot be written: {e}") from None
+
+
 def _fields(d: dict[str, Any]) -> dict[str, Any]:
     """The plan's own fields in a plan dict (its derived figures left out)."""
     return {f.name: d.get(f.name) for f in dataclasses.fields(Plan)} | {"query_groups": list(d.get("query_groups") or [])}
@@ -254,18 +264,14 @@ def run(
         check_capacity(c, resource, plan.task_memory_bytes)
         token, resumed = _prepare(group, plan, restart)
         lease = Lease(group, ttl=float(config.get("lease-seconds")))
-        try:
-            lease.acquire()
-        except OSError as e:
-            if isinstance(e, StoreError):
-                raise
-            raise StoreError(f"the store cannot be written: {e}") from None
+        _store_op(lease.claim)
         try:
             eng = engine(group)
             jg = build_graph(
                 store_s, token, plan, resource=resource, retries=int(config.get("retries")),
                 task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"),
             )
+            _store_op(lease.confirm)  # its settling wait overlaps building the graph; before any task
             if on_start is not None:
                 on_start(plan, page_link(c))
             results, seconds = _observed(c, jg.graph, jg.keys, progress, token, plan, store_s, resource, eng)

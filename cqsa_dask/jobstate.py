@@ -81,6 +81,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last = time.time()
+        self._claimed = time.monotonic()
 
     def _write(self, lease: bool = True) -> None:
         now = time.time()
@@ -91,12 +92,24 @@ class Lease:
             "updated_at": now, "active_s": active,
         })
 
+    SETTLE = 0.2  # seconds between writing the lease and checking it is still ours
+
     def acquire(self) -> None:
         """Take the lease or raise :class:`StoreError` if another run holds it."""
+        self.claim()
+        self.confirm()
+
+    def claim(self) -> None:
+        """Write the lease (first half of :meth:`acquire`): other work may run before :meth:`confirm`."""
         check_free(self.eng)
         self._last = time.time()
+        self._claimed = time.monotonic()
         self._write()
-        time.sleep(0.2)
+
+    def confirm(self) -> None:
+        """Wait out the rest of ``SETTLE`` since the claim, then check that no run starting at the
+        same moment overwrote it (raise :class:`StoreError` if one did); start renewing."""
+        time.sleep(max(0.0, self.SETTLE - (time.monotonic() - self._claimed)))
         cur = zarr.open_group(self.eng.store, path=self.eng.path, mode="r").attrs.get("lease")
         if not isinstance(cur, dict) or cur.get("owner") != self.owner:
             raise StoreError("another run took this store's lease at the same moment; try again")

@@ -950,6 +950,27 @@ def test_live_lease_refuses_a_second_run(cluster: DaskCluster, small_job: Path, 
     assert snapshot(store) == before
 
 
+def test_two_runs_claiming_at_the_same_moment_one_wins(small_job: Path, tmp_path: Path) -> None:
+    """Both passed the free check before either wrote (simulated: b writes without it); the one
+    whose write was overwritten learns it at confirm, before it could submit a task."""
+    from cqsa_dask.jobstate import Lease
+
+    store = shutil.copytree(small_job, tmp_path / "job.zarr")
+    group = zarr.open_group(str(store), mode="r+", zarr_format=3)
+    a, b = Lease(group, ttl=30), Lease(group, ttl=30)
+    a.claim()
+    b._claimed = time.monotonic()
+    b._write()  # b's check_free ran before a's write; last writer wins
+    with pytest.raises(StoreError, match="took this store's lease at the same moment"):
+        a.confirm()
+    b.confirm()
+    assert time.monotonic() - b._claimed >= Lease.SETTLE, "confirm lets the settling time pass"
+    with pytest.raises(StoreError, match="another run holds this store"):
+        Lease(group).claim()
+    b.release()
+    Lease(group).acquire()  # free again once released
+
+
 @pytest.mark.integration
 def test_different_parameters_need_restart(cluster: DaskCluster, small: Source, small_job: Path,
                                            tmp_path: Path) -> None:
