@@ -192,16 +192,19 @@ class Plan:
         Every row of a full non-causal plan has the same producers up to the
         cyclic shift, so one row stands for all (O(|D|), whatever W); causal
         rows have at most as many, so the figures are then upper bounds.
-        Only ``query_groups`` or empty groups (W > N) make rows differ: those
-        are counted one by one (few rows, or W <= N).
+        Only ``query_groups`` or empty groups (the last groups, when
+        W G > N) make rows differ: those are counted one by one when there
+        are few (query groups, or W |D| <= 10^6); otherwise the non-empty
+        rows are counted as full rows (an upper bound).
         """
-        if self.query_groups or self.nonempty_groups < self.groups:
+        few = self.groups * self.quorum_size <= 10**6
+        if self.query_groups or (self.nonempty_groups < self.groups and few):
             counts = {a: len(self.producers(a)) for a in self.merge_groups}
             shared = [a for a, n in counts.items() if n > 1]
             tokens = sum(e - s for s, e in map(self.group_bounds, shared))
             return len(shared), tokens, sum(counts[a] for a in shared)
-        n = len(self.quorums.producers(0, False))
-        return (self.groups, self.seq_len, n * self.groups) if n > 1 else (0, 0, 0)
+        n, rows = len(self.quorums.producers(0, False)), self.nonempty_groups
+        return (rows, self.seq_len, n * rows) if n > 1 else (0, 0, 0)
 
     @property
     def output_bytes(self) -> int:
@@ -311,9 +314,11 @@ class Plan:
         if group >= self.nonempty_groups or (self.query_groups and group not in self.query_groups):
             return []
         found = self.quorums.producers(group, self.causal)
-        if self.nonempty_groups == self.groups:
+        ne, w = self.nonempty_groups, self.groups
+        if ne == w or self.causal:  # causal keys of a row are <= it, so never empty
             return found
-        return [(t, s) for t, s in found if any(ws == s for ws, _, _ in self.work(t))]
+        offsets = self.quorums.key_offsets  # a producer whose keys are all empty groups is dropped
+        return [(t, s) for t, s in found if any((group + o) % w < ne for o in offsets[s])]
 
     def direct(self, group: int) -> bool:
         """True when one task computes all of query ``group``'s row.

@@ -262,6 +262,12 @@ class QuorumSystem:
         return out
 
     @cached_property
+    def key_offsets(self) -> tuple[tuple[int, ...], ...]:
+        """Per slot s, the offsets (D[t] - D[s]) mod W of its key groups from its query group."""
+        w, d = self.groups, self.base
+        return tuple(tuple((d[t] - d[s]) % w for t in ts) for s, ts in enumerate(self.keys))
+
+    @cached_property
     def max_offset(self) -> tuple[int, ...]:
         """Per slot, max over its key slots t != s of (D[t] - D[s]) mod W (0 if none)."""
         w, d = self.groups, self.base

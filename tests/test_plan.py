@@ -349,3 +349,40 @@ def test_plan_for_a_billion_tokens_is_fast() -> None:
     with pytest.raises(BudgetError):  # one candidate fewer does not fit
         prev = max(w for w in _candidates(2**30) if w < p.groups)
         make_plan(seq_len=2**30, heads=1, head_dim=128, dtype="bf16", budget="12GB", groups=prev)
+
+
+# -- empty groups (W G > N) ---------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.sampled_from([7, 13, 21, 31, 57, 73]), data=st.data(), causal=st.booleans())
+def test_producers_with_empty_groups_match_the_owned_work(w: int, data: st.DataObject, causal: bool) -> None:
+    """Producers of a row, computed from key offsets, equal the (task, slot) pairs whose owned
+    work (empty key groups dropped) holds the row; the plan's shared-row figures follow them."""
+    g = data.draw(st.integers(2, 40), label="group size")
+    n = data.draw(st.integers(max(1, (w - 6) * g), (w - 1) * g), label="N")  # often: the last groups empty
+    p = make_plan(seq_len=n, heads=1, head_dim=8, groups=w, budget="1GB", causal=causal)
+    ne = p.nonempty_groups
+    assume(ne < w)
+    rows = {}
+    for a in range(w):
+        want = [(t, s) for t, s in p.quorums.producers(a, causal) if any(ws == s for ws, _, _ in p.work(t))] if a < ne else []
+        assert p.producers(a) == want, (a, ne)
+        rows[a] = len(want)
+    shared = [a for a, k in rows.items() if k > 1]
+    assert p._shared == (len(shared), sum(e - s for s, e in map(p.group_bounds, shared)), sum(rows[a] for a in shared))
+
+
+def test_huge_plan_with_empty_groups_describes_itself() -> None:
+    """N = 2**31 with a 64 MB budget: W = 1,511,671 groups, the last 422 empty, |D| = 1,230.
+    Its figures are upper bounds from one full row (counting rows one by one stalled the
+    client: O(W |D|^3)); producers of one row drop only producers whose keys are all empty."""
+    p = make_plan(seq_len=2**31, heads=1, head_dim=8, dtype="bf16", budget="64MB")
+    assert (p.groups, p.quorum_size) == (1511671, 1230) and p.nonempty_groups == 1511249
+    d = p.to_dict()
+    full = len(p.quorums.producers(0, False))
+    assert d["partial_bytes"] == int(p.quorum_size * p.output_bytes * p.seq_len / p.seq_len)
+    assert p._shared == (p.nonempty_groups, p.seq_len, full * p.nonempty_groups)
+    last = p.producers(p.nonempty_groups - 1)
+    assert 0 < len(last) <= full
+    assert len(p.producers(0)) == full
