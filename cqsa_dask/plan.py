@@ -195,7 +195,8 @@ class Plan:
         Only ``query_groups`` or empty groups (the last groups, when
         W G > N) make rows differ: those are counted one by one when there
         are few (query groups, or W |D| <= 10^6); otherwise the non-empty
-        rows are counted as full rows (an upper bound).
+        rows are counted as full rows of |D| producers (an upper bound, found
+        without building the quorum system, whose construction is O(W)).
         """
         few = self.groups * self.quorum_size <= 10**6
         if self.query_groups or (self.nonempty_groups < self.groups and few):
@@ -203,7 +204,9 @@ class Plan:
             shared = [a for a, n in counts.items() if n > 1]
             tokens = sum(e - s for s, e in map(self.group_bounds, shared))
             return len(shared), tokens, sum(counts[a] for a in shared)
-        n, rows = len(self.quorums.producers(0, False)), self.nonempty_groups
+        # a huge W: |D| producers per row bounds it without building the quorum system (O(W) Python)
+        n = len(self.quorums.producers(0, False)) if few else self.quorum_size
+        rows = self.nonempty_groups
         return (rows, self.seq_len, n * rows) if n > 1 else (0, 0, 0)
 
     @property
