@@ -8,6 +8,10 @@
 # and the log into $OUT.  Prints RUNNING or DONE, then the log's tail.
 #
 #   bash benchmarks/device_session.sh WAIT bench.py-arguments...   (no --out: it is set here)
+#
+# On a machine that already ran one (a warm machine), `rm -rf /tmp/cqsa-device-session`
+# first to start another.  To stop it: kill -- -$(cat /tmp/cqsa-device-session/pid)
+# (its process group), never `pkill -f bench.py`, which matches the calling shell too.
 set -u
 wait_s=$1; shift
 state=/tmp/cqsa-device-session
