@@ -1,13 +1,16 @@
 """Synthetic jobs: seeded random q, k, v written into a new Zarr store.
 
 Used by ``cqsa demo`` and by the benchmarks.  Values are drawn block by block
-(``chunk_tokens`` tokens at a time) from a seeded generator, so a large store
-is written without holding it in memory.
+(``chunk_tokens`` tokens at a time), each block from its own generator seeded
+by (seed, array, batch, block), so blocks are drawn and written in parallel
+threads and a large store is written without holding it in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import zarr
@@ -25,17 +28,31 @@ def make_synthetic_store(
 ) -> zarr.Group:
     """Create a Zarr v3 group at ``path`` with q (B, H, N, D), k, v (B, Hkv, N, D).
 
-    Entries are N(0, std^2) draws from ``torch.Generator().manual_seed(seed)``.
+    Entries are N(0, std^2) draws; the block of tokens [t0, t0 + chunk_tokens)
+    of batch b in array q, k or v comes from ``torch.Generator`` seeded with
+    ``_block_seed(seed, name, b, t0)``: the same arguments give the same store.
     """
     name = parse_dtype(dtype)
     kv_heads = heads if kv_heads is None else kv_heads
     group = zarr.open_group(os.fspath(path), mode="w", zarr_format=3)
-    g = torch.Generator().manual_seed(seed)
+    blocks = []
     for arr_name, h in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
         arr = create_array(group, arr_name, (batch, h, seq_len, head_dim), (1, h, chunk_tokens, head_dim), name)
-        for b in range(batch):
-            for t0 in range(0, seq_len, chunk_tokens):
-                t1 = min(seq_len, t0 + chunk_tokens)
-                x = torch.randn(h, t1 - t0, head_dim, generator=g) * std
-                write_block(arr, (b, slice(None), slice(t0, t1)), x.to(TORCH_DTYPES[name]))
+        blocks += [(arr, arr_name, h, b, t0) for b in range(batch) for t0 in range(0, seq_len, chunk_tokens)]
+
+    def write(block: tuple[zarr.Array, str, int, int, int]) -> None:
+        arr, arr_name, h, b, t0 = block
+        t1 = min(seq_len, t0 + chunk_tokens)
+        g = torch.Generator().manual_seed(_block_seed(seed, arr_name, b, t0))
+        x = torch.randn(h, t1 - t0, head_dim, generator=g) * std
+        write_block(arr, (b, slice(None), slice(t0, t1)), x.to(TORCH_DTYPES[name]))
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(write, blocks))
     return group
+
+
+def _block_seed(seed: int, name: str, batch: int, t0: int) -> int:
+    """A 63-bit seed for one block, from the store's seed and the block's place."""
+    digest = hashlib.sha256(f"{seed}:{name}:{batch}:{t0}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -238,3 +238,22 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
                              (q0, "q", slice(0, 2)), (q1, "q", slice(2, 4))):
         want = read_block(g[name], (0, heads, rows), "float32")  # type: ignore[arg-type]
         assert torch.equal(got, want), name
+
+
+def test_synthetic_store_blocks_are_seeded_by_place(tmp_path: Path) -> None:
+    """make_synthetic_store draws its blocks in parallel threads: the same arguments still give
+    the same store, another seed another one, and no two blocks repeat each other's draws."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    kw = {"seq_len": 700, "heads": 2, "kv_heads": 1, "head_dim": 16, "batch": 2, "dtype": "float32",
+          "chunk_tokens": 64}
+    a, b, c = (make_synthetic_store(tmp_path / f"{i}.zarr", seed=s, **kw)  # type: ignore[arg-type]
+               for i, s in enumerate((seed, seed, seed + 1)))
+    for name in ("q", "k", "v"):
+        x, y, z = (np.asarray(g[name][...]) for g in (a, b, c))
+        assert np.array_equal(x, y), name
+        assert not np.isclose(x, z).any(), name
+        assert abs(float(x.std()) - 1.0) < 0.1 and abs(float(x.mean())) < 0.1, (name, seed)
+        blocks = x.reshape(-1, 16)[: (x.size // 16) // 64 * 64].reshape(-1, 64 * 16)
+        assert len({row.tobytes() for row in blocks}) == len(blocks), name
+    q0, k0 = np.asarray(a["q"][0, 0, :64]), np.asarray(a["k"][0, 0, :64])
+    assert not np.isclose(q0, k0).any(), "q and k draw from different generators"
