@@ -1073,7 +1073,7 @@ def oom_case(clusters: Clusters, *, device: str, workdir: str, tiny: bool) -> di
     rec: dict[str, Any] = {"cap_bytes": cap, "device_total_bytes": total, "tries": []}
     log(f"(f) out-of-memory case: device memory capped at {cap / GB:g} GB")
     n = 2048 if tiny else 2**20
-    for _ in range(3):
+    for attempt in range(3):
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(cap / total)
@@ -1091,7 +1091,7 @@ def oom_case(clusters: Clusters, *, device: str, workdir: str, tiny: bool) -> di
             if device == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0)
                 torch.cuda.empty_cache()
-        if tiny:
+        if tiny or attempt == 2:  # no cap on the CPU; on CUDA, three sizes at most
             break
         n *= 2
     rec["n"] = n
