@@ -13,10 +13,14 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+import zarr
 from distributed import Client, LocalCluster
+
+from cqsa_dask.layout import write_tensor
 
 RESOURCE = "device_mem"
 CLIENT_DEVICE_MEM = 4e9
@@ -43,6 +47,13 @@ class Inputs:
     def ctx(self) -> str:
         """Replay hint for assertion messages."""
         return f"seed {self.seed} (replay: CQSA_TEST_SEED={self.seed}), magnitude {self.magnitude:g}"
+
+    def store(self, path: Path, chunk_tokens: int) -> zarr.Group:
+        """A new Zarr v3 group at ``path`` holding q, k, v in chunks of every head and ``chunk_tokens`` tokens."""
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        for name, t in (("q", self.q), ("k", self.k), ("v", self.v)):
+            write_tensor(g, name, t, (1, t.shape[1], chunk_tokens, t.shape[3]))
+        return g
 
 
 def draw_inputs(batch: int, heads_q: int, heads_kv: int, seq_len: int, head_dim: int,

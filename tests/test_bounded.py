@@ -36,7 +36,7 @@ from reference import check_exact, reference_attention
 import cqsa_dask
 from cqsa_dask.errors import StoreError
 from cqsa_dask.fold import _Row, fold, join, split
-from cqsa_dask.layout import chunk_exists, create_outputs, open_job, write_tensor
+from cqsa_dask.layout import chunk_exists, create_outputs, open_job
 from cqsa_dask.plan import make_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -100,9 +100,7 @@ def test_split_float32_has_no_low_part() -> None:
 def _fold_job(tmp_path: Path, dtype: torch.dtype, causal: bool, w: int = 7, seed: int | None = None):  # type: ignore[no-untyped-def]
     inp = draw_inputs(1, 2, 1, 150, 16, dtype, seed=seed)
     path = tmp_path / "job.zarr"
-    g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
-        write_tensor(g, name, t, (1, t.shape[1], 64, 16))
+    g = inp.store(path, 64)
     plan = make_plan(seq_len=150, heads=2, kv_heads=1, head_dim=16, dtype=str(dtype), causal=causal,
                      groups=w, budget="1GB", partials="bounded")
     create_outputs(g, plan, "tok")
@@ -272,9 +270,7 @@ def test_peak_partial_bytes_below_output(tmp_path: Path, client, dtype: torch.dt
     figures = {}
     for mode in ("bounded", "all"):
         store = tmp_path / f"{mode}.zarr"
-        g = zarr.open_group(str(store), mode="w", zarr_format=3)
-        for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
-            write_tensor(g, name, t, (1, 2, 512, 64))
+        g = inp.store(store, 512)
         run = functools.partial(cqsa_dask.run, store, client=client, groups=57, partials=mode, memory_budget="1GB")
         with dask.config.set({"cqsa.tasks-in-flight": 2}):  # what the session cluster (two threads) runs
             res = _peak_partials(store, run)
@@ -315,9 +311,7 @@ def test_auto_partials_fit_the_disk(tmp_path: Path, client, make_inputs) -> None
     """
     inp = make_inputs(1, 2, 1, 600, 32, torch.bfloat16)
     store = tmp_path / "s.zarr"
-    g = zarr.open_group(str(store), mode="w", zarr_format=3)
-    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
-        write_tensor(g, name, t, (1, t.shape[1], 128, 32))
+    g = inp.store(store, 128)
     run = functools.partial(cqsa_dask.run, store, client=client, groups=7, memory_budget="1GB", partials="auto")
 
     def result() -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from reference import reference_attention
 import cqsa_dask
 from cqsa_dask import tasks
 from cqsa_dask.dashboard_events import JOB_TOPIC, announce_job
-from cqsa_dask.layout import create_outputs, write_tensor
+from cqsa_dask.layout import create_outputs
 from cqsa_dask.plan import make_plan
 
 
@@ -44,9 +44,7 @@ def test_a_task_holds_at_most_three_query_groups(tmp_path: Path, monkeypatch: py
     """
     inp = draw_inputs(1, 2, 2, 900, 16, torch.float32)
     path = tmp_path / "job.zarr"
-    g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
-        write_tensor(g, name, t, (1, 2, 300, 16))
+    g = inp.store(path, 300)
     plan = make_plan(seq_len=900, heads=2, head_dim=16, dtype="float32", groups=57, budget="1GB")
     create_outputs(g, plan, "tok")
     assert len(plan.work(0)) == plan.quorum_size == 8

@@ -207,13 +207,11 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     (reading one head of such a chunk decodes the whole chunk: 4 x the bytes at H = 4)."""
     from cqsa_dask import tasks
     from cqsa_dask.hostcache import HostCache
-    from cqsa_dask.layout import create_outputs, open_job, read_block, write_tensor
+    from cqsa_dask.layout import create_outputs, open_job, read_block
 
     inp = make_inputs(1, 4, 2, 3000, 32, torch.float32)  # GQA: a task holds 1 kv head, 2 q heads
     store = tmp_path / "s.zarr"
-    g = zarr.open_group(str(store), mode="w", zarr_format=3)
-    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
-        write_tensor(g, name, t, (1, t.shape[1], 256, 32))  # every head in each chunk
+    g = inp.store(store, 256)  # every head in each chunk
     res = cqsa_dask.run(store, client=client, memory_budget="3MB")
     assert res.plan.heads_per_task == 1 and res.plan.head_blocks == 2 and res.plan.groups > 5
     out = torch.from_numpy(np.asarray(g["out"][...]))
