@@ -127,10 +127,13 @@ def _fit_disk(plan: Plan, group: Any, store: str, restart: bool) -> Plan:
     if ENGINE in group and not restart:
         stored = (engine(group).attrs.get("plan") or {}).get("partials")  # type: ignore[union-attr]
         return dataclasses.replace(plan, partials=stored) if stored in ("all", "bounded") else plan
-    free = shutil.disk_usage(store).free + sum(_dir_bytes(os.path.join(store, n)) for n in (ENGINE, "out", "lse"))
-    if plan.bytes_written > float(config.get("partials-disk-fraction")) * free:
-        return dataclasses.replace(plan, partials="bounded")
-    return plan
+    room = float(config.get("partials-disk-fraction"))
+    free = shutil.disk_usage(store).free
+    if plan.bytes_written <= room * free:
+        return plan
+    # a job being replaced frees its files: count them only when they decide (a walk over every chunk)
+    free += sum(_dir_bytes(os.path.join(store, n)) for n in (ENGINE, "out", "lse"))
+    return dataclasses.replace(plan, partials="bounded") if plan.bytes_written > room * free else plan
 
 
 def _dir_bytes(path: str) -> int:
