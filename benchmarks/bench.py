@@ -979,7 +979,7 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
         cost = Costs(args.tiny)
         for case in cases:
             if case["name"] == "oom":
-                stores = _one_store(stores, None)
+                _drop_stores(stores)
                 if cost.oom > deadline - time.perf_counter():
                     rec.data["skipped"].append({"name": "oom", "reason": "deadline"})
                     continue
@@ -998,7 +998,7 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
             log(f"case {case['name']} (part {case['part']})")
             t_case = time.perf_counter()
             if n not in stores:
-                stores = _one_store(stores, None)
+                _drop_stores(stores)
                 path = os.path.join(args.workdir, f"n{n}.zarr")
                 w = write_store(path, n=n, h=case["h"], hkv=case["hkv"], d=case["d"], dtype=case["dtype"], seed=n % 997)
                 w["zarr_read"] = zarr_read_rate(path, device)
@@ -1012,24 +1012,24 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
             cost.learn(e)
             rec.data["cases"].append(e)
             rec.save()
-        for p in stores.values():
-            shutil.rmtree(p, ignore_errors=True)
+        _drop_stores(stores)
     finally:
         clusters.close()
 
 
-def _one_store(stores: dict[int, str], keep: int | None) -> dict[int, str]:
-    """Delete every store but ``keep``'s: one large store at a time on disk."""
-    for n in [n for n in stores if n != keep]:
-        shutil.rmtree(stores.pop(n), ignore_errors=True)
-    return stores
+def _drop_stores(stores: dict[int, str]) -> None:
+    """Delete the stores written so far: one large store at a time on disk."""
+    for path in stores.values():
+        shutil.rmtree(path, ignore_errors=True)
+    stores.clear()
 
 
 class Costs:
     """Seconds a case will take, from what the cases before it took (for --deadline).
 
-    Before any measurement: cqsa at 300 TFLOP/s (half of cuDNN), SDPA at 500, stores written at 0.2 GB/s, the float64 row check
-    20 s; each learned figure replaces its guess.  Margin 1.25.
+    Before any measurement: cqsa at 300 TFLOP/s (half of cuDNN), SDPA at
+    500, stores written at 0.2 GB/s, the float64 row check 20 s; each
+    learned figure replaces its guess.  Margin 1.25.
     """
 
     def __init__(self, tiny: bool):
