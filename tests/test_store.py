@@ -249,9 +249,10 @@ def test_synthetic_store_blocks_are_seeded_by_place(tmp_path: Path) -> None:
     for name in ("q", "k", "v"):
         x, y, z = (np.asarray(g[name][...]) for g in (a, b, c))
         assert np.array_equal(x, y), name
-        assert not np.isclose(x, z).any(), name
+        # independent draws: a few equal values by chance are possible, a repeated stream is not
+        assert np.mean(x == z) < 1e-3, name
         assert abs(float(x.std()) - 1.0) < 0.1 and abs(float(x.mean())) < 0.1, (name, seed)
         blocks = x.reshape(-1, 16)[: (x.size // 16) // 64 * 64].reshape(-1, 64 * 16)
         assert len({row.tobytes() for row in blocks}) == len(blocks), name
     q0, k0 = np.asarray(a["q"][0, 0, :64]), np.asarray(a["k"][0, 0, :64])
-    assert not np.isclose(q0, k0).any(), "q and k draw from different generators"
+    assert np.mean(q0 == k0) < 1e-2, "q and k draw from different generators"
