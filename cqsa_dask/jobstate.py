@@ -9,9 +9,13 @@ All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
   sampled goes unnoticed (hashing terabytes on every start is not an option).
 - Lease: {"owner", "expires"} in the attributes, renewed by the running
   client every ``ttl / 3`` seconds.  Another run refuses while the lease is
-  live; a lease whose expiry passed (a killed client) is taken over.  Zarr
-  attributes are last-writer-wins, so acquisition writes, waits briefly and
-  re-reads: two clients starting within that window are the residual risk.
+  live; a lease whose expiry passed (a killed client) is taken over.  On a
+  local directory store the check and the write happen under an OS lock
+  (``flock``) on the ``_cqsa`` directory, so two runs starting at once on
+  one machine cannot both win.  Elsewhere (object stores, file systems that
+  refuse the lock) Zarr attributes are last-writer-wins, so acquisition
+  writes, waits ``Lease.SETTLE`` and re-reads: two clients starting within
+  that window are the residual risk.
 - Progress: ``status`` counts the task and merge markers.
 """
 
@@ -22,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -30,8 +35,12 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.storage
 
 from .errors import StoreError
+
+if sys.platform != "win32":
+    import fcntl
 from .layout import array, engine, open_store
 from .plan import Plan
 from .synthetic import source_of
@@ -71,6 +80,24 @@ def _num(v: Any, default: float = 0.0) -> float:
     return float(v) if isinstance(v, (int, float)) else default
 
 
+def _lock_dir(eng: zarr.Group) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on the directory of ``eng``
+    (closing it releases the lock); None when the store is not a local directory
+    or the file system refuses the lock (the lease then settles instead)."""
+    if sys.platform == "win32" or not isinstance(eng.store, zarr.storage.LocalStore):
+        return None
+    try:
+        fd = os.open(os.path.join(eng.store.root, eng.path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for milliseconds: the check and the write
+    except OSError:  # e.g. NFS, which wants a writable descriptor for an exclusive lock
+        os.close(fd)
+        return None
+    return fd
+
+
 class Lease:
     """An expiring claim on a store, renewed in a background thread."""
 
@@ -82,6 +109,7 @@ class Lease:
         self._thread: threading.Thread | None = None
         self._last = time.time()
         self._claimed = time.monotonic()
+        self._atomic = False  # the claim was made under the directory lock: nothing to settle
 
     def _write(self, lease: bool = True) -> None:
         now = time.time()
@@ -92,7 +120,7 @@ class Lease:
             "updated_at": now, "active_s": active,
         })
 
-    SETTLE = 0.2  # seconds between writing the lease and checking it is still ours
+    SETTLE = 0.2  # seconds between writing the lease and checking it is still ours (no directory lock)
 
     def acquire(self) -> None:
         """Take the lease or raise :class:`StoreError` if another run holds it."""
@@ -101,18 +129,27 @@ class Lease:
 
     def claim(self) -> None:
         """Write the lease (first half of :meth:`acquire`): other work may run before :meth:`confirm`."""
-        check_free(self.eng)
-        self._last = time.time()
-        self._claimed = time.monotonic()
-        self._write()
+        fd = _lock_dir(self.eng)
+        try:  # the attributes as stored now, not as they were when the group was opened
+            self.eng = zarr.open_group(self.eng.store, path=self.eng.path, mode="r+")
+            check_free(self.eng)
+            self._last = time.time()
+            self._claimed = time.monotonic()
+            self._write()
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._atomic = fd is not None
 
     def confirm(self) -> None:
-        """Wait out the rest of ``SETTLE`` since the claim, then check that no run starting at the
-        same moment overwrote it (raise :class:`StoreError` if one did); start renewing."""
-        time.sleep(max(0.0, self.SETTLE - (time.monotonic() - self._claimed)))
-        cur = zarr.open_group(self.eng.store, path=self.eng.path, mode="r").attrs.get("lease")
-        if not isinstance(cur, dict) or cur.get("owner") != self.owner:
-            raise StoreError("another run took this store's lease at the same moment; try again")
+        """Without the directory lock, wait out the rest of ``SETTLE`` since the claim, then check
+        that no run starting at the same moment overwrote it (raise :class:`StoreError` if one
+        did); start renewing."""
+        if not self._atomic:
+            time.sleep(max(0.0, self.SETTLE - (time.monotonic() - self._claimed)))
+            cur = zarr.open_group(self.eng.store, path=self.eng.path, mode="r").attrs.get("lease")
+            if not isinstance(cur, dict) or cur.get("owner") != self.owner:
+                raise StoreError("another run took this store's lease at the same moment; try again")
         self._thread = threading.Thread(target=self._renew, name="cqsa-lease", daemon=True)
         self._thread.start()
 

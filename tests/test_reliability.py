@@ -75,6 +75,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+import zarr.storage
 from clitools import CliResult, cqsa_command, snapshot
 from distributed import Client
 from distributed.utils import key_split
@@ -950,15 +951,47 @@ def test_live_lease_refuses_a_second_run(cluster: DaskCluster, small_job: Path, 
     assert snapshot(store) == before
 
 
-def test_two_runs_claiming_at_the_same_moment_one_wins(small_job: Path, tmp_path: Path) -> None:
-    """Both passed the free check before either wrote (simulated: b writes without it); the one
-    whose write was overwritten learns it at confirm, before it could submit a task."""
+def test_two_runs_claiming_a_local_store_at_once_one_wins(small_job: Path, tmp_path: Path) -> None:
+    """On a local directory the claim runs under a directory lock: of two claims started at the
+    same moment exactly one wins, the other is refused at once, and the winner has nothing to settle."""
     from cqsa_dask.jobstate import Lease
 
     store = shutil.copytree(small_job, tmp_path / "job.zarr")
     group = zarr.open_group(str(store), mode="r+", zarr_format=3)
+    leases = [Lease(group, ttl=30) for _ in range(4)]
+    barrier = threading.Barrier(len(leases))
+
+    def claim(lease: Lease) -> str:
+        barrier.wait()
+        try:
+            lease.claim()
+        except StoreError as e:
+            return str(e)
+        return "won"
+
+    with ThreadPoolExecutor(len(leases)) as ex:
+        outcomes = list(ex.map(claim, leases))
+    assert outcomes.count("won") == 1, outcomes
+    assert all(o.startswith("another run holds this store") for o in outcomes if o != "won"), outcomes
+    winner = leases[outcomes.index("won")]
+    assert winner._atomic, "a local store's claim is made under the directory lock"
+    winner.confirm()
+    assert _engine(store).attrs["lease"]["owner"] == winner.owner
+    winner.release()
+    Lease(group).acquire()  # free again once released
+
+
+def test_two_runs_claiming_an_unlockable_store_at_the_same_moment_one_wins() -> None:
+    """Without a directory lock (an in-memory store here, an object store for users), both may
+    pass the free check before either writes (simulated: b writes without it); the one whose
+    write was overwritten learns it at confirm, after the settling time, before any task."""
+    from cqsa_dask.jobstate import Lease
+
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    group.create_group("_cqsa")
     a, b = Lease(group, ttl=30), Lease(group, ttl=30)
     a.claim()
+    assert not a._atomic
     b._claimed = time.monotonic()
     b._write()  # b's check_free ran before a's write; last writer wins
     with pytest.raises(StoreError, match="took this store's lease at the same moment"):
