@@ -533,6 +533,7 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
     walls, execs, res, tasks = [], [], None, []
     for _ in range(reps):
         cl.client.run(_worker_reset)
+        _clear_job(store)
         with NvmlPeak() as nv:
             t = time.perf_counter()
             res = cqsa_dask.run(store, causal=causal, memory_budget=budget_bytes, client=cl.client,
@@ -554,6 +555,13 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
             "merges", "flops", "bytes_read", "bytes_written", "budget_bytes")},
         "worker": warm, "tasks": summarize_tasks(tasks), "partials": p.partials, **nv.result(),
     }
+
+
+def _clear_job(store: str) -> None:
+    """Delete the previous run's outputs and engine state (untimed): a job on a fresh store does
+    not pay for removing another job's files, which took up to 7 s after a 4M job (22 GB)."""
+    for name in ("out", "lse", "_cqsa"):
+        shutil.rmtree(os.path.join(store, name), ignore_errors=True)
 
 
 def summarize_tasks(tasks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -891,12 +899,14 @@ def _short(r: dict[str, Any]) -> str:
 
 
 def cpu_budget(n: int, h: int, d: int, dtype: str, min_groups: int = 7) -> int:
-    """The largest budget (bytes) for which make_plan picks at least ``min_groups`` groups."""
+    """The largest budget (bytes) for which make_plan, with run()'s options, picks at least
+    ``min_groups`` groups."""
     from cqsa_dask import BudgetError, make_plan
+    from cqsa_dask.api import plan_options
 
     def groups(b: int) -> int:
         try:
-            return make_plan(seq_len=n, heads=h, head_dim=d, dtype=dtype, budget=b).groups
+            return make_plan(seq_len=n, heads=h, head_dim=d, dtype=dtype, budget=b, **plan_options()).groups
         except BudgetError:
             return 10**9
     lo, hi = 1, 10**12
