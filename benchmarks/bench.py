@@ -407,6 +407,10 @@ class NvmlPeak:
 # ----------------------------------------------------------------------------- Dask cluster
 
 
+# --record-dashboard: {"path", "inputs", "figures"} of every cluster closed so far
+DASHBOARD_RECORD: dict[str, Any] | None = None
+
+
 class TaskRecorder(WorkerPlugin):
     """Keeps the result dict of every cqsa task that finishes on the worker."""
 
@@ -486,6 +490,10 @@ class Cluster:
         )
         self.client = Client(self.cluster)
         self.client.register_plugin(TaskRecorder(), name=TaskRecorder.name)
+        if DASHBOARD_RECORD is not None:  # --record-dashboard: the /cqsa page's inputs, for a replay
+            from dashboard_replay import DashboardRecorder
+
+            self.client.register_plugin(DashboardRecorder(), name=DashboardRecorder.name)
         self.start_seconds = time.perf_counter() - t
         self.budget_bytes = budget_bytes
         self.warmed: dict[tuple[str, int], Any] = {}
@@ -499,6 +507,14 @@ class Cluster:
         return self.warmed[(dtype, head_dim)]
 
     def close(self) -> None:
+        if DASHBOARD_RECORD is not None:
+            from dashboard_replay import fetch
+
+            got = fetch(self.client)
+            for k in ("inputs", "figures"):
+                DASHBOARD_RECORD[k].extend(got[k])
+            with open(DASHBOARD_RECORD["path"], "w") as f:
+                json.dump({k: DASHBOARD_RECORD[k] for k in ("inputs", "figures")}, f)
         self.client.close()
         self.cluster.close()
 
@@ -1368,8 +1384,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="directory for the Zarr stores (default: a temporary one)")
     ap.add_argument("--plot", metavar="JSON", help="make PNGs from a JSON record")
     ap.add_argument("--plot-dir", default="docs")
+    ap.add_argument("--record-dashboard", metavar="JSON",
+                    help="record the /cqsa page's inputs (benchmarks/dashboard_replay.py replays them)")
     ap.add_argument("--merge", metavar="JSON", help="copy the suites of this record into --out")
     args = ap.parse_args()
+    if args.record_dashboard:
+        global DASHBOARD_RECORD
+        DASHBOARD_RECORD = {"path": args.record_dashboard, "inputs": [], "figures": []}
 
     if args.merge:
         with open(args.merge) as f:

@@ -24,6 +24,6 @@ fi
 pid=$(cat "$state/pid")
 end=$((SECONDS + wait_s))
 while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$end" ]; do sleep 3; done
-cp "$state/gpu.json" "$state/log" "${OUT:-/tmp}/" 2>/dev/null
+cp "$state"/*.json "$state/log" "${OUT:-/tmp}/" 2>/dev/null
 if kill -0 "$pid" 2>/dev/null; then echo RUNNING; else echo DONE; fi
 grep -v '^ \|^Traceback\|^distributed\.\|^tornado\.\|^$' "$state/log" | tail -60
