@@ -476,6 +476,7 @@ class Cluster:
 
         import cqsa_dask  # noqa: F401  (registers cqsa defaults)
         from cqsa_dask.api import plan_options
+        from cqsa_dask.cluster import DASHBOARD_PRELOAD
 
         lc = dask.config.get("cqsa.local-cluster")
         res = str(dask.config.get("cqsa.resource"))
@@ -487,6 +488,7 @@ class Cluster:
             n_workers=int(lc["n-workers"]), threads_per_worker=threads,
             processes=bool(lc["processes"]), dashboard_address=":0",
             resources={res: float(budget_bytes)}, silence_logs=logging.ERROR,
+            scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},  # the /cqsa page's plugin, as run()'s cluster
         )
         self.client = Client(self.cluster)
         self.client.register_plugin(TaskRecorder(), name=TaskRecorder.name)

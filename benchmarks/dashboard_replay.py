@@ -67,16 +67,19 @@ class DashboardRecorder(SchedulerPlugin):
         self.inputs: list[list[Any]] = []
         self.figures: list[list[Any]] = []
         self.scheduler: Any = None
+        self.resource = "device_mem"  # the budget's resource, from the jobs' start events
         self._last = 0.0
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 
     def _sample(self, now: float) -> None:
-        plugin = plugin_of(self.scheduler) if self.scheduler is not None else None
-        if plugin is not None and now - self._last >= FIGURES_EVERY_S:
+        """The workers' figures as ``CQSAPlugin.worker_figures`` gives them (that plugin may be absent)."""
+        if self.scheduler is not None and now - self._last >= FIGURES_EVERY_S:
             self._last = now
-            self.figures.append([now, plugin.worker_figures()])
+            self.figures.append([now, {ws.address: {"budget": float(ws.resources.get(self.resource, 0.0)),
+                                                    "rss": float(ws.memory.process)}
+                                       for ws in self.scheduler.workers.values()}])
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if parse_key(key) is not None:
@@ -87,6 +90,8 @@ class DashboardRecorder(SchedulerPlugin):
     def log_event(self, topic: str, msg: Any) -> None:
         if topic in (JOB_TOPIC, TASK_TOPIC) and isinstance(msg, dict):
             now = time.time()
+            if topic == JOB_TOPIC and msg.get("resource"):
+                self.resource = str(msg["resource"])
             self.inputs.append([now, topic, _jsonable(msg)])
             self._sample(now)
 
