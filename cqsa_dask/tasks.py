@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
 import time
@@ -43,9 +44,11 @@ from .errors import InvalidInputError, StoreError
 from .fold import damaged_row, finish_row, fold, lock_for
 from .hostcache import host_cache, io_pool
 from .kernels import all_finite, attend, merge, resolve_device, select_kernel
-from .layout import TORCH_DTYPES, Job, open_job, read_block, write_block, write_stats
+from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, open_job, read_block, write_block, write_stats
 
 __all__ = ["merge_task", "quorum_task", "worker_options"]
+
+log = logging.getLogger(__name__)
 
 _initialised = False
 
@@ -217,6 +220,8 @@ class _TaskIO:
             with _fold_slots(job.plan.tasks_in_flight), self.locks[a]:
                 self._count(written=fold(job, a, self.batch, self.block, self.task, out, lse))
             return
+        elif job.merge_done[a, self.batch, self.block]:  # a rerun of a producer of a merged row
+            return
         else:
             write_block(job.partial_out, (slot, self.batch, self.q_h, rows), out)
             write_block(job.partial_lse, (slot, self.batch, self.q_h, rows), lse)
@@ -335,23 +340,27 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     return rec
 
 
-def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, q_h: slice, rows: slice,
+def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, group: int, q_h: slice, rows: slice,
                   finite_inputs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial (out (hq, G, D), lse (hq, G)) of a producer, checked.
 
-    A producer without its marker, or whose chunks are unreadable, or (when
-    the inputs were checked finite, so its values must be) whose chunks are
-    missing (they read as NaN), is damaged: its marker is cleared so that a
-    resume recomputes it, and :class:`StoreError` fails this merge.
+    A producer without its marker, or whose chunks are missing (lost, or
+    deleted by an earlier merge of this row whose marker was then lost) or
+    unreadable, or (when the inputs were checked finite, so its values must
+    be) hold NaN or Inf, is damaged: its marker is cleared so that a resume
+    recomputes it, and :class:`StoreError` fails this merge.
     """
     where = f"quorum task {task} (batch {batch}, head block {block}, slot {slot})"
     if not job.task_done[task, batch, block]:
         raise StoreError(f"{where} has no completion marker; run `cqsa resume` to compute it")
     try:
-        out = read_block(job.partial_out, (slot, batch, q_h, rows), job.plan.dtype)
-        lse = read_block(job.partial_lse, (slot, batch, q_h, rows), "float32")
-        ok = not finite_inputs or (all_finite(lse) and all_finite(out))
-        reason = "missing or non-finite values"
+        if not all(chunk_exists(arr, c) for arr, c in _partial_chunks(job, slot, batch, block, group)):
+            ok, reason = False, "its chunk is missing (deleted when its row was merged, or lost)"
+        else:
+            out = read_block(job.partial_out, (slot, batch, q_h, rows), job.plan.dtype)
+            lse = read_block(job.partial_lse, (slot, batch, q_h, rows), "float32")
+            ok = not finite_inputs or (all_finite(lse) and all_finite(out))
+            reason = "missing or non-finite values"
     except Exception as e:  # noqa: BLE001  (a truncated or corrupt chunk fails to decode in many ways)
         ok, reason = False, f"{type(e).__name__}: {e}"
     if not ok:
@@ -393,14 +402,23 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     cache = host_cache(opt["host-cache"])
     acc = None
     nread = 0
+    damaged: list[str] = []  # every damaged producer is found (and its marker cleared) in one attempt
     for task, slot in plan.producers(group):
         out = cache.pop(_partial_key(token, slot, batch, block, group, "out"))
         lse = cache.pop(_partial_key(token, slot, batch, block, group, "lse"))
         if out is None or lse is None or not job.task_done[task, batch, block]:
-            out, lse = _read_partial(job, task, slot, batch, block, q_h, rows, bool(opt["check-finite"]))
+            try:
+                out, lse = _read_partial(job, task, slot, batch, block, group, q_h, rows,
+                                         bool(opt["check-finite"]))
+            except StoreError as e:
+                damaged.append(str(e))
+                continue
             nread += out.nbytes + lse.nbytes
-        with _turn("cpu"):  # partials are merged in host memory
-            acc = merge(acc, (out, lse))
+        if not damaged:
+            with _turn("cpu"):  # partials are merged in host memory
+                acc = merge(acc, (out, lse))
+    if damaged:
+        raise StoreError("; ".join(damaged))
     assert acc is not None, f"group {group} has no producers"
     out = acc[0].to(TORCH_DTYPES[plan.dtype])
     write_block(job.out, (batch, q_h, rows), out)
@@ -412,5 +430,24 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     }
     _record(job.merge_stats, (group, batch, block), rec, start)
     job.merge_done[group, batch, block] = 1
+    _drop_partials(job, group, batch, block)
     report_task(token, (group, batch, block), rec, start)
     return rec
+
+
+def _partial_chunks(job: Job, slot: int, batch: int, block: int, group: int) -> list[tuple[zarr.Array, tuple[int, ...]]]:
+    """The chunks of one partial: partial_out (1, 1, hq, G, D) and partial_lse (1, 1, hq, G) at
+    slot ``slot``, batch, head block ``block``, query group ``group``."""
+    return [(job.partial_out, (slot, batch, block, group, 0)), (job.partial_lse, (slot, batch, block, group))]
+
+
+def _drop_partials(job: Job, group: int, batch: int, block: int) -> None:
+    """Delete the partials of a merged row (after its marker: they are no longer needed), so a
+    finished job holds no partials and a running one only those of its open rows.  Best effort:
+    a chunk left behind is garbage, not an error."""
+    for _, slot in job.plan.producers(group):
+        for arr, coords in _partial_chunks(job, slot, batch, block, group):
+            try:
+                delete_chunk(arr, coords)
+            except OSError as e:
+                log.warning("could not delete a merged partial chunk %s of %s: %s", coords, arr.path, e)

@@ -113,21 +113,33 @@ def test_arrays_are_uncompressed(tmp_path: Path, client) -> None:  # type: ignor
         assert "zstd" not in meta and "blosc" not in meta and "gzip" not in meta, meta
 
 
-def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
-    r"""Second run: nothing to do.  Third run: exactly the task and merge whose markers were deleted.
+def _partial_files(path: Path) -> list[Path]:
+    return [p for n in ("partial_out", "partial_lse") for p in (path / "_cqsa" / n).rglob("*")
+            if p.is_file() and p.name != "zarr.json"]
 
-    Deleted: task_done[t, b, j] of a producer t of group a, and merge_done[a, b, j].
-    The out chunk of group a and that producer's partial are overwritten with
-    finite garbage first, so a rerun that skipped either would leave it behind::
+
+def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    r"""Second run: nothing to do.  Then the markers of a producer t of group a and of merge a are
+    deleted, after the job had finished and each merge had deleted its row's partials.
+
+    The out chunk of group a and t's partial are overwritten with finite garbage first, so a
+    rerun that skipped either would leave it behind::
 
         task t ──(slot s)──> partial[s, b, :, group a] ──> merge a ──> out[b, :, group a]
         (marker deleted)     (garbage)                     (marker deleted)  (garbage)
+        other producers of a: markers set, partials deleted by the first merge of a
+
+    Third run: recomputes t, then merge a finds the other producers' partials gone (as after
+    a partial chunk is lost: docs/reliability.md), clears their markers (all of them, in one
+    attempt) and fails with a line naming them.  Fourth run: exactly those
+    producers and merge a; the output is the first run's, bit for bit.
     """
     path, seed = make_store(tmp_path / "job.zarr")
     ctx = f"seed {seed}"
     kw = {"causal": False, "memory_budget": "1GB", "groups": W, "client": client}
     first = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
     outputs = {n: tree_hash(path / n) for n in ("out", "lse")}
+    assert _partial_files(path) == [], "a finished job keeps no partials"
 
     second = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
     assert second.resumed and second.quorum_tasks_run == 0 and second.merges_run == 0, second
@@ -151,10 +163,21 @@ def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # ty
         f.unlink()
     assert g["_cqsa/task_done"][t, b, j] == 0 and g["_cqsa/merge_done"][a, b, j] == 0
 
-    third = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
-    assert third.resumed and third.quorum_tasks_run == 1 and third.merges_run == 1, third
+    others = [p for p, _ in producers[:-1]]
+    # the first attempt of merge a finds the chunks missing and clears the markers; Dask's retries
+    # then report the producers as unmarked: either way the line names each and says what to do
+    with pytest.raises(cqsa_dask.JobFailedError, match="run `cqsa resume`") as info:
+        cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
+    for p in others:
+        assert f"quorum task {p} (batch {b}, head block {j}," in str(info.value), info.value
+    assert g["_cqsa/task_done"][t, b, j] == 1, "t was recomputed"
+    assert [int(g["_cqsa/task_done"][p, b, j]) for p in others] == [0] * len(others)
+
+    fourth = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
+    assert fourth.resumed and fourth.quorum_tasks_run == len(others) and fourth.merges_run == 1, fourth
     assert g["_cqsa/task_done"][...].all() and g["_cqsa/merge_done"][: plan.nonempty_groups].all()
     assert {n: tree_hash(path / n) for n in outputs} == outputs, f"rerun output differs from the first; {ctx}"
+    assert _partial_files(path) == [], "the reruns' partials were deleted too (or, for merged rows, not written)"
     check_store_result(path, causal=False, ctx=ctx)
 
 
@@ -173,32 +196,6 @@ def test_different_budget_needs_restart(tmp_path: Path, client) -> None:  # type
     assert res.quorum_tasks_run == res.plan.tasks and res.merges_run == res.plan.merges
     assert zarr.open_group(path, mode="r")["_cqsa"].attrs["plan"]["budget_bytes"] == 2 * 10**9
     check_store_result(path, causal=False, ctx=f"seed {seed}")
-
-
-def test_lost_partial_chunk_fails_then_resumes(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
-    """A partial chunk lost after its task was marked done (docs/reliability.md).
-
-    The merge that needs it fails the run with JobFailedError and clears the
-    producer's marker; the next run recomputes that task and the merge.
-    """
-    path, seed = make_store(tmp_path / "job.zarr")
-    kw = {"memory_budget": "1GB", "groups": W, "client": client}
-    plan = cqsa_dask.run(path, **kw).plan  # type: ignore[arg-type]
-    outputs = {n: tree_hash(path / n) for n in ("out", "lse")}
-    a, b, j = 5, 0, 0
-    t, slot = plan.producers(a)[0]
-    lost = path / "_cqsa" / "partial_out" / "c" / str(slot) / str(b) / str(j) / str(a) / "0"
-    assert lost.is_file(), sorted(p.name for p in lost.parent.iterdir())
-    lost.unlink()
-    marker_file(path, "merge_done", a, b, j).unlink()
-
-    with pytest.raises(cqsa_dask.JobFailedError, match=f"quorum task {t}"):
-        cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
-    assert zarr.open_group(path, mode="r")["_cqsa/task_done"][t, b, j] == 0
-
-    res = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
-    assert res.resumed and res.quorum_tasks_run == 1 and res.merges_run == 1, res
-    assert {n: tree_hash(path / n) for n in outputs} == outputs, f"seed {seed}"
 
 
 def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, client, make_inputs) -> None:  # type: ignore[no-untyped-def]
