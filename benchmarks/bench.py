@@ -1190,6 +1190,74 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REPORT_BEGIN = "<!-- bench.py --report: generated from benchmarks.json, do not edit by hand -->"
+REPORT_END = "<!-- end of the generated section -->"
+
+
+def _md_row(e: dict[str, Any]) -> str:
+    s, c = e.get("sdpa", {}), e.get("cqsa", {})
+    if "seconds" not in c:
+        why = (c.get("error") or "not run").strip().splitlines()[-1][:80]
+        return f"| {e['name']} | {e['n']:,} | {'yes' if e['causal'] else 'no'} | {e['budget_bytes'] / GB:.3g} | | | | {why} | | | | | |"
+    p = c["plan"]
+    sdpa = f"{s['seconds']:.2f}" if "seconds" in s else ("OOM" if "error" in s else "")
+    eff = f"{e['efficiency']:.3f}" if e.get("efficiency") is not None else ""
+    peak = f"{c['peak_device_bytes'] / GB:.2f}" if c.get("peak_device_bytes") else "n/a"
+    err = e.get("check", {}).get("max_abs_out")
+    return (f"| {e['name']} | {e['n']:,} | {'yes' if e['causal'] else 'no'} | {e['budget_bytes'] / GB:.3g} | "
+            f"{p['groups']} | {p['quorum_size']} | {sdpa} | {c['seconds']:.2f} | {eff} | {c['tflops'] * 1e3:,.1f} | "
+            f"{peak} | {c['bytes_read'] / GB:.2f} / {c['bytes_written'] / GB:.2f} | "
+            f"{'' if err is None else f'{err:.1e}'} |")
+
+
+def report(data: dict[str, Any]) -> str:
+    """Markdown: one table per recorded run, newest first (the generated part of benchmarks.md)."""
+    out = [REPORT_BEGIN, "", "## Every recorded run (generated)", "",
+           ("One table per run in [benchmarks.json](benchmarks.json), newest first, made by "
+           "`python benchmarks/bench.py --report docs/benchmarks.md --plot docs/benchmarks.json`. "
+           "Efficiency = SDPA time / cqsa time, both measured in the same run; GFLOP/s count half the "
+           "FLOPs for causal cases; peak is torch's max allocated on the device (n/a on the CPU); "
+           "max |Δout| is over sampled rows against float64. The sections above read these figures."), ""]
+    suites = sorted(data["suites"].items(), key=lambda kv: kv[1].get("env", {}).get("date_utc", ""), reverse=True)
+    for label, d in suites:
+        env = d.get("env", {})
+        where = env.get("gpu") or f"CPU ({env.get('cpu_count')} cores)"
+        sha = env.get("cqsa_source_sha256", "?")
+        out += [f"### `{label}`: {env.get('date_utc', '?')[:16].replace('T', ' ')} UTC, {where}", "",
+                (f"torch {env.get('torch')}, dask {env.get('dask')}, zarr {env.get('zarr')}, "
+                f"engine source sha256 {sha}; command `{d.get('command', '?')}`"), ""]
+        cases = d.get("cases", [])
+        if cases:
+            out += [("| case | N | causal | budget GB | W | \\|D\\| | SDPA s | cqsa s | efficiency | cqsa GFLOP/s | "
+                    "peak GB | read / written GB | max \\|Δout\\| |"),
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            out += [_md_row(e) for e in cases]
+        fit = fit_exponent(cases)
+        if fit:
+            out.append(f"\nTime grows as N^{fit['exponent']:.2f} over N = {', '.join(_kilo(n) for n in fit['n'])} "
+                       "(4 GB, non-causal).")
+        for sk in d.get("skipped", []):
+            out.append(f"\nSkipped {sk['name']}: {sk['reason']}.")
+        out.append("")
+    out.append(REPORT_END)
+    return "\n".join(out) + "\n"
+
+
+def write_report(json_path: str, md_path: str) -> None:
+    """Replace the generated section of ``md_path`` (appended when absent) with :func:`report`."""
+    with open(json_path) as f:
+        text = report(json.load(f))
+    with open(md_path) as f:
+        md = f.read()
+    if REPORT_BEGIN in md and REPORT_END in md:
+        head, rest = md.split(REPORT_BEGIN, 1)
+        md = head + text + rest.split(REPORT_END, 1)[1].lstrip("\n")
+    else:
+        md = md.rstrip("\n") + "\n\n" + text
+    with open(md_path, "w") as f:
+        f.write(md)
+
+
 def fit_exponent(cases: list[dict[str, Any]], budget: float = 4e9) -> dict[str, Any] | None:
     """Least-squares slope of log(cqsa seconds) on log(N), non-causal cases at ``budget``."""
     pts = sorted((e["n"], e["cqsa"]["seconds"], e["cqsa"]["peak_device_bytes"] or 0) for e in cases
@@ -1386,6 +1454,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="directory for the Zarr stores (default: a temporary one)")
     ap.add_argument("--plot", metavar="JSON", help="make PNGs from a JSON record")
     ap.add_argument("--plot-dir", default="docs")
+    ap.add_argument("--report", metavar="MD", help="with --plot JSON: rewrite MD's generated tables from it")
     ap.add_argument("--record-dashboard", metavar="JSON",
                     help="record the /cqsa page's inputs (benchmarks/dashboard_replay.py replays them)")
     ap.add_argument("--merge", metavar="JSON", help="copy the suites of this record into --out")
@@ -1403,6 +1472,9 @@ def main() -> None:
     if args.plot:
         for p in plot(args.plot, args.plot_dir):
             print("wrote", p)
+        if args.report:
+            write_report(args.plot, args.report)
+            print("wrote", args.report)
     if not args.suite:
         return
     if not args.out:
