@@ -553,7 +553,7 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
         cl.client.run(_worker_reset)
         _clear_job(store)
         with NvmlPeak() as nv:
-            t = time.perf_counter()
+            t, t_unix = time.perf_counter(), time.time()
             res = cqsa_dask.run(store, causal=causal, memory_budget=budget_bytes, client=cl.client,
                                 groups=groups, restart=True)
             walls.append(time.perf_counter() - t)
@@ -572,7 +572,30 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
             "groups", "quorum_size", "heads_per_task", "task_memory_bytes", "group_size", "tasks",
             "merges", "flops", "bytes_read", "bytes_written", "budget_bytes")},
         "worker": warm, "tasks": summarize_tasks(tasks), "partials": p.partials, **nv.result(),
+        "timeline": timeline(store, t_unix),
     }
+
+
+def timeline(store: str, t0: float) -> dict[str, Any]:
+    """The last run's per-task records from the store (``_cqsa/task_stats``, ``merge_stats``):
+    rows [i, b, j, start - t0, seconds, compute s, io s, bytes read, bytes written], for
+    reading where the time went (which task waited, when the merges ran) after the run."""
+    import numpy as np
+    import zarr
+
+    out: dict[str, Any] = {"fields": ["i", "b", "j", "start", "seconds", "compute_s", "io_s", "read", "written"]}
+    for kind, name in (("quorum", "task_stats"), ("merge", "merge_stats")):
+        try:
+            a = np.asarray(zarr.open_group(store, mode="r")["_cqsa"][name][...])  # type: ignore[index]
+        except (KeyError, FileNotFoundError):
+            continue
+        rows = []
+        for idx in zip(*np.nonzero(np.isfinite(a[..., 0]))):
+            r = a[idx]
+            rows.append([int(x) for x in idx] + [round(float(r[0]) - t0, 4)]
+                        + [None if not np.isfinite(v) else round(float(v), 4) for v in r[1:6]])
+        out[kind] = sorted(rows, key=lambda row: row[3])
+    return out
 
 
 def _clear_job(store: str) -> None:
