@@ -38,12 +38,12 @@ import zarr
 import zarr.storage
 
 from .errors import StoreError
-
-if sys.platform != "win32":
-    import fcntl
 from .layout import array, engine, open_store
 from .plan import Plan
 from .synthetic import source_of
+
+if sys.platform != "win32":
+    import fcntl
 
 log = logging.getLogger(__name__)
 
