@@ -543,8 +543,16 @@ class Clusters:
 
 
 def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype: str, head_dim: int,
-             groups: int | None = None, reps: int = 1) -> dict[str, Any]:
-    """cqsa_dask.run on ``store`` with client=cl.client; ``reps`` fresh runs (restart=True)."""
+             groups: int | None = None, reps: int = 1, time_box: float | None = None) -> dict[str, Any]:
+    """cqsa_dask.run on ``store`` with client=cl.client; ``reps`` fresh runs (restart=True).
+
+    ``time_box``: stop a run still going after that many seconds by closing
+    ``cl`` (its workers with it); the record then has ``stopped_after`` and
+    the figures of the quorum tasks that finished (count, largest device
+    peak) instead of a time: for a case longer than the session allows.
+    """
+    import threading
+
     import cqsa_dask
 
     warm = cl.warm(dtype, head_dim)
@@ -552,11 +560,30 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
     for _ in range(reps):
         cl.client.run(_worker_reset)
         _clear_job(store)
+        box: dict[str, Any] = {}
+
+        def go(box: dict[str, Any]) -> None:
+            try:
+                box["res"] = cqsa_dask.run(store, causal=causal, memory_budget=budget_bytes, client=cl.client,
+                                           groups=groups, restart=True)
+            except BaseException as e:  # noqa: BLE001  (re-raised below, or the stop's consequence)
+                box["error"] = e
+
         with NvmlPeak() as nv:
             t, t_unix = time.perf_counter(), time.time()
-            res = cqsa_dask.run(store, causal=causal, memory_budget=budget_bytes, client=cl.client,
-                                groups=groups, restart=True)
+            th = threading.Thread(target=go, args=(box,), name="bench-cqsa-run", daemon=True)
+            th.start()
+            th.join(time_box)
+            if th.is_alive():
+                log(f"  stopping the run after {time_box:.0f}s (time box): closing its cluster")
+                cl.close()
+                th.join(120)
+                return {"stopped_after": time.perf_counter() - t, **_finished_so_far(store), **nv.result(),
+                        "timeline": timeline(store, t_unix), "worker": warm}
             walls.append(time.perf_counter() - t)
+        if "error" in box:
+            raise box["error"]
+        res = box["res"]
         execs.append(res.seconds)
         tasks = [r for rs in cl.client.run(_worker_collect).values() for r in rs]
     assert res is not None
@@ -574,6 +601,23 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
         "worker": warm, "tasks": summarize_tasks(tasks), "partials": p.partials, **nv.result(),
         "timeline": timeline(store, t_unix),
     }
+
+
+def _finished_so_far(store: str) -> dict[str, Any]:
+    """The plan, and the quorum tasks finished (count, largest device peak) of a stopped job."""
+    import numpy as np
+    import zarr
+
+    eng = zarr.open_group(store, mode="r")["_cqsa"]
+    plan = dict(eng.attrs["plan"])  # type: ignore[arg-type]
+    stats = np.asarray(eng["task_stats"][...])  # type: ignore[index]
+    done = np.isfinite(stats[..., 0])
+    peaks = stats[..., 6][done]
+    peaks = peaks[np.isfinite(peaks)]
+    return {"quorum_tasks_done": int(done.sum()), "peak_device_bytes": int(peaks.max()) if peaks.size else None,
+            "plan": {k: v for k, v in plan.items() if k in (
+                "groups", "quorum_size", "heads_per_task", "task_memory_bytes", "group_size", "tasks",
+                "merges", "flops", "bytes_read", "bytes_written", "budget_bytes")}}
 
 
 def timeline(store: str, t0: float) -> dict[str, Any]:
@@ -862,11 +906,14 @@ def perf_case(rec: Record, clusters: Clusters, case: dict[str, Any], *, store: s
     try:
         log(f"  cqsa_dask.run budget={case['budget_bytes'] / GB:.4g} GB causal={causal}")
         entry["cqsa"] = cqsa_run(cl, store, causal=causal, budget_bytes=case["budget_bytes"], dtype=dtype,
-                                 head_dim=d, reps=cqsa_reps)
+                                 head_dim=d, reps=cqsa_reps, time_box=case.get("time_box"))
         log(f"  cqsa: {_short(entry['cqsa'])}")
     except Exception as e:  # noqa: BLE001
         entry["cqsa"] = {"error": _exc(e)}
         log("  cqsa FAILED:\n" + entry["cqsa"]["error"])
+        return entry
+    if "stopped_after" in entry["cqsa"]:  # its cluster was closed to stop it; no output to check
+        clusters.current = None
         return entry
     entry["loadavg_after"] = os.getloadavg()
     return _check_case(entry, store=store, device=device, ref_cache=ref_cache, check_rows_too=check_rows_too)
@@ -936,9 +983,17 @@ def _check_case(entry: dict[str, Any], *, store: str, device: str, ref_cache: di
     return entry
 
 
+def _stopped(c: dict[str, Any]) -> str:
+    peak = c.get("peak_device_bytes")
+    return (f"stopped after {c['stopped_after']:.0f} s (time box): {c['quorum_tasks_done']}/{c['plan']['tasks']} "
+            f"quorum tasks done, device peak {'n/a' if peak is None else f'{peak / GB:.2f} GB'}")
+
+
 def _short(r: dict[str, Any]) -> str:
     if "error" in r:
         return "ERROR " + r["error"].strip().splitlines()[-1]
+    if "stopped_after" in r:
+        return _stopped(r)
     if "seconds" not in r:
         return "not run: " + str(r.get("skipped", ""))
     s = f"{r['seconds']:.3f}s {r['tflops']:.2f} TFLOP/s"
@@ -999,8 +1054,9 @@ def suite_cpu(args: argparse.Namespace, rec: Record) -> None:
         shutil.rmtree(store, ignore_errors=True)
 
 
-def gpu_perf_cases(tiny: bool) -> list[dict[str, Any]]:
-    """(b) then (c), most important first; tiny: the same code path at small sizes."""
+def gpu_perf_cases(tiny: bool, time_box: float | None = None) -> list[dict[str, Any]]:
+    """(b) then (c), most important first; tiny: the same code path at small sizes.
+    ``time_box``: seconds after which the 4M / 1 GB run is stopped (its peak still measured)."""
     base = {"h": 4, "hkv": 4, "d": 128, "dtype": "bfloat16"}
     n1, n2, n4 = (1024, 2048, 4096) if tiny else (262144, 1048576, 4194304)
     bud = {k: (int(8.5e6 + k * 1e9 / 512) if tiny else int(k * 1e9)) for k in (1, 2, 4, 8, 16)}
@@ -1013,7 +1069,8 @@ def gpu_perf_cases(tiny: bool) -> list[dict[str, Any]]:
         ("n2M-4GB", 2 * n2, 4, False, "g"), ("n8M-4GB", 2 * n4, 4, False, "g"), ("n16M-4GB", 4 * n4, 4, False, "g"),
     ]
     # (e) budget sweep and (g) the N^2 fit: cqsa alone (SDPA is timed once per shape, in (b) and (d))
-    return [{"name": nm, "n": n, "budget_bytes": bud[b], "causal": c, "part": part, "sdpa": part not in "eg", **base}
+    return [{"name": nm, "n": n, "budget_bytes": bud[b], "causal": c, "part": part, "sdpa": part not in "eg", **base,
+             **({"time_box": time_box} if nm == "n4M-1GB" and time_box else {})}
             for nm, n, b, c, part in rows]
 
 
@@ -1036,7 +1093,7 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
         sdpa_cache: dict[Any, Any] = {}
         ref_cache: dict[Any, Any] = {}
         stores: dict[int, str] = {}
-        cases = gpu_perf_cases(args.tiny)
+        cases = gpu_perf_cases(args.tiny, args.time_box)
         if args.cases:  # run in the order given
             cases = sorted((c for c in cases if c["name"] in args.cases), key=lambda c: args.cases.index(c["name"]))
         cases = [c for c in cases if c["part"] in args.parts]
@@ -1214,6 +1271,9 @@ def table(data: dict[str, Any]) -> str:
         if "error" in c:
             lines.append(f"{e['name']:16s} {e['n']:>9d} ERROR {c['error'].strip().splitlines()[-1]}")
             continue
+        if "stopped_after" in c:
+            lines.append(f"{e['name']:16s} {e['n']:>9d} {_stopped(c)}")
+            continue
         p = c["plan"]
         speak = s.get("peak_reserved_bytes")
         lines.append(
@@ -1245,7 +1305,7 @@ REPORT_END = "<!-- end of the generated section -->"
 def _md_row(e: dict[str, Any]) -> str:
     s, c = e.get("sdpa", {}), e.get("cqsa", {})
     if "seconds" not in c:
-        why = (c.get("error") or "not run").strip().splitlines()[-1][:80]
+        why = _stopped(c) if "stopped_after" in c else (c.get("error") or "not run").strip().splitlines()[-1][:80]
         return f"| {e['name']} | {e['n']:,} | {'yes' if e['causal'] else 'no'} | {e['budget_bytes'] / GB:.3g} | | | | {why} | | | | | |"
     p = c["plan"]
     sdpa = f"{s['seconds']:.2f}" if "seconds" in s else ("OOM" if "error" in s else "")
@@ -1503,6 +1563,8 @@ def main() -> None:
     ap.add_argument("--plot", metavar="JSON", help="make PNGs from a JSON record")
     ap.add_argument("--plot-dir", default="docs")
     ap.add_argument("--report", metavar="MD", help="with --plot JSON: rewrite MD's generated tables from it")
+    ap.add_argument("--time-box", type=float, default=300.0, metavar="S",
+                    help="gpu suite: stop the 4M / 1 GB run after S seconds, keeping its finished tasks' peaks (0: never)")
     ap.add_argument("--synthetic-from", type=int, default=0, metavar="N",
                     help="gpu suite: cases with N >= this run on generated inputs (nothing on disk; SDPA not run)")
     ap.add_argument("--record-dashboard", metavar="JSON",
