@@ -592,7 +592,10 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
     return {
         "seconds": sec, "seconds_all": walls, "execute_seconds": statistics.median(execs),
         "tflops": p.flops / sec / 1e12, "tokens_per_s": p.batch * p.seq_len / sec,
-        "peak_device_bytes": res.peak_device_bytes, "bytes_read": res.bytes_read,
+        "peak_device_bytes": res.peak_device_bytes,
+        "peak_device_reserved_bytes": max((r["peak_device_reserved_bytes"] for r in tasks
+                                           if r.get("peak_device_reserved_bytes") is not None), default=None),
+        "bytes_read": res.bytes_read,
         "bytes_written": res.bytes_written, "kernels": list(res.kernels),
         "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run,
         "plan": {k: v for k, v in p.to_dict().items() if k in (
@@ -1311,6 +1314,8 @@ def _md_row(e: dict[str, Any]) -> str:
     sdpa = f"{s['seconds']:.2f}" if "seconds" in s else ("OOM" if "error" in s else "")
     eff = f"{e['efficiency']:.3f}" if e.get("efficiency") is not None else ""
     peak = f"{c['peak_device_bytes'] / GB:.2f}" if c.get("peak_device_bytes") else "n/a"
+    if c.get("peak_device_reserved_bytes"):
+        peak += f" / {c['peak_device_reserved_bytes'] / GB:.2f}"
     err = e.get("check", {}).get("max_abs_out")
     return (f"| {e['name']} | {e['n']:,} | {'yes' if e['causal'] else 'no'} | {e['budget_bytes'] / GB:.3g} | "
             f"{p['groups']} | {p['quorum_size']} | {sdpa} | {c['seconds']:.2f} | {eff} | {c['tflops'] * 1e3:,.1f} | "
@@ -1324,7 +1329,8 @@ def report(data: dict[str, Any]) -> str:
            ("One table per run in [benchmarks.json](benchmarks.json), newest first, made by "
            "`python benchmarks/bench.py --report docs/benchmarks.md --plot docs/benchmarks.json`. "
            "Efficiency = SDPA time / cqsa time, both measured in the same run; GFLOP/s count half the "
-           "FLOPs for causal cases; peak is torch's max allocated on the device (n/a on the CPU); "
+           "FLOPs for causal cases; peak is torch's max allocated on the device, then max reserved where "
+           "recorded (n/a on the CPU); "
            "max |Δout| is over sampled rows against float64. The sections above read these figures."), ""]
     suites = sorted(data["suites"].items(), key=lambda kv: kv[1].get("env", {}).get("date_utc", ""), reverse=True)
     for label, d in suites:

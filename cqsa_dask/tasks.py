@@ -96,6 +96,13 @@ def _device_peak(device: torch.device) -> int | None:
     return None
 
 
+def _device_reserved_peak(device: torch.device) -> int | None:
+    """The caching allocator's peak reserve (what the process holds), since the last reset."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    return None
+
+
 def _device_in_use(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
@@ -332,7 +339,7 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
         "pairs": sum(len(bs) for _, _, bs in work), "kernel": name, "device": str(dev),
         "seconds": time.perf_counter() - t0, "compute_seconds": t_compute, "io_seconds": t_wait,
         "bytes_read": io.read, "bytes_written": io.written, "peak_device_bytes": _device_peak(dev),
-        "device_in_use": _device_in_use(dev),
+        "peak_device_reserved_bytes": _device_reserved_peak(dev), "device_in_use": _device_in_use(dev),
     }
     _record(job.task_stats, (task, batch, block), rec, start)
     job.task_done[task, batch, block] = 1
