@@ -689,11 +689,11 @@ def test_damaged_partials_are_detected_and_recomputed(cluster: DaskCluster, smal
         _chunk(store, "out", 0, 0, g, 0).unlink()
         _chunk(store, "lse", 0, 0, g).unlink()
     truncated = _chunk(store, "_cqsa/partial_out", slot, 0, 0, a, 0)
-    deleted = _chunk(store, "_cqsa/partial_out", slot2, 0, 0, a2, 0)
-    assert truncated.is_file() and not deleted.is_file(), sorted(p.name for p in truncated.parent.iterdir())
+    missing = _chunk(store, "_cqsa/partial_out", slot2, 0, 0, a2, 0)
+    assert truncated.is_file() and not missing.is_file(), sorted(p.name for p in truncated.parent.iterdir())
     assert _markers(store, "task_done")[task_t, 0, 0] == 1 and _markers(store, "task_done")[task_t2, 0, 0] == 0
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    print(f"truncated partial of task {task_t} (slot {slot}, group {a}); deleted that of task {task_t2} "
+    print(f"truncated partial of task {task_t} (slot {slot}, group {a}); none from task {task_t2} "
           f"(slot {slot2}, group {a2}); unmerged groups {unmerged}")
 
     line = _one_line_error(_cqsa("resume", store, "--scheduler", cluster.address, env=NO_HOST_CACHE))
