@@ -104,8 +104,8 @@ def check_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
                 *, causal: bool, scale: float | None, context: str = "", extra_floor: float = 0.0) -> Errors:
     """Assert ``out`` (and ``lse`` when given) are exact attention of q, k, v.
 
-    Checks shape, dtype, finiteness, then
-    ``max|out - ref| <= FACTOR * max|sdpa - ref| + floor(dtype)`` and
+    Checks shape, dtype, finiteness, then ``max|out - ref| <= FACTOR * max|sdpa - ref| +
+    floor(dtype) + eps32 * max|ref lse| * max|v|`` (the last: float32 lse in the merge) and
     ``|lse - ref_lse| <= lse_tolerance`` on every row.  ``extra_floor`` adds
     a case-specific absolute allowance to the out bound.  ``context`` (seed,
     case) goes into every assertion message.
@@ -126,7 +126,13 @@ def check_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         lse_err = diff.max().item()
         ratio = (diff / lse_tolerance(q, k, scale, ref_lse)).max().item()
     e = Errors(err, base_err, lse_err, ratio)
-    bound = FACTOR * base_err + _FLOOR[q.dtype] + extra_floor
+    # Merging partial results weighs each by exp(lse_i - lse), with every lse a float32 value (as
+    # the kernels return it), so each weight carries a relative error up to ~eps32 * |lse|: on out,
+    # up to eps32 * max|lse| * max|v|.  Negligible for ordinary logits (|lse| ~ log N); with logits
+    # of ~1e3 (max |lse| ~ 3e3) it is ~1e-3, where one fused kernel such as SDPA can be 4x better
+    # than that by luck of its own rounding (seed 4094558084 of test_large_logits[fp32-causal]).
+    merge_allowance = _EPS32 * ref_lse.abs().max().item() * v.double().abs().max().item()
+    bound = FACTOR * base_err + _FLOOR[q.dtype] + merge_allowance + extra_floor
     assert err <= bound, f"out not exact: {e}; bound {bound:.3e}; {context}"
     assert ratio <= 1.0, f"lse not exact: {e}; {context}"
     return e

@@ -31,7 +31,7 @@ import torch
 from conftest import draw_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import check_exact
+from reference import check_exact, reference_attention
 
 import cqsa_dask
 from cqsa_dask.api import plan_options
@@ -203,3 +203,18 @@ def test_inputs_not_degenerate(make_inputs) -> None:  # type: ignore[no-untyped-
     assert 5e2 < logits.std().item() < 2e3
     for t in (inp.q, inp.k, inp.v):
         assert t.count_nonzero() == t.numel()
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e3])
+def test_check_exact_rejects_an_output_off_by_more_than_rounding(magnitude: float, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    """The checker itself: SDPA's own output passes, the same output with one element moved by
+    four times the bound it allows fails (ordinary and large logits)."""
+    inp = make_inputs(1, 2, 2, 257, 64, torch.float32, magnitude=magnitude)
+    out = torch.nn.functional.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=True)
+    e = check_exact(inp.q, inp.k, inp.v, out, None, causal=True, scale=None, context=inp.ctx)
+    _, ref_lse = reference_attention(inp.q, inp.k, inp.v, True, None)
+    bound = 4.0 * e.sdpa + 1e-6 + torch.finfo(torch.float32).eps * float(ref_lse.abs().max() * inp.v.abs().max())
+    bad = out.clone()
+    bad[0, 1, 100, 7] += 4 * bound
+    with pytest.raises(AssertionError, match="out not exact"):
+        check_exact(inp.q, inp.k, inp.v, bad, None, causal=True, scale=None, context=inp.ctx)
