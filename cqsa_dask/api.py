@@ -190,11 +190,12 @@ def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
                 )
             return str(eng.attrs["token"]), True
     token = str(uuid.uuid4().int)[:12]
-    try:
+
+    def start() -> None:
         eng = create_outputs(group, plan, token)
         eng.attrs.update({"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
-    except OSError as e:  # read-only file system, permissions, full disk
-        raise StoreError(f"the store cannot be written: {e}") from None
+
+    _store_op(start)  # read-only file system, permissions, full disk: StoreError
     return token, False
 
 

@@ -410,7 +410,8 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     acc = None
     nread = 0
     damaged: list[str] = []  # every damaged producer is found (and its marker cleared) in one attempt
-    for task, slot in plan.producers(group):
+    producers = plan.producers(group)
+    for task, slot in producers:
         out = cache.pop(_partial_key(token, slot, batch, block, group, "out"))
         lse = cache.pop(_partial_key(token, slot, batch, block, group, "lse"))
         if out is None or lse is None or not job.task_done[task, batch, block]:
@@ -437,7 +438,7 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     }
     _record(job.merge_stats, (group, batch, block), rec, start)
     job.merge_done[group, batch, block] = 1
-    _drop_partials(job, group, batch, block)
+    _drop_partials(job, producers, group, batch, block)
     report_task(token, (group, batch, block), rec, start)
     return rec
 
@@ -448,11 +449,11 @@ def _partial_chunks(job: Job, slot: int, batch: int, block: int, group: int) -> 
     return [(job.partial_out, (slot, batch, block, group, 0)), (job.partial_lse, (slot, batch, block, group))]
 
 
-def _drop_partials(job: Job, group: int, batch: int, block: int) -> None:
-    """Delete the partials of a merged row (after its marker: they are no longer needed), so a
-    finished job holds no partials and a running one only those of its open rows.  Best effort:
-    a chunk left behind is garbage, not an error."""
-    for _, slot in job.plan.producers(group):
+def _drop_partials(job: Job, producers: list[tuple[int, int]], group: int, batch: int, block: int) -> None:
+    """Delete the partials of a merged row, from its ``producers`` (task, slot) (after its marker:
+    they are no longer needed), so a finished job holds no partials and a running one only those
+    of its open rows.  Best effort: a chunk left behind is garbage, not an error."""
+    for _, slot in producers:
         for arr, coords in _partial_chunks(job, slot, batch, block, group):
             try:
                 delete_chunk(arr, coords)
