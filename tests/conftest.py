@@ -88,6 +88,12 @@ def make_inputs(request: pytest.FixtureRequest) -> Callable[..., Inputs]:
     return make
 
 
+def partial_files(store: Path) -> list[Path]:
+    """The chunk files of ``store``'s partial_out and partial_lse (a finished job has none)."""
+    return [p for n in ("partial_out", "partial_lse") for p in (store / "_cqsa" / n).rglob("*")
+            if p.is_file() and p.name != "zarr.json"]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` need a CUDA device: deselected (and counted as such) where there is none.
 

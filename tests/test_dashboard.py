@@ -47,6 +47,9 @@ from cqsa_dask.dashboard.state import DONE, RUNNING, WAITING, Monitor
 from cqsa_dask.demo import make_synthetic_store
 from cqsa_dask.plan import Plan, make_plan
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dashboard_replay import browser  # headless chromium, shared with the replay tool
+
 pytestmark = pytest.mark.integration
 
 RESOURCE = "device_mem"
@@ -103,19 +106,6 @@ class Watched:
     screenshot: Path | None = None
     browser_skip: str | None = None
     log: list[str] = field(default_factory=list)
-
-
-def _browser(profile: Path) -> Any:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={profile}"):
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
 
 
 def _read(driver: Any) -> PageView | None:
@@ -188,7 +178,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
     with dask.config.set({"cqsa.local-cluster.dashboard-address": "127.0.0.1:0"}), \
             connect(budget_bytes=plan.budget_bytes, resource=RESOURCE) as c:
         base = c.dashboard_link.rsplit("/", 1)[0]
-        driver = _browser(tmp / "chromium") if skip is None else None
+        driver = browser(tmp / "chromium", size="1400,900") if skip is None else None
         try:
             if driver is not None:
                 driver.get(base + "/cqsa")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import partial_files
 from reference import check_exact
 
 import cqsa_dask
@@ -113,11 +114,6 @@ def test_arrays_are_uncompressed(tmp_path: Path, client) -> None:  # type: ignor
         assert "zstd" not in meta and "blosc" not in meta and "gzip" not in meta, meta
 
 
-def _partial_files(path: Path) -> list[Path]:
-    return [p for n in ("partial_out", "partial_lse") for p in (path / "_cqsa" / n).rglob("*")
-            if p.is_file() and p.name != "zarr.json"]
-
-
 def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
     r"""Second run: nothing to do.  Then the markers of a producer t of group a and of merge a are
     deleted, after the job had finished and each merge had deleted its row's partials.
@@ -139,7 +135,7 @@ def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # ty
     kw = {"causal": False, "memory_budget": "1GB", "groups": W, "client": client}
     first = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
     outputs = {n: tree_hash(path / n) for n in ("out", "lse")}
-    assert _partial_files(path) == [], "a finished job keeps no partials"
+    assert partial_files(path) == [], "a finished job keeps no partials"
 
     second = cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
     assert second.resumed and second.quorum_tasks_run == 0 and second.merges_run == 0, second
@@ -177,7 +173,7 @@ def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # ty
     assert fourth.resumed and fourth.quorum_tasks_run == len(others) and fourth.merges_run == 1, fourth
     assert g["_cqsa/task_done"][...].all() and g["_cqsa/merge_done"][: plan.nonempty_groups].all()
     assert {n: tree_hash(path / n) for n in outputs} == outputs, f"rerun output differs from the first; {ctx}"
-    assert _partial_files(path) == [], "the reruns' partials were deleted too (or, for merged rows, not written)"
+    assert partial_files(path) == [], "the reruns' partials were deleted too (or, for merged rows, not written)"
     check_store_result(path, causal=False, ctx=ctx)
 
 
