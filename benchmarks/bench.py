@@ -598,12 +598,17 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
         "bytes_read": res.bytes_read,
         "bytes_written": res.bytes_written, "kernels": list(res.kernels),
         "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run,
-        "plan": {k: v for k, v in p.to_dict().items() if k in (
-            "groups", "quorum_size", "heads_per_task", "task_memory_bytes", "group_size", "tasks",
-            "merges", "flops", "bytes_read", "bytes_written", "budget_bytes")},
+        "plan": _plan_figures(p.to_dict()),
         "worker": warm, "tasks": summarize_tasks(tasks), "partials": p.partials, **nv.result(),
         "timeline": timeline(store, t_unix),
     }
+
+
+def _plan_figures(plan: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a plan dict that the record keeps."""
+    keep = ("groups", "quorum_size", "heads_per_task", "task_memory_bytes", "group_size", "tasks", "merges",
+            "flops", "bytes_read", "bytes_written", "budget_bytes")
+    return {k: v for k, v in plan.items() if k in keep}
 
 
 def _finished_so_far(store: str) -> dict[str, Any]:
@@ -611,16 +616,16 @@ def _finished_so_far(store: str) -> dict[str, Any]:
     import numpy as np
     import zarr
 
+    from cqsa_dask.layout import STAT_FIELDS
+
     eng = zarr.open_group(store, mode="r")["_cqsa"]
     plan = dict(eng.attrs["plan"])  # type: ignore[arg-type]
     stats = np.asarray(eng["task_stats"][...])  # type: ignore[index]
     done = np.isfinite(stats[..., 0])
-    peaks = stats[..., 6][done]
+    peaks = stats[..., STAT_FIELDS.index("peak_device_bytes")][done]
     peaks = peaks[np.isfinite(peaks)]
     return {"quorum_tasks_done": int(done.sum()), "peak_device_bytes": int(peaks.max()) if peaks.size else None,
-            "plan": {k: v for k, v in plan.items() if k in (
-                "groups", "quorum_size", "heads_per_task", "task_memory_bytes", "group_size", "tasks",
-                "merges", "flops", "bytes_read", "bytes_written", "budget_bytes")}}
+            "plan": _plan_figures(plan)}
 
 
 def timeline(store: str, t0: float) -> dict[str, Any]:
