@@ -130,6 +130,19 @@ def moment(job: dict[str, Any], at: float) -> float:
     return float(done[need - 1]) + 1e-3
 
 
+def token_of(item: list[Any]) -> str | None:
+    """The job token of one recorded input (None for a transition of a key that is no cqsa task)."""
+    if item[1] == "transition":
+        parsed = parse_key(tuple(item[2]))
+        return None if parsed is None else str(parsed[1])
+    return str(item[2].get("token"))
+
+
+def only(record: dict[str, Any], token: str) -> dict[str, Any]:
+    """``record`` with the inputs of the job ``token`` alone (worker figures kept)."""
+    return {"inputs": [i for i in record["inputs"] if token_of(i) == token], "figures": record["figures"]}
+
+
 def _install(record: dict[str, Any], until: float, dask_scheduler: Any = None) -> dict[str, Any]:
     """On the scheduler: a fresh Monitor fed the recorded inputs up to ``until``; the plugin's
     clock and worker figures frozen there; live inputs no longer reach it."""
@@ -197,13 +210,14 @@ document.body.insertBefore(el, document.body.firstChild);
 """
 
 
-def screenshot(client: Any, png: Path, expect: str, caption: str | None = None, timeout: float = 60.0) -> str:
+def screenshot(client: Any, png: Path, expect: str, caption: str | None = None, timeout: float = 60.0,
+               size: str = "1400,1000") -> str:
     """Open /cqsa on ``client``'s dashboard, wait until the first job's summary contains
     ``expect``, put ``caption`` above the page, save a screenshot to ``png``; return that
     summary's HTML."""
     base = client.dashboard_link.rsplit("/", 1)[0]
     with tempfile.TemporaryDirectory(prefix="cqsa-replay-") as tmp:
-        driver = browser(Path(tmp))
+        driver = browser(Path(tmp), size)
         try:
             driver.get(base + "/cqsa")
             end = time.monotonic() + timeout
@@ -234,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--at", type=float, default=0.5, help="fraction of its quorum tasks finished (default 0.5)")
     ap.add_argument("--caption", default="Replay of a recorded run (benchmarks/dashboard_replay.py)",
                     help="banner above the page in the screenshot")
+    ap.add_argument("--only", action="store_true", help="replay the shown job alone (not the jobs before it)")
+    ap.add_argument("--size", default="1400,1000", help="browser window WIDTH,HEIGHT in pixels")
     args = ap.parse_args(argv)
     record = json.loads(args.record.read_text())
     found = jobs(record)
@@ -250,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dashboard_replay: no job {args.token} in {args.record}", file=sys.stderr)
         return 2
     until = moment(job, args.at)
+    if args.only:
+        record = only(record, job["token"])
     with dask.config.set({"cqsa.local-cluster.dashboard-address": "127.0.0.1:0"}), \
             connect(budget_bytes=int(job["plan"].get("budget_bytes") or 1), resource="device_mem") as c:
         snap = install(c, record, until)
         mine = next(j for j in snap["jobs"] if j["token"] == job["token"])
         expect = f"tasks {mine['tasks']['done']}/{mine['tasks']['total']}"
-        screenshot(c, args.png, expect, caption=args.caption)
+        screenshot(c, args.png, expect, caption=args.caption, size=args.size)
     print(f"{args.png}: job {job['token']} at {until - job['start']:.1f} s after its start, {expect}")
     return 0
 

@@ -2,7 +2,8 @@
 
 ::
 
-    local cluster + DashboardRecorder ── a real job (13 groups) ── record (JSON round trip)
+    local cluster + DashboardRecorder ── a small job, then a real job (13 groups) ── record (JSON
+        round trip) ── only(the second job's token): its inputs alone
     a second local cluster ── install(record, the moment half the tasks were done)
         snapshot: counts and bytes against the record, summed here independently
         chromium opens /cqsa ── the frozen page shows those counts ── screenshot
@@ -33,14 +34,22 @@ GROUPS, BUDGET = 13, "10MB"
 
 
 def test_recorded_job_replays_into_the_page(tmp_path: Path) -> None:
-    store = tmp_path / "job.zarr"
+    store, before = tmp_path / "job.zarr", tmp_path / "before.zarr"
     make_synthetic_store(store, **JOB, seed=11)  # type: ignore[arg-type]
+    make_synthetic_store(before, **{**JOB, "seq_len": 1024}, seed=12)  # type: ignore[arg-type]
     page = {"cqsa.local-cluster.dashboard-address": "127.0.0.1:0"}
     with dask.config.set(page), connect(budget_bytes=10**7, resource="device_mem") as c:
         c.register_plugin(replay.DashboardRecorder(), name=replay.DashboardRecorder.name)
+        run(before, client=c, memory_budget=BUDGET, groups=7)
         result = run(store, client=c, memory_budget=BUDGET, groups=GROUPS)
-        record = json.loads(json.dumps(replay.fetch(c)))  # as the file carries it
+        whole = json.loads(json.dumps(replay.fetch(c)))  # as the file carries it
     plan = result.plan
+    tasks = sorted(j["plan"]["tasks"] for j in replay.jobs(whole))
+    assert tasks == sorted([7, plan.tasks])
+    token = next(j["token"] for j in replay.jobs(whole) if j["plan"]["tasks"] == plan.tasks)
+    record = replay.only(whole, token)
+    assert 0 < len(record["inputs"]) < len(whole["inputs"])
+    assert {replay.token_of(i) for i in record["inputs"]} == {token}
     (job,) = replay.jobs(record)
     assert job["plan"]["tasks"] == plan.tasks and len(job["quorum_done"]) == plan.tasks
     until = replay.moment(job, 0.5)
