@@ -39,6 +39,7 @@ import torch
 import zarr
 
 from . import config
+from .chunkio import read_rows
 from .dashboard_events import report_task, task_started, worker_address
 from .errors import InvalidInputError, StoreError
 from .fold import damaged_row, finish_row, fold, lock_for
@@ -78,6 +79,34 @@ def _init_process(opt: dict[str, Any]) -> None:
     n = opt["torch-threads"] or os.cpu_count() or 1
     torch.set_num_threads(int(n))
     _initialised = True
+
+
+def worker_budget(resource: str) -> float | None:
+    """The amount of ``resource`` the Dask worker running the calling task advertises
+    (None outside a worker, or when it advertises none)."""
+    try:
+        from distributed import get_worker
+
+        amount = get_worker().state.total_resources.get(resource)
+    except (ImportError, ValueError, AttributeError):
+        return None
+    return float(amount) if amount else None
+
+
+@functools.cache
+def _cap_device(device: torch.device, budget: float) -> float:
+    """Cap torch's caching allocator on ``device`` at ``budget`` bytes for this process
+    (``torch.cuda.set_per_process_memory_fraction``); return the fraction set.
+
+    The budget then bounds what the process reserves, not only what the planner
+    predicts: past the cap the allocator frees its cached blocks and retries before it
+    fails.  The CUDA context and library handles (about 0.8 GB per process on the
+    H200 machine) are outside the allocator and come on top (docs/design.md).
+    """
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
 
 
 def _heads(job: Job, block: int) -> tuple[slice, slice]:
@@ -121,8 +150,23 @@ def worker_options() -> dict[str, Any]:
     dask.config set on the client does not reach running workers, so the
     graph carries these explicitly.
     """
-    keys = ("device", "kernel", "check-finite", "torch-threads", "zarr-concurrency", "host-cache", "io-threads")
+    keys = ("device", "kernel", "check-finite", "torch-threads", "zarr-concurrency", "host-cache", "io-threads",
+            "pin-host-memory", "resource", "cap-device-memory")
     return {k: config.get(k) for k in keys}
+
+
+def _pinned(opt: dict[str, Any]) -> bool:
+    """Whether input blocks are read into pinned host memory: ``cqsa.pin-host-memory``
+    ("auto": when tasks run on CUDA), so that their copies to the device are direct."""
+    setting = opt.get("pin-host-memory", "auto")
+    if setting == "auto":
+        return resolve_device(opt["device"]).type == "cuda"
+    return bool(setting)
+
+
+def _host_copy(x: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A compact copy of ``x`` in host memory, pinned when ``pin``."""
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x)
 
 
 def _checked(x: torch.Tensor, name: str, group: int, idx: tuple[Any, ...], check: bool) -> torch.Tensor:
@@ -160,6 +204,7 @@ class _TaskIO:
         self.locks: dict[int, AbstractContextManager[Any]] = {}
         self.kv_h, self.q_h = _heads(job, block)
         self.check = bool(opt["check-finite"])
+        self.pin = _pinned(opt)
         self.cache = host_cache(opt["host-cache"])
         self.read = self.written = 0
         self._lock = threading.Lock()
@@ -187,16 +232,26 @@ class _TaskIO:
             lo, hi = _chunk_heads(arr, heads)
             n = heads.stop - heads.start
             wide = (lo, hi) != (heads.start, heads.stop) and self.cache.capacity >= 4 * (hi - lo) * _bytes(arr, idx)
-            ridx = (self.batch, slice(lo, hi), idx[2]) if wide else idx
-            x = _checked(read_block(arr, ridx, self.job.plan.dtype), name, g, ridx, self.check)
-            self._count(read=x.nbytes)
-            if not wide:
-                return x
             # the chunks hold every head in lo..hi: read once, the other head blocks served from memory
-            for h0 in range(-(-lo // n) * n, hi - n + 1, n):  # the task head blocks inside lo..hi
-                if h0 != heads.start:
-                    self.cache.put(key(h0), x[h0 - lo:h0 - lo + n].clone())
-            return x[heads.start - lo:heads.stop - lo].clone()
+            starts = range(-(-lo // n) * n, hi - n + 1, n) if wide else [heads.start]  # task head blocks
+            blocks = [slice(h0, h0 + n) for h0 in starts]
+            dtype = TORCH_DTYPES[self.job.plan.dtype]
+            parts = read_rows(arr, self.batch, blocks, idx[2], dtype, pin=self.pin)
+            if parts is None:  # not a plain local store: through zarr
+                ridx = (self.batch, slice(lo, hi), idx[2]) if wide else idx
+                x = read_block(arr, ridx, self.job.plan.dtype)
+                parts = [x[h.start - ridx[1].start:h.stop - ridx[1].start] for h in blocks]
+                parts = [_host_copy(p, self.pin) if wide or self.pin else p for p in parts]
+            mine = None
+            for h, part in zip(blocks, parts, strict=True):
+                _checked(part, name, g, (self.batch, h, idx[2]), self.check)
+                self._count(read=part.nbytes)
+                if h.start == heads.start:
+                    mine = part
+                else:
+                    self.cache.put(key(h.start), part)
+            assert mine is not None
+            return mine
 
         return self.cache.get_or_load(key(heads.start), load)
 
@@ -284,6 +339,9 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     plan = job.plan
     dev = resolve_device(opt["device"])
     if dev.type == "cuda":  # per-task peaks (shared by tasks running at once on one device)
+        budget = worker_budget(str(opt.get("resource", "device_mem"))) if opt.get("cap-device-memory", True) else None
+        if budget is not None:
+            _cap_device(dev, budget)
         torch.cuda.reset_peak_memory_stats(dev)
     dtype = TORCH_DTYPES[plan.dtype]
     name = select_kernel(dev, dtype, plan.head_dim, opt["kernel"])
@@ -303,13 +361,15 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
         with _task_stream(dev):
             for n, (slot, a, bs) in enumerate(work):
                 tw = time.perf_counter()
-                q = q_futs.pop(n).result().to(dev)[None].contiguous()  # (1, hq, G, D)
+                q = q_futs.pop(n).result().to(dev, non_blocking=True)[None].contiguous()  # (1, hq, G, D)
                 if n + 2 < len(work):
                     q_futs[n + 2] = pool.submit(io.q, work[n + 2][1], dev)
                 for b in bs:
                     if b not in kv:
                         k, v = kv_futs[b].result()
-                        kv[b] = (k.to(dev)[None], v.to(dev)[None])  # (1, hk, G, D)
+                        # pinned blocks copy asynchronously on the task's stream (torch keeps them
+                        # from reuse until the copy is done)
+                        kv[b] = (k.to(dev, non_blocking=True)[None], v.to(dev, non_blocking=True)[None])  # (1, hk, G, D)
                 with _turn(dev.type):
                     tc = time.perf_counter()
                     acc = None

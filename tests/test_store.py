@@ -194,10 +194,13 @@ def test_different_budget_needs_restart(tmp_path: Path, client) -> None:  # type
     check_store_result(path, causal=False, ctx=f"seed {seed}")
 
 
-def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, client, make_inputs) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("direct", [True, False], ids=["chunk-files", "zarr"])
+def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, client, make_inputs,  # type: ignore[no-untyped-def]
+                                                             monkeypatch, direct: bool) -> None:
     """Chunks holding every head, tasks of one head: a task's read of a group takes all the
     chunk's heads once, and the other head blocks' tasks get theirs from the host cache
-    (reading one head of such a chunk decodes the whole chunk: 4 x the bytes at H = 4)."""
+    (reading one head of such a chunk decodes the whole chunk: 4 x the bytes at H = 4).
+    Both read paths: chunk files read directly (chunkio) and zarr's (other stores)."""
     from cqsa_dask import tasks
     from cqsa_dask.hostcache import HostCache
     from cqsa_dask.layout import create_outputs, open_job, read_block
@@ -213,6 +216,8 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
 
     plan = res.plan
     create_outputs(g, plan, "tok")
+    if not direct:
+        monkeypatch.setattr(tasks, "read_rows", lambda *a, **k: None)
     job, opts = open_job(str(store), "tok"), {**tasks.worker_options(), "host-cache": "1GB"}
     cache = HostCache(2**30)
     ios = [tasks._TaskIO(job, "tok", 0, 0, block, opts) for block in (0, 1)]
@@ -229,6 +234,17 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
                              (q0, "q", slice(0, 2)), (q1, "q", slice(2, 4))):
         want = read_block(g[name], (0, heads, rows), "float32")  # type: ignore[arg-type]
         assert torch.equal(got, want), name
+
+
+def test_worker_budget_is_the_advertised_resource(client) -> None:  # type: ignore[no-untyped-def]
+    """What a CUDA worker caps its allocator at: the resource its Dask worker advertises."""
+    from conftest import CLIENT_DEVICE_MEM, RESOURCE
+
+    from cqsa_dask.tasks import worker_budget
+
+    assert client.submit(worker_budget, RESOURCE, pure=False).result() == CLIENT_DEVICE_MEM
+    assert client.submit(worker_budget, "other_resource", pure=False).result() is None
+    assert worker_budget(RESOURCE) is None  # outside a worker
 
 
 def test_synthetic_store_blocks_are_seeded_by_place(tmp_path: Path) -> None:

@@ -1,0 +1,123 @@
+"""Direct reads of uncompressed chunks of a local Zarr store into one buffer.
+
+::
+
+    arr[b, h, t0:t1] for head blocks h  ──>  one (H_h, T', D) tensor per block
+        every chunk they touch ── one pread per (chunk, head) ──> that head's rows of its block
+        (the buffers: pinned host memory when asked, so that copies to the GPU are direct)
+
+Zarr decodes a read chunk by chunk: each file is read into a bytes object,
+decoded, then copied into the output array (0.6-1.8 GB/s for the 8 MB chunks
+of a 1M-token store on the 2-core machine, against 4 GB/s for plain file
+reads).  The inputs of a job are stored without a compressor, so a chunk's
+file is its C-order elements, and each head's token run inside it is one
+contiguous byte range: this module reads those ranges with ``os.preadv``
+straight into the rows of the result.  It does so only where that layout is
+certain (a local store, zarr v3, a single little-endian ``bytes`` codec, no
+sharding, chunks holding whole rows of D); anything else, and any chunk file
+that is missing (read as the fill value by zarr), goes through zarr.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+__all__ = ["READ_THREADS", "direct_root", "read_rows"]
+
+# Threads per process reading chunk files (shared by every read of the process).
+READ_THREADS = 8
+
+
+def direct_root(arr: zarr.Array) -> Path | None:
+    """The directory of ``arr``'s chunk files when they can be read directly, else None."""
+    try:
+        from zarr.codecs import BytesCodec
+        from zarr.storage import LocalStore
+
+        store, meta = arr.store_path.store, arr.metadata
+        if not isinstance(store, LocalStore) or meta.zarr_format != 3 or sys.byteorder != "little":
+            return None
+        codecs = tuple(meta.codecs)
+        if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec) or arr.shards is not None:
+            return None
+        endian = codecs[0].endian
+        if endian is not None and getattr(endian, "value", endian) != "little":
+            return None
+        if arr.ndim != 4 or arr.chunks[3] != arr.shape[3] or not np.dtype(arr.dtype).isnative:
+            return None
+        path = arr.store_path.path
+        return Path(store.root) / path if path else Path(store.root)
+    except (ImportError, AttributeError, TypeError, ValueError):  # an unknown zarr layout: let zarr read it
+        return None
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """Threads that read the chunks of one call in parallel (the page faults of fresh
+    buffers and the copies out of the page cache then run on several cores)."""
+    return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cqsa-chunkio")
+
+
+def _span(sel: slice, size: int) -> tuple[int, int]:
+    start, stop, step = sel.indices(size)
+    if step != 1:
+        raise ValueError("only unit-step slices are read directly")
+    return start, max(start, stop)
+
+
+def read_rows(arr: zarr.Array, b: int, blocks: Sequence[slice], tokens: slice, dtype: torch.dtype, *,
+              pin: bool = False) -> list[torch.Tensor] | None:
+    """``arr[b, h, tokens]`` for each head block ``h`` of ``blocks`` (disjoint): one
+    (H_h, T', D) CPU tensor each, whose bits are the stored elements viewed as ``dtype``
+    (same item size: bfloat16 is stored as uint16), read straight from the chunk files
+    into its own buffer; None when they cannot be (then read them with zarr).
+
+    ``pin``: the tensors are in pinned host memory (needs CUDA), so that copies of
+    them to the device are direct and can run asynchronously.
+    """
+    root = direct_root(arr)
+    if root is None or np.dtype(arr.dtype).itemsize != dtype.itemsize or not blocks:
+        return None
+    _, n_h, n_t, d = arr.shape
+    cb, ch, ct, _ = arr.chunks
+    t0, t1 = _span(tokens, n_t)
+    spans = [_span(h, n_h) for h in blocks]
+    row = d * np.dtype(arr.dtype).itemsize  # bytes per token
+    bufs = [torch.empty((h1 - h0) * (t1 - t0) * row, dtype=torch.uint8, pin_memory=pin) for h0, h1 in spans]
+    views = [x.numpy().data for x in bufs]
+    where = {h: (i, h - h0) for i, (h0, h1) in enumerate(spans) for h in range(h0, h1)}
+    lo, hi = min(h0 for h0, _ in spans), max(h1 for _, h1 in spans)
+    def chunk(c_h: int, c_t: int) -> bool:
+        heads = [h for h in range(max(lo, c_h * ch), min(hi, (c_h + 1) * ch)) if h in where]
+        if not heads:
+            return True
+        try:
+            fd = os.open(root / arr.metadata.encode_chunk_key((b // cb, c_h, c_t, 0)), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            ta, tb = max(t0, c_t * ct), min(t1, (c_t + 1) * ct)
+            want = (tb - ta) * row
+            for h in heads:
+                i, hb = where[h]
+                src = (((b % cb) * ch + h - c_h * ch) * ct + ta - c_t * ct) * row
+                dst = (hb * (t1 - t0) + ta - t0) * row
+                if os.preadv(fd, [views[i][dst:dst + want]], src) != want:
+                    return False  # a short chunk file: not the layout assumed here
+            return True
+        finally:
+            os.close(fd)
+
+    coords = [(c_h, c_t) for c_h in range(lo // ch, -(-hi // ch)) for c_t in range(t0 // ct, -(-t1 // ct))]
+    if not all(_pool().map(lambda c: chunk(*c), coords)):
+        return None
+    return [x.view(dtype).reshape(h1 - h0, t1 - t0, d) for x, (h0, h1) in zip(bufs, spans, strict=True)]
