@@ -103,9 +103,9 @@ def _cap_device(device: torch.device, budget: float) -> float:
     fails.  The CUDA context and library handles (about 0.8 GB per process on the
     H200 machine) are outside the allocator and come on top (docs/design.md).
     """
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = min(1.0, budget / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": the current one
+    fraction = min(1.0, budget / torch.cuda.get_device_properties(index).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 
