@@ -158,7 +158,7 @@ def worker_options() -> dict[str, Any]:
 def _pinned(opt: dict[str, Any]) -> bool:
     """Whether input blocks are read into pinned host memory: ``cqsa.pin-host-memory``
     ("auto": when tasks run on CUDA), so that their copies to the device are direct."""
-    setting = opt.get("pin-host-memory", "auto")
+    setting = opt.get("pin-host-memory", False)
     if setting == "auto":
         return resolve_device(opt["device"]).type == "cuda"
     return bool(setting)
