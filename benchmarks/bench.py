@@ -1474,6 +1474,7 @@ def plot(path: str, outdir: str) -> list[str]:
         fig.savefig(out, dpi=100)
         made.append(out)
     made += plot_targets(suites, outdir, plt)
+    made += plot_targets(suites, outdir, plt, ("gpu-9da62c4",), "benchmarks_gpu_9da62c4.png")
     cpu = suites.get("cpu")
     if cpu and cpu.get("cases"):
         cases = [e for e in cpu["cases"] if "plan" in e.get("cqsa", {})]
@@ -1498,13 +1499,17 @@ def plot(path: str, outdir: str) -> list[str]:
     return made
 
 
-def plot_targets(suites: dict[str, Any], outdir: str, plt: Any) -> list[str]:
-    """docs/benchmarks_gpu_targets.png: time and peak memory against budget (N = 4M) and against N (4 GB),
-    from the runs gpu-targets and gpu-targets-2 (one session, one machine)."""
-    cases = [e for name in ("gpu-targets", "gpu-targets-2") for e in suites.get(name, {}).get("cases", [])
-             if "seconds" in e.get("cqsa", {}) and not e["causal"]]
-    byb = sorted((e for e in cases if e["n"] == 4194304), key=lambda e: e["budget_bytes"])
-    byn = sorted((e for e in cases if e["budget_bytes"] == int(4e9)), key=lambda e: e["n"])
+def plot_targets(suites: dict[str, Any], outdir: str, plt: Any, runs: tuple[str, ...] = ("gpu-targets", "gpu-targets-2"),
+                 name: str = "benchmarks_gpu_targets.png") -> list[str]:
+    """docs/NAME: time and peak memory against budget (N = 4M) and against N (4 GB), from
+    ``runs`` (one session, one machine); memory as torch's max allocated and, where
+    recorded, max reserved and NVML's peak of the worker process."""
+    cases = [e for run in runs for e in suites.get(run, {}).get("cases", []) if not e["causal"]]
+    timed = [e for e in cases if "seconds" in e.get("cqsa", {})]
+    byb = sorted((e for e in timed if e["n"] == 4194304), key=lambda e: e["budget_bytes"])
+    byn = sorted((e for e in timed if e["budget_bytes"] == int(4e9)), key=lambda e: e["n"])
+    memb = sorted((e for e in cases if e["n"] == 4194304 and e.get("cqsa", {}).get("peak_device_bytes")),
+                  key=lambda e: e["budget_bytes"])
     if len(byb) < 2 or len(byn) < 2:
         return []
     fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
@@ -1524,11 +1529,15 @@ def plot_targets(suites: dict[str, Any], outdir: str, plt: Any) -> list[str]:
     _ticks(a, bs, [f"{b:g}" for b in bs])
     a.legend(fontsize=8)
     a = ax[0][1]
-    a.plot(bs, [e["cqsa"]["peak_device_bytes"] / GB for e in byb], "s-", label="cqsa peak (torch, max allocated)")
-    a.plot(bs, bs, ":", color="gray", label="budget")
+    mb = [e["budget_bytes"] / GB for e in memb]
+    for key, style, label in _PEAKS:
+        ys = [(b, e["cqsa"][key] / GB) for e, b in zip(memb, mb) if e["cqsa"].get(key)]
+        if ys:
+            a.plot([b for b, _ in ys], [y for _, y in ys], style, label=label)
+    a.plot(mb, mb, ":", color="gray", label="budget")
     a.set(xscale="log", yscale="log", xlabel="memory budget (GB)", ylabel="GB",
           title="peak device memory vs budget, N = 4M")
-    _ticks(a, bs, [f"{b:g}" for b in bs])
+    _ticks(a, mb, [f"{b:g}" for b in mb])
     a.legend(fontsize=8)
     ns = [e["n"] for e in byn]
     ts = [e["cqsa"]["seconds"] for e in byn]
@@ -1543,15 +1552,24 @@ def plot_targets(suites: dict[str, Any], outdir: str, plt: Any) -> list[str]:
     _ticks(a, ns, [_kilo(n) for n in ns])
     a.legend(fontsize=8)
     a = ax[1][1]
-    a.semilogx(ns, [e["cqsa"]["peak_device_bytes"] / GB for e in byn], "s-", label="cqsa peak (torch, max allocated)")
+    for key, style, label in _PEAKS:
+        ys = [(n, e["cqsa"][key] / GB) for e, n in zip(byn, ns) if e["cqsa"].get(key)]
+        if ys:
+            a.semilogx([n for n, _ in ys], [y for _, y in ys], style, label=label)
     a.axhline(4, color="gray", ls=":", label="budget")
-    a.set(xlabel="N (tokens)", ylabel="GB", ylim=(0, 5), title="peak device memory vs N, 4 GB budget")
+    a.set(xlabel="N (tokens)", ylabel="GB", ylim=(0, 6), title="peak device memory vs N, 4 GB budget")
     _ticks(a, ns, [_kilo(n) for n in ns])
     a.legend(fontsize=8)
     fig.tight_layout()
-    out = os.path.join(outdir, "benchmarks_gpu_targets.png")
+    out = os.path.join(outdir, name)
     fig.savefig(out, dpi=100)
     return [out]
+
+
+# The peaks a targets plot draws: key in a case's cqsa record, line style, legend.
+_PEAKS = (("peak_device_bytes", "s-", "torch, max allocated"),
+          ("peak_device_reserved_bytes", "^-", "torch, max reserved"),
+          ("nvml_worker_peak_bytes", "o--", "NVML, worker process (CUDA context included)"))
 
 
 # ----------------------------------------------------------------------------- main
