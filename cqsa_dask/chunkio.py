@@ -2,9 +2,9 @@
 
 ::
 
-    arr[b, h, t0:t1] for head blocks h  ──>  one (H_h, T', D) tensor per block
-        every chunk they touch ── one pread per (chunk, head) ──> that head's rows of its block
-        (the buffers: pinned host memory when asked, so that copies to the GPU are direct)
+    arr[b, h0:h1, t0:t1]  ──>  one (H', T', D) tensor
+        every chunk it touches, in parallel ── one pread per (chunk, head) ──> that head's rows
+        (the buffer: pinned host memory when asked, so that copies to the GPU are direct)
 
 Zarr decodes a read chunk by chunk: each file is read into a bytes object,
 decoded, then copied into the output array (0.6-1.8 GB/s for the 8 MB chunks
@@ -12,7 +12,9 @@ of a 1M-token store on the 2-core machine, against 4 GB/s for plain file
 reads).  The inputs of a job are stored without a compressor, so a chunk's
 file is its C-order elements, and each head's token run inside it is one
 contiguous byte range: this module reads those ranges with ``os.preadv``
-straight into the rows of the result.  It does so only where that layout is
+straight into the rows of the result, and reads only the heads asked for
+(zarr decodes whole chunks: with chunks of all H heads, a one-head read
+costs H heads).  It does so only where that layout is
 certain (a local store, zarr v3, a single little-endian ``bytes`` codec, no
 sharding, chunks holding whole rows of D); anything else, and any chunk file
 that is missing (read as the fill value by zarr), goes through zarr.
@@ -23,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,32 +75,28 @@ def _span(sel: slice, size: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
-def read_rows(arr: zarr.Array, b: int, blocks: Sequence[slice], tokens: slice, dtype: torch.dtype, *,
-              pin: bool = False) -> list[torch.Tensor] | None:
-    """``arr[b, h, tokens]`` for each head block ``h`` of ``blocks`` (disjoint): one
-    (H_h, T', D) CPU tensor each, whose bits are the stored elements viewed as ``dtype``
-    (same item size: bfloat16 is stored as uint16), read straight from the chunk files
-    into its own buffer; None when they cannot be (then read them with zarr).
+def read_rows(arr: zarr.Array, b: int, heads: slice, tokens: slice, dtype: torch.dtype, *,
+              pin: bool = False) -> torch.Tensor | None:
+    """``arr[b, heads, tokens]`` as an (H', T', D) CPU tensor whose bits are the stored
+    elements viewed as ``dtype`` (same item size: bfloat16 is stored as uint16), read
+    straight from the chunk files; None when they cannot be (then read it with zarr).
 
-    ``pin``: the tensors are in pinned host memory (needs CUDA), so that copies of
-    them to the device are direct and can run asynchronously.
+    Only the bytes of ``heads`` are read, whatever heads the chunks hold.  ``pin``:
+    the tensor is in pinned host memory (needs CUDA), so that copies of it to the
+    device are direct and can run asynchronously.
     """
     root = direct_root(arr)
-    if root is None or np.dtype(arr.dtype).itemsize != dtype.itemsize or not blocks:
+    if root is None or np.dtype(arr.dtype).itemsize != dtype.itemsize:
         return None
     _, n_h, n_t, d = arr.shape
     cb, ch, ct, _ = arr.chunks
+    h0, h1 = _span(heads, n_h)
     t0, t1 = _span(tokens, n_t)
-    spans = [_span(h, n_h) for h in blocks]
     row = d * np.dtype(arr.dtype).itemsize  # bytes per token
-    bufs = [torch.empty((h1 - h0) * (t1 - t0) * row, dtype=torch.uint8, pin_memory=pin) for h0, h1 in spans]
-    views = [x.numpy().data for x in bufs]
-    where = {h: (i, h - h0) for i, (h0, h1) in enumerate(spans) for h in range(h0, h1)}
-    lo, hi = min(h0 for h0, _ in spans), max(h1 for _, h1 in spans)
+    buf = torch.empty((h1 - h0) * (t1 - t0) * row, dtype=torch.uint8, pin_memory=pin)
+    view = buf.numpy().data
+
     def chunk(c_h: int, c_t: int) -> bool:
-        heads = [h for h in range(max(lo, c_h * ch), min(hi, (c_h + 1) * ch)) if h in where]
-        if not heads:
-            return True
         try:
             fd = os.open(root / arr.metadata.encode_chunk_key((b // cb, c_h, c_t, 0)), os.O_RDONLY)
         except FileNotFoundError:
@@ -107,17 +104,16 @@ def read_rows(arr: zarr.Array, b: int, blocks: Sequence[slice], tokens: slice, d
         try:
             ta, tb = max(t0, c_t * ct), min(t1, (c_t + 1) * ct)
             want = (tb - ta) * row
-            for h in heads:
-                i, hb = where[h]
+            for h in range(max(h0, c_h * ch), min(h1, (c_h + 1) * ch)):
                 src = (((b % cb) * ch + h - c_h * ch) * ct + ta - c_t * ct) * row
-                dst = (hb * (t1 - t0) + ta - t0) * row
-                if os.preadv(fd, [views[i][dst:dst + want]], src) != want:
+                dst = ((h - h0) * (t1 - t0) + ta - t0) * row
+                if os.preadv(fd, [view[dst:dst + want]], src) != want:
                     return False  # a short chunk file: not the layout assumed here
             return True
         finally:
             os.close(fd)
 
-    coords = [(c_h, c_t) for c_h in range(lo // ch, -(-hi // ch)) for c_t in range(t0 // ct, -(-t1 // ct))]
+    coords = [(c_h, c_t) for c_h in range(h0 // ch, -(-h1 // ch)) for c_t in range(t0 // ct, -(-t1 // ct))]
     if not all(_pool().map(lambda c: chunk(*c), coords)):
         return None
-    return [x.view(dtype).reshape(h1 - h0, t1 - t0, d) for x, (h0, h1) in zip(bufs, spans, strict=True)]
+    return buf.view(dtype).reshape(h1 - h0, t1 - t0, d)

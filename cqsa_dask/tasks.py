@@ -229,29 +229,25 @@ class _TaskIO:
             return (self.token, name, self.batch, h0, g)
 
         def load() -> torch.Tensor:
+            dtype = TORCH_DTYPES[self.job.plan.dtype]
+            x = read_rows(arr, self.batch, heads, idx[2], dtype, pin=self.pin)  # local chunk files: these heads only
+            if x is not None:
+                self._count(read=x.nbytes)
+                return _checked(x, name, g, idx, self.check)
+            # through zarr, which decodes whole chunks: when they hold every head in lo..hi,
+            # read them once and serve the other task head blocks from memory
             lo, hi = _chunk_heads(arr, heads)
             n = heads.stop - heads.start
             wide = (lo, hi) != (heads.start, heads.stop) and self.cache.capacity >= 4 * (hi - lo) * _bytes(arr, idx)
-            # the chunks hold every head in lo..hi: read once, the other head blocks served from memory
-            starts = range(-(-lo // n) * n, hi - n + 1, n) if wide else [heads.start]  # task head blocks
-            blocks = [slice(h0, h0 + n) for h0 in starts]
-            dtype = TORCH_DTYPES[self.job.plan.dtype]
-            parts = read_rows(arr, self.batch, blocks, idx[2], dtype, pin=self.pin)
-            if parts is None:  # not a plain local store: through zarr
-                ridx = (self.batch, slice(lo, hi), idx[2]) if wide else idx
-                x = read_block(arr, ridx, self.job.plan.dtype)
-                parts = [x[h.start - ridx[1].start:h.stop - ridx[1].start] for h in blocks]
-                parts = [_host_copy(p, self.pin) if wide or self.pin else p for p in parts]
-            mine = None
-            for h, part in zip(blocks, parts, strict=True):
-                _checked(part, name, g, (self.batch, h, idx[2]), self.check)
-                self._count(read=part.nbytes)
-                if h.start == heads.start:
-                    mine = part
-                else:
-                    self.cache.put(key(h.start), part)
-            assert mine is not None
-            return mine
+            ridx = (self.batch, slice(lo, hi), idx[2]) if wide else idx
+            x = _checked(read_block(arr, ridx, self.job.plan.dtype), name, g, ridx, self.check)
+            self._count(read=x.nbytes)
+            if not wide:
+                return _host_copy(x, True) if self.pin else x
+            for h0 in range(-(-lo // n) * n, hi - n + 1, n):  # the task head blocks inside lo..hi
+                if h0 != heads.start:
+                    self.cache.put(key(h0), _host_copy(x[h0 - lo:h0 - lo + n], self.pin))
+            return _host_copy(x[heads.start - lo:heads.stop - lo], self.pin)
 
         return self.cache.get_or_load(key(heads.start), load)
 
