@@ -91,13 +91,22 @@ def open_store(store: Any, mode: str = "r+") -> zarr.Group:
         raise StoreError(f"store {store!r} cannot be opened for writing: {e}") from e
 
 
+# Arrays are opened with write_empty_chunks on: zarr's default (off) compares every chunk
+# written with the fill value first (np.array_equal with equal_nan: 360-490 ms for a
+# 90 MB chunk on the 2-core machine, against 27-49 ms for the write itself), and a
+# chunk then exists exactly when it was written, which the markers and fold.py's
+# journal rely on.
+_WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
+
+
 def array(group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
     """The array ``name`` of ``group``; :class:`StoreError` if missing or a group.
 
     ``hint`` is appended to the message for a missing array.
     """
     try:
-        node = group[name]
+        with zarr.config.set(_WRITE_EVERY_CHUNK):  # read when the array is opened
+            node = group[name]
     except KeyError:
         raise StoreError(f"store has no array {name!r}{': ' + hint if hint else ''}") from None
     if not isinstance(node, zarr.Array):
@@ -189,10 +198,11 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
     """
     chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
     fill: float = (_NAN_BITS.get(dtype, float("nan"))) if nan_fill else 0
-    return group.create_array(
-        name, shape=shape, chunks=chunks, dtype=_zarr_dtype(dtype),
-        compressors=None, fill_value=fill, attributes=_attrs(dtype), overwrite=overwrite,
-    )
+    with zarr.config.set(_WRITE_EVERY_CHUNK):
+        return group.create_array(
+            name, shape=shape, chunks=chunks, dtype=_zarr_dtype(dtype),
+            compressors=None, fill_value=fill, attributes=_attrs(dtype), overwrite=overwrite,
+        )
 
 
 def write_tensor(group: zarr.Group, name: str, t: torch.Tensor, chunks: tuple[int, ...]) -> None:

@@ -240,6 +240,21 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
         assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("nan_fill", [False, True])
+def test_a_written_chunk_exists_even_when_it_equals_the_fill_value(tmp_path: Path, nan_fill: bool) -> None:
+    """Arrays are written with write_empty_chunks on (zarr's default compares each chunk
+    with the fill value first: slow, and a chunk of fill values would then not exist)."""
+    from cqsa_dask.layout import array, chunk_exists, create_array, write_block
+
+    g = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    fill = torch.full((2, 8, 4), float("nan") if nan_fill else 0.0)
+    created = create_array(g, "x", (1, 2, 16, 4), (1, 2, 8, 4), "float32", nan_fill=nan_fill)
+    write_block(created, (0, slice(0, 2), slice(0, 8)), fill)
+    reopened = array(zarr.open_group(tmp_path / "s.zarr"), "x")
+    write_block(reopened, (0, slice(0, 2), slice(8, 16)), fill)
+    assert chunk_exists(reopened, (0, 0, 0, 0)) and chunk_exists(reopened, (0, 0, 1, 0))
+
+
 def test_worker_budget_is_the_advertised_resource(client) -> None:  # type: ignore[no-untyped-def]
     """What a CUDA worker caps its allocator at: the resource its Dask worker advertises."""
     from conftest import CLIENT_DEVICE_MEM, RESOURCE
