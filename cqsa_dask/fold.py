@@ -62,35 +62,45 @@ _STRIPES = 256  # row locks per job: rows share a lock modulo this
 
 # -- hi/lo codec ----------------------------------------------------------------
 def split(acc: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hi in ``dtype``, lo int8) of a float32 ``acc`` (any shape); lo None for float32."""
+    """(hi in ``dtype``, lo int8) of a float32 ``acc`` (any shape); lo None for float32.
+
+    lo = round((acc - hi) / unit), unit = 2^-8 ulp(hi) (:func:`_exponent`), all in float32
+    and exact: acc - hi is exact (hi is acc rounded), and scaling by a power of two is.
+    """
     hi = acc.to(TORCH_DTYPES[dtype])
     if dtype == "float32":
         return hi, None
-    lo = torch.round((acc.double() - hi.double()) * _unit(hi, dtype, -1)).clamp_(-127, 127).to(torch.int8)
+    lo = torch.round(_scale(acc - hi.float(), -_exponent(hi, dtype))).clamp_(-127, 127).to(torch.int8)
     return hi, lo
 
 
 def join(hi: torch.Tensor, lo: torch.Tensor | None, dtype: str) -> torch.Tensor:
-    """The float32 value hi + lo (inverse of :func:`split`, to 2^-17 relative for bfloat16)."""
+    """The float32 value hi + lo * unit (inverse of :func:`split`, to 2^-17 relative for
+    bfloat16).  Exact in float32: the sum spans at most p + 9 <= 20 significant bits."""
     if lo is None:
         return hi.float()
-    return (hi.double() + lo.double() * _unit(hi, dtype)).float()
+    return hi.float() + _scale(lo.float(), _exponent(hi, dtype))
 
 
-def _unit(hi: torch.Tensor, dtype: str, sign: int = 1) -> torch.Tensor:
-    """2^-8 ulp of each hi value (``sign`` -1: its inverse), float64, subnormal and zero hi
-    counted as the smallest normal.
+def _exponent(hi: torch.Tensor, dtype: str) -> torch.Tensor:
+    """k (int32) with 2^k = 2^-8 ulp of each hi value, subnormal and zero hi counted as the
+    smallest normal: ``clamp(frexp(hi).exponent) - p - 8``.
 
-    Built from the exponent bits of hi as float32 (bfloat16 and float16 values are float32
+    From the exponent bits of hi as float32 (bfloat16 and float16 values are float32
     values): frexp's exponent of a normal float32 is its biased exponent E - 126, and E = 0
-    (zero, subnormal) falls below the clamp; the power of two is then written straight into
-    a float64's exponent field.  Inf and NaN hi get some finite unit: their lo and hi + lo are
-    Inf / NaN whatever it is.  Equal, bit for bit, to ``exp2(clamp(frexp(hi).exponent) - 16)``
-    (bfloat16; - 19 for float16), at a fraction of the cost of frexp and exp2 in float64.
+    (zero, subnormal) falls below the clamp.  Inf and NaN hi get some finite k: their lo
+    and hi + lo are Inf / NaN whatever it is.  k lies in [-141, 113].
     """
     e = (hi.float().view(torch.int32) >> 23) & 0xFF  # biased float32 exponent
-    k = (e - 126).clamp_(min=_MIN_EXP[dtype]) - (_PRECISION[dtype] + _LO_BITS)
-    return ((sign * k.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return (e - 126).clamp_(min=_MIN_EXP[dtype]) - (_PRECISION[dtype] + _LO_BITS)
+
+
+def _scale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """x * 2^k in float32, exact where x and the result are (|k| <= 141): two factors
+    2^(k // 2) and 2^(k - k // 2), each a normal float32 built from its exponent bits, since
+    2^k itself may not be one."""
+    k1 = k >> 1
+    return x * ((k1 + 127) << 23).view(torch.float32) * ((k - k1 + 127) << 23).view(torch.float32)
 
 
 # -- fold state and journal (one uint8 chunk each per (row, batch, head block)) --

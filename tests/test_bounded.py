@@ -93,25 +93,28 @@ def test_split_join_keeps_sixteen_bits(dtype: str, seed: int, exp: int) -> None:
 @settings(max_examples=40, deadline=None)
 @given(dtype=st.sampled_from(["bfloat16", "float16"]), seed=st.integers(0, 2**32 - 1),
        exp=st.integers(-150, 128))
-def test_unit_is_the_frexp_definition(dtype: str, seed: int, exp: int) -> None:
-    """The exponent-bit unit equals exp2(clamp(frexp(hi).exponent) - p - 8) bit for bit, for normal,
-    subnormal, zero and (for bfloat16) near-overflow hi; Inf and NaN hi keep Inf / NaN through
-    split and join."""
-    from cqsa_dask.fold import _LO_BITS, _MIN_EXP, _PRECISION, _unit
+def test_split_join_are_the_float64_definition(dtype: str, seed: int, exp: int) -> None:
+    """split and join (float32, exponent bits) equal, bit for bit, their definition in float64
+    with frexp / exp2: unit = exp2(clamp(frexp(hi).exponent) - p - 8), lo = round((x - hi) / unit)
+    clamped to int8, hi + lo * unit rounded to float32; for normal, subnormal, zero and (for
+    bfloat16) near-overflow values.  Inf and NaN hi keep Inf / NaN through split and join."""
+    from cqsa_dask.fold import _LO_BITS, _MIN_EXP, _PRECISION
 
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(2048, generator=g, dtype=torch.float64) * 2.0**exp).float()
     x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-45, -1e-40, 3.3e38, 65504.0, float("inf"), float("nan")])])
-    hi = x.to(cqsa_dask.layout.TORCH_DTYPES[dtype])
+    hi, lo = split(x, dtype)
+    assert lo is not None
     h = hi.double()
     e = torch.frexp(h).exponent.clamp(min=_MIN_EXP[dtype])
     e = torch.where(h == 0, torch.full_like(e, _MIN_EXP[dtype]), e)
-    want = torch.exp2((e - (_PRECISION[dtype] + _LO_BITS)).double())
+    unit = torch.exp2((e - (_PRECISION[dtype] + _LO_BITS)).double())
     finite = torch.isfinite(h)
-    assert torch.equal(_unit(hi, dtype)[finite], want[finite])
-    assert torch.equal(_unit(hi, dtype, -1)[finite], 1 / want[finite])
-    y = join(*split(x, dtype), dtype)
-    special = ~torch.isfinite(hi.float())
+    want_lo = torch.round((x.double() - h) / unit).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(lo[finite], want_lo[finite])
+    y = join(hi, lo, dtype)
+    assert torch.equal(y[finite], (h + lo.double() * unit).float()[finite])
+    special = ~finite
     assert torch.equal(torch.isnan(y[special]), torch.isnan(hi.float()[special]))
     assert torch.equal(y[special & ~torch.isnan(y)], hi.float()[special & ~torch.isnan(y)])
 
