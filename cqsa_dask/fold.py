@@ -91,8 +91,8 @@ def _exponent(hi: torch.Tensor, dtype: str) -> torch.Tensor:
     (zero, subnormal) falls below the clamp.  Inf and NaN hi get some finite k: their lo
     and hi + lo are Inf / NaN whatever it is.  k lies in [-141, 113].
     """
-    e = (hi.float().view(torch.int32) >> 23) & 0xFF  # biased float32 exponent
-    return (e - 126).clamp_(min=_MIN_EXP[dtype]) - (_PRECISION[dtype] + _LO_BITS)
+    e = hi.float().view(torch.int32) >> 23
+    return e.bitwise_and_(0xFF).sub_(126).clamp_(min=_MIN_EXP[dtype]).sub_(_PRECISION[dtype] + _LO_BITS)
 
 
 def _scale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,9 @@ def _scale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     2^(k // 2) and 2^(k - k // 2), each a normal float32 built from its exponent bits, since
     2^k itself may not be one."""
     k1 = k >> 1
-    return x * ((k1 + 127) << 23).view(torch.float32) * ((k - k1 + 127) << 23).view(torch.float32)
+    k2 = (k - k1).add_(127).bitwise_left_shift_(23)
+    k1.add_(127).bitwise_left_shift_(23)
+    return (x * k1.view(torch.float32)).mul_(k2.view(torch.float32))
 
 
 # -- fold state and journal (one uint8 chunk each per (row, batch, head block)) --
