@@ -1,4 +1,4 @@
-"""Direct reads of uncompressed chunks of a local Zarr store into one buffer.
+"""Direct reads and whole-chunk writes of uncompressed chunks of a local Zarr store.
 
 ::
 
@@ -18,6 +18,12 @@ costs H heads).  It does so only where that layout is
 certain (a local store, zarr v3, a single little-endian ``bytes`` codec, no
 sharding, chunks holding whole rows of D); anything else, and any chunk file
 that is missing (read as the fill value by zarr), goes through zarr.
+
+Writes of a block that is exactly one chunk (every partial result, every
+row of out and lse a merge writes) go straight to the chunk file as well:
+the block's bytes, padded with the fill value for an edge chunk, written to
+a temporary name and renamed over the chunk (a 90 MB partial chunk: 46-150 ms
+against 199-301 ms through zarr on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,14 +39,15 @@ import numpy as np
 import torch
 import zarr
 
-__all__ = ["READ_THREADS", "direct_root", "read_rows"]
+__all__ = ["READ_THREADS", "direct_root", "read_rows", "write_chunk"]
 
 # Threads per process reading chunk files (shared by every read of the process).
 READ_THREADS = 8
 
 
-def direct_root(arr: zarr.Array) -> Path | None:
-    """The directory of ``arr``'s chunk files when they can be read directly, else None."""
+def _plain_root(arr: zarr.Array) -> Path | None:
+    """The directory of ``arr``'s chunk files when each file is its chunk's C-order
+    elements (local store, zarr v3, one little-endian ``bytes`` codec, no sharding), else None."""
     try:
         from zarr.codecs import BytesCodec
         from zarr.storage import LocalStore
@@ -53,12 +61,61 @@ def direct_root(arr: zarr.Array) -> Path | None:
         endian = codecs[0].endian
         if endian is not None and getattr(endian, "value", endian) != "little":
             return None
-        if arr.ndim != 4 or arr.chunks[3] != arr.shape[3] or not np.dtype(arr.dtype).isnative:
+        if not np.dtype(arr.dtype).isnative:
             return None
         path = arr.store_path.path
         return Path(store.root) / path if path else Path(store.root)
-    except (ImportError, AttributeError, TypeError, ValueError):  # an unknown zarr layout: let zarr read it
+    except (ImportError, AttributeError, TypeError, ValueError):  # an unknown zarr layout: let zarr do it
         return None
+
+
+def direct_root(arr: zarr.Array) -> Path | None:
+    """The directory of ``arr``'s chunk files when :func:`read_rows` can read them: a plain
+    layout (:func:`_plain_root`) of a 4-D array whose chunks hold whole rows of D; else None."""
+    if arr.ndim != 4 or arr.chunks[3] != arr.shape[3]:
+        return None
+    return _plain_root(arr)
+
+
+def write_chunk(arr: zarr.Array, index: tuple[int | slice, ...], data: np.ndarray) -> bool:
+    """Write ``data`` as ``arr[index]`` straight into the chunk file when ``index`` selects
+    exactly one chunk (an edge chunk: its part inside the array); False when it cannot
+    (then write it with zarr).
+
+    The file gets the chunk's C-order bytes, an edge chunk padded with the fill value as
+    zarr pads it; it is written to a temporary name and renamed over the chunk, so a
+    reader never sees a partly written chunk.  ``data`` has the selection's shape (the
+    dimensions ``index`` gives as integers dropped) and ``arr``'s stored dtype.
+    """
+    root = _plain_root(arr)
+    if root is None or np.dtype(data.dtype) != np.dtype(arr.dtype) or len(index) > arr.ndim:
+        return False
+    coords, region, kept = [], [], []
+    for sel, size, chunk in zip((*index, *[slice(None)] * (arr.ndim - len(index))), arr.shape, arr.chunks,
+                                strict=True):
+        if isinstance(sel, slice):
+            start, stop, step = sel.indices(size)
+            kept.append(stop - start)
+        else:
+            start, stop, step = int(sel), int(sel) + 1, 1
+        if step != 1 or start % chunk or (stop - start != chunk and stop != size) or stop - start > chunk:
+            return False
+        coords.append(start // chunk)
+        region.append(slice(0, stop - start))
+    if tuple(data.shape) != tuple(kept):
+        return False
+    if all(r.stop == c for r, c in zip(region, arr.chunks, strict=True)):
+        full = np.ascontiguousarray(data)
+    else:
+        full = np.full(arr.chunks, arr.metadata.fill_value, dtype=np.dtype(arr.dtype))
+        full[tuple(region)] = data.reshape([r.stop for r in region])
+    path = root / arr.metadata.encode_chunk_key(tuple(coords))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(full.data)
+    os.replace(tmp, path)
+    return True
 
 
 @functools.cache

@@ -44,6 +44,7 @@ import zarr
 import zarr.errors
 from zarr.core.sync import sync as zarr_sync
 
+from .chunkio import write_chunk
 from .errors import InvalidInputError, StoreError
 from .plan import MAX_HEAD_DIM, Plan, parse_dtype
 from .synthetic import SyntheticSource, source_of
@@ -230,8 +231,12 @@ def read_block(arr: zarr.Array, index: tuple[Any, ...], dtype: str) -> torch.Ten
 
 
 def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> None:
-    """Write tensor ``t`` into ``arr[index]`` (bfloat16 as its uint16 bits)."""
-    arr[index] = _to_numpy(t)
+    """Write tensor ``t`` into ``arr[index]`` (bfloat16 as its uint16 bits): a block that is
+    one whole chunk of a plain local array straight into its file (``chunkio.write_chunk``,
+    renamed into place), anything else through zarr."""
+    data = _to_numpy(t)
+    if not write_chunk(arr, index, data):
+        arr[index] = data
 
 
 def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:

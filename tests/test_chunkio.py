@@ -18,7 +18,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cqsa_dask.chunkio import direct_root, read_rows
+from cqsa_dask.chunkio import direct_root, read_rows, write_chunk
 from cqsa_dask.layout import create_array, read_block
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -73,3 +73,45 @@ def test_layouts_it_does_not_read_go_to_zarr(tmp_path: Path) -> None:
     assert read_rows(plain, 0, slice(0, 2), slice(16, 48), torch.float32) is None
     with pytest.raises(ValueError, match="unit-step"):
         read_rows(plain, 0, slice(0, 2, 2), slice(0, 32), torch.float32)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(1, 12), min_size=1, max_size=4), dtype=st.sampled_from(sorted(DTYPES)),
+       nan_fill=st.booleans(), data=st.data())
+def test_whole_chunk_writes_read_back_through_zarr(tmp_path: Path, shape: list[int], dtype: str, nan_fill: bool,
+                                                   data: st.DataObject) -> None:
+    """write_chunk of one chunk (edge chunks included, some dimensions given as integers)
+    leaves the array exactly as zarr's own write of the same block would."""
+    chunks = [data.draw(st.integers(1, s)) for s in shape]
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    g = zarr.open_group(tmp_path / f"w{seed}.zarr", mode="w")
+    ours = create_array(g, "ours", tuple(shape), tuple(chunks), dtype, nan_fill=nan_fill)
+    theirs = create_array(g, "theirs", tuple(shape), tuple(chunks), dtype, nan_fill=nan_fill)
+    index: list[int | slice] = []
+    for s, c in zip(shape, chunks, strict=True):
+        start = c * data.draw(st.integers(0, (s - 1) // c))
+        stop = min(s, start + c)
+        index.append(start if stop - start == 1 and data.draw(st.booleans()) else slice(start, stop))
+    stored = np.dtype(ours.dtype)
+    kept = [i.stop - i.start for i in index if isinstance(i, slice)]
+    bits = np.random.default_rng(seed).integers(0, 2 ** (8 * stored.itemsize), size=kept, dtype=np.uint64)
+    block = bits.astype(f"u{stored.itemsize}").view(stored)
+    assert write_chunk(ours, tuple(index), block)
+    theirs[tuple(index)] = block
+    assert np.array_equal(np.asarray(ours[...]).view(f"u{stored.itemsize}"),
+                          np.asarray(theirs[...]).view(f"u{stored.itemsize}"))
+    assert not [p for p in (tmp_path / f"w{seed}.zarr").rglob("*.tmp")], "no temporary file is left"
+
+
+def test_writes_it_does_not_make_go_to_zarr(tmp_path: Path) -> None:
+    g = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    plain = create_array(g, "plain", (2, 64), (1, 16), "float32")
+    block = np.ones((16,), np.float32)
+    assert not write_chunk(plain, (0, slice(8, 24)), block), "not aligned to a chunk"
+    assert not write_chunk(plain, (0, slice(0, 32)), np.ones((32,), np.float32)), "two chunks"
+    assert not write_chunk(plain, (0, slice(0, 16)), block.astype(np.float64)), "another dtype"
+    assert not write_chunk(plain, (0, slice(0, 16)), np.ones((1, 16), np.float32)), "another shape"
+    compressed = g.create_array("gz", shape=(2, 64), chunks=(1, 16), dtype="float32")
+    assert not write_chunk(compressed, (0, slice(0, 16)), block)
+    assert write_chunk(plain, (1, slice(48, 64)), block)
+    assert np.array_equal(np.asarray(plain[1]), np.r_[np.zeros(48), np.ones(16)].astype(np.float32))
