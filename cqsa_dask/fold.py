@@ -48,7 +48,7 @@ import torch
 
 from .errors import StoreError
 from .kernels import merge
-from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, read_block, write_block
+from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, read_block, write_block, write_raw
 from .plan import LO_BYTES, Plan
 
 __all__ = ["FoldState", "damaged_row", "finish_row", "fold", "join", "lock_for", "split"]
@@ -247,9 +247,9 @@ class _Row:
             buf[:len(st.mask)] = st.mask
             flat = _bytes(hi)
             buf[m:m + flat.size] = flat
-            self.journal_arr[self.cell] = buf
+            write_raw(self.journal_arr, self.cell, buf)
             n += buf.size
-        self.journal_head[self.cell] = np.array([int(st is not None), 1], np.int64)
+        write_raw(self.journal_head, self.cell, np.array([int(st is not None), 1], np.int64))
         return n
 
     def end_journal(self) -> None:
@@ -328,7 +328,7 @@ def fold(job: Job, group: int, batch: int, block: int, task: int,
     hi, lo = split(acc[0], plan.dtype)
     written = row.journal(st, hi_old)
     write_block(job.out, (batch, row.q_h, row.rows), hi)
-    row.state_arr[row.cell] = _pack_state(plan, FoldState(mask, lo, acc[1]))  # the commit
+    write_raw(row.state_arr, row.cell, _pack_state(plan, FoldState(mask, lo, acc[1])))  # the commit (atomic)
     row.end_journal()
     written += hi.nbytes + plan.fold_state_bytes
     if bool(mask.all()):

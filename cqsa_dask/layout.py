@@ -64,6 +64,7 @@ __all__ = [
     "open_store",
     "read_block",
     "write_block",
+    "write_raw",
     "write_stats",
     "write_tensor",
 ]
@@ -234,7 +235,12 @@ def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> Non
     """Write tensor ``t`` into ``arr[index]`` (bfloat16 as its uint16 bits): a block that is
     one whole chunk of a plain local array straight into its file (``chunkio.write_chunk``,
     renamed into place), anything else through zarr."""
-    data = _to_numpy(t)
+    write_raw(arr, index, _to_numpy(t))
+
+
+def write_raw(arr: zarr.Array, index: tuple[Any, ...], data: np.ndarray) -> None:
+    """Write ``data`` (``arr``'s stored dtype) into ``arr[index]``: one whole chunk of a plain
+    local array straight into its file, atomically (``chunkio.write_chunk``), else through zarr."""
     if not write_chunk(arr, index, data):
         arr[index] = data
 
