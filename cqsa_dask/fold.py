@@ -17,7 +17,7 @@ folding |D| results in any order adds far less than the final rounding to
 the output dtype.  A bfloat16 row's state is G hq (D + 4) bytes against its
 output's G hq (2 D + 4): at most about half the output, the bound of issue 6.
 
-Crash safety (every zarr chunk write on a local store is atomic: temporary
+Crash safety (every chunk write on a local store, zarr's and ``chunkio.write_chunk``'s, is atomic: temporary
 file, then rename).  One fold of producer p into row a, under the row lock::
 
     if a journal chunk exists: the previous fold died; if the state still has the
@@ -328,7 +328,7 @@ def fold(job: Job, group: int, batch: int, block: int, task: int,
     hi, lo = split(acc[0], plan.dtype)
     written = row.journal(st, hi_old)
     write_block(job.out, (batch, row.q_h, row.rows), hi)
-    write_raw(row.state_arr, row.cell, _pack_state(plan, FoldState(mask, lo, acc[1])))  # the commit (atomic)
+    write_raw(row.state_arr, row.cell, _pack_state(plan, FoldState(mask, lo, acc[1])))  # the commit
     row.end_journal()
     written += hi.nbytes + plan.fold_state_bytes
     if bool(mask.all()):
