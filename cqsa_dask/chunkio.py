@@ -98,7 +98,7 @@ def write_chunk(arr: zarr.Array, index: tuple[int | slice, ...], data: np.ndarra
             kept.append(stop - start)
         else:
             start, stop, step = int(sel), int(sel) + 1, 1
-        if step != 1 or start % chunk or (stop - start != chunk and stop != size) or stop - start > chunk:
+        if step != 1 or stop <= start or start % chunk or (stop - start != chunk and stop != size) or stop - start > chunk:
             return False
         coords.append(start // chunk)
         region.append(slice(0, stop - start))

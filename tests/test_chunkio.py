@@ -111,6 +111,7 @@ def test_writes_it_does_not_make_go_to_zarr(tmp_path: Path) -> None:
     assert not write_chunk(plain, (0, slice(0, 32)), np.ones((32,), np.float32)), "two chunks"
     assert not write_chunk(plain, (0, slice(0, 16)), block.astype(np.float64)), "another dtype"
     assert not write_chunk(plain, (0, slice(0, 16)), np.ones((1, 16), np.float32)), "another shape"
+    assert not write_chunk(plain, (0, slice(64, 64)), np.ones((0,), np.float32)), "an empty selection"
     compressed = g.create_array("gz", shape=(2, 64), chunks=(1, 16), dtype="float32")
     assert not write_chunk(compressed, (0, slice(0, 16)), block)
     assert write_chunk(plain, (1, slice(48, 64)), block)
