@@ -97,8 +97,8 @@ def open_store(store: Any, mode: str = "r+") -> zarr.Group:
 # written with the fill value first (np.array_equal with equal_nan: 360-490 ms for a
 # 90 MB chunk on the 2-core machine, against 27-49 ms for the write itself), and a
 # chunk then exists exactly when it was written, which the markers and fold.py's
-# journal rely on.
-_WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
+# journal rely on.  Set per array (not through zarr.config, which is process-wide).
+_WRITE_EVERY_CHUNK: Any = {"write_empty_chunks": True}  # a zarr ArrayConfigParams
 
 
 def array(group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
@@ -107,13 +107,12 @@ def array(group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
     ``hint`` is appended to the message for a missing array.
     """
     try:
-        with zarr.config.set(_WRITE_EVERY_CHUNK):  # read when the array is opened
-            node = group[name]
+        node = group[name]
     except KeyError:
         raise StoreError(f"store has no array {name!r}{': ' + hint if hint else ''}") from None
     if not isinstance(node, zarr.Array):
         raise StoreError(f"{name!r} in the store is a group, not an array")
-    return node
+    return node.with_config(_WRITE_EVERY_CHUNK)
 
 
 def engine(group: zarr.Group) -> zarr.Group:
@@ -200,11 +199,10 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
     """
     chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
     fill: float = (_NAN_BITS.get(dtype, float("nan"))) if nan_fill else 0
-    with zarr.config.set(_WRITE_EVERY_CHUNK):
-        return group.create_array(
-            name, shape=shape, chunks=chunks, dtype=_zarr_dtype(dtype),
-            compressors=None, fill_value=fill, attributes=_attrs(dtype), overwrite=overwrite,
-        )
+    return group.create_array(
+        name, shape=shape, chunks=chunks, dtype=_zarr_dtype(dtype), compressors=None, fill_value=fill,
+        attributes=_attrs(dtype), overwrite=overwrite, config=_WRITE_EVERY_CHUNK,
+    )
 
 
 def write_tensor(group: zarr.Group, name: str, t: torch.Tensor, chunks: tuple[int, ...]) -> None:
