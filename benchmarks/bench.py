@@ -1530,10 +1530,7 @@ def plot_targets(suites: dict[str, Any], outdir: str, plt: Any, runs: tuple[str,
     a.legend(fontsize=8)
     a = ax[0][1]
     mb = [e["budget_bytes"] / GB for e in memb]
-    for key, style, label in _PEAKS:
-        ys = [(b, e["cqsa"][key] / GB) for e, b in zip(memb, mb) if e["cqsa"].get(key)]
-        if ys:
-            a.plot([b for b, _ in ys], [y for _, y in ys], style, label=label)
+    _plot_peaks(a.plot, memb, mb)
     a.plot(mb, mb, ":", color="gray", label="budget")
     a.set(xscale="log", yscale="log", xlabel="memory budget (GB)", ylabel="GB",
           title="peak device memory vs budget, N = 4M")
@@ -1552,10 +1549,7 @@ def plot_targets(suites: dict[str, Any], outdir: str, plt: Any, runs: tuple[str,
     _ticks(a, ns, [_kilo(n) for n in ns])
     a.legend(fontsize=8)
     a = ax[1][1]
-    for key, style, label in _PEAKS:
-        ys = [(n, e["cqsa"][key] / GB) for e, n in zip(byn, ns) if e["cqsa"].get(key)]
-        if ys:
-            a.semilogx([n for n, _ in ys], [y for _, y in ys], style, label=label)
+    _plot_peaks(a.semilogx, byn, ns)
     a.axhline(4, color="gray", ls=":", label="budget")
     a.set(xlabel="N (tokens)", ylabel="GB", ylim=(0, 6), title="peak device memory vs N, 4 GB budget")
     _ticks(a, ns, [_kilo(n) for n in ns])
@@ -1570,6 +1564,14 @@ def plot_targets(suites: dict[str, Any], outdir: str, plt: Any, runs: tuple[str,
 _PEAKS = (("peak_device_bytes", "s-", "torch, max allocated"),
           ("peak_device_reserved_bytes", "^-", "torch, max reserved"),
           ("nvml_worker_peak_bytes", "o--", "NVML, worker process (CUDA context included)"))
+
+
+def _plot_peaks(draw: Any, cases: list[dict[str, Any]], xs: list[float]) -> None:
+    """One line per peak of :data:`_PEAKS` that ``cases`` recorded, in GB against ``xs``."""
+    for key, style, label in _PEAKS:
+        pts = [(x, e["cqsa"][key] / GB) for e, x in zip(cases, xs) if e["cqsa"].get(key)]
+        if pts:
+            draw([x for x, _ in pts], [y for _, y in pts], style, label=label)
 
 
 # ----------------------------------------------------------------------------- main

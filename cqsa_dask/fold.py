@@ -17,8 +17,9 @@ folding |D| results in any order adds far less than the final rounding to
 the output dtype.  A bfloat16 row's state is G hq (D + 4) bytes against its
 output's G hq (2 D + 4): at most about half the output, the bound of issue 6.
 
-Crash safety (every chunk write on a local store, zarr's and ``chunkio.write_chunk``'s, is atomic: temporary
-file, then rename).  One fold of producer p into row a, under the row lock::
+Crash safety (every chunk write on a local store, zarr's and
+``chunkio.write_chunk``'s, is atomic: temporary file, then rename).  One
+fold of producer p into row a, under the row lock::
 
     if a journal chunk exists: the previous fold died; if the state still has the
         mask the journal saved, restore out from it; delete the journal

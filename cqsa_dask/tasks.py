@@ -158,7 +158,7 @@ def worker_options() -> dict[str, Any]:
 def _pinned(opt: dict[str, Any]) -> bool:
     """Whether input blocks are read into pinned host memory: ``cqsa.pin-host-memory``
     ("auto": when tasks run on CUDA), so that their copies to the device are direct."""
-    setting = opt.get("pin-host-memory", False)
+    setting = opt["pin-host-memory"]
     if setting == "auto":
         return resolve_device(opt["device"]).type == "cuda"
     return bool(setting)
@@ -335,7 +335,7 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     plan = job.plan
     dev = resolve_device(opt["device"])
     if dev.type == "cuda":  # per-task peaks (shared by tasks running at once on one device)
-        budget = worker_budget(str(opt.get("resource", "device_mem"))) if opt.get("cap-device-memory", True) else None
+        budget = worker_budget(str(opt["resource"])) if opt["cap-device-memory"] else None
         if budget is not None:
             _cap_device(dev, budget)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -442,13 +442,13 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     float32 accumulator; writes out (hq, G, D) in the job dtype and lse
     (hq, G) float32, then the merge marker.
     """
-    _init_process(options or worker_options())
+    opt = options or worker_options()
+    _init_process(opt)
     t0, start = time.perf_counter(), task_started(token, "merge", (group, batch, block))
     job = open_job(store, token)
     plan = job.plan
     _, q_h = _heads(job, block)
     rows = _tokens(job, group)
-    opt = options or worker_options()
     if plan.direct(group) or plan.partials == "bounded":  # the producers wrote the row: only check it
         if not plan.direct(group):  # bounded: they folded it; finish a row whose last fold died
             with lock_for(token, group):
