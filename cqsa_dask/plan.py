@@ -18,10 +18,12 @@ hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
 
     k, v of the |D| loaded groups   2 |D| G hk D e      (resident all task)
     query groups in flight          3 G hq D e          (one in use, two prefetched;
-                                                         CUDA: only one on the device)
+                                                         CUDA: 2, one in use, one uploaded ahead)
     float32 accumulator + lse       G hq (D + 1) 4
     kernel output + lse             G hq D e + G hq 4
-    outputs waiting to be written   2 (G hq D e + G hq 4)  (CUDA: on the host, not counted)
+    outputs waiting to be written   2 (G hq D e + G hq 4)  (CUDA: the previous slot's result
+                                                         waiting to be copied back, float32 at
+                                                         most: G hq D 4 + G hq 4)
     GQA/causal diagonal expansion   2 G hq D e
     merge / kernel scratch          2 G hq D 4
     total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
@@ -359,17 +361,19 @@ def task_memory(
 ) -> int:
     """Predicted peak memory (bytes) of one task; see the module docstring.
 
-    ``host_staging``: the device is not host memory (CUDA), so the query
-    groups read ahead and the outputs waiting to be written stay on the
-    host and are not counted.
+    ``host_staging``: the device is not host memory (CUDA): one query group
+    is uploaded ahead, and one result (float32 at most) waits on the device
+    for its copy back while the next slot computes (``transfer.py``); the
+    rest of the read-ahead and write-behind stays on the host.
     """
     g, hk, hq, d, e = group_size, heads_kv, heads_q, head_dim, itemsize
-    q_bufs, out_bufs = (1, 1) if host_staging else (3, 3)
+    output = g * hq * d * e + g * hq * 4
+    q_bufs, waiting = (2, g * hq * d * 4 + g * hq * 4) if host_staging else (3, 2 * output)
     total = (
         2 * quorum_size * g * hk * d * e
         + q_bufs * g * hq * d * e
         + g * hq * (d + 1) * 4
-        + out_bufs * (g * hq * d * e + g * hq * 4)
+        + output + waiting
         + 2 * g * hq * d * e
         + 2 * g * hq * d * 4
     )

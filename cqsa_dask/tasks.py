@@ -46,6 +46,7 @@ from .fold import damaged_row, finish_row, fold, lock_for
 from .hostcache import host_cache, io_pool
 from .kernels import all_finite, attend, merge, resolve_device, select_kernel
 from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, open_job, read_block, write_block, write_stats
+from .transfer import Staged, done_event, download, upload, use
 
 __all__ = ["merge_task", "quorum_task", "worker_options"]
 
@@ -251,15 +252,15 @@ class _TaskIO:
 
         return self.cache.get_or_load(key(heads.start), load)
 
-    def kv(self, g: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v of group ``g``: (hk, G, D) each, on the CPU (stored inputs) or on ``device``
-        (generated inputs; CPU when None)."""
-        return (self._input("k", self.job.k, self.kv_h, g, device),
-                self._input("v", self.job.v, self.kv_h, g, device))
+    def kv(self, g: int, device: torch.device) -> tuple[Staged, Staged]:
+        """k, v of group ``g``: (hk, G, D) each, on ``device`` (copied there on the upload
+        stream, ``transfer.py``)."""
+        return (upload(self._input("k", self.job.k, self.kv_h, g, device), device),
+                upload(self._input("v", self.job.v, self.kv_h, g, device), device))
 
-    def q(self, a: int, device: torch.device | None = None) -> torch.Tensor:
-        """q of group ``a``: (hq, G, D) on the CPU (stored inputs) or on ``device`` (generated)."""
-        return self._input("q", self.job.q, self.q_h, a, device)
+    def q(self, a: int, device: torch.device) -> Staged:
+        """q of group ``a``: (hq, G, D) on ``device``."""
+        return upload(self._input("q", self.job.q, self.q_h, a, device), device)
 
     def write(self, slot: int, a: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Write the result (hq, G, D), (hq, G) of query group ``a`` from ``slot``.
@@ -347,25 +348,40 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     if bounded:  # created here: a distributed lock needs the task thread's worker context
         io.locks = {a: lock_for(token, a) for _, a, _ in work}
     kv_futs = {g: pool.submit(io.kv, g, dev) for g in sorted({b for _, _, bs in work for b in bs})}
-    # q of the next slots, read ahead; a consumed future is dropped at once (its tensor
-    # would otherwise stay alive to the end of the task: all of q, on the device for generated inputs)
-    q_futs: dict[int, Future[torch.Tensor]] = {n: pool.submit(io.q, a, dev) for n, (_, a, _) in enumerate(work[:2])}
+    # q of the next slots, read ahead (CUDA: one, on the device; CPU: two); a consumed future
+    # is dropped at once (its tensor would otherwise stay alive to the end of the task)
+    ahead = 1 if dev.type == "cuda" else 2
+    q_futs: dict[int, Future[Staged]] = {n: pool.submit(io.q, a, dev) for n, (_, a, _) in enumerate(work[:ahead])}
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     writes: deque[Future[None]] = deque()
+    waiting: tuple[int, int, torch.Tensor, torch.Tensor, Any] | None = None  # a result not yet copied back
     t_wait = t_compute = 0.0
+
+    def emit() -> None:
+        """Copy the waiting result to the host (once its kernels are done) and queue its write."""
+        nonlocal t_compute, t_wait
+        assert waiting is not None
+        slot, a, o, lse_d, ev = waiting
+        tc = time.perf_counter()
+        out, lse = download(o, ev), download(lse_d, ev)
+        tw = time.perf_counter()
+        t_compute += tw - tc
+        writes.append(pool.submit(io.write, slot, a, out, lse))
+        while len(writes) > 2:
+            writes.popleft().result()
+        t_wait += time.perf_counter() - tw
+
     try:
         with _task_stream(dev):
             for n, (slot, a, bs) in enumerate(work):
                 tw = time.perf_counter()
-                q = q_futs.pop(n).result().to(dev, non_blocking=True)[None].contiguous()  # (1, hq, G, D)
-                if n + 2 < len(work):
-                    q_futs[n + 2] = pool.submit(io.q, work[n + 2][1], dev)
+                q = use(q_futs.pop(n).result())[None]  # (1, hq, G, D)
+                if n + ahead < len(work):
+                    q_futs[n + ahead] = pool.submit(io.q, work[n + ahead][1], dev)
                 for b in bs:
                     if b not in kv:
                         k, v = kv_futs[b].result()
-                        # pinned blocks copy asynchronously on the task's stream (torch keeps them
-                        # from reuse until the copy is done)
-                        kv[b] = (k.to(dev, non_blocking=True)[None], v.to(dev, non_blocking=True)[None])  # (1, hk, G, D)
+                        kv[b] = (use(k)[None], use(v)[None])  # (1, hk, G, D)
                 with _turn(dev.type):
                     tc = time.perf_counter()
                     acc = None
@@ -376,12 +392,17 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
                     assert acc is not None
                     # (hq, G, D), (hq, G); a bounded job folds the float32 result
                     keep = bounded and not plan.direct(a)
-                    out, lse = (acc[0] if keep else acc[0].to(dtype))[0].cpu(), acc[1][0].cpu()
+                    result = (slot, a, (acc[0] if keep else acc[0].to(dtype))[0], acc[1][0], done_event(dev))
+                    del acc, part, q
                     t_compute += time.perf_counter() - tc
                 t_wait += tc - tw
-                writes.append(pool.submit(io.write, slot, a, out, lse))
-                while len(writes) > 2:
-                    writes.popleft().result()
+                # CUDA: the kernels of slot n are queued; copy back slot n-1's result while they run
+                if waiting is not None:
+                    emit()
+                waiting = result
+            if waiting is not None:
+                emit()
+                waiting = None
         tw = time.perf_counter()
         for w in writes:
             w.result()

@@ -1,0 +1,99 @@
+"""Copies between host memory and a CUDA device, off the task's compute stream.
+
+A quorum task's compute thread should only queue kernels, so that the GPU
+always has work.  Two per-process side streams per device carry the copies:
+
+* ``upload`` runs on an IO thread right after a block is read: it copies the
+  block to the device on the upload stream and records an event; ``use``
+  makes the compute stream wait for that event (on the GPU, not the host).
+* ``download`` copies a slot's result back on the download stream once the
+  kernels that made it are done (``done_event``), while the compute stream
+  already runs the next slot's kernels.
+
+On the CPU every function is the identity (``Staged.event`` is None).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Staged", "done_event", "download", "upload", "use"]
+
+_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+_LOCK = threading.Lock()
+
+
+def _side_stream(dev: torch.device, role: str) -> torch.cuda.Stream:
+    """The process's ``role`` ("up" or "down") stream on ``dev``, kept for its life: the
+    caching allocator reuses a block only on the stream that allocated it, so a fixed
+    stream keeps the uploaded blocks in one pool (see ``tasks._task_stream``)."""
+    with _LOCK:
+        s = _STREAMS.get((dev, role))
+        if s is None:
+            s = _STREAMS[(dev, role)] = torch.cuda.Stream(dev)
+        return s
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A tensor on the task's device, and the event after which it is valid (None: now)."""
+
+    tensor: torch.Tensor
+    event: torch.cuda.Event | None = None
+
+
+def upload(x: torch.Tensor, dev: torch.device) -> Staged:
+    """Copy host tensor ``x`` (any shape) to CUDA device ``dev`` on the upload stream.
+
+    Blocks the calling (IO) thread only while the driver stages a pageable
+    ``x``; the copy itself is ordered by the returned event.  A tensor already
+    on ``dev`` (generated inputs) or a CPU ``dev`` comes back as is.
+    """
+    if dev.type != "cuda" or x.device.type == "cuda":
+        return Staged(x)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    dev = torch.device("cuda", index)
+    s = _side_stream(dev, "up")
+    with torch.cuda.stream(s):
+        y = x.to(dev, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(s)
+    return Staged(y, ev)
+
+
+def use(r: Staged) -> torch.Tensor:
+    """``r``'s tensor, safe to read on the calling thread's current stream.
+
+    The current stream waits for the upload, and the tensor is marked as used
+    by it, so that its memory is not reused before the kernels reading it ran.
+    """
+    if r.event is not None:
+        cur = torch.cuda.current_stream(r.tensor.device)
+        cur.wait_event(r.event)
+        r.tensor.record_stream(cur)
+    return r.tensor
+
+
+def done_event(dev: torch.device) -> torch.cuda.Event | None:
+    """An event recorded on the current stream of ``dev`` (None on the CPU): it fires
+    when the kernels queued so far are done."""
+    if dev.type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(dev))
+    return ev
+
+
+def download(x: torch.Tensor, after: torch.cuda.Event | None) -> torch.Tensor:
+    """``x`` (any shape) in host memory, copied on the download stream once ``after``
+    fired; blocks until the copy is done.  A CPU ``x`` comes back as is."""
+    if not x.is_cuda:
+        return x
+    s = _side_stream(x.device, "down")
+    with torch.cuda.stream(s):
+        if after is not None:
+            s.wait_event(after)
+        return x.to("cpu")
