@@ -72,14 +72,40 @@ def _turn(device_type: str) -> AbstractContextManager[Any]:
 
 
 def _init_process(opt: dict[str, Any]) -> None:
-    """Once per worker process: torch threads and zarr concurrency."""
+    """Once per worker process: allocator settings, torch threads and zarr concurrency."""
     global _initialised
     if _initialised:
         return
+    if opt["expandable-segments"]:
+        _expandable_segments()
     zarr.config.set({"async.concurrency": int(opt["zarr-concurrency"])})
     n = opt["torch-threads"] or os.cpu_count() or 1
     torch.set_num_threads(int(n))
     _initialised = True
+
+
+_SEGMENTS = "expandable_segments:True"
+
+
+def _expandable_segments() -> None:
+    """Let torch's CUDA caching allocator grow segments in place instead of carving
+    fixed ones (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), unless the
+    process's environment already sets the allocator.
+
+    Under the per-process cap (``_cap_device``) a fixed-segment allocator fails
+    once free memory is split between segments: at N = 4M under 1 GB, three tasks
+    of 331 MB (predicted) held 720 MiB while 217 MiB reserved was unusable, and a
+    20 MiB request failed (H200, 2026-11-29).  Set before CUDA starts in this
+    process, it applies from the first allocation; after, through torch's setter.
+    """
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return  # the user's choice
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = _SEGMENTS
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+            torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None)
+        if setter is not None:
+            setter(_SEGMENTS)
 
 
 def worker_budget(resource: str) -> float | None:
@@ -152,7 +178,7 @@ def worker_options() -> dict[str, Any]:
     graph carries these explicitly.
     """
     keys = ("device", "kernel", "check-finite", "torch-threads", "zarr-concurrency", "host-cache", "io-threads",
-            "pin-host-memory", "resource", "cap-device-memory")
+            "pin-host-memory", "resource", "cap-device-memory", "expandable-segments")
     return {k: config.get(k) for k in keys}
 
 

@@ -205,6 +205,7 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     from cqsa_dask import tasks
     from cqsa_dask.hostcache import HostCache
     from cqsa_dask.layout import create_outputs, open_job, read_block
+    from cqsa_dask.transfer import use
 
     inp = make_inputs(1, 4, 2, 3000, 32, torch.float32)  # GQA: a task holds 1 kv head, 2 q heads
     store = tmp_path / "s.zarr"
@@ -224,15 +225,21 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     ios = [tasks._TaskIO(job, "tok", 0, 0, block, opts) for block in (0, 1)]
     for io in ios:
         io.cache = cache
-    k0, v0 = ios[0].kv(5)
-    q0 = ios[0].q(5)
+    cpu = torch.device("cpu")
+
+    def kv(io: tasks._TaskIO) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = io.kv(5, cpu)
+        return use(k), use(v)
+
+    k0, v0 = kv(ios[0])
+    q0 = use(ios[0].q(5, cpu))
     own = k0.nbytes + v0.nbytes + q0.nbytes
     assert ios[0].read == (own if direct else 2 * own), "zarr: k, v of both kv heads, q of all 4 heads"
-    k1, v1 = ios[1].kv(5)
-    q1 = ios[1].q(5)
+    k1, v1 = kv(ios[1])
+    q1 = use(ios[1].q(5, cpu))
     assert ios[1].read == (own if direct else 0), "zarr: the second head block comes from memory"
     ios[1].read = 0
-    assert ios[1].kv(5)[0] is k1 and ios[1].read == 0, "a block read once is served from memory"
+    assert kv(ios[1])[0] is k1 and ios[1].read == 0, "a block read once is served from memory"
     rows = slice(*plan.group_bounds(5))
     for got, name, heads in ((k0, "k", slice(0, 1)), (k1, "k", slice(1, 2)), (v1, "v", slice(1, 2)),
                              (q0, "q", slice(0, 2)), (q1, "q", slice(2, 4))):
