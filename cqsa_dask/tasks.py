@@ -120,10 +120,18 @@ def worker_budget(resource: str) -> float | None:
     return float(amount) if amount else None
 
 
+def _capped_bytes(budget: float) -> float:
+    """What the allocator cap allows under a budget of ``budget`` bytes: 1 % (at least
+    32 MiB) less, because with expandable segments the reserve can pass the cap by part
+    of a page (4M-token job under 4 GB on the H200: 3.5 MB above it, 2026-11-29)."""
+    return budget - max(0.01 * budget, 32 * 2**20)
+
+
 @functools.cache
 def _cap_device(device: torch.device, budget: float) -> float:
-    """Cap torch's caching allocator on ``device`` at ``budget`` bytes for this process
-    (``torch.cuda.set_per_process_memory_fraction``); return the fraction set.
+    """Cap torch's caching allocator on ``device`` just under ``budget`` bytes for this
+    process (``torch.cuda.set_per_process_memory_fraction``, ``_capped_bytes``); return
+    the fraction set.
 
     The budget then bounds what the process reserves, not only what the planner
     predicts: past the cap the allocator frees its cached blocks and retries before it
@@ -131,7 +139,7 @@ def _cap_device(device: torch.device, budget: float) -> float:
     H200 machine) are outside the allocator and come on top (docs/design.md).
     """
     index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": the current one
-    fraction = min(1.0, budget / torch.cuda.get_device_properties(index).total_memory)
+    fraction = min(1.0, _capped_bytes(budget) / torch.cuda.get_device_properties(index).total_memory)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 

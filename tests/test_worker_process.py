@@ -25,3 +25,12 @@ def test_expandable_segments_are_set_unless_the_environment_chose(monkeypatch: p
 
 def test_the_option_travels_with_each_task() -> None:
     assert tasks.worker_options()["expandable-segments"] is True
+
+
+@pytest.mark.parametrize("budget", [10**8, 10**9, 2 * 10**9, 4 * 10**9, 16 * 10**9, 80 * 10**9])
+def test_the_allocator_cap_sits_just_under_the_budget(budget: int) -> None:
+    """Below the budget by more than the 3.5 MB the reserve passed the cap on the H200,
+    and no more than 1 % or 32 MiB below it (the engine keeps its budget)."""
+    cap = tasks._capped_bytes(budget)
+    assert cap < budget - 3.5e6
+    assert cap >= min(0.99 * budget, budget - 32 * 2**20)
