@@ -388,14 +388,13 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
     q_futs: dict[int, Future[Staged]] = {n: pool.submit(io.q, a, dev) for n, (_, a, _) in enumerate(work[:ahead])}
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     writes: deque[Future[None]] = deque()
-    waiting: tuple[int, int, torch.Tensor, torch.Tensor, Any] | None = None  # a result not yet copied back
+    waiting: tuple[int, int, torch.Tensor, torch.Tensor, Any] | None = None  # CUDA: a result not yet copied back
     t_wait = t_compute = 0.0
 
-    def emit() -> None:
-        """Copy the waiting result to the host (once its kernels are done) and queue its write."""
+    def emit(result: tuple[int, int, torch.Tensor, torch.Tensor, Any]) -> None:
+        """Copy ``result`` to the host (once its kernels are done) and queue its write."""
         nonlocal t_compute, t_wait
-        assert waiting is not None
-        slot, a, o, lse_d, ev = waiting
+        slot, a, o, lse_d, ev = result
         tc = time.perf_counter()
         out, lse = download(o, ev), download(lse_d, ev)
         tw = time.perf_counter()
@@ -430,12 +429,15 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
                     del acc, part, q
                     t_compute += time.perf_counter() - tc
                 t_wait += tc - tw
-                # CUDA: the kernels of slot n are queued; copy back slot n-1's result while they run
+                if dev.type != "cuda":  # computed already: nothing to overlap
+                    emit(result)
+                    continue
+                # the kernels of slot n are queued; copy back slot n-1's result while they run
                 if waiting is not None:
-                    emit()
+                    emit(waiting)
                 waiting = result
             if waiting is not None:
-                emit()
+                emit(waiting)
                 waiting = None
         tw = time.perf_counter()
         for w in writes:
