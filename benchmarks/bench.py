@@ -576,9 +576,11 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
             th.join(time_box)
             if th.is_alive():
                 log(f"  stopping the run after {time_box:.0f}s (time box): closing its cluster")
+                done = [r for rs in cl.client.run(_worker_collect).values() for r in rs]  # before the workers go
                 cl.close()
                 th.join(120)
                 return {"stopped_after": time.perf_counter() - t, **_finished_so_far(store), **nv.result(),
+                        "peak_device_reserved_bytes": _max_reserved(done),
                         "timeline": timeline(store, t_unix), "worker": warm}
             walls.append(time.perf_counter() - t)
         if "error" in box:
@@ -593,8 +595,7 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
         "seconds": sec, "seconds_all": walls, "execute_seconds": statistics.median(execs),
         "tflops": p.flops / sec / 1e12, "tokens_per_s": p.batch * p.seq_len / sec,
         "peak_device_bytes": res.peak_device_bytes,
-        "peak_device_reserved_bytes": max((r["peak_device_reserved_bytes"] for r in tasks
-                                           if r.get("peak_device_reserved_bytes") is not None), default=None),
+        "peak_device_reserved_bytes": _max_reserved(tasks),
         "bytes_read": res.bytes_read,
         "bytes_written": res.bytes_written, "kernels": list(res.kernels),
         "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run,
@@ -602,6 +603,12 @@ def cqsa_run(cl: Cluster, store: str, *, causal: bool, budget_bytes: int, dtype:
         "worker": warm, "tasks": summarize_tasks(tasks), "partials": p.partials, **nv.result(),
         "timeline": timeline(store, t_unix),
     }
+
+
+def _max_reserved(tasks: list[dict[str, Any]]) -> int | None:
+    """The largest reserved peak the quorum task records ``tasks`` report (None on the CPU)."""
+    return max((r["peak_device_reserved_bytes"] for r in tasks if r.get("peak_device_reserved_bytes") is not None),
+               default=None)
 
 
 def _plan_figures(plan: dict[str, Any]) -> dict[str, Any]:
