@@ -96,7 +96,11 @@ def _expandable_segments() -> None:
     once free memory is split between segments: at N = 4M under 1 GB, three tasks
     of 331 MB (predicted) held 720 MiB while 217 MiB reserved was unusable, and a
     20 MiB request failed (H200, 2026-11-29).  Set before CUDA starts in this
-    process, it applies from the first allocation; after, through torch's setter.
+    process, it applies from the first allocation; after (the benchmark warms
+    its workers' CUDA first), through torch's setter, to the segments made from
+    then on.  A threaded cluster runs tasks in the user's process: there this
+    changes that process's setting too (``cqsa.expandable-segments: false``
+    or an explicit ``PYTORCH_CUDA_ALLOC_CONF`` keeps it as it was).
     """
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return  # the user's choice
