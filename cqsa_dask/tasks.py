@@ -412,7 +412,7 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
         with _task_stream(dev):
             for n, (slot, a, bs) in enumerate(work):
                 tw = time.perf_counter()
-                q = use(q_futs.pop(n).result())[None]  # (1, hq, G, D)
+                q = use(q_futs.pop(n).result())[None].contiguous()  # (1, hq, G, D)
                 if n + ahead < len(work):
                     q_futs[n + ahead] = pool.submit(io.q, work[n + ahead][1], dev)
                 for b in bs:
