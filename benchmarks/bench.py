@@ -1408,6 +1408,9 @@ def _ticks(ax: Any, values: list[float], labels: list[str]) -> None:
     ax.set_xticks(values, labels)
 
 
+_FIRST_GPU_RUNS = ("gpu", "gpu-4M")  # engine 6483880
+
+
 def plot(path: str, outdir: str) -> list[str]:
     """docs/benchmarks_gpu.png (time, efficiency vs N; time, memory vs budget) and benchmarks_cpu.png."""
     import matplotlib
@@ -1419,7 +1422,9 @@ def plot(path: str, outdir: str) -> list[str]:
         doc = json.load(f)
     suites = doc.get("suites", {})
     made = []
-    gpu = [dict(e, run=name) for name, d in sorted(suites.items()) if name.startswith("gpu") and not d.get("tiny")
+    # benchmarks_gpu.png: engine 6483880's runs only (pooling engines would average them per N);
+    # later engines have their own figures (plot_targets)
+    gpu = [dict(e, run=name) for name, d in sorted(suites.items()) if name in _FIRST_GPU_RUNS and not d.get("tiny")
            for e in d.get("cases", []) if "plan" in e.get("cqsa", {})]
     if gpu:
         fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
