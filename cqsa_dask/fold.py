@@ -67,43 +67,48 @@ def split(acc: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | N
 
     lo = round((acc - hi) / unit), unit = 2^-8 ulp(hi) (:func:`_exponent`), all in float32
     and exact: acc - hi is exact (hi is acc rounded), and scaling by a power of two is.
+    In place on two scratch tensors: at 16M elements each new one costs more in page
+    faults than the arithmetic on it.
     """
     hi = acc.to(TORCH_DTYPES[dtype])
     if dtype == "float32":
         return hi, None
-    lo = torch.round(_scale(acc - hi.float(), -_exponent(hi, dtype))).clamp_(-127, 127).to(torch.int8)
-    return hi, lo
+    x = hi.float()
+    k = _exponent(x, dtype).neg_()
+    _scale_(torch.sub(acc, x, out=x), k)  # acc - hi, then / unit
+    return hi, x.round_().clamp_(-127, 127).to(torch.int8)
 
 
 def join(hi: torch.Tensor, lo: torch.Tensor | None, dtype: str) -> torch.Tensor:
     """The float32 value hi + lo * unit (inverse of :func:`split`, to 2^-17 relative for
     bfloat16).  Exact in float32: the sum spans at most p + 9 <= 20 significant bits."""
+    x = hi.float()
     if lo is None:
-        return hi.float()
-    return hi.float() + _scale(lo.float(), _exponent(hi, dtype))
+        return x
+    return x.add_(_scale_(lo.float(), _exponent(x, dtype)))
 
 
-def _exponent(hi: torch.Tensor, dtype: str) -> torch.Tensor:
-    """k (int32) with 2^k = 2^-8 ulp of each hi value, subnormal and zero hi counted as the
-    smallest normal: ``clamp(frexp(hi).exponent) - p - 8``.
+def _exponent(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """k (int32) with 2^k = 2^-8 ulp of each hi value (``x`` = hi as float32), subnormal and
+    zero hi counted as the smallest normal: ``clamp(frexp(hi).exponent) - p - 8``.
 
     From the exponent bits of hi as float32 (bfloat16 and float16 values are float32
     values): frexp's exponent of a normal float32 is its biased exponent E - 126, and E = 0
     (zero, subnormal) falls below the clamp.  Inf and NaN hi get some finite k: their lo
     and hi + lo are Inf / NaN whatever it is.  k lies in [-141, 113].
     """
-    e = hi.float().view(torch.int32) >> 23
+    e = x.view(torch.int32) >> 23
     return e.bitwise_and_(0xFF).sub_(126).clamp_(min=_MIN_EXP[dtype]).sub_(_PRECISION[dtype] + _LO_BITS)
 
 
-def _scale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """x * 2^k in float32, exact where x and the result are (|k| <= 141): two factors
-    2^(k // 2) and 2^(k - k // 2), each a normal float32 built from its exponent bits, since
-    2^k itself may not be one."""
+def _scale_(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """x *= 2^k in float32 (``k`` int32, consumed), exact where x and the result are
+    (|k| <= 141): two factors 2^(k // 2) and 2^(k - k // 2), each a normal float32 built
+    from its exponent bits, since 2^k itself may not be one.  Returns x."""
     k1 = k >> 1
-    k2 = (k - k1).add_(127).bitwise_left_shift_(23)
-    k1.add_(127).bitwise_left_shift_(23)
-    return (x * k1.view(torch.float32)).mul_(k2.view(torch.float32))
+    k2 = k.sub_(k1)
+    x.mul_(k1.add_(127).bitwise_left_shift_(23).view(torch.float32))
+    return x.mul_(k2.add_(127).bitwise_left_shift_(23).view(torch.float32))
 
 
 # -- fold state and journal (one uint8 chunk each per (row, batch, head block)) --
