@@ -126,9 +126,9 @@ def worker_budget(resource: str) -> float | None:
 
 def _capped_bytes(budget: float) -> float:
     """What the allocator cap allows under a budget of ``budget`` bytes: 1 % (at least
-    32 MiB) less, because with expandable segments the reserve can pass the cap by part
-    of a page (4M-token job under 4 GB on the H200: 3.5 MB above it, 2026-11-29)."""
-    return budget - max(0.01 * budget, 32 * 2**20)
+    32 MiB, at most 10 %) less, because with expandable segments the reserve can pass the
+    cap by part of a page (8M-token job under 4 GB on the H200: 3.5 MB above it, 2026-11-29)."""
+    return budget - min(max(0.01 * budget, 32 * 2**20), 0.1 * budget)
 
 
 @functools.cache
