@@ -3,7 +3,7 @@
 On this CPU machine the CPU contract runs (no copies, no events); the CUDA
 round trip runs wherever CUDA is, and on the GPU machine through
 ``python -c "import tests.test_transfer as t; t.check_round_trip('cuda')"``
-(benchmarks/device_session.sh's caller does that before a benchmark).
+(benchmarks/README.md: the first command of a GPU session).
 """
 
 from __future__ import annotations
