@@ -523,11 +523,17 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
                "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
         report_task(token, (group, batch, block), rec, start)
         return rec
+    producers = plan.producers(group)
+    if job.merge_done[group, batch, block]:  # a rerun of a merge that died after its marker, deleting
+        _drop_partials(job, producers, group, batch, block)  # the partials: finish that, merge nothing
+        rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
+               "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
+        report_task(token, (group, batch, block), rec, start)
+        return rec
     cache = host_cache(opt["host-cache"])
     acc = None
     nread = 0
     damaged: list[str] = []  # every damaged producer is found (and its marker cleared) in one attempt
-    producers = plan.producers(group)
     for task, slot in producers:
         out = cache.pop(_partial_key(token, slot, batch, block, group, "out"))
         lse = cache.pop(_partial_key(token, slot, batch, block, group, "lse"))

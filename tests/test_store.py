@@ -177,6 +177,33 @@ def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # ty
     check_store_result(path, causal=False, ctx=ctx)
 
 
+def test_a_merge_rerun_after_its_marker_merges_nothing(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    """A merge killed after its marker, while deleting its row's partials, is run again by Dask
+    (its worker died while it executed).  The rerun finds the marker: it finishes the deletion
+    and returns, without reading the partials (some are gone) and without clearing the
+    producers' markers; the output is untouched.  (Found by the killed-worker test: the rerun
+    read the deleted partials, cleared a producer's marker and failed the job.)"""
+    from cqsa_dask import tasks
+
+    path, _ = make_store(tmp_path / "job.zarr")
+    res = cqsa_dask.run(path, causal=False, memory_budget="1GB", groups=W, client=client)
+    plan, a, b, j = res.plan, 3, 1, res.plan.head_blocks - 1
+    producers = plan.producers(a)
+    assert len(producers) > 1 and not plan.direct(a), producers
+    outputs = {n: tree_hash(path / n) for n in ("out", "lse")}
+    token = str(zarr.open_group(path, mode="r")["_cqsa"].attrs["token"])
+    g = zarr.open_group(path, mode="r+")
+    _, slot = producers[0]  # one partial left behind, as by a merge killed half-way through its deletions
+    hq = slice(j * plan.q_heads_per_task, (j + 1) * plan.q_heads_per_task)
+    g["_cqsa/partial_out"][slot, b, hq, slice(*plan.group_bounds(a))] = 1.0
+    assert len(partial_files(path)) == 1
+    rec = tasks.merge_task(str(path), token, a, b, j, {**tasks.worker_options(), "host-cache": 0})
+    assert rec["bytes_read"] == 0, rec
+    assert g["_cqsa/task_done"][...].all() and g["_cqsa/merge_done"][a, b, j] == 1
+    assert {n: tree_hash(path / n) for n in outputs} == outputs
+    assert partial_files(path) == [], "the rerun finished the deletion"
+
+
 def test_different_budget_needs_restart(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
     path, seed = make_store(tmp_path / "job.zarr")
     cqsa_dask.run(path, memory_budget="1GB", groups=W, client=client)
