@@ -67,12 +67,16 @@ def upload(x: torch.Tensor, dev: torch.device) -> Staged:
 def use(r: Staged) -> torch.Tensor:
     """``r``'s tensor, safe to read on the calling thread's current stream.
 
-    The current stream waits for the upload, and the tensor is marked as used
-    by it, so that its memory is not reused before the kernels reading it ran.
+    The current stream waits for the upload, and a CUDA tensor is marked as used
+    by it, so that its memory is not reused before the kernels reading it ran:
+    an uploaded block was allocated on the upload stream, a generated one
+    (synthetic inputs) on its IO thread's stream, and the task drops a slot's q
+    as soon as its kernels are queued.
     """
-    if r.event is not None:
+    if r.tensor.is_cuda:
         cur = torch.cuda.current_stream(r.tensor.device)
-        cur.wait_event(r.event)
+        if r.event is not None:
+            cur.wait_event(r.event)
         r.tensor.record_stream(cur)
     return r.tensor
 

@@ -21,7 +21,13 @@ def check_round_trip(device: str) -> None:
     dev = torch.device(device)
     g = torch.Generator().manual_seed(7)
     blocks = [torch.randn(3, 1000 + 17 * i, 64, generator=g) for i in range(4)]
-    staged = [upload(b, dev) for b in blocks]
+    staged = [upload(b, dev) for b in blocks[:3]]
+    on_dev = blocks[3].to(dev)  # a block made on the device already (synthetic inputs), on another stream
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
+    staged.append(upload(on_dev, dev))
+    assert staged[-1].tensor is on_dev and staged[-1].event is None
+    del on_dev  # the task drops its blocks while their kernels may still run: use() must protect them
     compute = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     results = []
     with torch.cuda.stream(compute) if compute is not None else contextlib.nullcontext():
