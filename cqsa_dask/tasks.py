@@ -17,8 +17,10 @@ Quorum task (task i, batch b, head block j)::
 
 Merge (group a, batch b, head block j)::
 
+    if merge_done[a, b, j]: delete what is left of the row's partials; done   (a rerun)
     for each producer (task i, slot s) of row a:  acc = merge(acc, partial)
     write out[b, heads_j, a], lse[...], merge_stats[...];  then merge_done[a, b, j] = 1
+    delete the row's partials
 """
 
 from __future__ import annotations
@@ -363,9 +365,11 @@ def quorum_task(store: str, token: str, task: int, batch: int, block: int,
 
     Reads k, v (1, hk, G, D) of the quorum's key groups and q (1, hq, G, D)
     of its query groups; writes (hq, G, D) and (hq, G) results per slot,
-    then the task's marker.  Reads run ahead (all k, v and two q groups)
-    and writes run behind (two in flight) on the IO pool, so IO overlaps
-    the kernels.  Returns timings and byte counts.
+    then the task's marker.  Reads run ahead (all k, v and the next q
+    groups: one on CUDA, two on the CPU; on CUDA each uploaded on a side
+    stream, ``transfer.py``) and writes run behind (two in flight) on the IO
+    pool, so IO overlaps the kernels; on CUDA a slot's result is copied back
+    while the next slot's kernels run.  Returns timings and byte counts.
     """
     opt = options or worker_options()
     _init_process(opt)
