@@ -81,8 +81,10 @@ def split(acc: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | N
 
 def join(hi: torch.Tensor, lo: torch.Tensor | None, dtype: str) -> torch.Tensor:
     """The float32 value hi + lo * unit (inverse of :func:`split`, to 2^-17 relative for
-    bfloat16).  Exact in float32: the sum spans at most p + 9 <= 20 significant bits."""
-    x = hi.float()
+    bfloat16).  Exact in float32: the sum spans at most p + 9 <= 20 significant bits.
+    A new tensor also for float32 hi: the fold merges into it in place, and hi (the old
+    out chunk) is what its journal saves."""
+    x = hi.to(torch.float32, copy=True)
     if lo is None:
         return x
     return x.add_(_scale_(lo.float(), _exponent(x, dtype)))

@@ -195,6 +195,34 @@ def test_fold_order_and_crash_points(tmp_path: Path, dtype: torch.dtype, causal:
     _check_rows(inp, path, plan, rows, causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_journal_saves_the_out_chunk_as_it_was(tmp_path: Path, dtype: torch.dtype,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a fold journals is the row's out before the fold, so that a crash between its out
+    write and its commit restores it.  (For float32 jobs join returned hi itself, the merge
+    updated it in place, and the journal saved the merged values: a retry after such a crash
+    would have folded the producer twice.)"""
+    from cqsa_dask import fold as fold_module
+
+    inp, path, plan = _fold_job(tmp_path, dtype, False, seed=3)
+    job = open_job(path, "tok")
+    a, parts = next(iter(_contributions(inp, plan).items()))
+    (t0, o0, l0), (t1, o1, l1) = parts[:2]
+    fold(job, a, 0, 0, t0, o0, l0)
+    before = _Row(job, a, 0, 0).hi().clone()
+    saved: list[torch.Tensor] = []
+    journal = fold_module._Row.journal
+
+    def spy(self, st, hi):  # type: ignore[no-untyped-def]
+        saved.append(hi.clone())
+        return journal(self, st, hi)
+
+    monkeypatch.setattr(fold_module._Row, "journal", spy)
+    fold(job, a, 0, 0, t1, o1, l1)
+    assert len(saved) == 1 and torch.equal(saved[0], before)
+    assert not torch.equal(_Row(job, a, 0, 0).hi(), before), "the fold changed the row"
+
+
 def _crash(job, a: int, t: int, out: torch.Tensor, lse: torch.Tensor, where: str) -> None:  # type: ignore[no-untyped-def]
     """Replay the steps of fold(task t into row a) up to ``where``, then stop as a killed process would."""
     from cqsa_dask.fold import FoldState, _pack_state, merge
