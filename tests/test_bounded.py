@@ -223,32 +223,42 @@ def test_the_journal_saves_the_out_chunk_as_it_was(tmp_path: Path, dtype: torch.
     assert not torch.equal(_Row(job, a, 0, 0).hi(), before), "the fold changed the row"
 
 
-def _crash(job, a: int, t: int, out: torch.Tensor, lse: torch.Tensor, where: str) -> None:  # type: ignore[no-untyped-def]
-    """Replay the steps of fold(task t into row a) up to ``where``, then stop as a killed process would."""
-    from cqsa_dask.fold import FoldState, _pack_state, merge
+class _Killed(BaseException):
+    """Stands for the kill: raised inside fold at a crash point, nothing after it runs."""
 
-    row = _Row(job, a, 0, 0)
-    st = row.state()
-    hi_old = row.hi() if st is not None else None
-    row.journal(st, hi_old)
-    if where == "journal":
-        return
-    garbage = torch.randn(out.shape).to(cqsa_dask.layout.TORCH_DTYPES[job.plan.dtype])
-    cqsa_dask.layout.write_block(job.out, (0, row.q_h, row.rows), garbage)
-    if where == "out-written":
-        return
-    index = [p for p, _ in row.producers].index(t)
-    if st is None:
-        acc = (out.float(), lse.float())
-        mask = np.zeros(len(row.producers), np.uint8)
-    else:
-        assert hi_old is not None
-        acc = merge((join(hi_old, st.lo, job.plan.dtype), st.lse), (out, lse))
-        mask = st.mask.copy()
-    mask[index] = 1
-    hi, lo = split(acc[0], job.plan.dtype)
-    cqsa_dask.layout.write_block(job.out, (0, row.q_h, row.rows), hi)
-    row.state_arr[row.cell] = _pack_state(job.plan, FoldState(mask, lo, acc[1]))  # committed, journal left
+
+def _crash(job, a: int, t: int, out: torch.Tensor, lse: torch.Tensor, where: str) -> None:  # type: ignore[no-untyped-def]
+    """Run the real fold of task t into row a and stop it, as a killed process would, right
+    after ``where``: "journal" (journal written), "out-written" (the new out chunk written
+    too), "committed" (the state written, the journal not yet deleted)."""
+    from cqsa_dask import fold as fold_module
+
+    journal, write_block, end_journal = fold_module._Row.journal, fold_module.write_block, fold_module._Row.end_journal
+
+    def after_journal(self, *args):  # type: ignore[no-untyped-def]
+        journal(self, *args)
+        if where == "journal":
+            raise _Killed
+
+    def after_out(arr, *args):  # type: ignore[no-untyped-def]
+        write_block(arr, *args)
+        if where == "out-written" and arr is job.out:
+            raise _Killed
+
+    def before_end(self):  # type: ignore[no-untyped-def]
+        if where == "committed":
+            raise _Killed
+        end_journal(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fold_module._Row, "journal", after_journal)
+        mp.setattr(fold_module, "write_block", after_out)
+        mp.setattr(fold_module._Row, "end_journal", before_end)
+        try:
+            fold(job, a, 0, 0, t, out, lse)
+        except _Killed:
+            return
+    raise AssertionError(f"fold of task {t} into row {a} never reached {where!r}")
 
 
 def test_lost_fold_state_is_detected(tmp_path: Path) -> None:
