@@ -1069,9 +1069,12 @@ def suite_cpu(args: argparse.Namespace, rec: Record) -> None:
         shutil.rmtree(store, ignore_errors=True)
 
 
-def gpu_perf_cases(tiny: bool, time_box: float | None = None) -> list[dict[str, Any]]:
+def gpu_perf_cases(tiny: bool, time_box: float | None = None,
+                   boxes: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """(b) then (c), most important first; tiny: the same code path at small sizes.
-    ``time_box``: seconds after which the 4M / 1 GB run is stopped (its peak still measured)."""
+    ``time_box``: seconds after which the 4M / 1 GB run is stopped (its peak still measured);
+    ``boxes``: the same for other cases, by name (e.g. a 16M run longer than the device time left)."""
+    boxes = {**({"n4M-1GB": time_box} if time_box else {}), **(boxes or {})}
     base = {"h": 4, "hkv": 4, "d": 128, "dtype": "bfloat16"}
     n1, n2, n4 = (1024, 2048, 4096) if tiny else (262144, 1048576, 4194304)
     bud = {k: (int(8.5e6 + k * 1e9 / 512) if tiny else int(k * 1e9)) for k in (1, 2, 4, 8, 16)}
@@ -1085,7 +1088,7 @@ def gpu_perf_cases(tiny: bool, time_box: float | None = None) -> list[dict[str, 
     ]
     # (e) budget sweep and (g) the N^2 fit: cqsa alone (SDPA is timed once per shape, in (b) and (d))
     return [{"name": nm, "n": n, "budget_bytes": bud[b], "causal": c, "part": part, "sdpa": part not in "eg", **base,
-             **({"time_box": time_box} if nm == "n4M-1GB" and time_box else {})}
+             **({"time_box": boxes[nm]} if boxes.get(nm) else {})}
             for nm, n, b, c, part in rows]
 
 
@@ -1108,7 +1111,7 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
         sdpa_cache: dict[Any, Any] = {}
         ref_cache: dict[Any, Any] = {}
         stores: dict[int, str] = {}
-        cases = gpu_perf_cases(args.tiny, args.time_box)
+        cases = gpu_perf_cases(args.tiny, args.time_box, _boxes(args.box))
         if args.cases:  # run in the order given
             cases = sorted((c for c in cases if c["name"] in args.cases), key=lambda c: args.cases.index(c["name"]))
         cases = [c for c in cases if c["part"] in args.parts]
@@ -1162,6 +1165,20 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
         _drop_stores(stores)
     finally:
         clusters.close()
+
+
+def _boxes(specs: list[str]) -> dict[str, float]:
+    """``--box`` arguments ``NAME=S`` as {name: seconds}."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, sec = spec.partition("=")
+        try:
+            out[name] = float(sec)
+        except ValueError:
+            sep = ""
+        if not sep or out[name] <= 0:
+            raise SystemExit(f"--box {spec!r}: expected CASE=SECONDS, seconds > 0")
+    return out
 
 
 def _drop_stores(stores: dict[int, str]) -> None:
@@ -1615,6 +1632,8 @@ def main() -> None:
     ap.add_argument("--report", metavar="MD", help="with --plot JSON: rewrite MD's generated tables from it")
     ap.add_argument("--time-box", type=float, default=300.0, metavar="S",
                     help="gpu suite: stop the 4M / 1 GB run after S seconds, keeping its finished tasks' peaks (0: never)")
+    ap.add_argument("--box", action="append", default=[], metavar="CASE=S",
+                    help="gpu suite: stop case CASE's run after S seconds, as --time-box does (repeatable)")
     ap.add_argument("--synthetic-from", type=int, default=0, metavar="N",
                     help="gpu suite: cases with N >= this run on generated inputs (nothing on disk; SDPA not run)")
     ap.add_argument("--record-dashboard", metavar="JSON",
