@@ -1506,6 +1506,9 @@ def plot(path: str, outdir: str) -> list[str]:
     made += plot_targets(suites, outdir, plt, ("gpu-9da62c4",), "benchmarks_gpu_9da62c4.png")
     made += plot_targets(suites, outdir, plt, ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b"),
                          "benchmarks_gpu_f2da5ea.png")
+    # the final engine (af7a126) where measured, earlier engines' runs for the cases it did not rerun
+    made += plot_targets(suites, outdir, plt, ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b", "gpu-af7a126",
+                                               "gpu-af7a126-16M", "gpu-af7a126-4M-b"), "benchmarks_gpu_af7a126.png")
     cpu = suites.get("cpu")
     if cpu and cpu.get("cases"):
         cases = [e for e in cpu["cases"] if "plan" in e.get("cqsa", {})]
@@ -1533,7 +1536,7 @@ def plot(path: str, outdir: str) -> list[str]:
 def plot_targets(suites: dict[str, Any], outdir: str, plt: Any, runs: tuple[str, ...] = ("gpu-targets", "gpu-targets-2"),
                  name: str = "benchmarks_gpu_targets.png") -> list[str]:
     """docs/NAME: time and peak memory against budget (N = 4M) and against N (4 GB), from
-    ``runs`` (one session, one machine); memory as torch's max allocated and, where
+    ``runs`` (a case in several of them: the last one's); memory as torch's max allocated and, where
     recorded, max reserved and NVML's peak of the worker process."""
     latest: dict[tuple[int, int], dict[str, Any]] = {}  # a case measured in two of ``runs``: the later run's
     for run in runs:
