@@ -957,11 +957,48 @@ def _paired_case(clusters: Clusters, case: dict[str, Any], *, store: str, device
     entry["sdpa"] = _with_median(sdpa, flops, n)
     entry["cqsa"] = _with_median(cqsa, flops, n)
     entry["paired_efficiency"] = [s["seconds"] / c["seconds"] for s, c in zip(sdpa, cqsa)]
+    entry["cqsa_rounds"] = [_round_figures(c) for c in cqsa]  # where each round's time went
+    entry["paired_median"] = statistics.median(entry["paired_efficiency"])
+    entry["paired_median_ci95"] = median_ci(entry["paired_efficiency"])
     entry["efficiency_of_minima"] = min(s["seconds"] for s in sdpa) / min(c["seconds"] for c in cqsa)
     entry["loadavg_after"] = os.getloadavg()
     log(f"  sdpa: {_short(entry['sdpa'])}")
     log(f"  cqsa: {_short(entry['cqsa'])}")
+    ci = entry["paired_median_ci95"]
+    log(f"  median of the {rounds} pairs {entry['paired_median']:.3f}"
+        + (f", 95 % interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else " (too few rounds for a 95 % interval)"))
     return _check_case(entry, store=store, device=device, ref_cache=ref_cache, check_rows_too=check_rows_too)
+
+
+def _round_figures(c: dict[str, Any]) -> dict[str, Any]:
+    """One cqsa run's wall time against its tasks: seconds, the execute time, the sums of the
+    quorum tasks' time and compute, and the first task's start and the last merge's end
+    (seconds after the run began)."""
+    t = c.get("tasks", {})
+    spans = [(r[3], r[3] + r[4]) for kind in ("quorum", "merge") for r in c.get("timeline", {}).get(kind, [])
+             if r[3] is not None and r[4] is not None]
+    return {"seconds": c["seconds"], "execute_seconds": c.get("execute_seconds"),
+            "quorum_seconds": t.get("quorum_seconds"), "quorum_compute_seconds": t.get("quorum_compute_seconds"),
+            "first_start": min((a for a, _ in spans), default=None), "last_end": max((b for _, b in spans), default=None)}
+
+
+def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free interval for the median of ``xs`` (n values, any order): the order
+    statistics x_(k) and x_(n+1-k), 1-based, with the largest k for which
+    P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so that the interval covers the median
+    with probability >= ``level`` for any continuous distribution.  None when n is too
+    small (n < 6 at 95 %)."""
+    n, tail = len(xs), (1 - level) / 2
+    k, below = 0, 0.0  # below = P(X < k + 1) as k grows
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    v = sorted(xs)
+    return v[k - 1], v[n - k]
 
 
 def _check_case(entry: dict[str, Any], *, store: str, device: str, ref_cache: dict[Any, Any],
@@ -1342,6 +1379,9 @@ def _md_row(e: dict[str, Any]) -> str:
     p = c["plan"]
     sdpa = f"{s['seconds']:.2f}" if "seconds" in s else ("OOM" if "error" in s else "")
     eff = f"{e['efficiency']:.3f}" if e.get("efficiency") is not None else ""
+    if e.get("paired_median_ci95"):  # interleaved rounds (cpu suite): the pairs' median and its interval
+        lo, hi = e["paired_median_ci95"]
+        eff += f" (pairs: median {e['paired_median']:.3f}, 95 % {lo:.3f}-{hi:.3f})"
     peak = f"{c['peak_device_bytes'] / GB:.2f}" if c.get("peak_device_bytes") else "n/a"
     if c.get("peak_device_reserved_bytes"):
         peak += f" / {c['peak_device_reserved_bytes'] / GB:.2f}"

@@ -32,3 +32,25 @@ def test_docs_section_is_current() -> None:
     """docs/benchmarks.md carries exactly the tables its JSON record gives (regenerate with --report)."""
     record = json.loads((DOCS / "benchmarks.json").read_text())
     assert bench.report(record) in (DOCS / "benchmarks.md").read_text()
+
+
+def test_median_interval_covers_the_median_as_often_as_it_claims() -> None:
+    """The order statistics median_ci picks: the exact binomial coverage of the median is
+    >= 95 %, and the next narrower pair of order statistics would fall below it."""
+    import math
+    import random
+
+    def coverage(n: int, k: int) -> float:  # P(x_(k) <= median <= x_(n+1-k)) = 1 - 2 P(Binomial(n, 1/2) < k)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    rng = random.Random(5)
+    for n in range(1, 40):
+        xs = [rng.lognormvariate(0, 0.3) for _ in range(n)]
+        got = bench.median_ci(xs)
+        if got is None:
+            assert coverage(n, 1) < 0.95, n
+            continue
+        v = sorted(xs)
+        k = v.index(got[0]) + 1
+        assert got[1] == v[n - k], n
+        assert coverage(n, k) >= 0.95 > coverage(n, k + 1), n
