@@ -32,7 +32,7 @@ from .cluster import advertised, check_capacity, connect
 from .dashboard_events import Outcome, announce_job, finish_job, job_span_name, page_link
 from .errors import InvalidInputError, JobFailedError, StoreError
 from .graph import build_graph
-from .jobstate import Lease, check_free, fingerprint
+from .jobstate import Lease, check_free, fingerprint, same_inputs
 from .kernels import resolve_device
 from .layout import (
     ENGINE,
@@ -183,7 +183,7 @@ def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
                     f"the store holds a job with a different plan ({'; '.join(diff)}); pass "
                     "restart=True (CLI: --restart) to discard it and start over"
                 )
-            if eng.attrs.get("fingerprint") != fingerprint(group):
+            if not same_inputs(group, eng.attrs.get("fingerprint")):
                 raise InvalidInputError(
                     "the inputs q, k, v changed since the job started (fingerprint differs); pass "
                     "restart=True (CLI: --restart) to discard the partial results and start over"

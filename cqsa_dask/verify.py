@@ -43,7 +43,7 @@ import torch
 import zarr
 
 from .errors import InvalidInputError
-from .jobstate import fingerprint
+from .jobstate import same_inputs
 from .layout import array, engine, input_info, logical_dtype, open_store, read_block
 from .plan import Plan
 from .synthetic import SyntheticSource, source_of
@@ -405,6 +405,7 @@ def _check_same_inputs(group: zarr.Group, eng: zarr.Group, plan: Plan) -> None:
     info = input_info(group)
     now = (info.batch, info.heads_q, info.heads_kv, info.seq_len, info.head_dim, info.dtype)
     then = (plan.batch, plan.heads_q, plan.heads_kv, plan.seq_len, plan.head_dim, plan.dtype)
-    if now != then or eng.attrs.get("fingerprint") not in (None, fingerprint(group)):
+    stored = eng.attrs.get("fingerprint")
+    if now != then or (stored is not None and not same_inputs(group, stored)):
         raise InvalidInputError("the inputs changed since the job ran (shape, dtype or fingerprint differs): "
                                 "its outputs cannot be checked against them; rerun it with --restart")

@@ -83,6 +83,8 @@ from distributed.utils import key_split
 from reference import FACTOR, check_exact, lse_tolerance, reference_attention, sdpa
 
 import cqsa_dask
+from cqsa_dask import jobstate
+from cqsa_dask.chunkio import direct_root
 from cqsa_dask.cluster import advertised
 from cqsa_dask.demo import make_synthetic_store
 from cqsa_dask.errors import (
@@ -1079,6 +1081,58 @@ def test_changed_input_refuses_with_fingerprint(cluster: DaskCluster, small_job:
     with pytest.raises(InvalidInputError, match="fingerprint differs"):
         cqsa_dask.run(store, scheduler=cluster.address)
     assert snapshot(store) == before
+
+
+@pytest.mark.integration
+def test_a_job_fingerprinted_before_version_2_resumes_and_still_sees_changed_inputs(
+        cluster: DaskCluster, small: Source, small_job: Path, tmp_path: Path) -> None:
+    """A job started by an engine before the bounded fingerprint stored the bare hex of whole
+    sampled chunks: it resumes, and a changed input is still refused."""
+    for changed in (False, True):
+        store = _stopped_job(small_job, tmp_path / f"job-{changed}.zarr")
+        group = zarr.open_group(str(store), mode="r+", zarr_format=3)
+        old = jobstate._digest(group, jobstate._whole_chunk)
+        assert len(old) == 64 and not old.startswith("2:") and old != jobstate.fingerprint(group)[2:]
+        _engine(store, "r+").attrs["fingerprint"] = old
+        if not changed:
+            res = cqsa_dask.run(store, scheduler=cluster.address)
+            assert res.resumed and res.quorum_tasks_run >= 1, res
+            small.assert_exact(store, causal=False)
+            continue
+        k = array(group, "k")
+        last = (k.shape[2] - 1) // k.chunks[2] * k.chunks[2] + 1  # inside the last chunk, past its first rows
+        k[0, 0, last, 1] = np.asarray(k[0, 0, last, 1]) + 1.0
+        with pytest.raises(InvalidInputError, match="fingerprint differs"):
+            cqsa_dask.run(store, scheduler=cluster.address)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fingerprint_reads_the_first_rows_of_sampled_chunks_alike_by_both_paths(tmp_path: Path, dtype: str) -> None:
+    """Version 2 hashes the first ``_ROWS`` token rows of each sampled chunk: the chunk files
+    and zarr give the same bytes (uneven N: a short last chunk; heads split across chunks), a
+    change in those rows changes the fingerprint, and one further into a chunk does not (the
+    documented limit: starts read a few MB whatever the chunk size)."""
+    path = tmp_path / "in.zarr"
+    make_synthetic_store(path, seq_len=3 * 1024 + 77, heads=4, kv_heads=2, head_dim=16, batch=2, dtype=dtype,
+                         seed=3, chunk_tokens=1024)
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    before = jobstate.fingerprint(group)
+    assert before.startswith("2:") and jobstate.same_inputs(group, before)
+    for name in ("q", "k", "v"):
+        arr = array(group, name)
+        assert direct_root(arr) is not None
+        for idx in jobstate._sample_chunks(arr):
+            direct = jobstate._sample_rows(arr, idx)
+            assert direct == jobstate._sample_rows(arr, idx, direct=False), (name, idx)
+            assert len(direct) == arr.chunks[1] * min(jobstate._ROWS, arr.shape[2] - idx[2] * arr.chunks[2]) \
+                * arr.shape[3] * np.dtype(arr.dtype).itemsize
+    v = array(group, "v")
+    deep = 1024 + jobstate._ROWS + 5  # chunk 1, past its hashed rows
+    v[1, 1, deep, 3] = np.asarray(v[1, 1, deep, 3]) + 1
+    assert jobstate.fingerprint(group) == before
+    t = (v.shape[2] - 1) // 1024 * 1024 + 2  # the last chunk, among its hashed rows
+    v[1, 1, t, 3] = np.asarray(v[1, 1, t, 3]) + 1
+    assert jobstate.fingerprint(group) != before and not jobstate.same_inputs(group, before)
 
 
 @pytest.mark.integration
