@@ -5,8 +5,9 @@ All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
 - Fingerprint (version 2, ``"2:" + hex``): the SHA-256 of the shapes, dtypes
   and attributes of q, k, v and of the first ``_ROWS`` token rows (every
   head) of up to ``_SAMPLES`` of their chunks (first, last and evenly spaced
-  ones), read straight from the chunk files where they are plain, so a
-  start reads about 5 MB whatever the chunk size; for generated inputs, of
+  ones), read straight from the chunk files where they are plain, so what a
+  start reads does not grow with the chunks' length in tokens (3 x 8 x 256
+  rows of the chunks' heads); for generated inputs, of
   the source's canonical JSON (it defines every value).  A resumed run
   refuses when it differs; a job started before version 2 stored the bare
   hex of whole sampled chunks and is checked with that (``same_inputs``).
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +87,7 @@ def same_inputs(group: zarr.Group, stored: Any) -> bool:
     return stored == _digest(group, _whole_chunk)  # a job started before version 2
 
 
-def _digest(group: zarr.Group, sample: Any) -> str:
+def _digest(group: zarr.Group, sample: Callable[[zarr.Array, tuple[int, ...]], bytes]) -> str:
     source = source_of(group)
     if source is not None:
         canonical = json.dumps(source.to_attrs(), sort_keys=True, separators=(",", ":"))
