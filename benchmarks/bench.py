@@ -1228,14 +1228,16 @@ def _drop_stores(stores: dict[int, str]) -> None:
 class Costs:
     """Seconds a case will take, from what the cases before it took (for --deadline).
 
-    Before any measurement: cqsa at 300 TFLOP/s (half of cuDNN), SDPA at
-    500, stores written at 0.2 GB/s, the float64 row check 20 s; each
-    learned figure replaces its guess.  Margin 1.25.
+    Before any measurement: cqsa at 450 TFLOP/s and SDPA at 480 (the H200
+    measured 462-516 and 490-502 on 2026-11-29), stores written at 1 GB/s
+    (measured 2.1), the float64 row check 20 s; each learned figure replaces
+    its guess.  Margin 1.25.  (Guesses of 300 TFLOP/s and 0.2 GB/s made a
+    fresh process skip a 4M case that fitted its time.)
     """
 
     def __init__(self, tiny: bool):
         self.tiny = tiny
-        self.cqsa_rate, self.sdpa_rate, self.store_rate = 300e12, 500e12, 0.2e9
+        self.cqsa_rate, self.sdpa_rate, self.store_rate = 450e12, 480e12, 1e9
         self.oom = 5.0 if tiny else 90.0
 
     def need(self, case: dict[str, Any], *, have_store: bool, have_sdpa: bool) -> float:
