@@ -1106,12 +1106,11 @@ def suite_cpu(args: argparse.Namespace, rec: Record) -> None:
         shutil.rmtree(store, ignore_errors=True)
 
 
-def gpu_perf_cases(tiny: bool, time_box: float | None = None,
-                   boxes: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def gpu_perf_cases(tiny: bool, boxes: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """(b) then (c), most important first; tiny: the same code path at small sizes.
-    ``time_box``: seconds after which the 4M / 1 GB run is stopped (its peak still measured);
-    ``boxes``: the same for other cases, by name (e.g. a 16M run longer than the device time left)."""
-    boxes = {**({"n4M-1GB": time_box} if time_box else {}), **(boxes or {})}
+    ``boxes``: {case name: seconds after which its run is stopped, its finished tasks' peaks
+    still measured} (the 4M / 1 GB run, or a 16M run longer than the device time left)."""
+    boxes = boxes or {}
     base = {"h": 4, "hkv": 4, "d": 128, "dtype": "bfloat16"}
     n1, n2, n4 = (1024, 2048, 4096) if tiny else (262144, 1048576, 4194304)
     bud = {k: (int(8.5e6 + k * 1e9 / 512) if tiny else int(k * 1e9)) for k in (1, 2, 4, 8, 16)}
@@ -1148,7 +1147,7 @@ def suite_gpu(args: argparse.Namespace, rec: Record) -> None:
         sdpa_cache: dict[Any, Any] = {}
         ref_cache: dict[Any, Any] = {}
         stores: dict[int, str] = {}
-        cases = gpu_perf_cases(args.tiny, args.time_box, _boxes(args.box))
+        cases = gpu_perf_cases(args.tiny, {"n4M-1GB": args.time_box, **_boxes(args.box)})
         if args.cases:  # run in the order given
             cases = sorted((c for c in cases if c["name"] in args.cases), key=lambda c: args.cases.index(c["name"]))
         cases = [c for c in cases if c["part"] in args.parts]
@@ -1208,12 +1207,12 @@ def _boxes(specs: list[str]) -> dict[str, float]:
     """``--box`` arguments ``NAME=S`` as {name: seconds}."""
     out: dict[str, float] = {}
     for spec in specs:
-        name, sep, sec = spec.partition("=")
+        name, _, sec = spec.partition("=")
         try:
             out[name] = float(sec)
         except ValueError:
-            sep = ""
-        if not sep or out[name] <= 0:
+            out[name] = 0.0
+        if not out[name] > 0:
             raise SystemExit(f"--box {spec!r}: expected CASE=SECONDS, seconds > 0")
     return out
 

@@ -514,6 +514,14 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
     plan = job.plan
     _, q_h = _heads(job, block)
     rows = _tokens(job, group)
+
+    def nothing_merged() -> dict[str, Any]:
+        """The record of a merge with nothing to merge (reported, not stored)."""
+        rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
+               "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
+        report_task(token, (group, batch, block), rec, start)
+        return rec
+
     if plan.direct(group) or plan.partials == "bounded":  # the producers wrote the row: only check it
         if not plan.direct(group):  # bounded: they folded it; finish a row whose last fold died
             with lock_for(token, group):
@@ -523,17 +531,11 @@ def merge_task(store: str, token: str, group: int, batch: int, block: int, optio
             task = plan.producers(group)[0][0]
             raise StoreError(f"query group {group} (batch {batch}, head block {block}) was not written by its "
                              f"only producer, quorum task {task}; run `cqsa resume`")
-        rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
-               "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
-        report_task(token, (group, batch, block), rec, start)
-        return rec
+        return nothing_merged()
     producers = plan.producers(group)
     if job.merge_done[group, batch, block]:  # a rerun of a merge that died after its marker, deleting
         _drop_partials(job, producers, group, batch, block)  # the partials: finish that, merge nothing
-        rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
-               "seconds": time.perf_counter() - t0, "bytes_read": 0, "bytes_written": 0}
-        report_task(token, (group, batch, block), rec, start)
-        return rec
+        return nothing_merged()
     cache = host_cache(opt["host-cache"])
     acc = None
     nread = 0
