@@ -339,6 +339,6 @@ def fold(job: Job, group: int, batch: int, block: int, task: int,
     write_raw(row.state_arr, row.cell, _pack_state(plan, FoldState(mask, lo, acc[1])))  # the commit
     row.end_journal()
     written += hi.nbytes + plan.fold_state_bytes
-    if bool(mask.all()):
-        finish_row(job, group, batch, block)
+    if bool(mask.all()) and finish_row(job, group, batch, block):
+        written += acc[1].nbytes  # lse
     return written

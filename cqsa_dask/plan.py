@@ -29,7 +29,8 @@ hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
     total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
 
 Causal plans use the same (upper-bound) model; ``bytes_read`` and
-``bytes_written`` are exact for non-causal jobs and upper bounds for causal.
+``bytes_written`` are exact for non-causal jobs (``bytes_read`` before the
+host cache) and upper bounds for causal.
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ class Plan:
         return self._shared[2] * self.batch * self.head_blocks
 
     @cached_property
-    def _shared(self) -> tuple[int, int, int]:
-        """(rows, their tokens, their producers) over the computed rows with several producers.
+    def _shared(self) -> tuple[int, int, int, int]:
+        """(rows, their tokens, their producers, sum of producers x tokens per row) over the
+        computed rows with several producers.
 
         Every row of a full non-causal plan has the same producers up to the
         cyclic shift, so one row stands for all (O(|D|), whatever W); causal
@@ -204,12 +206,13 @@ class Plan:
         if self.query_groups or (self.nonempty_groups < self.groups and few):
             counts = {a: len(self.producers(a)) for a in self.merge_groups}
             shared = [a for a, n in counts.items() if n > 1]
-            tokens = sum(e - s for s, e in map(self.group_bounds, shared))
-            return len(shared), tokens, sum(counts[a] for a in shared)
+            sizes = {a: e - s for a, (s, e) in zip(shared, map(self.group_bounds, shared))}
+            return (len(shared), sum(sizes.values()), sum(counts[a] for a in shared),
+                    sum(counts[a] * sizes[a] for a in shared))
         # a huge W: |D| producers per row bounds it without building the quorum system (O(W) Python)
         n = len(self.quorums.producers(0, False)) if few else self.quorum_size
         rows = self.nonempty_groups
-        return (rows, self.seq_len, n * rows) if n > 1 else (0, 0, 0)
+        return (rows, self.seq_len, n * rows, n * self.seq_len) if n > 1 else (0, 0, 0, 0)
 
     @property
     def output_bytes(self) -> int:
@@ -245,7 +248,7 @@ class Plan:
         over the old one).  Per worker: add that last term once per further
         worker.  Rows with a single producer are written directly and need nothing.
         """
-        shared, tokens, _ = self._shared
+        shared, tokens, _, _ = self._shared
         if self.partials == "all":
             return int(self.quorum_size * self.output_bytes * tokens / self.seq_len)
         rows = shared * self.batch * self.head_blocks
@@ -285,8 +288,24 @@ class Plan:
 
     @property
     def bytes_written(self) -> int:
-        """Bytes written: |D| partial outputs with lse, then out and lse."""
-        return int((self.quorum_size + 1) * self.output_bytes * self._row_fraction())
+        """Bytes written to the store (an upper bound for causal plans).
+
+        "all": |D| partial outputs with lse, then out and lse.  "bounded"
+        (``fold.py``): a row with one producer writes out and lse once; each
+        fold into a shared row writes the running out chunk (hq, L, D), the
+        fold state and a 16-byte journal head, every fold after the row's
+        first also its journal (the out chunk replaced), the last one lse
+        (hq, L) float32: about 2.5 x the partials of "all" for bfloat16.
+        """
+        if self.partials == "all":
+            return int((self.quorum_size + 1) * self.output_bytes * self._row_fraction())
+        rows, tokens, folds, fold_tokens = self._shared
+        hq, row = self.q_heads_per_task, self.head_dim * self.itemsize
+        computed = sum(e - s for s, e in map(self.group_bounds, self.merge_groups)) if self.query_groups \
+            else self.seq_len
+        shared = (hq * (row * fold_tokens + 4 * tokens) + folds * (16 + self.fold_state_bytes)
+                  + (folds - rows) * self.fold_journal_bytes)
+        return (shared + hq * (computed - tokens) * (row + 4)) * self.batch * self.head_blocks
 
     def group_bounds(self, g: int) -> tuple[int, int]:
         """Token range [start, stop) of group ``g`` (stop may equal start)."""

@@ -358,6 +358,26 @@ def test_peak_partial_bytes_below_output(tmp_path: Path, client, dtype: torch.dt
     assert _partial_bytes(tmp_path / "bounded.zarr") == 0, "a finished bounded job keeps no partials"
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_planned_bytes_written_are_what_the_job_writes(tmp_path: Path, client, dtype: torch.dtype,  # type: ignore[no-untyped-def]
+                                                     causal: bool) -> None:
+    """The plan's ``bytes_written`` against the tasks' own count, for both partials policies:
+    equal for full attention, an upper bound for causal.  GQA, N not a multiple of W
+    (a short last row), W = 13, two batch elements."""
+    inp = draw_inputs(2, 4, 2, 301, 32, dtype)
+    for mode in ("bounded", "all"):
+        store = tmp_path / f"{mode}.zarr"
+        inp.store(store, 64)
+        res = cqsa_dask.run(store, client=client, groups=13, partials=mode, causal=causal, memory_budget="1GB")
+        plan = res.plan
+        assert plan.partials == mode and plan.group_size * plan.groups > plan.seq_len
+        if causal:
+            assert 0 < res.bytes_written <= plan.bytes_written, (mode, res.bytes_written, plan.bytes_written)
+        else:
+            assert res.bytes_written == plan.bytes_written, (mode, res.bytes_written, plan.bytes_written)
+
+
 def test_auto_partials_follows_the_limit() -> None:
     kw = {"seq_len": 2**20, "heads": 4, "head_dim": 128, "budget": "1GB", "partials": "auto"}  # W = 7
     small = make_plan(**kw, partials_limit="1TB")  # type: ignore[arg-type]
