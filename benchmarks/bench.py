@@ -1550,6 +1550,10 @@ def plot(path: str, outdir: str) -> list[str]:
     # the final engine (af7a126) where measured, earlier engines' runs for the cases it did not rerun
     made += plot_targets(suites, outdir, plt, ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b", "gpu-af7a126",
                                                "gpu-af7a126-16M", "gpu-af7a126-4M-b"), "benchmarks_gpu_af7a126.png")
+    # engine 51f278e: every budget at 4M (1 GB run to the end) and 4M at 4 GB; 1M, 2M, 8M, 16M as above
+    made += plot_targets(suites, outdir, plt, ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b", "gpu-af7a126",
+                                               "gpu-af7a126-16M", "gpu-af7a126-4M-b", "gpu-51f278e", "gpu-51f278e-b",
+                                               "gpu-51f278e-d", "gpu-51f278e-e8"), "benchmarks_gpu_51f278e.png")
     cpu = suites.get("cpu")
     if cpu and cpu.get("cases"):
         cases = [e for e in cpu["cases"] if "plan" in e.get("cqsa", {})]
@@ -1605,7 +1609,8 @@ def plot_targets(suites: dict[str, Any], outdir: str, plt: Any, runs: tuple[str,
         a.annotate(f"W={e['cqsa']['plan']['groups']}", (b, e["cqsa"]["seconds"]), textcoords="offset points",
                    xytext=(4, 4))
     a.set(xscale="log", xlabel="memory budget (GB)", ylabel="seconds", ylim=(0, None),
-          title="time vs budget, N = 4,194,304, H=4, D=128, bf16 (1 GB: not finished)")
+          title="time vs budget, N = 4,194,304, H=4, D=128, bf16" + "".join(
+              f" ({e['budget_bytes'] / GB:g} GB: not finished)" for e in memb if "seconds" not in e["cqsa"]))
     _ticks(a, bs, [f"{b:g}" for b in bs])
     a.legend(fontsize=8)
     a = ax[0][1]
