@@ -58,6 +58,7 @@ _MAGIC = 0x43515346  # "CQSF": a fold state chunk
 _PRECISION = {"bfloat16": 8, "float16": 11}  # significand bits of hi
 _MIN_EXP = {"bfloat16": -125, "float16": -13}  # frexp exponent of the smallest normal hi
 _LO_BITS = 8  # lo counts units of 2^-8 ulp(hi)
+_BLOCK = 1 << 18  # elements per block of the hi/lo codec: its scratch (1 MB each) stays in cache
 _STRIPES = 256  # row locks per job: rows share a lock modulo this
 
 
@@ -65,52 +66,56 @@ _STRIPES = 256  # row locks per job: rows share a lock modulo this
 def split(acc: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hi in ``dtype``, lo int8) of a float32 ``acc`` (any shape); lo None for float32.
 
-    lo = round((acc - hi) / unit), unit = 2^-8 ulp(hi) (:func:`_exponent`), all in float32
-    and exact: acc - hi is exact (hi is acc rounded), and scaling by a power of two is.
-    In place on two scratch tensors: at 16M elements each new one costs more in page
-    faults than the arithmetic on it.
+    lo = round((acc - hi) / unit), unit = 2^-8 ulp(hi) (:func:`_unit`), all in float32
+    and exact: acc - hi is exact (hi is acc rounded), and dividing by a power of two is.
+    Block by block (:data:`_BLOCK` elements) through two small scratch tensors: the fold
+    runs on the host, where whole-tensor temporaries (16M elements and more) cost more in
+    page faults and memory traffic than the arithmetic on them.
     """
-    hi = acc.to(TORCH_DTYPES[dtype])
     if dtype == "float32":
-        return hi, None
-    x = hi.float()
-    k = _exponent(x, dtype).neg_()
-    _scale_(torch.sub(acc, x, out=x), k)  # acc - hi, then / unit
-    return hi, x.round_().clamp_(-127, 127).to(torch.int8)
+        return acc.to(torch.float32), None
+    hi, lo = torch.empty(acc.shape, dtype=TORCH_DTYPES[dtype]), torch.empty(acc.shape, dtype=torch.int8)
+    src, h, dst = acc.reshape(-1), hi.view(-1), lo.view(-1)
+    x, unit = torch.empty(min(_BLOCK, src.numel())), torch.empty(min(_BLOCK, src.numel()))
+    for s in range(0, src.numel(), _BLOCK):
+        n = min(_BLOCK, src.numel() - s)
+        a, xb, ub = src[s:s + n], x[:n], unit[:n]
+        xb.copy_(h[s:s + n].copy_(a))  # hi: acc rounded to nearest
+        _unit(xb, dtype, out=ub)
+        dst[s:s + n].copy_(torch.sub(a, xb, out=xb).div_(ub).round_().clamp_(-127, 127))
+    return hi, lo
 
 
 def join(hi: torch.Tensor, lo: torch.Tensor | None, dtype: str) -> torch.Tensor:
     """The float32 value hi + lo * unit (inverse of :func:`split`, to 2^-17 relative for
-    bfloat16).  Exact in float32: the sum spans at most p + 9 <= 20 significant bits.
-    A new tensor also for float32 hi: the fold merges into it in place, and hi (the old
-    out chunk) is what its journal saves."""
-    x = hi.to(torch.float32, copy=True)
+    bfloat16).  Exact in float32: lo * unit is, and the sum spans at most p + 9 <= 20
+    significant bits.  A new tensor also for float32 hi: the fold merges into it in place,
+    and hi (the old out chunk) is what its journal saves.  Block by block, as :func:`split`."""
     if lo is None:
-        return x
-    return x.add_(_scale_(lo.float(), _exponent(x, dtype)))
+        return hi.to(torch.float32, copy=True)
+    x = torch.empty(hi.shape)
+    flat, high, low = x.view(-1), hi.reshape(-1), lo.reshape(-1)
+    lof, unit = torch.empty(min(_BLOCK, flat.numel())), torch.empty(min(_BLOCK, flat.numel()))
+    for s in range(0, flat.numel(), _BLOCK):
+        n = min(_BLOCK, flat.numel() - s)
+        xb = flat[s:s + n].copy_(high[s:s + n])
+        xb.addcmul_(lof[:n].copy_(low[s:s + n]), _unit(xb, dtype, out=unit[:n]))
+    return x
 
 
-def _exponent(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """k (int32) with 2^k = 2^-8 ulp of each hi value (``x`` = hi as float32), subnormal and
-    zero hi counted as the smallest normal: ``clamp(frexp(hi).exponent) - p - 8``.
+def _unit(x: torch.Tensor, dtype: str, *, out: torch.Tensor) -> torch.Tensor:
+    """2^-8 ulp of each hi value (``x`` = hi as float32), float32: 2^(clamp(frexp(hi).exponent)
+    - p - 8), zero and subnormal hi counted as the smallest normal.
 
     From the exponent bits of hi as float32 (bfloat16 and float16 values are float32
-    values): frexp's exponent of a normal float32 is its biased exponent E - 126, and E = 0
-    (zero, subnormal) falls below the clamp.  Inf and NaN hi get some finite k: their lo
-    and hi + lo are Inf / NaN whatever it is.  k lies in [-141, 113].
+    values): masking the sign and significand leaves 2^E, hi's binade (0 for zero and
+    float32 subnormals, Inf for Inf and NaN), clamped to [smallest normal hi, 2^127], then
+    times 2^-(p + 7), exactly (the smallest, 2^-141, is a float32 subnormal).  Inf and NaN
+    hi get a finite unit: their lo and hi + lo are Inf / NaN whatever it is.  Written
+    into ``out`` (float32, x's shape), which is returned.
     """
-    e = x.view(torch.int32) >> 23
-    return e.bitwise_and_(0xFF).sub_(126).clamp_(min=_MIN_EXP[dtype]).sub_(_PRECISION[dtype] + _LO_BITS)
-
-
-def _scale_(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """x *= 2^k in float32 (``k`` int32, consumed), exact where x and the result are
-    (|k| <= 141): two factors 2^(k // 2) and 2^(k - k // 2), each a normal float32 built
-    from its exponent bits, since 2^k itself may not be one.  Returns x."""
-    k1 = k >> 1
-    k2 = k.sub_(k1)
-    x.mul_(k1.add_(127).bitwise_left_shift_(23).view(torch.float32))
-    return x.mul_(k2.add_(127).bitwise_left_shift_(23).view(torch.float32))
+    binade = torch.bitwise_and(x.view(torch.int32), 0x7F800000, out=out.view(torch.int32)).view(torch.float32)
+    return binade.clamp_(2.0 ** (_MIN_EXP[dtype] - 1), 2.0**127).mul_(2.0 ** -(_PRECISION[dtype] + _LO_BITS - 1))
 
 
 # -- fold state and journal (one uint8 chunk each per (row, batch, head block)) --

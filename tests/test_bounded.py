@@ -98,13 +98,38 @@ def test_split_join_are_the_float64_definition(dtype: str, seed: int, exp: int) 
     with frexp / exp2: unit = exp2(clamp(frexp(hi).exponent) - p - 8), lo = round((x - hi) / unit)
     clamped to int8, hi + lo * unit rounded to float32; for normal, subnormal, zero and (for
     bfloat16) near-overflow values.  Inf and NaN hi keep Inf / NaN through split and join."""
-    from cqsa_dask.fold import _LO_BITS, _MIN_EXP, _PRECISION
-
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(2048, generator=g, dtype=torch.float64) * 2.0**exp).float()
-    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-45, -1e-40, 3.3e38, 65504.0, float("inf"), float("nan")])])
+    _check_definition(torch.cat([x, _SPECIAL]), dtype)
+
+
+_SPECIAL = torch.tensor([0.0, -0.0, 1e-45, -1e-40, 3.3e38, 65504.0, float("inf"), float("nan")])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_split_join_block_by_block(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The codec runs in blocks of ``_BLOCK`` elements: with blocks of 7 and 1000 elements
+    (a short last one) and a transposed (non-contiguous) input it still meets the float64
+    definition everywhere, shape and element order kept."""
+    import cqsa_dask.fold as fold_module
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(3, 67, 23, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-140, 120, (3, 67, 23),
+                                                                                             generator=g))
+    x = x.float()
+    x.view(-1)[:len(_SPECIAL)] = _SPECIAL
+    for block in (7, 1000):
+        monkeypatch.setattr(fold_module, "_BLOCK", block)
+        _check_definition(x, dtype)
+        _check_definition(x.transpose(0, 2), dtype)
+
+
+def _check_definition(x: torch.Tensor, dtype: str) -> None:
+    from cqsa_dask.fold import _LO_BITS, _MIN_EXP, _PRECISION
+
     hi, lo = split(x, dtype)
-    assert lo is not None
+    assert hi.shape == x.shape and lo is not None and lo.shape == x.shape
+    assert torch.equal(hi.view(torch.int16), x.to(hi.dtype).view(torch.int16)), "hi is x rounded to nearest"
     h = hi.double()
     e = torch.frexp(h).exponent.clamp(min=_MIN_EXP[dtype])
     e = torch.where(h == 0, torch.full_like(e, _MIN_EXP[dtype]), e)
