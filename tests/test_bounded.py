@@ -384,19 +384,21 @@ def test_peak_partial_bytes_below_output(tmp_path: Path, client, dtype: torch.dt
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("dtype", "budget", "blocks"), [(torch.bfloat16, "2.2MB", 2), (torch.float32, "1GB", 1)],
+                         ids=["bf16-two-head-blocks", "fp32"])
 def test_planned_bytes_written_are_what_the_job_writes(tmp_path: Path, client, dtype: torch.dtype,  # type: ignore[no-untyped-def]
-                                                     causal: bool) -> None:
+                                                     budget: str, blocks: int, causal: bool) -> None:
     """The plan's ``bytes_written`` against the tasks' own count, for both partials policies:
     equal for full attention, an upper bound for causal.  GQA, N not a multiple of W
-    (a short last row), W = 13, two batch elements."""
+    (a short last row), W = 13, two batch elements, one or two kv-head blocks."""
     inp = draw_inputs(2, 4, 2, 301, 32, dtype)
     for mode in ("bounded", "all"):
         store = tmp_path / f"{mode}.zarr"
         inp.store(store, 64)
-        res = cqsa_dask.run(store, client=client, groups=13, partials=mode, causal=causal, memory_budget="1GB")
+        res = cqsa_dask.run(store, client=client, groups=13, partials=mode, causal=causal, memory_budget=budget)
         plan = res.plan
         assert plan.partials == mode and plan.group_size * plan.groups > plan.seq_len
+        assert plan.head_blocks == blocks, plan.heads_per_task
         if causal:
             assert 0 < res.bytes_written <= plan.bytes_written, (mode, res.bytes_written, plan.bytes_written)
         else:
