@@ -28,9 +28,10 @@ hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
     merge / kernel scratch          2 G hq D 4
     total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
 
-Causal plans use the same (upper-bound) model; ``bytes_read`` and
-``bytes_written`` are exact for non-causal jobs (``bytes_read`` before the
-host cache) and upper bounds for causal.
+Causal plans use the same (upper-bound) model.  ``bytes_written`` is exact
+for non-causal jobs and an upper bound for causal; ``bytes_read`` counts
+|D| passes over the inputs (before the host cache), then the partials (for
+bounded jobs, an estimate of what the folds read back).
 """
 
 from __future__ import annotations
