@@ -1547,13 +1547,12 @@ def plot(path: str, outdir: str) -> list[str]:
     made += plot_targets(suites, outdir, plt, ("gpu-9da62c4",), "benchmarks_gpu_9da62c4.png")
     made += plot_targets(suites, outdir, plt, ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b"),
                          "benchmarks_gpu_f2da5ea.png")
-    # the final engine (af7a126) where measured, earlier engines' runs for the cases it did not rerun
-    made += plot_targets(suites, outdir, plt, ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b", "gpu-af7a126",
-                                               "gpu-af7a126-16M", "gpu-af7a126-4M-b"), "benchmarks_gpu_af7a126.png")
+    # engine af7a126 where measured, earlier engines' runs for the cases it did not rerun
+    af7a126 = ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b", "gpu-af7a126", "gpu-af7a126-16M", "gpu-af7a126-4M-b")
+    made += plot_targets(suites, outdir, plt, af7a126, "benchmarks_gpu_af7a126.png")
     # engine 51f278e: every budget at 4M (1 GB run to the end) and 4M at 4 GB; 1M, 2M, 8M, 16M as above
-    made += plot_targets(suites, outdir, plt, ("gpu-e7e4d9c", "gpu-f2da5ea", "gpu-f2da5ea-b", "gpu-af7a126",
-                                               "gpu-af7a126-16M", "gpu-af7a126-4M-b", "gpu-51f278e", "gpu-51f278e-b",
-                                               "gpu-51f278e-d", "gpu-51f278e-e8"), "benchmarks_gpu_51f278e.png")
+    made += plot_targets(suites, outdir, plt, (*af7a126, "gpu-51f278e", "gpu-51f278e-b", "gpu-51f278e-d",
+                                               "gpu-51f278e-e8"), "benchmarks_gpu_51f278e.png")
     cpu = suites.get("cpu")
     if cpu and cpu.get("cases"):
         cases = [e for e in cpu["cases"] if "plan" in e.get("cqsa", {})]

@@ -273,11 +273,16 @@ class Plan:
             pairs = n * (n + 1) // 2 if self.causal else n * n
         return 4 * self.batch * self.heads_q * self.head_dim * pairs
 
+    @property
+    def _computed_tokens(self) -> int:
+        """Query rows (tokens) the job computes: N unless ``query_groups``."""
+        if not self.query_groups:
+            return self.seq_len
+        return sum(e - s for s, e in map(self.group_bounds, self.query_groups))
+
     def _row_fraction(self) -> float:
         """Share of the query rows the job computes (1 unless ``query_groups``)."""
-        if not self.query_groups:
-            return 1.0
-        return sum(e - s for s, e in map(self.group_bounds, self.query_groups)) / self.seq_len
+        return self._computed_tokens / self.seq_len
 
     @property
     def bytes_read(self) -> int:
@@ -302,11 +307,9 @@ class Plan:
             return int((self.quorum_size + 1) * self.output_bytes * self._row_fraction())
         rows, tokens, folds, fold_tokens = self._shared
         hq, row = self.q_heads_per_task, self.head_dim * self.itemsize
-        computed = sum(e - s for s, e in map(self.group_bounds, self.merge_groups)) if self.query_groups \
-            else self.seq_len
         shared = (hq * (row * fold_tokens + 4 * tokens) + folds * (16 + self.fold_state_bytes)
                   + (folds - rows) * self.fold_journal_bytes)
-        return (shared + hq * (computed - tokens) * (row + 4)) * self.batch * self.head_blocks
+        return (shared + hq * (self._computed_tokens - tokens) * (row + 4)) * self.batch * self.head_blocks
 
     def group_bounds(self, g: int) -> tuple[int, int]:
         """Token range [start, stop) of group ``g`` (stop may equal start)."""
