@@ -50,7 +50,7 @@ LEASE_S = 6
 
 def _cqsa() -> list[str]:
     exe = shutil.which("cqsa", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "cqsa_dask.cli"]
+    return [exe] if exe else [sys.executable, "-m", "cqsa_dask"]
 
 
 def _versions() -> dict[str, Any]:
@@ -135,7 +135,7 @@ def _done(store: str, name: str = "task_done") -> int:
 
 def _task_records(store: str) -> list[dict[str, Any]]:
     """Figures of every finished quorum task (task_stats rows that are set)."""
-    from cqsa_dask.layout import STAT_FIELDS
+    from cqsa_dask.store.layout import STAT_FIELDS
 
     stats = np.asarray(_engine(store)["task_stats"][...])  # (W, B, J, F)
     recs = []
@@ -198,7 +198,7 @@ def part_smoke(a: argparse.Namespace, work: str) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     import torch
 
-    from cqsa_dask.synthetic import SyntheticSource
+    from cqsa_dask.store.generated import SyntheticSource
 
     if torch.cuda.is_available():  # the generator gives the same bits on both devices
         src = SyntheticSource(seq_len=2**30, heads_q=2, heads_kv=1, head_dim=128, dtype="bfloat16", seed=a.seed)

@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from cqsa_dask.dashboard.plugin import plugin_of
 from cqsa_dask.dashboard.state import Monitor, parse_key
-from cqsa_dask.dashboard_events import JOB_TOPIC, TASK_TOPIC
+from cqsa_dask.execution.telemetry import JOB_TOPIC, TASK_TOPIC
 
 __all__ = ["DashboardRecorder", "browser", "fetch", "install", "jobs", "main", "moment"]
 
@@ -239,7 +239,7 @@ def screenshot(client: Any, png: Path, expect: str, caption: str | None = None, 
 def main(argv: list[str] | None = None) -> int:
     import dask
 
-    from cqsa_dask.cluster import connect
+    from cqsa_dask.client.cluster import connect
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("record", type=Path, help="JSON written by bench.py --record-dashboard")

@@ -21,7 +21,7 @@ Nothing is computed; three things are measured:
             resource: quorum tasks, which need it, never run, and merges
             wait for them, so the scheduler only has to take the graph
             (``api.run`` would refuse to submit here: ``check_capacity``).
-            Unpickling the graph imports ``cqsa_dask.tasks`` (torch, zarr)
+            Unpickling the graph imports ``cqsa_dask.execution.tasks`` (torch, zarr)
             on the scheduler; that import is done first and measured apart.
             The graph is submitted as ``api.run`` does
             (``client.get(graph, keys, sync=False)`` inside the job's span);
@@ -96,8 +96,8 @@ def case_name(setting: str, causal: bool) -> str:
 
 def make(setting: str, causal: bool) -> tuple[Any, Any]:
     """(plan, job graph) of one case."""
-    from cqsa_dask.graph import build_graph
-    from cqsa_dask.plan import make_plan
+    from cqsa_dask.core.plan import make_plan
+    from cqsa_dask.execution.graph import build_graph
 
     plan = make_plan(causal=causal, **SHAPE, **SETTINGS[setting])
     return plan, build_graph(STORE, TOKEN, plan, resource=RESOURCE, retries=RETRIES)
@@ -129,8 +129,8 @@ def _hwm() -> int:
 
 def child_build(setting: str, causal: bool, mode: str, repeats: int) -> dict[str, Any]:
     """In a fresh process: time and memory of make_plan + build_graph."""
-    from cqsa_dask.graph import build_graph
-    from cqsa_dask.plan import make_plan
+    from cqsa_dask.core.plan import make_plan
+    from cqsa_dask.execution.graph import build_graph
 
     kw = {"causal": causal, **SHAPE, **SETTINGS[setting]}
     gc.collect()
@@ -251,7 +251,7 @@ def _scheduler_tasks(dask_scheduler: Any, prefix: str = PREFIX) -> dict[str, int
 
 def _scheduler_import_engine() -> int:
     """Run on the scheduler: import what unpickling the real graph imports; return the pid."""
-    import cqsa_dask.graph  # noqa: F401 (torch, zarr via cqsa_dask.tasks)
+    import cqsa_dask.execution.graph  # noqa: F401 (torch, zarr via cqsa_dask.tasks)
 
     return os.getpid()
 
@@ -405,7 +405,7 @@ def run_case(setting: str, causal: bool, parts: set[str], poll: float, max_merge
                 client.wait_for_workers(1, timeout=120)
                 proc = psutil.Process(client.run_on_scheduler(os.getpid))
                 out["scheduler_rss_fresh_bytes"] = proc.memory_info().rss
-                # Unpickling the real graph imports cqsa_dask.tasks (torch, zarr) on the scheduler:
+                # Unpickling the real graph imports cqsa_dask.execution.tasks (torch, zarr) on the scheduler:
                 # done first, so that the graph's own memory is measured apart.
                 t0 = time.perf_counter()
                 client.run_on_scheduler(_scheduler_import_engine)

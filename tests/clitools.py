@@ -18,7 +18,7 @@ __all__ = ["CliResult", "cqsa_command", "invoke", "snapshot"]
 def cqsa_command() -> list[str]:
     """The installed ``cqsa`` next to this interpreter, else any on PATH, else ``python -m``."""
     exe = shutil.which("cqsa", path=os.path.dirname(sys.executable)) or shutil.which("cqsa")
-    return [exe] if exe else [sys.executable, "-m", "cqsa_dask.cli"]
+    return [exe] if exe else [sys.executable, "-m", "cqsa_dask"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
-from cqsa_dask.layout import write_tensor
+from cqsa_dask.store.layout import write_tensor
 
 RESOURCE = "device_mem"
 CLIENT_DEVICE_MEM = 4e9

@@ -34,10 +34,10 @@ from hypothesis import strategies as st
 from reference import check_exact, reference_attention
 
 import cqsa_dask
-from cqsa_dask.errors import StoreError
-from cqsa_dask.fold import _Row, fold, join, split
-from cqsa_dask.layout import chunk_exists, create_outputs, open_job
-from cqsa_dask.plan import make_plan
+from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.plan import make_plan
+from cqsa_dask.execution.fold import _Row, fold, join, split
+from cqsa_dask.store.layout import chunk_exists, create_outputs, open_job
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CASES = {  # (B, Hq, Hkv, N, D, W)
@@ -78,7 +78,7 @@ def test_split_join_keeps_sixteen_bits(dtype: str, seed: int, exp: int) -> None:
     if dtype == "float16":
         x = x.clamp(-60000, 60000)
     hi, lo = split(x, dtype)
-    assert hi.dtype == cqsa_dask.layout.TORCH_DTYPES[dtype] and lo is not None and lo.dtype == torch.int8
+    assert hi.dtype == cqsa_dask.store.layout.TORCH_DTYPES[dtype] and lo is not None and lo.dtype == torch.int8
     y = join(hi, lo, dtype).double()
     p = 8 if dtype == "bfloat16" else 11
     # |error| <= 2^-(p+8) of hi's binade (half a unit of lo, plus float32 rounding), or tiny for subnormals
@@ -111,7 +111,7 @@ def test_split_join_block_by_block(dtype: str, monkeypatch: pytest.MonkeyPatch) 
     """The codec runs in blocks of ``_BLOCK`` elements: with blocks of 7 and 1000 elements
     (a short last one) and a transposed (non-contiguous) input it still meets the float64
     definition everywhere, shape and element order kept."""
-    import cqsa_dask.fold as fold_module
+    import cqsa_dask.execution.fold as fold_module
 
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     x = torch.randn(3, 67, 23, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-140, 120, (3, 67, 23),
@@ -125,7 +125,7 @@ def test_split_join_block_by_block(dtype: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 def _check_definition(x: torch.Tensor, dtype: str) -> None:
-    from cqsa_dask.fold import _LO_BITS, _MIN_EXP, _PRECISION
+    from cqsa_dask.execution.fold import _LO_BITS, _MIN_EXP, _PRECISION
 
     hi, lo = split(x, dtype)
     assert hi.shape == x.shape and lo is not None and lo.shape == x.shape
@@ -189,7 +189,7 @@ def _contributions(inp, plan) -> dict[int, list[tuple[int, torch.Tensor, torch.T
 def _check_rows(inp, path: str, plan, rows, causal: bool) -> None:  # type: ignore[no-untyped-def]
     g = zarr.open_group(path, mode="r")
     ref_out, ref_lse = reference_attention(inp.q, inp.k, inp.v, causal, None)
-    out = cqsa_dask.layout.read_block(g["out"], (slice(None),) * 4, plan.dtype)  # type: ignore[arg-type]
+    out = cqsa_dask.store.layout.read_block(g["out"], (slice(None),) * 4, plan.dtype)  # type: ignore[arg-type]
     lse = torch.from_numpy(np.asarray(g["lse"][...]))
     tol = 4 * torch.finfo(inp.q.dtype).eps + 1e-6
     for a in rows:
@@ -227,7 +227,7 @@ def test_the_journal_saves_the_out_chunk_as_it_was(tmp_path: Path, dtype: torch.
     write and its commit restores it.  (For float32 jobs join returned hi itself, the merge
     updated it in place, and the journal saved the merged values: a retry after such a crash
     would have folded the producer twice.)"""
-    from cqsa_dask import fold as fold_module
+    from cqsa_dask.execution import fold as fold_module
 
     inp, path, plan = _fold_job(tmp_path, dtype, False, seed=3)
     job = open_job(path, "tok")
@@ -256,7 +256,7 @@ def _crash(job, a: int, t: int, out: torch.Tensor, lse: torch.Tensor, where: str
     """Run the real fold of task t into row a and stop it, as a killed process would, right
     after ``where``: "journal" (journal written), "out-written" (the new out chunk written
     too), "committed" (the state written, the journal not yet deleted)."""
-    from cqsa_dask import fold as fold_module
+    from cqsa_dask.execution import fold as fold_module
 
     journal, write_block, end_journal = fold_module._Row.journal, fold_module.write_block, fold_module._Row.end_journal
 
@@ -294,7 +294,7 @@ def test_lost_fold_state_is_detected(tmp_path: Path) -> None:
     for t, out, lse in parts[:2]:
         fold(job, a, 0, 0, t, out, lse)
         job.task_done[t, 0, 0] = 1
-    cqsa_dask.layout.delete_chunk(job.fold_state, (a, 0, 0, 0))  # lost
+    cqsa_dask.store.layout.delete_chunk(job.fold_state, (a, 0, 0, 0))  # lost
     t, out, lse = parts[2]
     with pytest.raises(StoreError, match=f"query group {a} .*lost its fold state"):
         fold(job, a, 0, 0, t, out, lse)
@@ -369,7 +369,7 @@ def test_peak_partial_bytes_below_output(tmp_path: Path, client, dtype: torch.dt
         peak, samples, plan = res[0], res[1], res[2].plan
         assert plan.partials == mode and plan.groups == 57 and plan.quorum_size == 8
         figures[mode] = (peak / plan.output_bytes, samples, plan.partial_bytes / plan.output_bytes)
-        out = cqsa_dask.layout.read_block(g["out"], (slice(None),) * 4, plan.dtype)  # type: ignore[arg-type]
+        out = cqsa_dask.store.layout.read_block(g["out"], (slice(None),) * 4, plan.dtype)  # type: ignore[arg-type]
         lse = torch.from_numpy(np.asarray(g["lse"][...]))
         check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=f"{mode} seed {inp.seed}")
     print(f"peak partial bytes / output bytes (sampled, samples, planned): {figures}")
@@ -429,7 +429,7 @@ def test_auto_partials_fit_the_disk(tmp_path: Path, client, make_inputs) -> None
     run = functools.partial(cqsa_dask.run, store, client=client, groups=7, memory_budget="1GB", partials="auto")
 
     def result() -> tuple[torch.Tensor, torch.Tensor]:
-        out = cqsa_dask.layout.read_block(g["out"], (slice(None),) * 4, "bfloat16")  # type: ignore[arg-type]
+        out = cqsa_dask.store.layout.read_block(g["out"], (slice(None),) * 4, "bfloat16")  # type: ignore[arg-type]
         return out, torch.from_numpy(np.asarray(g["lse"][...]))
 
     with dask.config.set({"cqsa.partials-disk-fraction": 1e-15}):

@@ -18,8 +18,8 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cqsa_dask.chunkio import direct_root, read_rows, write_chunk
-from cqsa_dask.layout import create_array, read_block
+from cqsa_dask.store.chunkio import direct_root, read_rows, write_chunk
+from cqsa_dask.store.layout import create_array, read_block
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

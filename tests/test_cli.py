@@ -37,9 +37,9 @@ import zarr
 from clitools import CliResult, invoke, snapshot
 from reference import reference_attention
 
-from cqsa_dask.api import plan_options
-from cqsa_dask.demo import make_synthetic_store
-from cqsa_dask.plan import make_plan, parse_budget
+from cqsa_dask.client.api import plan_options
+from cqsa_dask.core.plan import make_plan, parse_budget
+from cqsa_dask.store.random_inputs import make_synthetic_store
 
 pytestmark = pytest.mark.integration
 

@@ -40,12 +40,12 @@ import dask.config
 import numpy as np
 import pytest
 
-from cqsa_dask.api import JobResult, plan_options, run
-from cqsa_dask.cluster import connect
+from cqsa_dask.client.api import JobResult, plan_options, run
+from cqsa_dask.client.cluster import connect
+from cqsa_dask.core.plan import Plan, make_plan
 from cqsa_dask.dashboard._format import fmt_bytes
 from cqsa_dask.dashboard.state import DONE, RUNNING, WAITING, Monitor
-from cqsa_dask.demo import make_synthetic_store
-from cqsa_dask.plan import Plan, make_plan
+from cqsa_dask.store.random_inputs import make_synthetic_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from dashboard_replay import browser  # headless chromium, shared with the replay tool
@@ -292,7 +292,7 @@ def test_status_json_and_dask_pages_name_the_work(watched: Watched) -> None:
 
 
 def test_static_report_of_the_finished_job(watched: Watched, tmp_path: Path) -> None:
-    from cqsa_dask.cli import main
+    from cqsa_dask.tools.cli import main
 
     out = tmp_path / "report.html"
     assert main(["dashboard", str(watched.store), "--out", str(out)]) == 0
@@ -359,7 +359,7 @@ def test_monitor_follows_transitions_and_events() -> None:
 
 def test_grid_of_a_job_restricted_to_some_rows() -> None:
     """With query_groups only their producers and merges have cells; the rest is not part of the job."""
-    from cqsa_dask.plan import make_plan
+    from cqsa_dask.core.plan import make_plan
 
     plan = make_plan(seq_len=3000, heads=2, kv_heads=1, head_dim=64, groups=31, budget="1GB", query_groups=[0, -1])
     mon = Monitor()

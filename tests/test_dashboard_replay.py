@@ -19,10 +19,10 @@ from pathlib import Path
 import dask.config
 import pytest
 
-from cqsa_dask.api import run
-from cqsa_dask.cluster import connect
-from cqsa_dask.dashboard_events import TASK_TOPIC
-from cqsa_dask.demo import make_synthetic_store
+from cqsa_dask.client.api import run
+from cqsa_dask.client.cluster import connect
+from cqsa_dask.execution.telemetry import TASK_TOPIC
+from cqsa_dask.store.random_inputs import make_synthetic_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dashboard_replay as replay

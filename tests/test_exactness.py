@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 from reference import check_exact, reference_attention
 
 import cqsa_dask
-from cqsa_dask.api import plan_options
-from cqsa_dask.plan import Plan, make_plan
+from cqsa_dask.client.api import plan_options
+from cqsa_dask.core.plan import Plan, make_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MANY_GROUPS = 13

@@ -41,7 +41,7 @@ from distributed.utils import key_split
 from reference import check_exact
 
 import cqsa_dask
-from cqsa_dask.demo import make_synthetic_store
+from cqsa_dask.store.random_inputs import make_synthetic_store
 
 pytestmark = pytest.mark.integration
 

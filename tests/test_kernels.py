@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cqsa_dask.kernels import all_finite
+from cqsa_dask.kernels.attention import all_finite
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SPECIAL = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

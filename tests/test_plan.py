@@ -1,6 +1,6 @@
 """The planner: budgets and dtypes parsed at the boundary, plans that fit.
 
-Contract of ``make_plan`` under test (``cqsa_dask.plan``)::
+Contract of ``make_plan`` under test (``cqsa_dask.core.plan``)::
 
     candidates W = 1, 2, 3, q^2+q+1 (q prime), W <= N     ascending
     plan = first W, largest kv-head divisor hk, with
@@ -22,9 +22,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cqsa_dask.errors import BudgetError, CQSAError, InvalidInputError
-from cqsa_dask.plan import DTYPES, Plan, make_plan, parse_budget, parse_dtype, task_memory
-from cqsa_dask.quorums import base_set, base_set_size, is_prime, singer_prime
+from cqsa_dask.core.errors import BudgetError, CQSAError, InvalidInputError
+from cqsa_dask.core.plan import DTYPES, Plan, make_plan, parse_budget, parse_dtype, task_memory
+from cqsa_dask.core.quorums import base_set, base_set_size, is_prime, singer_prime
 
 SPEC_KEYS = {"groups", "quorum_size", "tasks", "task_memory_bytes", "budget_bytes", "flops", "bytes_read",
              "bytes_written"}
@@ -379,7 +379,7 @@ def test_huge_plan_with_empty_groups_describes_itself() -> None:
     """N = 2**31 with a 64 MB budget: W = 1,511,671 groups, the last 422 empty, |D| = 1,230.
     Its figures are upper bounds from full rows of |D| producers, found without building the
     quorum system (O(W) in Python); counting rows one by one stalled the client (O(W |D|^3))."""
-    from cqsa_dask.quorums import quorum_system
+    from cqsa_dask.core.quorums import quorum_system
 
     p = make_plan(seq_len=2**31, heads=1, head_dim=8, dtype="bf16", budget="64MB")
     assert (p.groups, p.quorum_size) == (1511671, 1230) and p.nonempty_groups == 1511249

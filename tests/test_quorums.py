@@ -34,8 +34,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cqsa_dask.plan import make_plan
-from cqsa_dask.quorums import QuorumSystem, base_set, is_prime, quorum_system, singer_prime
+from cqsa_dask.core.plan import make_plan
+from cqsa_dask.core.quorums import QuorumSystem, base_set, is_prime, quorum_system, singer_prime
 
 SINGER = {7: 2, 13: 3, 31: 5, 57: 7, 133: 11, 183: 13, 307: 17, 381: 19}
 # Singer W of the sizes the planner picks for long sequences (q = 59, 101, 127).

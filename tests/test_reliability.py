@@ -83,11 +83,8 @@ from distributed.utils import key_split
 from reference import FACTOR, check_exact, lse_tolerance, reference_attention, sdpa
 
 import cqsa_dask
-from cqsa_dask import jobstate
-from cqsa_dask.chunkio import direct_root
-from cqsa_dask.cluster import advertised
-from cqsa_dask.demo import make_synthetic_store
-from cqsa_dask.errors import (
+from cqsa_dask.client.cluster import advertised
+from cqsa_dask.core.errors import (
     BudgetError,
     CQSAError,
     InvalidInputError,
@@ -95,10 +92,13 @@ from cqsa_dask.errors import (
     SchedulerError,
     StoreError,
 )
-from cqsa_dask.jobstate import status
-from cqsa_dask.layout import array
-from cqsa_dask.plan import Plan
-from cqsa_dask.tasks import quorum_task
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.execution.tasks import quorum_task
+from cqsa_dask.store import jobstate
+from cqsa_dask.store.chunkio import direct_root
+from cqsa_dask.store.jobstate import status
+from cqsa_dask.store.layout import array
+from cqsa_dask.store.random_inputs import make_synthetic_store
 
 RESOURCE = "device_mem"
 DEVICE_MEM = 3.2e6  # bytes each worker advertises
@@ -983,7 +983,7 @@ def test_live_lease_refuses_a_second_run(cluster: DaskCluster, small_job: Path, 
 def test_two_runs_claiming_a_local_store_at_once_one_wins(small_job: Path, tmp_path: Path) -> None:
     """On a local directory the claim runs under a directory lock: of two claims started at the
     same moment exactly one wins, the other is refused at once, and the winner has nothing to settle."""
-    from cqsa_dask.jobstate import Lease
+    from cqsa_dask.store.jobstate import Lease
 
     store = shutil.copytree(small_job, tmp_path / "job.zarr")
     group = zarr.open_group(str(store), mode="r+", zarr_format=3)
@@ -1016,7 +1016,7 @@ def test_two_runs_claiming_an_unlockable_store_at_the_same_moment_one_wins() -> 
     """Without a directory lock (an in-memory store here, an object store for users), both may
     pass the free check before either writes (simulated: b writes without it); the one whose
     write was overwritten learns it at confirm, after the settling time, before any task."""
-    from cqsa_dask.jobstate import Lease
+    from cqsa_dask.store.jobstate import Lease
 
     group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     group.create_group("_cqsa")

@@ -16,10 +16,10 @@ from conftest import draw_inputs
 from reference import reference_attention
 
 import cqsa_dask
-from cqsa_dask import tasks
-from cqsa_dask.dashboard_events import JOB_TOPIC, announce_job
-from cqsa_dask.layout import create_outputs
-from cqsa_dask.plan import make_plan
+from cqsa_dask.core.plan import make_plan
+from cqsa_dask.execution import tasks
+from cqsa_dask.execution.telemetry import JOB_TOPIC, announce_job
+from cqsa_dask.store.layout import create_outputs
 
 
 def test_billion_token_plan_announcement_reaches_the_scheduler(client) -> None:  # type: ignore[no-untyped-def]
@@ -91,7 +91,7 @@ def test_query_groups_compute_exactly_the_chosen_rows(tmp_path: Path, client, pa
     q, k, v = (getattr(src, w)(0, slice(None), slice(None))[None] for w in ("q", "k", "v"))
     ref_out, ref_lse = reference_attention(q, k, v, False, None)
     g = zarr.open_group(str(store), mode="r")
-    got = cqsa_dask.layout.read_block(g["out"], (slice(None),) * 4, "bfloat16")
+    got = cqsa_dask.store.layout.read_block(g["out"], (slice(None),) * 4, "bfloat16")
     lse = torch.from_numpy(np.asarray(g["lse"][...])).double()
     for a in (0, 30):
         s0, s1 = plan.group_bounds(a)

@@ -26,7 +26,7 @@ from conftest import partial_files
 from reference import check_exact
 
 import cqsa_dask
-from cqsa_dask.demo import make_synthetic_store
+from cqsa_dask.store.random_inputs import make_synthetic_store
 
 B, HQ, HKV, N, D, W = 2, 4, 2, 150, 32, 7
 OUTSIDE = {"zarr.json", "q", "k", "v", "extra", "out", "lse", "_cqsa"}
@@ -183,7 +183,7 @@ def test_a_merge_rerun_after_its_marker_merges_nothing(tmp_path: Path, client) -
     and returns, without reading the partials (some are gone) and without clearing the
     producers' markers; the output is untouched.  (Found by the killed-worker test: the rerun
     read the deleted partials, cleared a producer's marker and failed the job.)"""
-    from cqsa_dask import tasks
+    from cqsa_dask.execution import tasks
 
     path, _ = make_store(tmp_path / "job.zarr")
     res = cqsa_dask.run(path, causal=False, memory_budget="1GB", groups=W, client=client)
@@ -229,10 +229,10 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     once and the other head blocks' tasks get theirs from the host cache; read straight
     from the chunk files (chunkio), each head block reads only its own heads.  Either way
     every block read holds the stored values."""
-    from cqsa_dask import tasks
-    from cqsa_dask.hostcache import HostCache
-    from cqsa_dask.layout import create_outputs, open_job, read_block
-    from cqsa_dask.transfer import use
+    from cqsa_dask.execution import tasks
+    from cqsa_dask.execution.hostcache import HostCache
+    from cqsa_dask.kernels.transfer import use
+    from cqsa_dask.store.layout import create_outputs, open_job, read_block
 
     inp = make_inputs(1, 4, 2, 3000, 32, torch.float32)  # GQA: a task holds 1 kv head, 2 q heads
     store = tmp_path / "s.zarr"
@@ -278,7 +278,7 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
 def test_a_written_chunk_exists_even_when_it_equals_the_fill_value(tmp_path: Path, nan_fill: bool) -> None:
     """Arrays are written with write_empty_chunks on (zarr's default compares each chunk
     with the fill value first: slow, and a chunk of fill values would then not exist)."""
-    from cqsa_dask.layout import array, chunk_exists, create_array, write_block
+    from cqsa_dask.store.layout import array, chunk_exists, create_array, write_block
 
     g = zarr.open_group(tmp_path / "s.zarr", mode="w")
     fill = torch.full((2, 8, 4), float("nan") if nan_fill else 0.0)
@@ -293,7 +293,7 @@ def test_worker_budget_is_the_advertised_resource(client) -> None:  # type: igno
     """What a CUDA worker caps its allocator at: the resource its Dask worker advertises."""
     from conftest import CLIENT_DEVICE_MEM, RESOURCE
 
-    from cqsa_dask.tasks import worker_budget
+    from cqsa_dask.execution.tasks import worker_budget
 
     assert client.submit(worker_budget, RESOURCE, pure=False).result() == CLIENT_DEVICE_MEM
     assert client.submit(worker_budget, "other_resource", pure=False).result() is None

@@ -1,4 +1,4 @@
-"""Generated inputs (``cqsa_dask.synthetic``): definition, determinism, store integration, whole jobs.
+"""Generated inputs (``cqsa_dask.store.generated``): definition, determinism, store integration, whole jobs.
 
 What is checked::
 
@@ -31,10 +31,11 @@ import zarr
 from reference import check_exact
 
 import cqsa_dask
-from cqsa_dask.errors import InvalidInputError, StoreError
-from cqsa_dask.jobstate import fingerprint
-from cqsa_dask.layout import STAT_FIELDS, input_info
-from cqsa_dask.synthetic import SOURCE_ATTR, SyntheticSource, create_synthetic_store, source_of
+from cqsa_dask.core.errors import InvalidInputError, StoreError
+from cqsa_dask.store import generated
+from cqsa_dask.store.generated import SOURCE_ATTR, SyntheticSource, create_synthetic_store, source_of
+from cqsa_dask.store.jobstate import fingerprint
+from cqsa_dask.store.layout import STAT_FIELDS, input_info
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -115,12 +116,11 @@ def test_values_follow_the_documented_definition(dtype: str) -> None:
 
 
 def test_regeneration_is_bitwise_identical() -> None:
-    from cqsa_dask import synthetic
 
     src = SyntheticSource(seq_len=777, heads_q=4, heads_kv=2, head_dim=24, dtype="bfloat16", batch=2, seed=_seed())
     first = _all(src)
-    synthetic._cpu_tables.cache_clear()
-    synthetic._tables_on.cache_clear()
+    generated._cpu_tables.cache_clear()
+    generated._tables_on.cache_clear()
     again = _all(SyntheticSource.from_attrs(src.to_attrs()))
     for a, b in zip(first, again):
         assert torch.equal(_bits(a), _bits(b)), f"{src}"
@@ -138,7 +138,7 @@ def test_another_process_generates_the_same_bits() -> None:
                           seed=_seed(), vocab=333, gain=3.25)
     code = (
         "import hashlib, json, sys\n"
-        "from cqsa_dask.synthetic import SyntheticSource\n"
+        "from cqsa_dask.store.generated import SyntheticSource\n"
         "import torch\n"
         "src = SyntheticSource.from_attrs(json.loads(sys.argv[1]))\n"
         "h = hashlib.sha256()\n"

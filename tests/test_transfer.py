@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from cqsa_dask.transfer import done_event, download, upload, use
+from cqsa_dask.kernels.transfer import done_event, download, upload, use
 
 
 def check_round_trip(device: str) -> None:

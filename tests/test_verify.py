@@ -36,10 +36,10 @@ from clitools import CliResult, invoke, snapshot
 from reference import reference_attention
 
 import cqsa_dask
-from cqsa_dask.demo import make_synthetic_store
-from cqsa_dask.plan import Plan
-from cqsa_dask.synthetic import SyntheticSource
-from cqsa_dask.verify import _GeneratedInputs, counted_references, sample_rows, streamed_reference, verify
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.store.generated import SyntheticSource
+from cqsa_dask.store.random_inputs import make_synthetic_store
+from cqsa_dask.tools.verify import _GeneratedInputs, counted_references, sample_rows, streamed_reference, verify
 
 pytestmark = pytest.mark.integration
 

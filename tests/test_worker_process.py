@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cqsa_dask import tasks
+from cqsa_dask.execution import tasks
 
 
 def test_expandable_segments_are_set_unless_the_environment_chose(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,7 @@ import torch
 import zarr
 
 import cqsa_dask
-from cqsa_dask.verify import check_rows, sample_rows
+from cqsa_dask.tools.verify import check_rows, sample_rows
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

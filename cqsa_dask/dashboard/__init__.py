@@ -30,7 +30,8 @@ from typing import Any
 
 import dask.config
 
-from . import metrics
+from cqsa_dask.dashboard import metrics
+
 from .plugin import CQSAPlugin, plugin_of
 
 __all__ = ["CQSAPlugin", "dask_setup", "plugin_of", "register"]

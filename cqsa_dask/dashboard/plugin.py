@@ -19,7 +19,8 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from ..dashboard_events import JOB_TOPIC, PLUGIN_NAME, TASK_TOPIC
+from cqsa_dask.execution.telemetry import JOB_TOPIC, PLUGIN_NAME, TASK_TOPIC
+
 from .state import Monitor, parse_key
 
 __all__ = ["CQSAPlugin", "live_plugins", "plugin_of"]

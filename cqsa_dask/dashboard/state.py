@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..plan import Plan
+from cqsa_dask.core.plan import Plan
 
 __all__ = ["DONE", "FAILED", "NONE", "RUNNING", "STATE_NAMES", "WAITING", "JobView", "Monitor", "WorkerView",
            "parse_key"]

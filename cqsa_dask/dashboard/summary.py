@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import StoreError
-from ..layout import ENGINE, STAT_FIELDS, open_store
-from ..plan import Plan
+from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.store.layout import ENGINE, STAT_FIELDS, open_store
+
 from ._format import byte_unit, fmt_bytes, fmt_seconds
 
 __all__ = ["Records", "load_records", "write_report"]

@@ -45,8 +45,8 @@ import torch
 import zarr
 import zarr.errors
 
-from .errors import InvalidInputError, StoreError
-from .plan import MAX_HEAD_DIM, parse_dtype
+from cqsa_dask.core.errors import InvalidInputError, StoreError
+from cqsa_dask.core.plan import MAX_HEAD_DIM, parse_dtype
 
 __all__ = [
     "KIND",

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import zarr
 
-from .layout import TORCH_DTYPES, create_array, write_block
-from .plan import parse_dtype
+from cqsa_dask.core.plan import parse_dtype
+from cqsa_dask.store.layout import TORCH_DTYPES, create_array, write_block
 
 __all__ = ["make_synthetic_store"]
 

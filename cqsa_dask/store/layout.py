@@ -44,10 +44,10 @@ import zarr
 import zarr.errors
 from zarr.core.sync import sync as zarr_sync
 
-from .chunkio import write_chunk
-from .errors import InvalidInputError, StoreError
-from .plan import MAX_HEAD_DIM, Plan, parse_dtype
-from .synthetic import SyntheticSource, source_of
+from cqsa_dask.core.errors import InvalidInputError, StoreError
+from cqsa_dask.core.plan import MAX_HEAD_DIM, Plan, parse_dtype
+from cqsa_dask.store.chunkio import write_chunk
+from cqsa_dask.store.generated import SyntheticSource, source_of
 
 __all__ = [
     "ENGINE",
@@ -299,7 +299,7 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
 
 
 def _version() -> str:
-    from . import __version__
+    from cqsa_dask import __version__
 
     return __version__
 

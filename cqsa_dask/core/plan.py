@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
-from .errors import BudgetError, InvalidInputError
-from .quorums import QuorumSystem, base_set_size, is_prime, quorum_system
+from cqsa_dask.core.errors import BudgetError, InvalidInputError
+from cqsa_dask.core.quorums import QuorumSystem, base_set_size, is_prime, quorum_system
 
 __all__ = [
     "DTYPES",

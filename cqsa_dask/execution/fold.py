@@ -47,10 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import StoreError
-from .kernels import merge
-from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, read_block, write_block, write_raw
-from .plan import LO_BYTES, Plan
+from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.plan import LO_BYTES, Plan
+from cqsa_dask.kernels.attention import merge
+from cqsa_dask.store.layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, read_block, write_block, write_raw
 
 __all__ = ["FoldState", "damaged_row", "finish_row", "fold", "join", "lock_for", "split"]
 

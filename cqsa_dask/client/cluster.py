@@ -18,8 +18,8 @@ from typing import Any
 
 from distributed import Client, LocalCluster
 
-from . import config
-from .errors import SchedulerError
+from cqsa_dask import config
+from cqsa_dask.core.errors import SchedulerError
 
 __all__ = ["DASHBOARD_PRELOAD", "advertised", "check_capacity", "connect"]
 
@@ -54,7 +54,7 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
     # The scheduler runs in this process: register the /cqsa page before it is
     # built, then preload the module, as `dask scheduler --preload
     # cqsa_dask.dashboard` does for a scheduler of the user's own.
-    from . import dashboard  # noqa: F401
+    from cqsa_dask import dashboard  # noqa: F401
 
     with LocalCluster(
         n_workers=int(lc("n-workers")),

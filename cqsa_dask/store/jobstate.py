@@ -45,11 +45,11 @@ import torch
 import zarr
 import zarr.storage
 
-from .chunkio import read_rows
-from .errors import StoreError
-from .layout import array, engine, open_store
-from .plan import Plan
-from .synthetic import source_of
+from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.store.chunkio import read_rows
+from cqsa_dask.store.generated import source_of
+from cqsa_dask.store.layout import array, engine, open_store
 
 if sys.platform != "win32":
     import fcntl

@@ -30,7 +30,7 @@ import numpy as np
 if TYPE_CHECKING:
     from distributed import Client
 
-    from .plan import Plan
+    from cqsa_dask.core.plan import Plan
 
 __all__ = [
     "JOB_TOPIC",

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from .plan import Plan
-from .tasks import merge_task, quorum_task, worker_options
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.execution.tasks import merge_task, quorum_task, worker_options
 
 __all__ = ["JobGraph", "build_graph", "merge_prefix", "quorum_prefix"]
 

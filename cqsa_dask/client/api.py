@@ -27,14 +27,15 @@ import numpy as np
 import torch
 from distributed import Client, as_completed, span
 
-from . import config
-from .cluster import advertised, check_capacity, connect
-from .dashboard_events import Outcome, announce_job, finish_job, job_span_name, page_link
-from .errors import InvalidInputError, JobFailedError, StoreError
-from .graph import build_graph
-from .jobstate import Lease, check_free, fingerprint, same_inputs
-from .kernels import resolve_device
-from .layout import (
+from cqsa_dask import config
+from cqsa_dask.client.cluster import advertised, check_capacity, connect
+from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
+from cqsa_dask.core.plan import Plan, make_plan, parse_budget, parse_dtype
+from cqsa_dask.execution.graph import build_graph
+from cqsa_dask.execution.telemetry import Outcome, announce_job, finish_job, job_span_name, page_link
+from cqsa_dask.kernels.attention import resolve_device
+from cqsa_dask.store.jobstate import Lease, check_free, fingerprint, same_inputs
+from cqsa_dask.store.layout import (
     ENGINE,
     array,
     create_outputs,
@@ -45,7 +46,6 @@ from .layout import (
     validate_shapes,
     write_tensor,
 )
-from .plan import Plan, make_plan, parse_budget, parse_dtype
 
 __all__ = ["JobResult", "attention", "plan_options", "run"]
 

@@ -40,15 +40,24 @@ from typing import Any
 import torch
 import zarr
 
-from . import config
-from .chunkio import read_rows
-from .dashboard_events import report_task, task_started, worker_address
-from .errors import InvalidInputError, StoreError
-from .fold import damaged_row, finish_row, fold, lock_for
-from .hostcache import host_cache, io_pool
-from .kernels import all_finite, attend, merge, resolve_device, select_kernel
-from .layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, open_job, read_block, write_block, write_stats
-from .transfer import Staged, done_event, download, upload, use
+from cqsa_dask import config
+from cqsa_dask.core.errors import InvalidInputError, StoreError
+from cqsa_dask.execution.fold import damaged_row, finish_row, fold, lock_for
+from cqsa_dask.execution.hostcache import host_cache, io_pool
+from cqsa_dask.execution.telemetry import report_task, task_started, worker_address
+from cqsa_dask.kernels.attention import all_finite, attend, merge, resolve_device, select_kernel
+from cqsa_dask.kernels.transfer import Staged, done_event, download, upload, use
+from cqsa_dask.store.chunkio import read_rows
+from cqsa_dask.store.layout import (
+    TORCH_DTYPES,
+    Job,
+    chunk_exists,
+    delete_chunk,
+    open_job,
+    read_block,
+    write_block,
+    write_stats,
+)
 
 __all__ = ["merge_task", "quorum_task", "worker_options"]
 

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 import zarr
 
-from .errors import InvalidInputError
-from .jobstate import same_inputs
-from .layout import array, engine, input_info, logical_dtype, open_store, read_block
-from .plan import Plan
-from .synthetic import SyntheticSource, source_of
+from cqsa_dask.core.errors import InvalidInputError
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.store.generated import SyntheticSource, source_of
+from cqsa_dask.store.jobstate import same_inputs
+from cqsa_dask.store.layout import array, engine, input_info, logical_dtype, open_store, read_block
 
 __all__ = [
     "LSE_TOL",

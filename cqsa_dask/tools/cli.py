@@ -21,9 +21,9 @@ from typing import Any, NoReturn
 
 import dask.config
 
-from . import __version__, config
-from .errors import CQSAError, InvalidInputError
-from .plan import Plan, make_plan, parse_budget, parse_dtype
+from cqsa_dask import __version__, config
+from cqsa_dask.core.errors import CQSAError, InvalidInputError
+from cqsa_dask.core.plan import Plan, make_plan, parse_budget, parse_dtype
 
 __all__ = ["main"]
 
@@ -102,7 +102,7 @@ def _job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
-    from .api import plan_options
+    from cqsa_dask.client.api import plan_options
 
     p = make_plan(seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                   batch=a.batch, dtype=a.dtype, causal=a.causal, scale=a.scale,
@@ -140,8 +140,8 @@ _SYNTHETIC_OPTIONS = ("heads", "kv_heads", "head_dim", "dtype", "batch", "seed",
 
 def _synthetic_store(a: argparse.Namespace) -> None:
     """Create the synthetic store of ``run --synthetic N`` (or keep one holding the same source)."""
-    from .layout import open_store
-    from .synthetic import SyntheticSource, create_synthetic_store, source_of
+    from cqsa_dask.store.generated import SyntheticSource, create_synthetic_store, source_of
+    from cqsa_dask.store.layout import open_store
 
     def opt(name: str, default: Any) -> Any:
         value = getattr(a, name)
@@ -167,7 +167,7 @@ def _synthetic_store(a: argparse.Namespace) -> None:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .api import run
+    from cqsa_dask.client.api import run
 
     if getattr(a, "synthetic", None) is not None:
         _synthetic_store(a)
@@ -189,7 +189,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_resume(a: argparse.Namespace) -> int:
-    from .jobstate import status
+    from cqsa_dask.store.jobstate import status
 
     p = status(a.store).plan
     a.causal, a.scale, a.budget, a.groups, a.restart = p["causal"], p["scale"], p["budget_bytes"], p["groups"], False
@@ -198,7 +198,7 @@ def _cmd_resume(a: argparse.Namespace) -> int:
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
-    from .jobstate import status
+    from cqsa_dask.store.jobstate import status
 
     st = status(a.store)
     if a.json:
@@ -217,7 +217,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from .verify import OUT_TOL, verify
+    from cqsa_dask.tools.verify import OUT_TOL, verify
 
     v = verify(a.store, rows=a.rows, seed=a.seed)
     w = v.worst
@@ -249,9 +249,9 @@ def _cmd_dashboard(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .api import run
-    from .demo import make_synthetic_store
-    from .verify import check_rows, sample_rows
+    from cqsa_dask.client.api import run
+    from cqsa_dask.store.random_inputs import make_synthetic_store
+    from cqsa_dask.tools.verify import check_rows, sample_rows
 
     budget = parse_budget(a.budget)
     with tempfile.TemporaryDirectory(prefix="cqsa-demo-") as tmp:

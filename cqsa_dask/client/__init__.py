@@ -1,0 +1,1 @@
+"""The client side: ``run`` on a store, ``attention`` on tensors, clusters."""

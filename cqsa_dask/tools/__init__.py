@@ -1,0 +1,1 @@
+"""Tools around the engine: the ``cqsa`` command and ``verify``."""
