@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cqsa_dask.tools.reference import reference_attention
+
 __all__ = ["Errors", "check_exact", "lse_tolerance", "reference_attention", "sdpa"]
 
 # Allowed factor over SDPA's own error, and the absolute floor per dtype
@@ -31,38 +33,6 @@ _FLOOR = {torch.float32: 1e-6, torch.float16: 0.25 * 2.0**-10, torch.bfloat16: 0
 # agree to the bit there).  Limits: ~3x above the worst seen.
 _LSE_REL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-4}
 _EPS32 = torch.finfo(torch.float32).eps
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                        scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax attention in float64.
-
-    Args:
-        q: (B, Hq, N, D); k, v: (B, Hkv, N, D), any float dtype, Hq % Hkv == 0.
-        causal: key j attends to query i only when j <= i (top-left aligned).
-        scale: softmax scale; None means 1 / sqrt(D).
-
-    Returns:
-        out (B, Hq, N, D) float64 and lse (B, Hq, N) float64 (natural log of
-        the softmax denominator of the scaled logits).
-    """
-    b, hq, n, d = q.shape
-    hkv = k.shape[1]
-    assert hq % hkv == 0 and k.shape == v.shape == (b, hkv, n, d)
-    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    rep = hq // hkv
-    kk = k.double().repeat_interleave(rep, dim=1)  # (B, Hq, N, D): head h reads kv head h // rep
-    vv = v.double().repeat_interleave(rep, dim=1)  # (B, Hq, N, D)
-    outs, lses = [], []
-    for i in range(b):  # one batch element at a time bounds the (Hq, N, N) logits
-        logits = s * q[i].double() @ kk[i].transpose(-1, -2)  # (Hq, N, N)
-        if causal:
-            keep = torch.ones(n, n, dtype=torch.bool).tril()  # keep[i, j] = j <= i
-            logits = logits.masked_fill(~keep, -math.inf)
-        lse = torch.logsumexp(logits, dim=-1)  # (Hq, N)
-        outs.append(torch.exp(logits - lse[..., None]) @ vv[i])  # (Hq, N, D)
-        lses.append(lse)
-    return torch.stack(outs), torch.stack(lses)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:

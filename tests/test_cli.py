@@ -37,9 +37,10 @@ import zarr
 from clitools import CliResult, invoke, snapshot
 from reference import reference_attention
 
-from cqsa_dask.client.api import plan_options
-from cqsa_dask.core.plan import make_plan, parse_budget
-from cqsa_dask.store.random_inputs import make_synthetic_store
+from cqsa_dask.client.policy import plan_options
+from cqsa_dask.core.plan import make_plan
+from cqsa_dask.core.units import parse_budget
+from cqsa_dask.store.random_inputs import write_random_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -126,9 +127,9 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
     root = tmp_path_factory.mktemp("cli")
     seeds = {name: _seed() for name in ("e2e", "env", "sched", "no-k", "not-a-group", "demo")}
     stores = {name: root / f"{name}.zarr" for name in ("e2e", "env", "sched", "no-k", "not-a-group", "missing")}
-    make_synthetic_store(stores["e2e"], **E2E, seed=seeds["e2e"])
-    make_synthetic_store(stores["env"], **E2E, seed=seeds["env"])
-    make_synthetic_store(stores["sched"], seq_len=64, heads=1, head_dim=8, seed=seeds["sched"])
+    write_random_inputs(stores["e2e"], **E2E, seed=seeds["e2e"])
+    write_random_inputs(stores["env"], **E2E, seed=seeds["env"])
+    write_random_inputs(stores["sched"], seq_len=64, heads=1, head_dim=8, seed=seeds["sched"])
     _store_without_k(stores["no-k"], seeds["no-k"])
     _not_a_group(stores["not-a-group"], seeds["not-a-group"])
     print(f"cli seeds: {seeds}")

@@ -40,12 +40,13 @@ import dask.config
 import numpy as np
 import pytest
 
-from cqsa_dask.client.api import JobResult, plan_options, run
+from cqsa_dask.client.api import JobResult, run
 from cqsa_dask.client.cluster import connect
+from cqsa_dask.client.policy import plan_options
 from cqsa_dask.core.plan import Plan, make_plan
-from cqsa_dask.dashboard._format import fmt_bytes
+from cqsa_dask.core.units import format_bytes
 from cqsa_dask.dashboard.state import DONE, RUNNING, WAITING, Monitor
-from cqsa_dask.store.random_inputs import make_synthetic_store
+from cqsa_dask.store.random_inputs import write_random_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from dashboard_replay import browser  # headless chromium, shared with the replay tool
@@ -126,7 +127,7 @@ def _poll(driver: Any, ok: Any, until: float) -> PageView | None:
 
 
 def _running_ok(plan: Plan) -> Any:
-    reserved, budget = fmt_bytes(plan.task_memory_bytes), fmt_bytes(plan.budget_bytes)
+    reserved, budget = format_bytes(plan.task_memory_bytes), format_bytes(plan.budget_bytes)
 
     def ok(v: PageView) -> bool:  # the grid, a separate bokeh model, must have caught up with the summary too
         tasks = v.count("tasks")
@@ -163,7 +164,7 @@ def _scheduler_facts(dask_scheduler: Any) -> dict[str, Any]:
 def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
     tmp = tmp_path_factory.mktemp("dash")
     store = tmp / "job.zarr"
-    make_synthetic_store(store, **JOB, seed=3)
+    write_random_inputs(store, **JOB, seed=3)
     plan = make_plan(seq_len=JOB["seq_len"], heads=JOB["heads"], kv_heads=JOB["kv_heads"],
                      head_dim=JOB["head_dim"], dtype=JOB["dtype"], budget=BUDGET, groups=GROUPS,
                      **plan_options())
@@ -234,7 +235,7 @@ def test_page_shows_the_running_job(watched: Watched) -> None:
     assert v.states[: p.tasks].count("done") == done, v.job
     assert v.states[: p.tasks].count("running") >= 1, v.states[: p.tasks]
     # memory panel: this job's task memory reserved on the worker, against its budget
-    assert f"{fmt_bytes(p.task_memory_bytes)} {fmt_bytes(p.budget_bytes)}" in v.workers, v.workers
+    assert f"{format_bytes(p.task_memory_bytes)} {format_bytes(p.budget_bytes)}" in v.workers, v.workers
     assert watched.screenshot is not None and watched.screenshot.stat().st_size > 10_000
 
 
@@ -243,8 +244,8 @@ def test_page_shows_the_totals_after_the_job(watched: Watched) -> None:
     v = watched.final
     assert v is not None, "the page did not show the finished job's totals"
     assert "done" in v.job and set(v.states) == {"done"}, v.job
-    assert f"read {fmt_bytes(watched.result.bytes_read)}" in v.job, v.job
-    assert f"written {fmt_bytes(watched.result.bytes_written)}" in v.job, v.job
+    assert f"read {format_bytes(watched.result.bytes_read)}" in v.job, v.job
+    assert f"written {format_bytes(watched.result.bytes_written)}" in v.job, v.job
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

@@ -22,7 +22,7 @@ import pytest
 from cqsa_dask.client.api import run
 from cqsa_dask.client.cluster import connect
 from cqsa_dask.execution.telemetry import TASK_TOPIC
-from cqsa_dask.store.random_inputs import make_synthetic_store
+from cqsa_dask.store.random_inputs import write_random_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dashboard_replay as replay
@@ -35,8 +35,8 @@ GROUPS, BUDGET = 13, "10MB"
 
 def test_recorded_job_replays_into_the_page(tmp_path: Path) -> None:
     store, before = tmp_path / "job.zarr", tmp_path / "before.zarr"
-    make_synthetic_store(store, **JOB, seed=11)  # type: ignore[arg-type]
-    make_synthetic_store(before, **{**JOB, "seq_len": 1024}, seed=12)  # type: ignore[arg-type]
+    write_random_inputs(store, **JOB, seed=11)  # type: ignore[arg-type]
+    write_random_inputs(before, **{**JOB, "seq_len": 1024}, seed=12)  # type: ignore[arg-type]
     page = {"cqsa.local-cluster.dashboard-address": "127.0.0.1:0"}
     with dask.config.set(page), connect(budget_bytes=10**7, resource="device_mem") as c:
         c.register_plugin(replay.DashboardRecorder(), name=replay.DashboardRecorder.name)

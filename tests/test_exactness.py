@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from reference import check_exact, reference_attention
 
 import cqsa_dask
-from cqsa_dask.client.api import plan_options
+from cqsa_dask.client.policy import plan_options
 from cqsa_dask.core.plan import Plan, make_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -41,7 +41,7 @@ from distributed.utils import key_split
 from reference import check_exact
 
 import cqsa_dask
-from cqsa_dask.store.random_inputs import make_synthetic_store
+from cqsa_dask.store.random_inputs import write_random_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +138,7 @@ def source_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     path = tmp_path_factory.mktemp("store") / "job.zarr"
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"integration store seed {seed}")
-    make_synthetic_store(path, seq_len=N, heads=HQ, kv_heads=HKV, head_dim=D, batch=B, dtype="float32",
+    write_random_inputs(path, seq_len=N, heads=HQ, kv_heads=HKV, head_dim=D, batch=B, dtype="float32",
                          seed=seed, chunk_tokens=512)
     return path, seed
 

@@ -22,9 +22,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from cqsa_dask.core.dtypes import DTYPES, parse_dtype
 from cqsa_dask.core.errors import BudgetError, CQSAError, InvalidInputError
-from cqsa_dask.core.plan import DTYPES, Plan, make_plan, parse_budget, parse_dtype, task_memory
+from cqsa_dask.core.plan import Plan, make_plan, task_memory
 from cqsa_dask.core.quorums import base_set, base_set_size, is_prime, singer_prime
+from cqsa_dask.core.units import parse_budget
 
 SPEC_KEYS = {"groups", "quorum_size", "tasks", "task_memory_bytes", "budget_bytes", "flops", "bytes_read",
              "bytes_written"}

@@ -98,7 +98,7 @@ from cqsa_dask.store import jobstate
 from cqsa_dask.store.chunkio import direct_root
 from cqsa_dask.store.jobstate import status
 from cqsa_dask.store.layout import array
-from cqsa_dask.store.random_inputs import make_synthetic_store
+from cqsa_dask.store.random_inputs import write_random_inputs
 
 RESOURCE = "device_mem"
 DEVICE_MEM = 3.2e6  # bytes each worker advertises
@@ -293,7 +293,7 @@ def _source(tmp_path_factory: pytest.TempPathFactory, name: str, shape: dict[str
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"{name} store seed {seed}")
     path = tmp_path_factory.mktemp(name) / "inputs.zarr"
-    make_synthetic_store(path, **shape, dtype="float32", seed=seed)
+    write_random_inputs(path, **shape, dtype="float32", seed=seed)
     return Source(path, seed)
 
 
@@ -1044,8 +1044,9 @@ def test_different_parameters_need_restart(cluster: DaskCluster, small: Source, 
     before = snapshot(store)
     line = _one_line_error(_cqsa("run", store, "--causal", "--scheduler", cluster.address))
     assert "different plan" in line and "causal False -> True" in line and "--restart" in line, line
-    with pytest.raises(InvalidInputError, match=r"different plan \(.*budget_bytes 3200000 -> 2700000"):
-        cqsa_dask.run(store, scheduler=cluster.address, memory_budget="2.7MB")
+    w = _plan(store).groups
+    with pytest.raises(InvalidInputError, match=rf"different plan \(groups {w} -> {w + 1}"):
+        cqsa_dask.run(store, scheduler=cluster.address, groups=w + 1)
     assert snapshot(store) == before, "a refused run wrote into the store"
 
     done = _done_event(_cqsa("run", store, "--causal", "--restart", "--scheduler", cluster.address, "--json"))
@@ -1113,7 +1114,7 @@ def test_fingerprint_reads_the_first_rows_of_sampled_chunks_alike_by_both_paths(
     change in those rows changes the fingerprint, and one further into a chunk does not (the
     documented limit: starts read a few MB whatever the chunk size)."""
     path = tmp_path / "in.zarr"
-    make_synthetic_store(path, seq_len=3 * 1024 + 77, heads=4, kv_heads=2, head_dim=16, batch=2, dtype=dtype,
+    write_random_inputs(path, seq_len=3 * 1024 + 77, heads=4, kv_heads=2, head_dim=16, batch=2, dtype=dtype,
                          seed=3, chunk_tokens=1024)
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)
     before = jobstate.fingerprint(group)

@@ -18,6 +18,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,7 @@ from conftest import partial_files
 from reference import check_exact
 
 import cqsa_dask
-from cqsa_dask.store.random_inputs import make_synthetic_store
+from cqsa_dask.store.random_inputs import write_random_inputs
 
 B, HQ, HKV, N, D, W = 2, 4, 2, 150, 32, 7
 OUTSIDE = {"zarr.json", "q", "k", "v", "extra", "out", "lse", "_cqsa"}
@@ -53,7 +54,7 @@ def make_store(path: Path, dtype: str = "float32") -> tuple[Path, int]:
     """A job store with q, k, v, a user's array and root attributes; returns (path, seed)."""
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"store {path}: seed {seed}")
-    g = make_synthetic_store(path, seq_len=N, heads=HQ, kv_heads=HKV, head_dim=D, batch=B, dtype=dtype,
+    g = write_random_inputs(path, seq_len=N, heads=HQ, kv_heads=HKV, head_dim=D, batch=B, dtype=dtype,
                              seed=seed, chunk_tokens=64)
     extra = g.create_array("extra", shape=(3, 5), chunks=(2, 2), dtype="int32")
     extra[...] = np.arange(15, dtype=np.int32).reshape(3, 5) + 1
@@ -204,20 +205,33 @@ def test_a_merge_rerun_after_its_marker_merges_nothing(tmp_path: Path, client) -
     assert partial_files(path) == [], "the rerun finished the deletion"
 
 
-def test_different_budget_needs_restart(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+def test_other_sizing_resumes_the_stored_job(tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    """A job is its problem and the planner's decision (``Plan.identity``); the budget, the
+    margin and tasks in flight only size one run of it.  Under other ones the stored job
+    resumes with its own groups and heads per task (nothing recomputed here: it is done),
+    and the store records the new sizing; naming other groups is a different job, refused
+    until --restart, with the store untouched."""
     path, seed = make_store(tmp_path / "job.zarr")
-    cqsa_dask.run(path, memory_budget="1GB", groups=W, client=client)
-    state = tree_hash(path)
+    first = cqsa_dask.run(path, memory_budget="1GB", groups=W, client=client)
+    outputs = {n: tree_hash(path / n) for n in ("out", "lse")}
 
-    with pytest.raises(cqsa_dask.InvalidInputError, match="restart") as info:
-        cqsa_dask.run(path, memory_budget="2GB", groups=W, client=client)
+    with dask.config.set({"cqsa.memory-margin": 1.3, "cqsa.tasks-in-flight": 2}):
+        again = cqsa_dask.run(path, memory_budget="2GB", client=client)
+    assert again.resumed and (again.quorum_tasks_run, again.merges_run) == (0, 0), again
+    assert again.plan.identity() == first.plan.identity()
+    assert (again.plan.budget_bytes, again.plan.tasks_in_flight) == (2 * 10**9, 2)
+    assert zarr.open_group(path, mode="r")["_cqsa"].attrs["plan"]["budget_bytes"] == 2 * 10**9
+    assert {n: tree_hash(path / n) for n in outputs} == outputs
+
+    state = tree_hash(path)
+    with pytest.raises(cqsa_dask.InvalidInputError, match=rf"different plan \(groups {W} -> {W + 1}.*restart") as info:
+        cqsa_dask.run(path, groups=W + 1, client=client)
     assert isinstance(info.value, ValueError)
     assert tree_hash(path) == state, "a refused run modified the store"
 
-    res = cqsa_dask.run(path, memory_budget="2GB", groups=W, client=client, restart=True)
-    assert not res.resumed and res.plan.budget_bytes == 2 * 10**9
+    res = cqsa_dask.run(path, memory_budget="2GB", groups=W + 1, client=client, restart=True)
+    assert not res.resumed and res.plan.groups == W + 1
     assert res.quorum_tasks_run == res.plan.tasks and res.merges_run == res.plan.merges
-    assert zarr.open_group(path, mode="r")["_cqsa"].attrs["plan"]["budget_bytes"] == 2 * 10**9
     check_store_result(path, causal=False, ctx=f"seed {seed}")
 
 
@@ -301,12 +315,12 @@ def test_worker_budget_is_the_advertised_resource(client) -> None:  # type: igno
 
 
 def test_synthetic_store_blocks_are_seeded_by_place(tmp_path: Path) -> None:
-    """make_synthetic_store draws its blocks in parallel threads: the same arguments still give
+    """write_random_inputs draws its blocks in parallel threads: the same arguments still give
     the same store, another seed another one, and no two blocks repeat each other's draws."""
     seed = int.from_bytes(os.urandom(4), "little")
     kw = {"seq_len": 700, "heads": 2, "kv_heads": 1, "head_dim": 16, "batch": 2, "dtype": "float32",
           "chunk_tokens": 64}
-    a, b, c = (make_synthetic_store(tmp_path / f"{i}.zarr", seed=s, **kw)  # type: ignore[arg-type]
+    a, b, c = (write_random_inputs(tmp_path / f"{i}.zarr", seed=s, **kw)  # type: ignore[arg-type]
                for i, s in enumerate((seed, seed, seed + 1)))
     for name in ("q", "k", "v"):
         x, y, z = (np.asarray(g[name][...]) for g in (a, b, c))

@@ -38,8 +38,9 @@ from reference import reference_attention
 import cqsa_dask
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.store.generated import SyntheticSource
-from cqsa_dask.store.random_inputs import make_synthetic_store
-from cqsa_dask.tools.verify import _GeneratedInputs, counted_references, sample_rows, streamed_reference, verify
+from cqsa_dask.store.random_inputs import write_random_inputs
+from cqsa_dask.tools.reference import streamed_reference
+from cqsa_dask.tools.verify import _GeneratedInputs, counted_references, sample_rows, verify
 
 pytestmark = pytest.mark.integration
 
@@ -137,8 +138,8 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, client) -> Iterator[Jobs]:  #
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cqsa-verify") as pool:
         synthetic = pool.submit(invoke, ["run", str(stores["synthetic"]), *SYNTHETIC, "--seed",
                                           str(seeds["synthetic"]), "--json"], 300)
-        make_synthetic_store(stores["stored"], **STORED, seed=seeds["stored"])
-        make_synthetic_store(stores["no-job"], **STORED, seed=seeds["stored"])
+        write_random_inputs(stores["stored"], **STORED, seed=seeds["stored"])
+        write_random_inputs(stores["no-job"], **STORED, seed=seeds["stored"])
         res = cqsa_dask.run(stores["stored"], memory_budget=STORED_BUDGET, client=client)
         assert res.plan.groups >= 7, f"the budget should force several groups: {res.plan}"
         for name in ("corrupted", "partial", "unmerged"):

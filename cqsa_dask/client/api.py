@@ -29,11 +29,13 @@ from distributed import Client, as_completed, span
 
 from cqsa_dask import config
 from cqsa_dask.client.cluster import advertised, check_capacity, connect
+from cqsa_dask.client.policy import DeviceKind, local_device_kind, plan_options, workers_device_kind
+from cqsa_dask.core.dtypes import parse_dtype
 from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
-from cqsa_dask.core.plan import Plan, make_plan, parse_budget, parse_dtype
+from cqsa_dask.core.plan import IDENTITY, Plan, make_plan
+from cqsa_dask.core.units import parse_budget
 from cqsa_dask.execution.graph import build_graph
 from cqsa_dask.execution.telemetry import Outcome, announce_job, finish_job, job_span_name, page_link
-from cqsa_dask.kernels.attention import resolve_device
 from cqsa_dask.store.jobstate import Lease, check_free, fingerprint, same_inputs
 from cqsa_dask.store.layout import (
     ENGINE,
@@ -47,7 +49,7 @@ from cqsa_dask.store.layout import (
     write_tensor,
 )
 
-__all__ = ["JobResult", "attention", "plan_options", "run"]
+__all__ = ["JobResult", "attention", "run"]
 
 Progress = Callable[[int, int], None]
 
@@ -88,24 +90,6 @@ def _budget(memory_budget: int | str | None, client: Client | None, resource: st
         if have:
             return int(min(have))
     return parse_budget(config.get("memory-budget"))
-
-
-def plan_options() -> dict[str, Any]:
-    """Planner settings from dask.config, with "auto" resolved for this machine.
-
-    The device is the one tasks will use (``cqsa.device``, "auto": CUDA when
-    this process sees one); CUDA tasks stage read-ahead and write-behind
-    buffers on the host and run two at a time by default.
-    """
-    cuda = resolve_device(str(config.get("device"))).type == "cuda"
-    flight = config.get("tasks-in-flight")
-    return {
-        "tasks_in_flight": (2 if cuda else 1) if flight == "auto" else int(flight),
-        "margin": float(config.get("memory-margin")),
-        "host_staging": cuda,
-        "partials": str(config.get("partials")),
-        "partials_limit": config.get("partials-limit"),
-    }
 
 
 def _markers(eng: Any, name: str) -> np.ndarray:
@@ -158,9 +142,17 @@ def _store_op(op: Callable[[], None]) -> None:
         raise StoreError(f"the store cannot be written: {e}") from None
 
 
-def _fields(d: dict[str, Any]) -> dict[str, Any]:
-    """The plan's own fields in a plan dict (its derived figures left out)."""
-    return {f.name: d.get(f.name) for f in dataclasses.fields(Plan)} | {"query_groups": list(d.get("query_groups") or [])}
+def _identity(d: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields (``Plan.identity``) of a stored plan dict."""
+    return {name: d.get(name) for name in IDENTITY} | {"query_groups": list(d.get("query_groups") or [])}
+
+
+def _stored_plan(group: Any, restart: bool) -> dict[str, Any] | None:
+    """The plan dict of the job stored in ``group`` (None: no job, or it is to be replaced)."""
+    if restart or ENGINE not in group:
+        return None
+    stored = engine(group).attrs.get("plan")
+    return dict(stored) if isinstance(stored, dict) else None  # type: ignore[arg-type]
 
 
 def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
@@ -176,9 +168,9 @@ def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
                     f"{stored.get('version')}, engine {eng.attrs.get('engine_version')}; this is plan "
                     f"version {plan.version}); pass restart=True (CLI: --restart) to start over"
                 )
-            if _fields(stored) != _fields(plan.to_dict()):  # derived figures may change between versions
-                now = dataclasses.asdict(plan)
-                diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in now.items() if stored.get(k) != v]
+            if _identity(stored) != plan.identity():  # the sizing of a run may differ, the job may not
+                now = plan.identity()
+                diff = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in now.items() if _identity(stored)[k] != v]
                 raise InvalidInputError(
                     f"the store holds a job with a different plan ({'; '.join(diff)}); pass "
                     "restart=True (CLI: --restart) to discard it and start over"
@@ -188,6 +180,8 @@ def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
                     "the inputs q, k, v changed since the job started (fingerprint differs); pass "
                     "restart=True (CLI: --restart) to discard the partial results and start over"
                 )
+            # this run's sizing (budget, tasks in flight, ...), which the workers read with the plan
+            _store_op(lambda: eng.attrs.update({"plan": plan.to_dict()}))
             return str(eng.attrs["token"]), True
     token = str(uuid.uuid4().int)[:12]
 
@@ -246,25 +240,33 @@ def run(
     info = input_info(group)
     resource = str(config.get("resource"))
 
-    def plan_for(budget: int) -> Plan:
-        opts = {**plan_options(), **({"partials": partials} if partials is not None else {})}
+    stored = _stored_plan(group, restart)
+
+    def plan_for(budget: int, kind: DeviceKind) -> Plan:
+        """The plan for ``budget`` on workers of device ``kind``; a stored job keeps its decision
+        (groups, heads per task, partials) unless the call names other ones (then it is refused)."""
+        keep = stored or {}
+        opts = plan_options(kind)
+        opts["partials"] = partials or keep.get("partials") or opts["partials"]
+        w = groups if groups is not None else keep.get("groups")
         p = make_plan(
             seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,
-            batch=info.batch, dtype=info.dtype, causal=causal, scale=scale, budget=budget,
-            groups=groups, query_groups=query_groups, **opts,
+            batch=info.batch, dtype=info.dtype, causal=causal, scale=scale, budget=budget, groups=w,
+            heads_per_task=keep.get("heads_per_task") if w == keep.get("groups") else None,
+            query_groups=query_groups, **opts,
         )
         return _fit_disk(p, group, store_s, restart) if opts["partials"] == "auto" else p
 
-    # Plan before starting anything when the budget is known: bad input fails fast.
-    known = memory_budget is not None or (client is None and scheduler is None)
-    plan = plan_for(_budget(memory_budget, None, resource)) if known else None
+    local = client is None and scheduler is None
+    # Plan before starting a local cluster (its workers are this machine's): bad input fails fast.
+    plan = plan_for(_budget(memory_budget, None, resource), local_device_kind()) if local else None
     # CUDA: a thread more than tasks in flight, for merges while the device computes; CPU: a task
     # already uses every core, and a second thread running torch at once oversubscribes them
     threads = (plan.tasks_in_flight + int(plan.host_staging)) if plan else 2
     with connect(client, scheduler, budget_bytes=plan.budget_bytes if plan else 0, resource=resource,
                  threads=threads) as c:
-        if plan is None:  # budget from what the scheduler's workers advertise
-            plan = plan_for(_budget(None, c, resource))
+        if plan is None:  # sized for what the scheduler's workers are and advertise
+            plan = plan_for(_budget(memory_budget, c, resource), workers_device_kind(c))
         check_capacity(c, resource, plan.task_memory_bytes)
         token, resumed = _prepare(group, plan, restart)
         lease = Lease(group, ttl=float(config.get("lease-seconds")))
@@ -381,9 +383,10 @@ def attention(
     """
     _validate_tensors(q, k, v)
     b, hq, n, d = q.shape
+    kind = workers_device_kind(client) if client is not None else local_device_kind()
     plan = make_plan(seq_len=n, heads=hq, kv_heads=k.shape[1], head_dim=d, batch=b,
                      dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups,
-                     **plan_options())
+                     **plan_options(kind))
     tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir)
     try:
         path = os.path.join(tmp, "job.zarr")

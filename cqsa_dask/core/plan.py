@@ -39,76 +39,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
+from cqsa_dask.core.dtypes import DTYPES, DType, parse_dtype
 from cqsa_dask.core.errors import BudgetError, InvalidInputError
 from cqsa_dask.core.quorums import QuorumSystem, base_set_size, is_prime, quorum_system
+from cqsa_dask.core.shapes import validate_problem
+from cqsa_dask.core.units import parse_budget
 
-__all__ = [
-    "DTYPES",
-    "Plan",
-    "make_plan",
-    "parse_budget",
-    "parse_dtype",
-]
+__all__ = ["IDENTITY", "Plan", "make_plan", "task_memory"]
 
-DType = Literal["float32", "float16", "bfloat16"]
-DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
-_ALIASES = {
-    "fp32": "float32", "float": "float32", "f32": "float32",
-    "fp16": "float16", "half": "float16", "f16": "float16",
-    "bf16": "bfloat16",
-}
-MAX_HEAD_DIM = 256
+_FIXED_OVERHEAD = 2 * 2**20  # bytes: kernel workspace, small buffers
 PLAN_VERSION = 3  # 2: tasks_in_flight and host_staging; 3: partials and query_groups
+#: The fields of a Plan that define its job (``Plan.identity``); the others size one run of it.
+IDENTITY = ("batch", "heads_q", "heads_kv", "seq_len", "head_dim", "dtype", "causal", "scale",
+            "groups", "quorum_size", "heads_per_task", "partials", "query_groups")
 Partials = Literal["all", "bounded"]
 #: Bytes of the fold state per element of ``out`` (the int8 low part) by dtype.
 LO_BYTES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 1}
-_FIXED_OVERHEAD = 2 * 2**20
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_budget(budget: float | str) -> int:
-    """Return a memory budget in bytes from 4096, "512MB", "12GB" or "1.5GiB"."""
-    if isinstance(budget, bool):
-        raise BudgetError(f"memory budget must be bytes or a string like '12GB', got {budget!r}")
-    if isinstance(budget, int):
-        value = budget
-    elif isinstance(budget, float):
-        value = int(budget) if math.isfinite(budget) else 0
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(budget))
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
-            raise BudgetError(
-                f"memory budget {budget!r} is not understood: use bytes or a number "
-                "with a unit such as '512MB', '12GB' or '1.5GiB'"
-            )
-        value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise BudgetError(f"memory budget must be at least 1 byte, got {budget!r}")
-    return value
-
-
-def parse_dtype(dtype: str) -> DType:
-    """Canonical dtype name from 'float32', 'fp16', 'bf16', 'torch.bfloat16', ..."""
-    name = str(dtype).lower().removeprefix("torch.")
-    name = _ALIASES.get(name, name)
-    if name not in DTYPES:
-        raise InvalidInputError(
-            f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16 "
-            "(short forms fp32, fp16, bf16)"
-        )
-    return name  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -356,6 +307,18 @@ class Plan:
         """
         return len(self.producers(group)) == 1
 
+    # -- identity -------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What defines the job: the problem and the planner's decision (``IDENTITY``).
+
+        Two plans with the same identity create the same arrays with the same
+        chunks and compute the same tasks, so a stored job resumes under any
+        sizing (budget, margin, tasks in flight, device kind: the run policy).
+        """
+        d = {name: getattr(self, name) for name in IDENTITY}
+        d["query_groups"] = list(self.query_groups)
+        return d
+
     # -- (de)serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Fields plus derived figures, as plain JSON-able values."""
@@ -440,19 +403,6 @@ def _divisors_desc(n: int) -> list[int]:
     return [h for h in range(n, 0, -1) if n % h == 0]
 
 
-def _validate_shape(batch: int, heads_q: int, heads_kv: int, seq_len: int, head_dim: int) -> None:
-    for name, v in (("batch", batch), ("heads", heads_q), ("kv heads", heads_kv),
-                    ("sequence length", seq_len), ("head dim", head_dim)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InvalidInputError(f"{name} must be a positive integer, got {v!r}")
-    if heads_q % heads_kv:
-        raise InvalidInputError(
-            f"query heads ({heads_q}) must be a multiple of kv heads ({heads_kv}) for GQA/MQA"
-        )
-    if head_dim > MAX_HEAD_DIM:
-        raise InvalidInputError(f"head dim {head_dim} is larger than the supported {MAX_HEAD_DIM}")
-
-
 def make_plan(
     *,
     seq_len: int,
@@ -465,6 +415,7 @@ def make_plan(
     scale: float | None = None,
     budget: int | str = "12GB",
     groups: int | None = None,
+    heads_per_task: int | None = None,
     tasks_in_flight: int = 1,
     margin: float = 1.10,
     host_staging: bool = False,
@@ -482,6 +433,8 @@ def make_plan(
         scale: softmax scale, default 1 / sqrt(D).
         budget: bytes or a string like "12GB" for one worker.
         groups: force W (any W >= 1, also W > N); default: the planner picks.
+        heads_per_task: force the kv heads per task (a divisor of Hkv), as a
+            stored job's decision is kept when it resumes.
         tasks_in_flight: tasks that must fit the budget at once.
         margin: multiplicative safety factor on predicted memory.
         host_staging: tasks run on a device other than host memory (CUDA):
@@ -498,7 +451,7 @@ def make_plan(
         InvalidInputError: bad shapes or dtype.  BudgetError: nothing fits.
     """
     kv_heads = heads if kv_heads is None else kv_heads
-    _validate_shape(batch, heads, kv_heads, seq_len, head_dim)
+    validate_problem(batch, heads, kv_heads, seq_len, head_dim)
     name = parse_dtype(dtype)
     budget_bytes = parse_budget(budget)
     if scale is None:
@@ -507,6 +460,9 @@ def make_plan(
         raise InvalidInputError(f"scale must be a positive finite number, got {scale!r}")
     if groups is not None and (not isinstance(groups, int) or groups < 1):
         raise InvalidInputError(f"groups must be a positive integer, got {groups!r}")
+    if heads_per_task is not None and (not isinstance(heads_per_task, int) or heads_per_task < 1
+                                       or kv_heads % heads_per_task):
+        raise InvalidInputError(f"heads per task must divide the kv heads ({kv_heads}), got {heads_per_task!r}")
     per_task = budget_bytes // max(1, tasks_in_flight)
     rep = heads // kv_heads
 
@@ -519,7 +475,7 @@ def make_plan(
 
     candidates = [groups] if groups is not None else _candidate_groups(seq_len)
     for w in candidates:
-        for hk in _divisors_desc(kv_heads):
+        for hk in [heads_per_task] if heads_per_task else _divisors_desc(kv_heads):
             m = need(w, hk)
             if m <= per_task:
                 plan = Plan(
@@ -530,7 +486,7 @@ def make_plan(
                     host_staging=host_staging,
                 )
                 return _finish(plan, partials, partials_limit, query_groups)
-    smallest = min(need(w, 1) for w in candidates) * max(1, tasks_in_flight)
+    smallest = min(need(w, heads_per_task or 1) for w in candidates) * max(1, tasks_in_flight)
     raise BudgetError(
         f"memory budget {budget_bytes:,} bytes is too small for N={seq_len}, "
         f"D={head_dim}, {name}: the smallest plan{' with ' + str(groups) + ' groups' if groups else ''} "

@@ -1,25 +1,15 @@
-"""Number formatting shared by the live page and the static report."""
+"""Number formatting shared by the live page and the static report (bytes: ``core.units.format_bytes``)."""
 
 from __future__ import annotations
 
-__all__ = ["byte_unit", "fmt_bytes", "fmt_rate", "fmt_seconds"]
+from cqsa_dask.core.units import format_bytes
 
-
-def fmt_bytes(n: float | None) -> str:
-    """1234567 -> '1.23 MB' (decimal units); None -> 'n/a'."""
-    if n is None:
-        return "n/a"
-    x = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(x) < 1000 or unit == "TB":
-            return f"{int(x)} B" if unit == "B" else f"{x:.3g} {unit}"
-        x /= 1000
-    raise AssertionError  # pragma: no cover
+__all__ = ["byte_unit", "fmt_rate", "fmt_seconds"]
 
 
 def fmt_rate(n: float | None) -> str:
     """Bytes per second as '12.3 MB/s'."""
-    return "n/a" if n is None else f"{fmt_bytes(n)}/s"
+    return "n/a" if n is None else f"{format_bytes(n)}/s"
 
 
 def fmt_seconds(s: float | None) -> str:

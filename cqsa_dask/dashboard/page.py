@@ -33,7 +33,9 @@ from bokeh.models.ranges import FactorRange, Range1d
 from bokeh.models.widgets import Div
 from bokeh.plotting import figure
 
-from ._format import byte_unit, fmt_bytes, fmt_rate, fmt_seconds
+from cqsa_dask.core.units import format_bytes
+
+from ._format import byte_unit, fmt_rate, fmt_seconds
 from .plugin import CQSAPlugin, plugin_of
 from .state import DONE, FAILED, NONE, RUNNING, STATE_NAMES, WAITING
 
@@ -119,9 +121,9 @@ def _job_html(j: dict[str, Any]) -> str:
     if p:
         plan = (f"N={p['seq_len']:,} B={p['batch']} Hq={p['heads_q']} Hkv={p['heads_kv']} D={p['head_dim']} "
                 f"{p['dtype']}{' causal' if p['causal'] else ''} &middot; W={p['groups']} groups, "
-                f"|D|={p['quorum_size']} &middot; task memory {fmt_bytes(p['task_memory_bytes'])} of budget "
-                f"{fmt_bytes(p['budget_bytes'])} &middot; read {fmt_bytes(j['bytes_read'])}, "
-                f"written {fmt_bytes(j['bytes_written'])}")
+                f"|D|={p['quorum_size']} &middot; task memory {format_bytes(p['task_memory_bytes'])} of budget "
+                f"{format_bytes(p['budget_bytes'])} &middot; read {format_bytes(j['bytes_read'])}, "
+                f"written {format_bytes(j['bytes_written'])}")
         if j["resumed_tasks"] or j["resumed_merges"]:
             plan += f" &middot; resumed ({j['resumed_tasks']} tasks, {j['resumed_merges']} merges done before)"
     return f"<div style='font-size:13px'>{head}<br>{counts}<br><span style='color:#555'>{plan}</span></div>"
@@ -165,11 +167,11 @@ def _workers_html(workers: list[dict[str, Any]]) -> str:
     head = ("<tr><th>worker</th><th>device memory reserved</th><th>budget</th><th>peak reserved</th>"
             "<th>measured in use / peak</th><th>read</th><th>write</th><th>read total</th><th>written total</th></tr>")
     rows = "".join(
-        f"<tr><td>{html.escape(w['address'])}</td><td>{fmt_bytes(w['reserved'])}</td><td>{fmt_bytes(w['budget'])}</td>"
-        f"<td>{fmt_bytes(w['peak_reserved'])}</td>"
-        f"<td>{fmt_bytes(w['device_in_use'])} / {fmt_bytes(w['device_peak'])}</td>"
+        f"<tr><td>{html.escape(w['address'])}</td><td>{format_bytes(w['reserved'])}</td><td>{format_bytes(w['budget'])}</td>"
+        f"<td>{format_bytes(w['peak_reserved'])}</td>"
+        f"<td>{format_bytes(w['device_in_use'])} / {format_bytes(w['device_peak'])}</td>"
         f"<td>{fmt_rate(w['read_bytes_per_s'])}</td><td>{fmt_rate(w['write_bytes_per_s'])}</td>"
-        f"<td>{fmt_bytes(w['bytes_read'])}</td><td>{fmt_bytes(w['bytes_written'])}</td></tr>"
+        f"<td>{format_bytes(w['bytes_read'])}</td><td>{format_bytes(w['bytes_written'])}</td></tr>"
         for w in workers
     )
     style = "<style>td,th{padding:2px 10px;text-align:right;font-size:12px}</style>"

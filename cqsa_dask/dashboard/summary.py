@@ -28,9 +28,10 @@ import zarr
 
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.core.plan import Plan
+from cqsa_dask.core.units import format_bytes
 from cqsa_dask.store.layout import ENGINE, STAT_FIELDS, open_store
 
-from ._format import byte_unit, fmt_bytes, fmt_seconds
+from ._format import byte_unit, fmt_seconds
 
 __all__ = ["Records", "load_records", "write_report"]
 
@@ -200,7 +201,7 @@ def _summary_html(r: Records, t: dict[str, np.ndarray]) -> str:
     comp, io = float(t["compute"][q].sum()), float(t["io"][q].sum())
     other, merges = float(t["seconds"][q].sum()) - comp - io, float(t["seconds"][~q].sum())
     peaks = t["peak"][q]
-    peak = fmt_bytes(float(np.nanmax(peaks))) if np.isfinite(peaks).any() else "n/a (no device counter: CPU run)"
+    peak = format_bytes(float(np.nanmax(peaks))) if np.isfinite(peaks).any() else "n/a (no device counter: CPU run)"
     missing = "" if (len(r.quorum), len(r.merge)) == (p.tasks, p.merges) else \
         " (the job is unfinished, or parts ran without records)"
     flops = p.flops * len(r.quorum) / max(1, p.tasks)
@@ -212,13 +213,13 @@ def _summary_html(r: Records, t: dict[str, np.ndarray]) -> str:
         f"<h2>cqsa job {html.escape(r.token)}</h2><p><code>{html.escape(r.store)}</code></p>"
         f"<p>N={p.seq_len:,} B={p.batch} Hq={p.heads_q} Hkv={p.heads_kv} D={p.head_dim} {p.dtype}"
         f"{' causal' if p.causal else ''} &middot; W={p.groups} groups, |D|={p.quorum_size} &middot; "
-        f"task memory {fmt_bytes(p.task_memory_bytes)} of budget {fmt_bytes(p.budget_bytes)}</p>"
+        f"task memory {format_bytes(p.task_memory_bytes)} of budget {format_bytes(p.budget_bytes)}</p>"
         f"<p><b>{len(r.quorum)}/{p.tasks} quorum tasks, {len(r.merge)}/{p.merges} merges recorded</b>{missing}"
         f" &middot; wall {fmt_seconds(wall)} &middot; {flops / max(wall, 1e-9) / 1e12:.3g} TFLOP/s &middot; "
         f"device peak {peak}</p>"
         f"<p>task time {fmt_seconds(total)}: compute {pct(comp)}, quorum I/O {pct(io)}, quorum other {pct(other)}, "
-        f"merges {pct(merges)} &middot; read {fmt_bytes(float(t['read'].sum()))}, "
-        f"written {fmt_bytes(float(t['written'].sum()))}</p>"
+        f"merges {pct(merges)} &middot; read {format_bytes(float(t['read'].sum()))}, "
+        f"written {format_bytes(float(t['written'].sum()))}</p>"
     )
 
 

@@ -27,7 +27,7 @@ from functools import lru_cache
 import psutil
 import torch
 
-from cqsa_dask.core.plan import parse_budget
+from cqsa_dask.core.units import parse_budget
 
 __all__ = ["HostCache", "host_cache", "io_pool"]
 

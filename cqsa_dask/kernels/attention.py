@@ -27,6 +27,8 @@ from functools import lru_cache
 
 import torch
 
+from cqsa_dask.core.dtypes import TOLERANCES, parse_dtype
+
 __all__ = ["KERNELS", "all_finite", "attend", "merge", "resolve_device", "select_kernel"]
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ def _agrees(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     kk, vv = (k, v) if not causal else (k[:, :, : q.shape[2]], v[:, :, : q.shape[2]])
     out, lse = kernel(q, kk, vv, q.shape[-1] ** -0.5, causal)
     ref_out, ref_lse = _reference(q, kk, vv, q.shape[-1] ** -0.5, causal)
-    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    tol = TOLERANCES[parse_dtype(q.dtype)].kernel
     return bool(
         out.shape == ref_out.shape
         and torch.allclose(lse.float(), ref_lse, atol=tol * 10, rtol=tol)

@@ -45,8 +45,8 @@ import torch
 import zarr
 import zarr.errors
 
+from cqsa_dask.core.dtypes import MAX_HEAD_DIM, parse_dtype
 from cqsa_dask.core.errors import InvalidInputError, StoreError
-from cqsa_dask.core.plan import MAX_HEAD_DIM, parse_dtype
 
 __all__ = [
     "KIND",

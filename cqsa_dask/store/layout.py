@@ -44,8 +44,10 @@ import zarr
 import zarr.errors
 from zarr.core.sync import sync as zarr_sync
 
+from cqsa_dask.core.dtypes import DTYPES, parse_dtype, torch_dtype
 from cqsa_dask.core.errors import InvalidInputError, StoreError
-from cqsa_dask.core.plan import MAX_HEAD_DIM, Plan, parse_dtype
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.core.shapes import validate_shapes
 from cqsa_dask.store.chunkio import write_chunk
 from cqsa_dask.store.generated import SyntheticSource, source_of
 
@@ -78,7 +80,7 @@ STAT_FIELDS = ("start", "seconds", "compute_seconds", "io_seconds", "bytes_read"
                "peak_device_bytes", "worker")
 _LOGICAL = "logical_dtype"
 #: torch dtype of each logical dtype name.
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: torch_dtype(name) for name in DTYPES}
 
 
 def open_store(store: Any, mode: str = "r+") -> zarr.Group:
@@ -141,27 +143,6 @@ class InputInfo:
     seq_len: int
     head_dim: int
     dtype: str
-
-
-def validate_shapes(qs: tuple[int, ...], ks: tuple[int, ...], vs: tuple[int, ...]) -> None:
-    """Check q (B, Hq, N, D), k and v (B, Hkv, N, D); raise InvalidInputError."""
-    for name, s in (("q", qs), ("k", ks), ("v", vs)):
-        if len(s) != 4:
-            raise InvalidInputError(f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(s)}")
-    if tuple(ks) != tuple(vs):
-        raise InvalidInputError(f"k and v must have the same shape, got {tuple(ks)} and {tuple(vs)}")
-    if qs[0] != ks[0] or qs[3] != ks[3]:
-        raise InvalidInputError(f"q {tuple(qs)} and k {tuple(ks)} must agree in batch (dim 0) and head dim (dim 3)")
-    if qs[2] != ks[2]:
-        raise InvalidInputError(f"q and k must have the same sequence length (self-attention), got {qs[2]} and {ks[2]}")
-    if qs[2] == 0:
-        raise InvalidInputError("the sequence length is 0: there is nothing to attend")
-    if min(qs[0], qs[1], ks[1], qs[3]) < 1:
-        raise InvalidInputError(f"every dimension must be >= 1, got q {tuple(qs)} and k {tuple(ks)}")
-    if qs[1] % ks[1]:
-        raise InvalidInputError(f"query heads ({qs[1]}) must be a multiple of kv heads ({ks[1]}) for GQA/MQA")
-    if qs[3] > MAX_HEAD_DIM:
-        raise InvalidInputError(f"head dim {qs[3]} is larger than the supported {MAX_HEAD_DIM}")
 
 
 def input_info(group: zarr.Group) -> InputInfo:

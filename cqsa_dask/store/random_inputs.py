@@ -1,4 +1,4 @@
-"""Synthetic jobs: seeded random q, k, v written into a new Zarr store.
+"""Seeded random inputs written to disk: q, k, v of N(0, std^2) draws in a new Zarr store.
 
 Used by ``cqsa demo`` and by the benchmarks.  Values are drawn block by block
 (``chunk_tokens`` tokens at a time), each block from its own generator seeded
@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import zarr
 
-from cqsa_dask.core.plan import parse_dtype
+from cqsa_dask.core.dtypes import parse_dtype
 from cqsa_dask.store.layout import TORCH_DTYPES, create_array, write_block
 
-__all__ = ["make_synthetic_store"]
+__all__ = ["write_random_inputs"]
 
 
 
-def make_synthetic_store(
+def write_random_inputs(
     path: str | os.PathLike[str], *, seq_len: int, heads: int, head_dim: int, kv_heads: int | None = None,
     batch: int = 1, dtype: str = "float32", seed: int = 0, chunk_tokens: int = 8192, std: float = 1.0,
 ) -> zarr.Group:

@@ -22,8 +22,10 @@ from typing import Any, NoReturn
 import dask.config
 
 from cqsa_dask import __version__, config
+from cqsa_dask.core.dtypes import TOLERANCES, parse_dtype
 from cqsa_dask.core.errors import CQSAError, InvalidInputError
-from cqsa_dask.core.plan import Plan, make_plan, parse_budget, parse_dtype
+from cqsa_dask.core.plan import Plan, make_plan
+from cqsa_dask.core.units import format_bytes, parse_budget
 
 __all__ = ["main"]
 
@@ -33,27 +35,17 @@ class _Parser(argparse.ArgumentParser):
         raise InvalidInputError(f"{message} (see `{self.prog} --help`)")
 
 
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    raise AssertionError  # pragma: no cover
-
-
 def _plan_lines(p: Plan) -> list[str]:
     return [
         (f"problem     B={p.batch} Hq={p.heads_q} Hkv={p.heads_kv} N={p.seq_len:,} D={p.head_dim} "
          f"{p.dtype}{' causal' if p.causal else ''}"),
         f"groups      W={p.groups} of {p.group_size:,} tokens, quorum size |D|={p.quorum_size}",
         f"tasks       {p.tasks:,} quorum tasks ({p.heads_per_task} kv heads each) + {p.merges:,} merges",
-        f"memory      {_fmt_bytes(p.task_memory_bytes)} per task, budget {_fmt_bytes(p.budget_bytes)}",
-        (f"work        {p.flops / 1e12:,.3g} TFLOP, reads {_fmt_bytes(p.bytes_read)}, "
-         f"writes {_fmt_bytes(p.bytes_written)}"),
-        (f"partials    {p.partials}: peak {_fmt_bytes(p.partial_bytes)} on disk "
-         f"({p.partial_bytes / p.output_bytes:.2f} x the output, {_fmt_bytes(p.output_bytes)})"),
+        f"memory      {format_bytes(p.task_memory_bytes)} per task, budget {format_bytes(p.budget_bytes)}",
+        (f"work        {p.flops / 1e12:,.3g} TFLOP, reads {format_bytes(p.bytes_read)}, "
+         f"writes {format_bytes(p.bytes_written)}"),
+        (f"partials    {p.partials}: peak {format_bytes(p.partial_bytes)} on disk "
+         f"({p.partial_bytes / p.output_bytes:.2f} x the output, {format_bytes(p.output_bytes)})"),
         *([f"rows        only query groups {', '.join(map(str, p.query_groups))}"] if p.query_groups else []),
     ]
 
@@ -102,14 +94,26 @@ def _job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
-    from cqsa_dask.client.api import plan_options
+    """Print the plan; sized for this machine's device, or for the workers of ``--scheduler``."""
+    from cqsa_dask.client.policy import local_device_kind, plan_options
 
+    budget = a.budget
+    if a.scheduler is None:
+        kind = local_device_kind()
+    else:  # what the workers will run: their device kind, and the budget they advertise
+        from cqsa_dask.client.cluster import advertised, connect
+        from cqsa_dask.client.policy import workers_device_kind
+
+        with connect(None, a.scheduler, budget_bytes=0, resource=str(config.get("resource"))) as c:
+            kind = workers_device_kind(c)
+            have = [h for h in advertised(c, str(config.get("resource"))) if h > 0]
+            budget = budget or (int(min(have)) if have else None)
     p = make_plan(seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                   batch=a.batch, dtype=a.dtype, causal=a.causal, scale=a.scale,
-                  budget=a.budget or config.get("memory-budget"), groups=a.groups,
+                  budget=budget or config.get("memory-budget"), groups=a.groups,
                   query_groups=a.query_groups,
-                  **{**plan_options(), **({"partials": a.partials} if a.partials else {})})
-    print(p.to_json() if a.json else "\n".join(_plan_lines(p)))
+                  **{**plan_options(kind), **({"partials": a.partials} if a.partials else {})})
+    print(p.to_json() if a.json else "\n".join([*_plan_lines(p), f"device      {kind} workers"]))
     return 0
 
 
@@ -212,12 +216,12 @@ def _cmd_status(a: argparse.Namespace) -> int:
     print(f"tasks       {st.tasks_done:,} / {st.tasks_total:,} quorum tasks, {st.merges_done:,} / "
           f"{st.merges_total:,} merges")
     print(f"time        {st.elapsed_s:.1f}s active, {st.tasks_per_s:.2f} tasks/s, eta {eta}")
-    print(f"written     ~{_fmt_bytes(st.bytes_written)} (estimated from the plan)")
+    print(f"written     ~{format_bytes(st.bytes_written)} (estimated from the plan)")
     return 0
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from cqsa_dask.tools.verify import OUT_TOL, verify
+    from cqsa_dask.tools.verify import verify
 
     v = verify(a.store, rows=a.rows, seed=a.seed)
     w = v.worst
@@ -228,7 +232,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
         print(f"rows        {d['rows_checked']} checked, {v.skipped} skipped (query group not merged yet); "
               f"float64 reference by {v.method}, {v.seconds:.1f}s")
         print(f"out         max |err| {d['max_abs_out']:.3e}, max |err| / max|v| {d['max_rel_out']:.3e} "
-              f"(tolerance {OUT_TOL[v.dtype]:.3g} for {v.dtype}, plus the logit term)")
+              f"(tolerance {TOLERANCES[v.dtype].out:.3g} for {v.dtype}, plus the logit term)")
         print(f"lse         max |err| {d['max_abs_lse']:.3e}")
         print(f"worst       row b={w.row[0]} h={w.row[1]} n={w.row[2]}: {w.ratio:.3g} of its tolerance")
         print(f"result      {'passed' if v.passed else 'FAILED'}")
@@ -250,14 +254,14 @@ def _cmd_dashboard(a: argparse.Namespace) -> int:
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from cqsa_dask.client.api import run
-    from cqsa_dask.store.random_inputs import make_synthetic_store
+    from cqsa_dask.store.random_inputs import write_random_inputs
     from cqsa_dask.tools.verify import check_rows, sample_rows
 
     budget = parse_budget(a.budget)
     with tempfile.TemporaryDirectory(prefix="cqsa-demo-") as tmp:
         path = os.path.join(tmp, "demo.zarr")
         print(f"creating    a synthetic job in {path}", flush=True)
-        group = make_synthetic_store(path, seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads,
+        group = write_random_inputs(path, seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads,
                                      head_dim=a.head_dim, dtype=a.dtype, seed=a.seed)
         res = run(path, causal=a.causal, memory_budget=budget,
                   progress=_Progress(True, False), on_start=_start_printer(False))
@@ -266,12 +270,12 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     rss = _resource.getrusage(_resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(f"tokens      {a.seq_len:,} x {a.heads} heads in {res.seconds:.2f}s "
           f"({res.tflops * 1e3:.1f} GFLOP/s, {a.seq_len / res.seconds:,.0f} tokens/s)")
-    print(f"memory      predicted task peak {_fmt_bytes(res.plan.task_memory_bytes)} of budget "
-          f"{_fmt_bytes(budget)}; device peak {_fmt_bytes(res.peak_device_bytes)}"
-          f"{'' if res.peak_device_bytes else f' (cpu: no device counter; worker peak RSS {_fmt_bytes(rss)})'}")
+    print(f"memory      predicted task peak {format_bytes(res.plan.task_memory_bytes)} of budget "
+          f"{format_bytes(budget)}; device peak {format_bytes(res.peak_device_bytes)}"
+          f"{'' if res.peak_device_bytes else f' (cpu: no device counter; worker peak RSS {format_bytes(rss)})'}")
     print(f"exactness   {chk.rows} sampled rows vs float64: max |out err| {chk.max_abs_out:.2e} "
           f"(rel {chk.max_rel_out:.2e}), max |lse err| {chk.max_abs_lse:.2e}")
-    tol = 1e-4 if parse_dtype(a.dtype) == "float32" else 3e-2
+    tol = TOLERANCES[parse_dtype(a.dtype)].sampled
     if not chk.max_rel_out <= tol:
         print(f"cqsa: error: sampled rows differ from float64 by more than {tol}", file=sys.stderr)
         return 1
@@ -295,6 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--causal", action="store_true")
     pl.add_argument("--scale", type=float, default=None)
     pl.add_argument("--groups", type=int, default=None, help="force the number of token groups W")
+    pl.add_argument("--scheduler", default=None,
+                    help="size the plan for this Dask scheduler's workers (their device and advertised budget)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     _job_options(pl)
     pl.set_defaults(fn=_cmd_plan)

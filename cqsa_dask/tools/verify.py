@@ -19,8 +19,8 @@ each row's position).
 
 Tolerances, per row (docs/synthetic.md has the measurements behind them)::
 
-    max_d |out - ref|  <=  (OUT_TOL[dtype] + 2 δ) · v_max     v_max = largest |v| entry among the row's keys
-    |lse - ref_lse|    <=  LSE_TOL[dtype] · (1 + |ref_lse|) + δ
+    max_d |out - ref|  <=  (TOLERANCES[dtype].out + 2 δ) · v_max     v_max = largest |v| entry among the row's keys
+    |lse - ref_lse|    <=  TOLERANCES[dtype].lse · (1 + |ref_lse|) + δ
     δ = 4 · eps32 · scale · |q| · max_j |k_j|                  float32 rounding of the largest logit
 
 out is a convex combination of v rows, so its natural scale is v_max; a
@@ -36,22 +36,21 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
+from cqsa_dask.core.dtypes import TOLERANCES
 from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.store.generated import SyntheticSource, source_of
 from cqsa_dask.store.jobstate import same_inputs
 from cqsa_dask.store.layout import array, engine, input_info, logical_dtype, open_store, read_block
+from cqsa_dask.tools.reference import STREAM_CHUNK, Reference, RowInputs, streamed_reference
 
 __all__ = [
-    "LSE_TOL",
-    "OUT_TOL",
-    "Reference",
     "RowCheck",
     "RowResult",
     "Verification",
@@ -61,42 +60,14 @@ __all__ = [
     "reference_row",
     "references",
     "sample_rows",
-    "streamed_reference",
     "verify",
 ]
 
 Row = tuple[int, int, int]  # (batch b, query head h, token n)
 
-#: Allowed max |out - ref| per row, in units of the row's v_max (plus the logit term 2 δ): 16 units of
-#: float32 rounding, 4 of float16 / bfloat16 (eps = 2**-23, 2**-10, 2**-7).  Correct CPU jobs measured
-#: at most 2.8, 0.41 and 0.27 of them (docs/synthetic.md).
-OUT_TOL = {"float32": 16 * 2.0**-23, "float16": 4 * 2.0**-10, "bfloat16": 4 * 2.0**-7}
-#: Allowed |lse - ref| per row, in units of 1 + |ref| (plus the logit term δ); measured at most 1.1e-7
-#: (float32) and 2.8e-5 (float16 / bfloat16: torch's CPU flash kernel on causal rows).
-LSE_TOL = {"float32": 1e-6, "float16": 2e-4, "bfloat16": 2e-4}
 _EPS32 = float(np.finfo(np.float32).eps)
-_STREAM_CHUNK = 65536  # keys per step of the streamed reference
 _COUNT_CHUNK = 32767  # positions per step of the token counts: below torch's grain size, so one thread per op
 _SPAN = 2**21  # positions per unit of work of the counting threads
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Float64 result of one query row and the scales of its tolerance."""
-
-    out: np.ndarray  # (D,) float64
-    lse: float
-    v_max: float  # largest |v| entry over the keys the row attends to
-    logit_bound: float  # scale · |q| · max_j |k_j| over those keys
-
-
-# -- the streamed reference (any inputs) ------------------------------------------------
-
-
-class _Inputs(Protocol):
-    def q_row(self, b: int, h: int, n: int) -> torch.Tensor: ...  # (D,) float64
-
-    def kv(self, b: int, g: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]: ...  # (C, D) float64
 
 
 class _StoredInputs:
@@ -128,36 +99,13 @@ class _GeneratedInputs:
         return self.source.k(b, heads, tokens)[0].double(), self.source.v(b, heads, tokens)[0].double()
 
 
-def _inputs(group: zarr.Group) -> _Inputs:
+def _inputs(group: zarr.Group) -> RowInputs:
     source = source_of(group)
     return _GeneratedInputs(source) if source is not None else _StoredInputs(group)
 
 
-def streamed_reference(inputs: _Inputs, rep: int, seq_len: int, row: Row, *, causal: bool, scale: float,
-                       chunk: int = _STREAM_CHUNK) -> Reference:
-    """Float64 reference of ``row`` with an online softmax over key chunks (``rep`` = Hq / Hkv)."""
-    b, h, n = row
-    g = h // rep
-    q = inputs.q_row(b, h, n)  # (D,)
-    stop = n + 1 if causal else seq_len
-    m, s, v_max, k_max = -math.inf, 0.0, 0.0, 0.0
-    acc = torch.zeros_like(q)  # (D,)
-    for c0 in range(0, stop, chunk):
-        k, v = inputs.kv(b, g, c0, min(stop, c0 + chunk))  # (C, D) each
-        logits = (k @ q) * scale  # (C,)
-        m_new = max(m, float(logits.max()))
-        w = torch.exp(logits - m_new)
-        corr = math.exp(m - m_new) if m > -math.inf else 0.0
-        acc = acc * corr + w @ v
-        s = s * corr + float(w.sum())
-        m = m_new
-        v_max = max(v_max, float(v.abs().max()))
-        k_max = max(k_max, float(k.norm(dim=1).max()))
-    return Reference((acc / s).numpy(), m + math.log(s), v_max, scale * float(q.norm()) * k_max)
-
-
 def reference_row(group: zarr.Group, b: int, h: int, n: int, *, causal: bool, scale: float,
-                  chunk: int = _STREAM_CHUNK) -> tuple[np.ndarray, float]:
+                  chunk: int = STREAM_CHUNK) -> tuple[np.ndarray, float]:
     """Float64 (out (D,), lse) of query row (b, h, n), keys streamed in chunks."""
     info = input_info(group)
     ref = streamed_reference(_inputs(group), info.heads_q // info.heads_kv, info.seq_len, (b, h, n),
@@ -308,7 +256,7 @@ def _compare(row: Row, ref: Reference, got: np.ndarray, lse: float, dtype: str) 
     err = float(np.abs(got - ref.out).max())
     v_max = max(ref.v_max, 1e-30)
     return RowResult(row, err, err / v_max, abs(lse - ref.lse),
-                     (OUT_TOL[dtype] + 2 * delta) * v_max, LSE_TOL[dtype] * (1 + abs(ref.lse)) + delta)
+                     (TOLERANCES[dtype].out + 2 * delta) * v_max, TOLERANCES[dtype].lse * (1 + abs(ref.lse)) + delta)
 
 
 @dataclass(frozen=True)
@@ -338,7 +286,7 @@ class Verification:
             "max_abs_out": max(r.abs_out for r in self.results),
             "max_rel_out": max(r.rel_out for r in self.results),
             "max_abs_lse": max(r.abs_lse for r in self.results),
-            "tolerance": {"out": OUT_TOL[self.dtype], "lse": LSE_TOL[self.dtype]},
+            "tolerance": {"out": TOLERANCES[self.dtype].out, "lse": TOLERANCES[self.dtype].lse},
             "worst_row": {"b": w.row[0], "h": w.row[1], "n": w.row[2], "abs_out": w.abs_out, "rel_out": w.rel_out,
                           "abs_lse": w.abs_lse, "allowed_out": w.allowed_out, "allowed_lse": w.allowed_lse,
                           "ratio": w.ratio},

@@ -1,0 +1,104 @@
+"""Run policy: how a job is sized for the device its workers compute on.
+
+The planner (``core.plan``) is pure arithmetic; what it needs beyond the
+problem and the budget depends on where tasks run, and that is a property of
+the *workers*, not of the machine the job is submitted from::
+
+    device kind   tasks in flight (cqsa.tasks-in-flight "auto")   host staging
+    cuda          2: one task loads while another computes         yes: read-ahead and write-behind
+                                                                    buffers live in host memory
+    cpu           1: one task already uses every core              no: they are the same memory
+
+So a job submitted from a CPU-only login node to GPU workers is planned for
+the GPU.  The device kind comes from, in order: the workers of a running
+cluster (each resolves ``cqsa.device`` as it would for a task and answers),
+or, for a local cluster about to be started, this machine (with torch
+already loaded: ``torch.cuda.is_available()``; without it, as ``cqsa plan``
+answers in well under a second, the presence of an NVIDIA device node).
+
+These settings size a run; they are not part of the job's identity: a job
+resumes under other settings (another host, margin or tasks in flight) as
+long as its problem and the planner's decision (groups, heads per task,
+partials) are the same (``Plan.identity``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Literal
+
+from cqsa_dask import config
+from cqsa_dask.core.errors import SchedulerError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["DeviceKind", "local_device_kind", "plan_options", "workers_device_kind"]
+
+DeviceKind = Literal["cuda", "cpu"]
+
+
+def _kind_of(setting: str) -> DeviceKind:
+    """The device kind ``cqsa.device`` = ``setting`` resolves to in this process."""
+    if setting != "auto":
+        return "cuda" if str(setting).startswith("cuda") else "cpu"
+    if "torch" in sys.modules:  # loaded already: ask it (what a task would do)
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return "cpu"
+    return "cuda" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+
+
+def local_device_kind() -> DeviceKind:
+    """The device kind tasks of a local cluster on this machine would use."""
+    return _kind_of(str(config.get("device")))
+
+
+def _worker_kind(setting: str) -> str:
+    """Run on a worker: the device kind it resolves ``setting`` to (loads torch there, as tasks do)."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(setting).type
+
+
+def workers_device_kind(client: Client) -> DeviceKind:
+    """The device kind the workers of ``client``'s scheduler compute on.
+
+    Raises :class:`SchedulerError` when there are no workers, or when they
+    disagree (one plan cannot fit both kinds: run one kind per scheduler, or
+    force ``cqsa.device``).
+    """
+    kinds: dict[str, Any] = client.run(_worker_kind, str(config.get("device")))
+    if not kinds:
+        raise SchedulerError("the Dask scheduler has no workers: start some with `dask worker ADDRESS "
+                             f"--resources {config.get('resource')}=BYTES`")
+    found = sorted(set(kinds.values()))
+    if len(found) > 1:
+        counts = ", ".join(f"{k} on {sum(v == k for v in kinds.values())}" for k in found)
+        raise SchedulerError(f"the workers compute on different devices ({counts}); one job is planned for one "
+                             "kind: give it workers of one kind, or set cqsa.device")
+    return "cuda" if found[0] == "cuda" else "cpu"
+
+
+def plan_options(kind: DeviceKind | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``make_plan`` that size a job for device ``kind`` (default: this machine's).
+
+    ``cqsa.tasks-in-flight`` ("auto": 2 on CUDA, 1 on the CPU), host staging on
+    CUDA, ``cqsa.memory-margin``, ``cqsa.partials`` and ``cqsa.partials-limit``.
+    """
+    cuda = (kind or local_device_kind()) == "cuda"
+    flight = config.get("tasks-in-flight")
+    return {
+        "tasks_in_flight": (2 if cuda else 1) if flight == "auto" else int(flight),
+        "margin": float(config.get("memory-margin")),
+        "host_staging": cuda,
+        "partials": str(config.get("partials")),
+        "partials_limit": config.get("partials-limit"),
+    }
