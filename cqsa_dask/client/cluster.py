@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,15 +58,33 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
     # cqsa_dask.dashboard` does for a scheduler of the user's own.
     from cqsa_dask import dashboard  # noqa: F401
 
-    with LocalCluster(
-        n_workers=int(lc("n-workers")),
-        threads_per_worker=threads if lc("threads-per-worker") == "auto" else int(lc("threads-per-worker")),
-        processes=bool(lc("processes")), dashboard_address=lc("dashboard-address"),
-        resources={resource: float(budget_bytes)},
-        silence_logs=logging.getLevelName(str(lc("silence-logs")).upper()),
-        scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},
-    ) as cluster, Client(cluster) as c:
+    with _no_sigint_in_children():  # the workers are spawned now, with SIGINT ignored; the job is not
+        cluster = LocalCluster(
+            n_workers=int(lc("n-workers")),
+            threads_per_worker=threads if lc("threads-per-worker") == "auto" else int(lc("threads-per-worker")),
+            processes=bool(lc("processes")), dashboard_address=lc("dashboard-address"),
+            resources={resource: float(budget_bytes)},
+            silence_logs=logging.getLevelName(str(lc("silence-logs")).upper()),
+            scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},
+        )
+    with cluster, Client(cluster) as c:
         yield c
+
+
+@contextlib.contextmanager
+def _no_sigint_in_children() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored: Ctrl-C in a terminal goes to the whole process
+    group, and each worker (and its nanny) would print a KeyboardInterrupt traceback.  The user's
+    process alone is interrupted; it closes the cluster, which stops the workers.  Python keeps an
+    inherited SIG_IGN for SIGINT, so only the start-up window needs the handler changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def advertised(client: Client, resource: str) -> list[float]:

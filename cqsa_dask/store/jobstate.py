@@ -14,8 +14,10 @@ All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
   Limit: a change confined to rows that are not sampled goes unnoticed
   (hashing terabytes on every start is not an option).
 - Lease: {"owner", "expires"} in the attributes, renewed by the running
-  client every ``ttl / 3`` seconds.  Another run refuses while the lease is
-  live; a lease whose expiry passed (a killed client) is taken over.  On a
+  client every ``ttl / 3`` seconds, with the holder's host, pid and process
+  start time.  Another run refuses while the lease is live; a lease whose
+  expiry passed, or whose holder was a process of this host that no longer
+  exists (a killed client), is taken over.  On a
   local directory store the check and the write happen under an OS lock
   (``flock``) on the ``_cqsa`` directory, so two runs starting at once on
   one machine cannot both win.  Elsewhere (object stores, file systems that
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import zarr
 import zarr.storage
@@ -154,7 +157,7 @@ class Lease:
     def __init__(self, group: zarr.Group, ttl: float = 60.0):
         self.eng = engine(group)
         self.ttl = ttl
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last = time.time()
@@ -166,7 +169,8 @@ class Lease:
         active = _num(self.eng.attrs.get("active_s")) + (now - self._last)
         self._last = now
         self.eng.attrs.update({
-            "lease": {"owner": self.owner, "expires": now + self.ttl} if lease else None,
+            "lease": {"owner": self.owner, "expires": now + self.ttl, "host": _HOST, "pid": os.getpid(),
+                      "started": _STARTED} if lease else None,
             "updated_at": now, "active_s": active,
         })
 
@@ -223,14 +227,42 @@ class Lease:
             log.warning("could not release the lease of %s: %s", self.owner, e)
 
 
+_HOST = socket.gethostname()
+_STARTED = psutil.Process().create_time()  # with the pid, names this process even after pid reuse
+_TAKEN_OVER: set[str] = set()  # leases of dead holders already announced (one line each)
+
+
+def _holder_is_gone(lease: dict[str, Any]) -> bool:
+    """True when ``lease`` was taken by a process of this host that no longer runs (a killed run):
+    its pid is free, or taken by a process started at another time."""
+    if lease.get("host") != _HOST or not isinstance(lease.get("pid"), int):
+        return False  # another host's, or a lease from before host/pid were recorded: wait for expiry
+    try:
+        return abs(psutil.Process(lease["pid"]).create_time() - float(lease.get("started", 0.0))) > 1.0
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.AccessDenied, ValueError):
+        return False
+
+
 def check_free(eng: zarr.Group) -> None:
-    """Raise :class:`StoreError` when a live lease of another run is present."""
+    """Raise :class:`StoreError` when a live lease of another run is present.
+
+    A lease whose holder was a process of this host that no longer exists is
+    free at once (said in one warning): a run killed with ``kill -9`` can be
+    resumed immediately, not only once its lease expires."""
     cur = eng.attrs.get("lease")
-    if isinstance(cur, dict) and float(cur["expires"]) > time.time():
-        raise StoreError(
-            f"another run holds this store (lease of {cur['owner']}, valid {float(cur['expires']) - time.time():.0f} s "
-            "more); wait for it to finish, or stop it (a killed run's lease expires by itself)"
-        )
+    if not isinstance(cur, dict) or float(cur["expires"]) <= time.time():
+        return
+    if _holder_is_gone(cur):  # type: ignore[arg-type]
+        if cur["owner"] not in _TAKEN_OVER:
+            _TAKEN_OVER.add(str(cur["owner"]))
+            log.warning("taking over the lease of %s: that process no longer exists on this host", cur["owner"])
+        return
+    raise StoreError(
+        f"another run holds this store (lease of {cur['owner']}, valid {float(cur['expires']) - time.time():.0f} s "
+        "more); wait for it to finish, or stop it (a killed run's lease expires by itself)"
+    )
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import resource as _resource
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -56,9 +58,11 @@ class _Progress:
     def __init__(self, enabled: bool, as_json: bool):
         self.enabled, self.as_json, self.t0 = enabled, as_json, time.perf_counter()
         self.last = 0.0
+        self.done = self.total = 0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
+        self.done, self.total = done, total
         if not (self.enabled or self.as_json) or (now - self.last < 0.2 and done < total):
             return
         self.last = now
@@ -180,8 +184,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
         if given:
             raise InvalidInputError(f"{', '.join(given)}: only for generated inputs, add --synthetic N")
     tty = sys.stderr.isatty()
+    a.progress_bar = _Progress(tty or a.progress, a.json)  # read by _interrupted: how far the job got
     res = run(a.store, causal=a.causal, scale=a.scale, memory_budget=a.budget, scheduler=a.scheduler,
-              groups=a.groups, restart=a.restart, progress=_Progress(tty or a.progress, a.json),
+              groups=a.groups, restart=a.restart, progress=a.progress_bar,
               on_start=_start_printer(a.json), partials=a.partials, query_groups=a.query_groups)
     s = _run_summary(res)
     if a.json:
@@ -367,25 +372,57 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (exit status 143)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _quiet() -> None:
+    """Only cqsa speaks: Dask's and bokeh's logs off, whenever distributed is imported (it is
+    imported lazily, after this, and sets its loggers from dask.config when it is)."""
+    for handler in logging.getLogger().handlers:  # cqsa's own warnings (a lease taken over) stay
+        handler.setLevel(logging.WARNING)
+    for name in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    loggers = ("distributed", "distributed.client", "bokeh", "tornado", "tornado.application")
+    dask.config.set({"logging": dict.fromkeys(loggers, "critical"), "cqsa.local-cluster.silence-logs": "critical"})
+    warnings.simplefilter("ignore")
+
+
+def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace | None) -> int:
+    """One line for Ctrl-C / SIGTERM: how far the job got and how to go on; 130 or 143."""
+    progress: _Progress | None = getattr(args, "progress_bar", None)
+    store = getattr(args, "store", None)
+    what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+    got = f" after {progress.done:,} of {progress.total:,} tasks" if progress is not None and progress.total else ""
+    then = f"; resume with `cqsa resume {store}`" if store and args is not None and args.cmd in ("run", "resume") \
+        else ""
+    sys.stderr.write(f"\ncqsa: {what}{got}{then}\n")
+    return 143 if isinstance(e, _Terminated) else 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cqsa`` command; returns the exit status."""
+    args: argparse.Namespace | None = None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = _parser().parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(name)s: %(message)s" if args.verbose else "cqsa: %(message)s")
         if not args.verbose:
-            for name in ("distributed", "bokeh", "tornado"):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
-            warnings.simplefilter("ignore")
-            dask.config.set({"cqsa.local-cluster.silence-logs": "critical"})
+            _quiet()
         return int(args.fn(args))
     except CQSAError as e:
         print(f"cqsa: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into a command that stopped reading
         return 0
-    except KeyboardInterrupt:
-        print("cqsa: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e, args)
 
 
 if __name__ == "__main__":  # pragma: no cover
