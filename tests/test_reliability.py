@@ -971,13 +971,17 @@ def _stopped_job(small_job: Path, dst: Path) -> Path:
 def test_live_lease_refuses_a_second_run(cluster: DaskCluster, small_job: Path, tmp_path: Path) -> None:
     """Another run's live lease (here written by hand; a real one in the killed-client test)."""
     store = _stopped_job(small_job, tmp_path / "job.zarr")
-    _engine(store, "r+").attrs["lease"] = {"owner": "elsewhere:4242:cafe", "expires": time.time() + 3600}
+    _engine(store, "r+").attrs["lease"] = {"owner": "elsewhere:4242:cafe", "expires": time.time() + 3600,
+                                           "host": "elsewhere", "pid": 4242, "started": 1.0}
     before = snapshot(store)
     line = _one_line_error(_cqsa("resume", store, "--scheduler", cluster.address))
-    assert "another run holds this store (lease of elsewhere:4242:cafe" in line, line
+    assert "another run holds this store (lease of elsewhere:4242:cafe" in line and "--force" in line, line
     with pytest.raises(StoreError, match="another run holds this store"):
         cqsa_dask.run(store, scheduler=cluster.address)
     assert snapshot(store) == before
+    # the user has made sure the other host's run is gone: --force takes the store over
+    done = _done_event(_cqsa("resume", store, "--force", "--scheduler", cluster.address, "--json"))
+    assert done["resumed"] and done["quorum_tasks_run"] > 0, done
 
 
 def test_two_runs_claiming_a_local_store_at_once_one_wins(small_job: Path, tmp_path: Path) -> None:

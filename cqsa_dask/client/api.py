@@ -155,11 +155,13 @@ def _stored_plan(group: Any, restart: bool) -> dict[str, Any] | None:
     return dict(stored) if isinstance(stored, dict) else None  # type: ignore[arg-type]
 
 
-def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
-    """Resume the stored job when its plan and inputs match; else start a new one."""
+def _prepare(group: Any, plan: Plan, restart: bool, force: bool = False) -> tuple[str, bool]:
+    """Resume the stored job when its plan and inputs match; else start a new one.
+
+    A changed job or changed inputs are refused as such before the lease is looked at; then a
+    live lease of another run refuses (``force``: one of another host is taken over)."""
     if ENGINE in group:
         eng = engine(group)
-        check_free(eng)
         stored = dict(eng.attrs.get("plan") or {})  # type: ignore[arg-type]
         if not restart:
             if stored.get("version") != plan.version:
@@ -180,9 +182,11 @@ def _prepare(group: Any, plan: Plan, restart: bool) -> tuple[str, bool]:
                     "the inputs q, k, v changed since the job started (fingerprint differs); pass "
                     "restart=True (CLI: --restart) to discard the partial results and start over"
                 )
+            check_free(eng, force=force)
             # this run's sizing (budget, tasks in flight, ...), which the workers read with the plan
             _store_op(lambda: eng.attrs.update({"plan": plan.to_dict()}))
             return str(eng.attrs["token"]), True
+        check_free(eng, force=force)  # a restart replaces the job: not while another run holds it
     token = str(uuid.uuid4().int)[:12]
 
     def start() -> None:
@@ -207,6 +211,7 @@ def run(
     on_start: Callable[[Plan, str | None], None] | None = None,
     partials: str | None = None,
     query_groups: Sequence[int] | None = None,
+    force: bool = False,
 ) -> JobResult:
     """Compute exact attention of the q, k, v arrays of a Zarr v3 group.
 
@@ -230,6 +235,9 @@ def run(
             when "all" would not fit the store's disk).
         query_groups: compute only these query groups' rows (see
             ``Plan.group_bounds``); the others stay unwritten.
+        force: take over the lease of a run on another host (after making
+            sure that run is gone); a run of this host that no longer exists
+            is taken over without it.
 
     Writes ``out`` (B, Hq, N, D, q's dtype) and ``lse`` (B, Hq, N, float32)
     into the group; engine state goes under ``_cqsa``.  A store holding the
@@ -268,8 +276,8 @@ def run(
         if plan is None:  # sized for what the scheduler's workers are and advertise
             plan = plan_for(_budget(memory_budget, c, resource), workers_device_kind(c))
         check_capacity(c, resource, plan.task_memory_bytes)
-        token, resumed = _prepare(group, plan, restart)
-        lease = Lease(group, ttl=float(config.get("lease-seconds")))
+        token, resumed = _prepare(group, plan, restart, force)
+        lease = Lease(group, ttl=float(config.get("lease-seconds")), force=force)
         _store_op(lease.claim)
         try:
             eng = engine(group)

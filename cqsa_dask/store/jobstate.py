@@ -154,9 +154,10 @@ def _lock_dir(eng: zarr.Group) -> int | None:
 class Lease:
     """An expiring claim on a store, renewed in a background thread."""
 
-    def __init__(self, group: zarr.Group, ttl: float = 60.0):
+    def __init__(self, group: zarr.Group, ttl: float = 60.0, force: bool = False):
         self.eng = engine(group)
         self.ttl = ttl
+        self.force = force
         self.owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -186,7 +187,7 @@ class Lease:
         fd = _lock_dir(self.eng)
         try:  # the attributes as stored now, not as they were when the group was opened
             self.eng = zarr.open_group(self.eng.store, path=self.eng.path, mode="r+")
-            check_free(self.eng)
+            check_free(self.eng, force=self.force)
             self._last = time.time()
             self._claimed = time.monotonic()
             self._write()
@@ -245,12 +246,13 @@ def _holder_is_gone(lease: dict[str, Any]) -> bool:
         return False
 
 
-def check_free(eng: zarr.Group) -> None:
+def check_free(eng: zarr.Group, force: bool = False) -> None:
     """Raise :class:`StoreError` when a live lease of another run is present.
 
     A lease whose holder was a process of this host that no longer exists is
     free at once (said in one warning): a run killed with ``kill -9`` can be
-    resumed immediately, not only once its lease expires."""
+    resumed immediately, not only once its lease expires.  ``force`` frees one held on another
+    host too (the user has made sure that run is gone); never one of a live process here."""
     cur = eng.attrs.get("lease")
     if not isinstance(cur, dict) or float(cur["expires"]) <= time.time():
         return
@@ -259,9 +261,15 @@ def check_free(eng: zarr.Group) -> None:
             _TAKEN_OVER.add(str(cur["owner"]))
             log.warning("taking over the lease of %s: that process no longer exists on this host", cur["owner"])
         return
+    here = cur.get("host") == _HOST
+    if force and not here:
+        log.warning("taking over the lease of %s (--force: the run on host %s is gone)", cur["owner"], cur.get("host"))
+        return
+    hint = ("stop it first" if here else "if that run is gone (its host down or the run killed), resume with "
+            "--force (force=True)")
     raise StoreError(
         f"another run holds this store (lease of {cur['owner']}, valid {float(cur['expires']) - time.time():.0f} s "
-        "more); wait for it to finish, or stop it (a killed run's lease expires by itself)"
+        f"more); wait for it to finish, or {hint}"
     )
 
 

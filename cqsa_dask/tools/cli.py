@@ -186,7 +186,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     a.progress_bar = _Progress(tty or a.progress, a.json)  # read by _interrupted: how far the job got
     res = run(a.store, causal=a.causal, scale=a.scale, memory_budget=a.budget, scheduler=a.scheduler,
-              groups=a.groups, restart=a.restart, progress=a.progress_bar,
+              groups=a.groups, restart=a.restart, progress=a.progress_bar, force=getattr(a, "force", False),
               on_start=_start_printer(a.json), partials=a.partials, query_groups=a.query_groups)
     s = _run_summary(res)
     if a.json:
@@ -337,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="finish the unfinished job of a store with its stored plan")
     rs.add_argument("store")
     rs.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
+    rs.add_argument("--force", action="store_true",
+                    help="take over the lease of a run on another host (make sure that run is gone first)")
     rs.add_argument("--json", action="store_true", help="print JSON progress lines and summary")
     rs.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
     rs.set_defaults(fn=_cmd_resume)
