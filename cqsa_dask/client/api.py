@@ -28,7 +28,7 @@ import torch
 from distributed import Client, as_completed, span
 
 from cqsa_dask import config
-from cqsa_dask.client.cluster import advertised, check_capacity, connect
+from cqsa_dask.client.cluster import advertised, check_capacity, connect, local_gpus
 from cqsa_dask.client.policy import DeviceKind, local_device_kind, plan_options, workers_device_kind
 from cqsa_dask.core.dtypes import parse_dtype
 from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
@@ -267,12 +267,15 @@ def run(
 
     local = client is None and scheduler is None
     # Plan before starting a local cluster (its workers are this machine's): bad input fails fast.
-    plan = plan_for(_budget(memory_budget, None, resource), local_device_kind()) if local else None
+    kind = local_device_kind() if local else None
+    plan = plan_for(_budget(memory_budget, None, resource), kind) if kind else None
+    gpus = local_gpus() if local else []  # checked even for CPU tasks: a GPU named must exist
+    gpus = gpus if kind == "cuda" else []  # one worker process per GPU
     # CUDA: a thread more than tasks in flight, for merges while the device computes; CPU: a task
     # already uses every core, and a second thread running torch at once oversubscribes them
     threads = (plan.tasks_in_flight + int(plan.host_staging)) if plan else 2
     with connect(client, scheduler, budget_bytes=plan.budget_bytes if plan else 0, resource=resource,
-                 threads=threads) as c:
+                 threads=threads, gpus=gpus) as c:
         if plan is None:  # sized for what the scheduler's workers are and advertise
             plan = plan_for(_budget(memory_budget, c, resource), workers_device_kind(c))
         check_capacity(c, resource, plan.task_memory_bytes)

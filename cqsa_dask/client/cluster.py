@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from distributed import Client, LocalCluster
 
 from cqsa_dask import config
-from cqsa_dask.core.errors import SchedulerError
+from cqsa_dask.core.errors import InvalidInputError, SchedulerError
 
-__all__ = ["DASHBOARD_PRELOAD", "advertised", "check_capacity", "connect"]
+__all__ = ["DASHBOARD_PRELOAD", "advertised", "check_capacity", "connect", "local_gpus", "visible_gpus"]
 
 DASHBOARD_PRELOAD = "cqsa_dask.dashboard"
 
@@ -32,12 +33,15 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def connect(client: Client | None = None, scheduler: str | None = None, *,
-            budget_bytes: int, resource: str, threads: int = 2) -> Iterator[Client]:
+            budget_bytes: int, resource: str, threads: int = 2, gpus: Sequence[str] = ()) -> Iterator[Client]:
     """Yield ``client``, a client of ``scheduler``, or one of a new local cluster.
 
     A local cluster gets ``threads`` threads per worker unless
-    ``cqsa.local-cluster.threads-per-worker`` says otherwise.  Only what
-    this function starts is closed on exit.
+    ``cqsa.local-cluster.threads-per-worker`` says otherwise; with ``gpus``
+    (device ids, ``local_gpus``) one worker process per entry, pinned to that
+    device (``CUDA_VISIBLE_DEVICES``), each advertising ``budget_bytes``;
+    otherwise ``cqsa.local-cluster.n-workers`` workers.  Only what this
+    function starts is closed on exit.
     """
     if client is not None:
         yield client
@@ -58,17 +62,75 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
     # cqsa_dask.dashboard` does for a scheduler of the user's own.
     from cqsa_dask import dashboard  # noqa: F401
 
+    options: dict[str, Any] = {
+        "threads_per_worker": threads if lc("threads-per-worker") == "auto" else int(lc("threads-per-worker")),
+        "processes": bool(lc("processes")), "dashboard_address": lc("dashboard-address"),
+        "resources": {resource: float(budget_bytes)},
+        "silence_logs": logging.getLevelName(str(lc("silence-logs")).upper()),
+        "scheduler_kwargs": {"preload": [DASHBOARD_PRELOAD]},
+    }
     with _no_sigint_in_children():  # the workers are spawned now, with SIGINT ignored; the job is not
-        cluster = LocalCluster(
-            n_workers=int(lc("n-workers")),
-            threads_per_worker=threads if lc("threads-per-worker") == "auto" else int(lc("threads-per-worker")),
-            processes=bool(lc("processes")), dashboard_address=lc("dashboard-address"),
-            resources={resource: float(budget_bytes)},
-            silence_logs=logging.getLevelName(str(lc("silence-logs")).upper()),
-            scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},
-        )
+        if gpus:
+            cluster: LocalCluster = _GPUCluster(gpus, **options)
+        else:
+            cluster = LocalCluster(n_workers=int(lc("n-workers")), **options)
     with cluster, Client(cluster) as c:
         yield c
+
+
+class _GPUCluster(LocalCluster):
+    """A LocalCluster of one worker process per GPU: worker i sees only device ``gpus[i]``
+    (``CUDA_VISIBLE_DEVICES``, set in its nanny's environment before CUDA starts there), so
+    its tasks' "cuda" is that GPU.  An id may repeat: two workers then share one GPU, each
+    with the whole per-worker budget.  (dask-cuda's LocalCUDACluster does the same for
+    users who have it; this spec needs nothing beyond distributed.)"""
+
+    def __init__(self, gpus: Sequence[str], **options: Any):
+        self._gpus = list(gpus)
+        super().__init__(n_workers=0, **options)
+        self.scale(len(self._gpus))
+        self.wait_for_workers(len(self._gpus))
+
+    def new_worker_spec(self) -> dict[Any, Any]:
+        (name, spec), = super().new_worker_spec().items()
+        gpu = self._gpus[int(name) % len(self._gpus)]
+        opts = dict(spec["options"])
+        opts["env"] = {**opts.get("env", {}), "CUDA_VISIBLE_DEVICES": gpu}
+        return {name: {**spec, "options": opts}}
+
+
+def visible_gpus() -> list[str]:
+    """The ids of the GPUs this process may use (``CUDA_VISIBLE_DEVICES`` when set), without
+    starting CUDA here (workers must create their own contexts on their own devices)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [s.strip() for s in env.split(",") if s.strip()] if env else [str(i) for i in range(count)]
+    return ids[:count]
+
+
+def local_gpus(setting: Any = None) -> list[str]:
+    """The devices of a local cluster's workers: ``cqsa.local-cluster.gpus`` ("all": every
+    visible GPU; "none": no GPU worker; "0,1" or [0, 1]: those of the visible GPUs, by index;
+    repeats allowed).  :class:`InvalidInputError` names a GPU that does not exist."""
+    value = config.get("local-cluster.gpus", setting)
+    visible = visible_gpus()
+    if value in (None, "all", "auto"):
+        return visible
+    if value in ("none", "", []) or value is False:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        wanted = [int(str(x).strip()) for x in items if str(x).strip()]
+    except ValueError:
+        raise InvalidInputError(f"gpus must be 'all', 'none' or GPU numbers such as 0,1; got {value!r}") from None
+    bad = [g for g in wanted if not 0 <= g < len(visible)]
+    if bad:
+        have = f"GPUs 0-{len(visible) - 1}" if visible else "no GPU"
+        raise InvalidInputError(f"no GPU {', '.join(map(str, bad))}: this machine shows {have}; "
+                                "give --gpus numbers among them (see nvidia-smi), or --gpus none")
+    return [visible[g] for g in wanted]
 
 
 @contextlib.contextmanager

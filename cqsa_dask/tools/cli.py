@@ -177,6 +177,9 @@ def _synthetic_store(a: argparse.Namespace) -> None:
 def _cmd_run(a: argparse.Namespace) -> int:
     from cqsa_dask.client.api import run
 
+    if getattr(a, "gpus", None) is not None:  # the local cluster's workers: one per GPU listed
+        dask.config.set({"cqsa.local-cluster.gpus": a.gpus})
+
     if getattr(a, "synthetic", None) is not None:
         _synthetic_store(a)
     else:
@@ -316,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scale", type=float, default=None)
     r.add_argument("--budget", default=None, help="memory budget per worker (default: workers' resource or config)")
     r.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
+    r.add_argument("--gpus", default=None, metavar="all|none|0,1,...",
+                    help="GPUs of the local cluster, one worker each (default: cqsa.local-cluster.gpus, all)")
     r.add_argument("--groups", type=int, default=None, help="force the number of token groups W")
     r.add_argument("--restart", action="store_true", help="discard a stored job with a different plan")
     r.add_argument("--json", action="store_true", help="print JSON progress lines and summary")
@@ -337,6 +342,8 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="finish the unfinished job of a store with its stored plan")
     rs.add_argument("store")
     rs.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
+    rs.add_argument("--gpus", default=None, metavar="all|none|0,1,...",
+                    help="GPUs of the local cluster, one worker each (default: cqsa.local-cluster.gpus, all)")
     rs.add_argument("--force", action="store_true",
                     help="take over the lease of a run on another host (make sure that run is gone first)")
     rs.add_argument("--json", action="store_true", help="print JSON progress lines and summary")
