@@ -86,11 +86,17 @@ def test_ctrl_c_then_resume(tmp_path: Path, pane: Pane) -> None:
     assert "RESUMED=0" in screen and "(resumed)" in screen and "Traceback" not in screen, screen
 
 
-def test_kill_9_then_resume_at_once(tmp_path: Path, pane: Pane) -> None:
+def _running_in_background(tmp_path: Path, pane: Pane) -> Path:
+    """A job started as the shell's job %1, a few seconds into its tasks; its store."""
     store = _job(tmp_path)
     pane.type(f"{_cqsa('run', str(store), '--budget', '6MB')} & sleep 0.5; echo STARTED", "Enter")
     pane.wait_for("dashboard ")
     time.sleep(3)
+    return store
+
+
+def test_kill_9_then_resume_at_once(tmp_path: Path, pane: Pane) -> None:
+    store = _running_in_background(tmp_path, pane)
     pane.type("kill -9 %1; wait %1; echo KILLED=$?", "Enter")
     pane.wait_for("KILLED=137")
     pane.type(f"{_cqsa('resume', str(store))}; echo RESUMED=$?", "Enter")
@@ -101,10 +107,8 @@ def test_kill_9_then_resume_at_once(tmp_path: Path, pane: Pane) -> None:
 
 
 def test_sigterm(tmp_path: Path, pane: Pane) -> None:
-    store = _job(tmp_path)
-    pane.type(f"{_cqsa('run', str(store), '--budget', '6MB')} & sleep 0.5; echo STARTED", "Enter")
-    pane.wait_for("dashboard ")
-    time.sleep(3)
+    store = _running_in_background(tmp_path, pane)
+    assert (store / "_cqsa").is_dir(), "the job started"
     pane.type("kill -TERM %1; wait %1; echo TERM=$?", "Enter")
     screen = pane.wait_for("TERM=")
     assert "TERM=143" in screen and "cqsa: terminated" in screen and "resume with `cqsa resume" in screen, screen
