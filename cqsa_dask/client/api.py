@@ -32,6 +32,8 @@ from cqsa_dask.client.cluster import advertised, check_capacity, connect
 from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
 from cqsa_dask.core.plan import Plan, make_plan, parse_budget, parse_dtype
 from cqsa_dask.execution.graph import build_graph
+from cqsa_dask.execution.options import RunOptions
+from cqsa_dask.execution.runtime import ensure_runtime
 from cqsa_dask.execution.telemetry import Outcome, announce_job, finish_job, job_span_name, page_link
 from cqsa_dask.kernels.attention import resolve_device
 from cqsa_dask.store.jobstate import Lease, check_free, fingerprint, same_inputs
@@ -271,9 +273,11 @@ def run(
         _store_op(lease.claim)
         try:
             eng = engine(group)
+            options = RunOptions.from_config(resource=resource, tasks_in_flight=plan.tasks_in_flight)
+            ensure_runtime(c, options)  # every worker's runtime (caches, pools, locks), set up once
             jg = build_graph(
                 store_s, token, plan, resource=resource, retries=int(config.get("retries")),
-                task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"),
+                task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"), options=options,
             )
             _store_op(lease.confirm)  # its settling wait overlaps building the graph; before any task
             if on_start is not None:

@@ -15,7 +15,8 @@ from cqsa_dask.execution.partials.all import AllPartials
 from cqsa_dask.execution.partials.base import Cell, Merged, PartialsPolicy, Producer
 from cqsa_dask.execution.partials.bounded import BoundedPartials
 
-__all__ = ["Cell", "Merged", "PartialsPolicy", "Producer", "policy_for", "policy_names"]
+__all__ = ["AllPartials", "BoundedPartials", "Cell", "Merged", "PartialsPolicy", "Producer", "policy_for",
+           "policy_names"]
 
 _POLICIES: dict[str, PartialsPolicy] = {p.name: p for p in (AllPartials(), BoundedPartials())}
 

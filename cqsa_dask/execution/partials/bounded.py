@@ -93,7 +93,7 @@ class BoundedPartials(PartialsPolicy):
     """Fold every result into its row on arrival (module docstring)."""
 
     name: ClassVar[str] = "bounded"
-    quorum_priority: ClassVar[Any] = _index_order
+    quorum_priority: ClassVar[Any] = staticmethod(_index_order)  # a plain function of the key
 
     def folds(self, plan: Plan) -> int:
         """One per (producer, shared row, batch, head block); an upper bound for causal plans."""
