@@ -1,4 +1,4 @@
-"""Bounded partials (``partials="bounded"``, cqsa_dask/fold.py).
+"""Bounded partials (``partials="bounded"``, cqsa_dask/execution/partials/bounded.py, fold.py).
 
 - exactness against float64 through the session cluster (uneven sizes,
   causal, GQA, many groups, large logits), with the same criterion as
@@ -36,7 +36,7 @@ from reference import check_exact, reference_attention
 import cqsa_dask
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.core.plan import make_plan
-from cqsa_dask.execution.fold import _Row, fold, join, split
+from cqsa_dask.execution.partials.fold import _Row, fold, join, split
 from cqsa_dask.store.layout import chunk_exists, create_outputs, open_job
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -111,7 +111,7 @@ def test_split_join_block_by_block(dtype: str, monkeypatch: pytest.MonkeyPatch) 
     """The codec runs in blocks of ``_BLOCK`` elements: with blocks of 7 and 1000 elements
     (a short last one) and a transposed (non-contiguous) input it still meets the float64
     definition everywhere, shape and element order kept."""
-    import cqsa_dask.execution.fold as fold_module
+    import cqsa_dask.execution.partials.fold as fold_module
 
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     x = torch.randn(3, 67, 23, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-140, 120, (3, 67, 23),
@@ -125,7 +125,7 @@ def test_split_join_block_by_block(dtype: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 def _check_definition(x: torch.Tensor, dtype: str) -> None:
-    from cqsa_dask.execution.fold import _LO_BITS, _MIN_EXP, _PRECISION
+    from cqsa_dask.execution.partials.fold import _LO_BITS, _MIN_EXP, _PRECISION
 
     hi, lo = split(x, dtype)
     assert hi.shape == x.shape and lo is not None and lo.shape == x.shape
@@ -215,8 +215,8 @@ def test_fold_order_and_crash_points(tmp_path: Path, dtype: torch.dtype, causal:
             fold(job, a, 0, 0, t, out, lse)
             fold(job, a, 0, 0, t, out, lse)  # a second delivery changes nothing
         assert job.merge_done[a, 0, 0] == 1, f"row {a} not finished (seed {seed})"
-        assert not chunk_exists(job.fold_state, (a, 0, 0, 0)), "fold state left behind"
-        assert not chunk_exists(job.fold_journal_head, (a, 0, 0, 0)), "journal left behind"
+        assert not chunk_exists(job.partials["fold_state"], (a, 0, 0, 0)), "fold state left behind"
+        assert not chunk_exists(job.partials["fold_journal_head"], (a, 0, 0, 0)), "journal left behind"
     _check_rows(inp, path, plan, rows, causal)
 
 
@@ -227,7 +227,7 @@ def test_the_journal_saves_the_out_chunk_as_it_was(tmp_path: Path, dtype: torch.
     write and its commit restores it.  (For float32 jobs join returned hi itself, the merge
     updated it in place, and the journal saved the merged values: a retry after such a crash
     would have folded the producer twice.)"""
-    from cqsa_dask.execution import fold as fold_module
+    from cqsa_dask.execution.partials import fold as fold_module
 
     inp, path, plan = _fold_job(tmp_path, dtype, False, seed=3)
     job = open_job(path, "tok")
@@ -256,7 +256,7 @@ def _crash(job, a: int, t: int, out: torch.Tensor, lse: torch.Tensor, where: str
     """Run the real fold of task t into row a and stop it, as a killed process would, right
     after ``where``: "journal" (journal written), "out-written" (the new out chunk written
     too), "committed" (the state written, the journal not yet deleted)."""
-    from cqsa_dask.execution import fold as fold_module
+    from cqsa_dask.execution.partials import fold as fold_module
 
     journal, write_block, end_journal = fold_module._Row.journal, fold_module.write_block, fold_module._Row.end_journal
 
@@ -294,7 +294,7 @@ def test_lost_fold_state_is_detected(tmp_path: Path) -> None:
     for t, out, lse in parts[:2]:
         fold(job, a, 0, 0, t, out, lse)
         job.task_done[t, 0, 0] = 1
-    cqsa_dask.store.layout.delete_chunk(job.fold_state, (a, 0, 0, 0))  # lost
+    cqsa_dask.store.layout.delete_chunk(job.partials["fold_state"], (a, 0, 0, 0))  # lost
     t, out, lse = parts[2]
     with pytest.raises(StoreError, match=f"query group {a} .*lost its fold state"):
         fold(job, a, 0, 0, t, out, lse)

@@ -373,7 +373,7 @@ def test_producers_with_empty_groups_match_the_owned_work(w: int, data: st.DataO
         rows[a] = len(want)
     shared = [a for a, k in rows.items() if k > 1]
     size = {a: e - s for a, (s, e) in zip(shared, map(p.group_bounds, shared))}
-    assert p._shared == (len(shared), sum(size.values()), sum(rows[a] for a in shared),
+    assert p.shared_rows == (len(shared), sum(size.values()), sum(rows[a] for a in shared),
                          sum(rows[a] * size[a] for a in shared))
 
 
@@ -389,4 +389,4 @@ def test_huge_plan_with_empty_groups_describes_itself() -> None:
     d = p.to_dict()
     assert quorum_system.cache_info().misses == built, "to_dict built the quorum system"
     assert d["partial_bytes"] == p.quorum_size * p.output_bytes
-    assert p._shared == (p.nonempty_groups, p.seq_len, p.quorum_size * p.nonempty_groups, p.quorum_size * p.seq_len)
+    assert p.shared_rows == (p.nonempty_groups, p.seq_len, p.quorum_size * p.nonempty_groups, p.quorum_size * p.seq_len)

@@ -17,7 +17,8 @@ from reference import reference_attention
 
 import cqsa_dask
 from cqsa_dask.core.plan import make_plan
-from cqsa_dask.execution import tasks
+from cqsa_dask.execution import taskio, tasks
+from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.telemetry import JOB_TOPIC, announce_job
 from cqsa_dask.store.layout import create_outputs
 
@@ -50,7 +51,7 @@ def test_a_task_holds_at_most_three_query_groups(tmp_path: Path, monkeypatch: py
     assert len(plan.work(0)) == plan.quorum_size == 8
     live: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
     most = [0]
-    read_q, attend = tasks._TaskIO.q, tasks.attend
+    read_q, attend = taskio.TaskIO.q, tasks.attend
 
     def tracked_q(self: Any, a: int, device: Any = None) -> torch.Tensor:
         t = read_q(self, a, device)
@@ -62,9 +63,9 @@ def test_a_task_holds_at_most_three_query_groups(tmp_path: Path, monkeypatch: py
         most[0] = max(most[0], len(live))
         return attend(*args, **kw)
 
-    monkeypatch.setattr(tasks._TaskIO, "q", tracked_q)
+    monkeypatch.setattr(taskio.TaskIO, "q", tracked_q)
     monkeypatch.setattr(tasks, "attend", counting_attend)
-    opts = {**tasks.worker_options(), "host-cache": 0, "device": "cpu"}
+    opts = RunOptions.from_config(host_cache=0, device="cpu")
     rec = tasks.quorum_task(str(path), "tok", 0, 0, 0, opts)
     assert rec["pairs"] > 8 and 1 <= most[0] <= 3, f"{most[0]} query groups alive at once"
 

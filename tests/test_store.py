@@ -185,6 +185,7 @@ def test_a_merge_rerun_after_its_marker_merges_nothing(tmp_path: Path, client) -
     producers' markers; the output is untouched.  (Found by the killed-worker test: the rerun
     read the deleted partials, cleared a producer's marker and failed the job.)"""
     from cqsa_dask.execution import tasks
+    from cqsa_dask.execution.options import RunOptions
 
     path, _ = make_store(tmp_path / "job.zarr")
     res = cqsa_dask.run(path, causal=False, memory_budget="1GB", groups=W, client=client)
@@ -198,7 +199,7 @@ def test_a_merge_rerun_after_its_marker_merges_nothing(tmp_path: Path, client) -
     hq = slice(j * plan.q_heads_per_task, (j + 1) * plan.q_heads_per_task)
     g["_cqsa/partial_out"][slot, b, hq, slice(*plan.group_bounds(a))] = 1.0
     assert len(partial_files(path)) == 1
-    rec = tasks.merge_task(str(path), token, a, b, j, {**tasks.worker_options(), "host-cache": 0})
+    rec = tasks.merge_task(str(path), token, a, b, j, RunOptions.from_config(host_cache=0))
     assert rec["bytes_read"] == 0, rec
     assert g["_cqsa/task_done"][...].all() and g["_cqsa/merge_done"][a, b, j] == 1
     assert {n: tree_hash(path / n) for n in outputs} == outputs
@@ -243,8 +244,10 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     once and the other head blocks' tasks get theirs from the host cache; read straight
     from the chunk files (chunkio), each head block reads only its own heads.  Either way
     every block read holds the stored values."""
-    from cqsa_dask.execution import tasks
+    from cqsa_dask.execution import taskio
     from cqsa_dask.execution.hostcache import HostCache
+    from cqsa_dask.execution.options import RunOptions
+    from cqsa_dask.execution.partials import Cell
     from cqsa_dask.kernels.transfer import use
     from cqsa_dask.store.layout import create_outputs, open_job, read_block
 
@@ -260,15 +263,13 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     plan = res.plan
     create_outputs(g, plan, "tok")
     if not direct:
-        monkeypatch.setattr(tasks, "read_rows", lambda *a, **k: None)
-    job, opts = open_job(str(store), "tok"), {**tasks.worker_options(), "host-cache": "1GB"}
+        monkeypatch.setattr(taskio, "read_rows", lambda *a, **k: None)
+    job, opts = open_job(str(store), "tok"), RunOptions.from_config(host_cache="1GB")
     cache = HostCache(2**30)
-    ios = [tasks._TaskIO(job, "tok", 0, 0, block, opts) for block in (0, 1)]
-    for io in ios:
-        io.cache = cache
+    ios = [taskio.TaskIO(Cell(job, "tok", 0, block), opts, cache) for block in (0, 1)]
     cpu = torch.device("cpu")
 
-    def kv(io: tasks._TaskIO) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(io: taskio.TaskIO) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = io.kv(5, cpu)
         return use(k), use(v)
 
@@ -307,7 +308,7 @@ def test_worker_budget_is_the_advertised_resource(client) -> None:  # type: igno
     """What a CUDA worker caps its allocator at: the resource its Dask worker advertises."""
     from conftest import CLIENT_DEVICE_MEM, RESOURCE
 
-    from cqsa_dask.execution.tasks import worker_budget
+    from cqsa_dask.execution.runtime import worker_budget
 
     assert client.submit(worker_budget, RESOURCE, pure=False).result() == CLIENT_DEVICE_MEM
     assert client.submit(worker_budget, "other_resource", pure=False).result() is None

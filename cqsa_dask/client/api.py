@@ -35,6 +35,8 @@ from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
 from cqsa_dask.core.plan import IDENTITY, Plan, make_plan
 from cqsa_dask.core.units import parse_budget
 from cqsa_dask.execution.graph import build_graph
+from cqsa_dask.execution.options import RunOptions
+from cqsa_dask.execution.runtime import ensure_runtime
 from cqsa_dask.execution.telemetry import Outcome, announce_job, finish_job, job_span_name, page_link
 from cqsa_dask.store.jobstate import Lease, check_free, fingerprint, same_inputs
 from cqsa_dask.store.layout import (
@@ -284,9 +286,11 @@ def run(
         _store_op(lease.claim)
         try:
             eng = engine(group)
+            options = RunOptions.from_config(resource=resource, tasks_in_flight=plan.tasks_in_flight)
+            ensure_runtime(c, options)  # every worker's runtime (caches, pools, locks), set up once
             jg = build_graph(
                 store_s, token, plan, resource=resource, retries=int(config.get("retries")),
-                task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"),
+                task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"), options=options,
             )
             _store_op(lease.confirm)  # its settling wait overlaps building the graph; before any task
             if on_start is not None:

@@ -42,13 +42,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cqsa_dask.core.dtypes import DTYPES, DType, parse_dtype
 from cqsa_dask.core.errors import BudgetError, InvalidInputError
 from cqsa_dask.core.quorums import QuorumSystem, base_set_size, is_prime, quorum_system
 from cqsa_dask.core.shapes import validate_problem
 from cqsa_dask.core.units import parse_budget
+
+if TYPE_CHECKING:
+    from cqsa_dask.execution.partials import PartialsPolicy
 
 __all__ = ["IDENTITY", "Plan", "make_plan", "task_memory"]
 
@@ -58,8 +61,6 @@ PLAN_VERSION = 3  # 2: tasks_in_flight and host_staging; 3: partials and query_g
 IDENTITY = ("batch", "heads_q", "heads_kv", "seq_len", "head_dim", "dtype", "causal", "scale",
             "groups", "quorum_size", "heads_per_task", "partials", "query_groups")
 Partials = Literal["all", "bounded"]
-#: Bytes of the fold state per element of ``out`` (the int8 low part) by dtype.
-LO_BYTES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 1}
 
 
 @dataclass(frozen=True)
@@ -133,15 +134,20 @@ class Plan:
         return len(self.merge_groups) * self.batch * self.head_blocks
 
     @property
+    def policy(self) -> PartialsPolicy:
+        """The partials policy object (``execution/partials``: pure, torch-free imports)."""
+        from cqsa_dask.execution.partials import policy_for
+
+        return policy_for(self.partials)
+
+    @property
     def folds(self) -> int:
-        """Fold steps of a bounded job (one per (producer, group, batch, head block)
-        of groups with several producers; an upper bound for causal plans); 0 when partials are "all"."""
-        if self.partials != "bounded":
-            return 0
-        return self._shared[2] * self.batch * self.head_blocks
+        """Fold steps of the job's partials policy (bounded: one per (producer, group, batch,
+        head block) of groups with several producers, an upper bound for causal plans; "all": 0)."""
+        return self.policy.folds(self)
 
     @cached_property
-    def _shared(self) -> tuple[int, int, int, int]:
+    def shared_rows(self) -> tuple[int, int, int, int]:
         """(rows, their tokens, their producers, sum of producers x tokens per row) over the
         computed rows with several producers.
 
@@ -172,40 +178,10 @@ class Plan:
         return self.batch * self.heads_q * self.seq_len * (self.head_dim * self.itemsize + 4)
 
     @property
-    def fold_mask_bytes(self) -> int:
-        """Bytes of a row's producer mask in fold states and journals: |D| rounded up to 8."""
-        return -(-self.quorum_size // 8) * 8
-
-    @property
-    def fold_state_bytes(self) -> int:
-        """Bytes of one fold state chunk (bounded jobs, ``fold.py``): header,
-        producer mask, lo (hq, G, D) int8 (none for float32), lse (hq, G) float32."""
-        hq, g, d = self.q_heads_per_task, self.group_size, self.head_dim
-        return 16 + self.fold_mask_bytes + hq * g * (d * LO_BYTES[self.dtype] + 4)
-
-    @property
-    def fold_journal_bytes(self) -> int:
-        """Bytes of one fold journal chunk: the producer mask seen and the out chunk (hq, G, D) replaced."""
-        return self.fold_mask_bytes + self.q_heads_per_task * self.group_size * self.head_dim * self.itemsize
-
-    @property
     def partial_bytes(self) -> int:
-        """Planned peak bytes of partial results on disk.
-
-        "all": every producer's partial of every computed row (|D| x the
-        output).  "bounded": no partial is stored; a fold state per row with
-        several producers plus, for each of the ``tasks_in_flight`` folds a
-        worker runs at once, its journal (the mask and the replaced out
-        chunk) and the new state being written (a temporary file, renamed
-        over the old one).  Per worker: add that last term once per further
-        worker.  Rows with a single producer are written directly and need nothing.
-        """
-        shared, tokens, _, _ = self._shared
-        if self.partials == "all":
-            return int(self.quorum_size * self.output_bytes * tokens / self.seq_len)
-        rows = shared * self.batch * self.head_blocks
-        in_flight = self.fold_journal_bytes + 16 + self.fold_state_bytes if rows else 0
-        return rows * self.fold_state_bytes + self.tasks_in_flight * in_flight
+        """Planned peak bytes the partials policy keeps on disk beyond out and lse
+        ("all": |D| x the output at most; "bounded": fold states and journals)."""
+        return self.policy.partial_bytes(self)
 
     @property
     def itemsize(self) -> int:
@@ -225,7 +201,7 @@ class Plan:
         return 4 * self.batch * self.heads_q * self.head_dim * pairs
 
     @property
-    def _computed_tokens(self) -> int:
+    def computed_tokens(self) -> int:
         """Query rows (tokens) the job computes: N unless ``query_groups``."""
         if not self.query_groups:
             return self.seq_len
@@ -233,7 +209,7 @@ class Plan:
 
     def _row_fraction(self) -> float:
         """Share of the query rows the job computes (1 unless ``query_groups``)."""
-        return self._computed_tokens / self.seq_len
+        return self.computed_tokens / self.seq_len
 
     @property
     def bytes_read(self) -> int:
@@ -245,22 +221,9 @@ class Plan:
 
     @property
     def bytes_written(self) -> int:
-        """Bytes written to the store (an upper bound for causal plans).
-
-        "all": |D| partial outputs with lse, then out and lse.  "bounded"
-        (``fold.py``): a row with one producer writes out and lse once; each
-        fold into a shared row writes the running out chunk (hq, L, D), the
-        fold state and a 16-byte journal head, every fold after the row's
-        first also its journal (the out chunk replaced), the last one lse
-        (hq, L) float32: about 2.5 x the partials of "all" for bfloat16.
-        """
-        if self.partials == "all":
-            return int((self.quorum_size + 1) * self.output_bytes * self._row_fraction())
-        rows, tokens, folds, fold_tokens = self._shared
-        hq, row = self.q_heads_per_task, self.head_dim * self.itemsize
-        shared = (hq * (row * fold_tokens + 4 * tokens) + folds * (16 + self.fold_state_bytes)
-                  + (folds - rows) * self.fold_journal_bytes)
-        return (shared + hq * (self._computed_tokens - tokens) * (row + 4)) * self.batch * self.head_blocks
+        """Bytes written to the store, out and lse included (the partials policy's exact
+        figure for full attention, an upper bound for causal plans)."""
+        return self.policy.bytes_written(self)
 
     def group_bounds(self, g: int) -> tuple[int, int]:
         """Token range [start, stop) of group ``g`` (stop may equal start)."""
@@ -368,8 +331,11 @@ def task_memory(
 
 def _finish(plan: Plan, partials: str, limit: int | str, query_groups: Sequence[int] | None) -> Plan:
     """Resolve the partials policy and validate ``query_groups`` for a chosen plan."""
-    if partials not in ("all", "bounded", "auto"):
-        raise InvalidInputError(f"partials must be 'all', 'bounded' or 'auto', got {partials!r}")
+    from cqsa_dask.execution.partials import policy_names
+
+    if partials != "auto" and partials not in policy_names():
+        names = ", ".join(repr(n) for n in (*policy_names(), "auto"))
+        raise InvalidInputError(f"partials must be one of {names}, got {partials!r}")
     chosen: tuple[int, ...] = ()
     if query_groups is not None:
         try:

@@ -1,7 +1,5 @@
 """Build the Dask graph of one job: quorum tasks, then merges.
 
-Only this module and ``cluster`` talk to dask/distributed.
-
 ::
 
     cqsa-quorum-<job>,i,b,j ──┐      (resources={device_mem: predicted bytes})
@@ -16,9 +14,10 @@ producers are in the graph.  Tasks already recorded as done in the
 store are left out (resume); a merge whose producers are all done has no
 dependencies.  Keys are tuples whose first element starts with a readable
 prefix, so the dashboard groups them as ``cqsa-quorum`` and ``cqsa-merge``.
-Two layers carry the annotations: resources and retries on quorum tasks,
-a higher priority on merges so that finished groups are merged (and their
-partials can be released) early.
+Two layers carry the annotations: resources, retries and the partials
+policy's priority (``quorum_priority``) on quorum tasks, a higher priority on
+merges so that finished groups are merged (and their partials can be
+released) early.  Every task carries the job's :class:`RunOptions`.
 """
 
 from __future__ import annotations
@@ -29,7 +28,8 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cqsa_dask.core.plan import Plan
-from cqsa_dask.execution.tasks import merge_task, quorum_task, worker_options
+from cqsa_dask.execution.options import RunOptions
+from cqsa_dask.execution.tasks import merge_task, quorum_task
 
 __all__ = ["JobGraph", "build_graph", "merge_prefix", "quorum_prefix"]
 
@@ -53,14 +53,10 @@ class JobGraph:
         return self.quorum_keys + self.merge_keys
 
 
-def _index_order(key: Any) -> int:
-    return -int(key[1])
-
-
 def build_graph(
     store: str, token: str, plan: Plan, *, resource: str, retries: int,
     task_done: np.ndarray | None = None, merge_done: np.ndarray | None = None,
-    options: dict[str, Any] | None = None,
+    options: RunOptions | None = None,
 ) -> JobGraph:
     """Graph for the tasks and merges of ``plan`` not yet marked done.
 
@@ -68,9 +64,9 @@ def build_graph(
         task_done, merge_done: (W, B, J) arrays of 0/1 markers from the store.
         resource: worker resource name; each quorum task asks for
             ``plan.task_memory_bytes`` of it.
-        options: worker-side settings (``tasks.worker_options()``).
+        options: how workers run the tasks (default: ``RunOptions.from_config()``).
     """
-    options = options if options is not None else worker_options()
+    options = options if options is not None else RunOptions.from_config()
     qp, mp = quorum_prefix(token), merge_prefix(token)
     grid = (plan.groups, plan.batch, plan.head_blocks)
     tdone = task_done if task_done is not None else np.zeros(grid, np.uint8)
@@ -92,12 +88,10 @@ def build_graph(
                     continue
                 deps = [k for k in ((qp, t, b, j) for t in producers[a]) if k in quorums]
                 merges[(mp, a, b, j)] = (merge_task, store, token, a, b, j, options, *deps)
-    # A bounded job runs quorum tasks in index order, so rows fill up (and
-    # their fold state goes away) early; merges then only check the rows.
-    priority: Any = _index_order if plan.partials == "bounded" else 0
     layers = {
         qp: MaterializedLayer(quorums, annotations={
-            "resources": {resource: plan.task_memory_bytes}, "retries": retries, "priority": priority}),
+            "resources": {resource: plan.task_memory_bytes}, "retries": retries,
+            "priority": plan.policy.quorum_priority}),
         mp: MaterializedLayer(merges, annotations={"retries": retries, "priority": 10}),
     }
     hlg = HighLevelGraph(layers, {qp: set(), mp: {qp}})

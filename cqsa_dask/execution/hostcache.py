@@ -1,4 +1,4 @@
-"""Per-process host-memory cache of input blocks and partial results, and the IO pool.
+"""The host-memory cache of input blocks and partial results (one per worker runtime).
 
 Each group of q, k, v is read by |D| quorum tasks and each partial result
 once by its merge.  When a worker runs many of those tasks, keeping what it
@@ -7,13 +7,12 @@ hits: the store is read about once instead of |D| times.
 
 Policy: least-recently-used eviction under a byte budget
 (``cqsa.host-cache``: bytes, "4GB", or "auto" = a quarter of the worker's
-memory limit, or of the machine's RAM outside a worker).  Entries are CPU
+memory limit, or of the machine's RAM without one).  Entries are CPU
 tensors; keys include the job token, so jobs never see each other's data.
 A partial is dropped once merged.  The cache is only an accelerator: every
 entry is also durably in the store, so a lost worker loses nothing.
-
-The IO pool is a process-wide thread pool for store reads and writes, so a
-task overlaps its IO with its compute (zarr's sync API is thread-safe).
+The worker runtime (``runtime.py``) owns the cache; this module only
+implements it.
 """
 
 from __future__ import annotations
@@ -21,15 +20,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 import psutil
 import torch
 
 from cqsa_dask.core.units import parse_budget
 
-__all__ = ["HostCache", "host_cache", "io_pool"]
+__all__ = ["HostCache", "cache_capacity"]
 
 
 class HostCache:
@@ -85,25 +82,9 @@ class HostCache:
         return t
 
 
-def _capacity(setting: int | str) -> int:
+def cache_capacity(setting: int | str, memory_limit: float | None = None) -> int:
+    """Bytes of the cache for ``cqsa.host-cache`` = ``setting``: bytes or "4GB"; 0 for none;
+    "auto": a quarter of ``memory_limit`` (the worker's), or of the machine's RAM without one."""
     if setting != "auto":
         return 0 if setting in (0, "0") else parse_budget(setting)
-    try:
-        from distributed import get_worker
-
-        limit = get_worker().memory_manager.memory_limit
-    except (ImportError, ValueError, AttributeError):
-        limit = None
-    return int((limit or psutil.virtual_memory().total) // 4)
-
-
-@lru_cache(maxsize=1)
-def host_cache(setting: int | str = "auto") -> HostCache:
-    """The process's cache (created on first use with ``setting``)."""
-    return HostCache(_capacity(setting))
-
-
-@lru_cache(maxsize=1)
-def io_pool(threads: int = 4) -> ThreadPoolExecutor:
-    """The process's IO thread pool."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cqsa-io")
+    return int((memory_limit or psutil.virtual_memory().total) // 4)

@@ -258,20 +258,14 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     Overwrites earlier outputs and engine state (callers decide on resume).
     """
     b, hq, n, d = plan.batch, plan.heads_q, plan.seq_len, plan.head_dim
-    g, ht, s = plan.group_size, plan.q_heads_per_task, plan.quorum_size
+    g, ht = plan.group_size, plan.q_heads_per_task
     grid = (plan.groups, b, plan.head_blocks)
     create_array(group, "out", (b, hq, n, d), (1, ht, g, d), plan.dtype)
     create_array(group, "lse", (b, hq, n), (1, ht, g), "float32")
     eng = group.create_group(ENGINE, overwrite=True)
-    create_array(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), plan.dtype, nan_fill=True)
-    create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32", nan_fill=True)
+    plan.policy.create_arrays(eng, plan)  # partial_out, partial_lse (and the fold arrays of bounded jobs)
     create_array(eng, "task_done", grid, (1, 1, 1), "uint8")
     create_array(eng, "merge_done", grid, (1, 1, 1), "uint8")
-    if plan.partials == "bounded":  # see fold.py
-        sb, jb = plan.fold_state_bytes, plan.fold_journal_bytes
-        create_array(eng, "fold_state", (*grid, sb), (1, 1, 1, sb), "uint8")
-        create_array(eng, "fold_journal", (*grid, jb), (1, 1, 1, jb), "uint8")
-        create_array(eng, "fold_journal_head", (*grid, 2), (1, 1, 1, 2), "int64")
     nf = len(STAT_FIELDS)
     for name in ("task_stats", "merge_stats"):
         create_array(eng, name, (*grid, nf), (1, 1, 1, nf), "float64", nan_fill=True)
@@ -298,15 +292,12 @@ class Job:
         self.source: SyntheticSource | None = source_of(group)
         self.q, self.k, self.v = (array(group, n) if self.source is None else None for n in ("q", "k", "v"))
         self.out, self.lse = array(group, "out"), array(group, "lse")
-        self.partial_out, self.partial_lse = array(eng, "partial_out"), array(eng, "partial_lse")
         self.task_done, self.merge_done = array(eng, "task_done"), array(eng, "merge_done")
         # Stores written by an engine without per-task records have neither.
         self.task_stats = array(eng, "task_stats") if "task_stats" in eng else None
         self.merge_stats = array(eng, "merge_stats") if "merge_stats" in eng else None
-        bounded = self.plan.partials == "bounded"
-        self.fold_state = array(eng, "fold_state") if bounded else None
-        self.fold_journal = array(eng, "fold_journal") if bounded else None
-        self.fold_journal_head = array(eng, "fold_journal_head") if bounded else None
+        # the partials policy's arrays by name (execution/partials: partial_out, partial_lse; fold_state, ...)
+        self.partials: dict[str, zarr.Array] = self.plan.policy.open_arrays(eng)
 
 
 @lru_cache(maxsize=16)

@@ -1,10 +1,10 @@
-"""Bounded partials: fold each producer's result into its row as it arrives.
+"""The fold of bounded partials: each producer's result into its row as it arrives.
 
-With ``plan.partials == "bounded"`` a quorum task does not store its per-slot
+In a bounded job (``bounded.py``) a quorum task does not store its per-slot
 result (out (hq, L, D) float32, lse (hq, L)) as a partial: it folds it into
-the row's running result under a per-row lock, so the partials never exist on
-disk and what the store holds beyond the output is one *fold state* per open
-row:
+the row's running result under the row's lock (``WorkerRuntime.row_lock``),
+so the partials never exist on disk and what the store holds beyond the
+output is one *fold state* per open row:
 
 - the high part of the running output lives in ``out`` itself (the job
   dtype, rounded to nearest);
@@ -39,27 +39,24 @@ exact but not bitwise reproducible from run to run; ``partials="all"`` is.
 
 from __future__ import annotations
 
-import threading
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from cqsa_dask.core.errors import StoreError
-from cqsa_dask.core.plan import LO_BYTES, Plan
+from cqsa_dask.core.plan import Plan
+from cqsa_dask.execution.partials.bounded import LO_BYTES, journal_bytes, mask_bytes, state_bytes
 from cqsa_dask.kernels.attention import merge
 from cqsa_dask.store.layout import TORCH_DTYPES, Job, chunk_exists, delete_chunk, read_block, write_block, write_raw
 
-__all__ = ["FoldState", "damaged_row", "finish_row", "fold", "join", "lock_for", "split"]
+__all__ = ["FoldState", "damaged_row", "finish_row", "fold", "join", "split"]
 
 _MAGIC = 0x43515346  # "CQSF": a fold state chunk
 _PRECISION = {"bfloat16": 8, "float16": 11}  # significand bits of hi
 _MIN_EXP = {"bfloat16": -125, "float16": -13}  # frexp exponent of the smallest normal hi
 _LO_BITS = 8  # lo counts units of 2^-8 ulp(hi)
 _BLOCK = 1 << 18  # elements per block of the hi/lo codec: its scratch (1 MB each) stays in cache
-_STRIPES = 256  # row locks per job: rows share a lock modulo this
 
 
 # -- hi/lo codec ----------------------------------------------------------------
@@ -129,9 +126,9 @@ class FoldState:
 
 
 def _pack_state(plan: Plan, st: FoldState) -> np.ndarray:
-    buf = np.zeros(plan.fold_state_bytes, np.uint8)
+    buf = np.zeros(state_bytes(plan), np.uint8)
     buf[:16] = np.array([_MAGIC, 1], np.int64).view(np.uint8)
-    m = plan.fold_mask_bytes
+    m = mask_bytes(plan)
     buf[16:16 + len(st.mask)] = st.mask
     pos = 16 + m
     if st.lo is not None:
@@ -147,7 +144,7 @@ def _unpack_state(plan: Plan, buf: np.ndarray, rows: int, producers: int) -> Fol
     if int(buf[:8].view(np.int64)[0]) != _MAGIC:
         return None
     hq, d = plan.q_heads_per_task, plan.head_dim
-    pos = 16 + plan.fold_mask_bytes
+    pos = 16 + mask_bytes(plan)
     mask = buf[16:16 + producers].copy()
     lo = None
     if LO_BYTES[plan.dtype]:
@@ -156,33 +153,6 @@ def _unpack_state(plan: Plan, buf: np.ndarray, rows: int, producers: int) -> Fol
         pos += n
     lse = torch.from_numpy(buf[pos:pos + hq * rows * 4].copy().view(np.float32)).reshape(hq, rows)
     return FoldState(mask, lo, lse)
-
-
-# -- locks ------------------------------------------------------------------------
-_local_locks: dict[tuple[str, int], threading.Lock] = {}
-_dist_locks: dict[tuple[str, int], Any] = {}
-_guard = threading.Lock()
-
-
-def lock_for(token: str, group: int) -> AbstractContextManager[Any]:
-    """The lock of row ``group``: a ``distributed.Lock`` (striped) inside a Dask
-    worker, a process-local lock otherwise.  Call from the task's own thread
-    (a distributed lock needs the worker's context to be created)."""
-    key = (token, group % _STRIPES)
-    with _guard:
-        try:
-            from distributed import Lock, get_worker
-
-            get_worker()
-        except (ImportError, ValueError):
-            return _local_locks.setdefault(key, threading.Lock())
-        if key not in _dist_locks:
-            lock = Lock(f"cqsa-{token}-fold-{key[1]}")
-            # bind it to this worker's scheduler connection and loop now, in the task's thread: it is
-            # used from IO threads, where the lazy binding would find no worker context
-            _ = lock.scheduler, lock.loop
-            _dist_locks[key] = lock
-        return _dist_locks[key]  # type: ignore[no-any-return]
 
 
 # -- the fold -----------------------------------------------------------------------
@@ -199,8 +169,9 @@ class _Row:
         self.producers = sorted(p.producers(group))
         self.cell = (group, batch, block)
         self.out_chunk = (batch, block, group, 0)
-        assert job.fold_state is not None and job.fold_journal is not None and job.fold_journal_head is not None
-        self.state_arr, self.journal_arr, self.journal_head = job.fold_state, job.fold_journal, job.fold_journal_head
+        arrays = job.partials
+        self.state_arr, self.journal_arr, self.journal_head = (
+            arrays["fold_state"], arrays["fold_journal"], arrays["fold_journal_head"])
 
     def state(self) -> FoldState | None:
         if not chunk_exists(self.state_arr, (*self.cell, 0)):
@@ -242,7 +213,7 @@ class _Row:
             if not had_state:
                 delete_chunk(self.job.out, self.out_chunk)
             else:
-                m = plan.fold_mask_bytes
+                m = mask_bytes(plan)
                 n = plan.q_heads_per_task * self.n * plan.head_dim * plan.itemsize
                 raw = torch.from_numpy(buf[m:m + n].copy())
                 hi = raw.view(TORCH_DTYPES[plan.dtype]).reshape(plan.q_heads_per_task, self.n, plan.head_dim)
@@ -255,8 +226,8 @@ class _Row:
         plan = self.job.plan
         n = 16
         if st is not None and hi is not None:
-            buf = np.zeros(plan.fold_journal_bytes, np.uint8)
-            m = plan.fold_mask_bytes
+            buf = np.zeros(journal_bytes(plan), np.uint8)
+            m = mask_bytes(plan)
             buf[:len(st.mask)] = st.mask
             flat = _bytes(hi)
             buf[m:m + flat.size] = flat
@@ -312,7 +283,7 @@ def fold(job: Job, group: int, batch: int, block: int, task: int,
          out: torch.Tensor, lse: torch.Tensor) -> int:
     """Fold task ``task``'s result for row ``group`` (out (hq, L, D) float32, lse (hq, L)).
 
-    Call under ``lock_for(token, group)``.  Returns the bytes written.
+    Call under the row's lock (``WorkerRuntime.row_lock(token, group)``).  Returns the bytes written.
     """
     plan = job.plan
     if job.merge_done[group, batch, block]:
@@ -343,7 +314,7 @@ def fold(job: Job, group: int, batch: int, block: int, task: int,
     write_block(job.out, (batch, row.q_h, row.rows), hi)
     write_raw(row.state_arr, row.cell, _pack_state(plan, FoldState(mask, lo, acc[1])))  # the commit
     row.end_journal()
-    written += hi.nbytes + plan.fold_state_bytes
+    written += hi.nbytes + state_bytes(plan)
     if bool(mask.all()) and finish_row(job, group, batch, block):
         written += acc[1].nbytes  # lse
     return written

@@ -1,0 +1,137 @@
+"""How workers run a job's tasks: :class:`RunOptions`, read once on the client.
+
+dask.config set on the client does not reach running workers, so the client
+reads the ``cqsa.*`` settings tasks need into one frozen, picklable value
+that travels with every task (and with the worker plugin,
+``runtime.CQSAWorkerPlugin``).  The YAML keys (``cqsa.yaml``) are the user's
+contract and keep their names; the fields are their snake_case twins.
+
+Two kinds of field, one value::
+
+    per task      device, kernel, check_finite, pin_host_memory
+    per worker    host_cache, io_threads, torch_threads, zarr_concurrency,
+                  resource, cap_device_memory, expandable_segments, tasks_in_flight
+                  (the runtime is built from these once per worker process;
+                   ``runtime_key`` tells two runtimes apart)
+
+Pure: imports neither torch nor zarr (``tasks_in_flight = "auto"`` asks
+torch whether CUDA is there only when ``device`` does not say).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cqsa_dask import config
+from cqsa_dask.core.errors import InvalidInputError
+
+__all__ = ["RunOptions"]
+
+PinSetting = Literal["auto"] | bool
+
+# field -> cqsa.yaml key (the user's contract)
+_KEYS = {
+    "device": "device", "kernel": "kernel", "check_finite": "check-finite", "torch_threads": "torch-threads",
+    "zarr_concurrency": "zarr-concurrency", "host_cache": "host-cache", "io_threads": "io-threads",
+    "pin_host_memory": "pin-host-memory", "resource": "resource", "cap_device_memory": "cap-device-memory",
+    "expandable_segments": "expandable-segments", "tasks_in_flight": "tasks-in-flight",
+}
+# the fields the worker runtime is built from (the rest is read by each task)
+_RUNTIME_FIELDS = ("host_cache", "io_threads", "torch_threads", "zarr_concurrency", "resource",
+                   "cap_device_memory", "expandable_segments", "device")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The settings a worker needs to run tasks (``cqsa.*`` keys in brackets).
+
+    device: where tasks compute, "auto" | "cpu" | "cuda" | "cuda:1" (``device``).
+    kernel: attention kernel, "auto" or a name (``kernel``).
+    check_finite: fail on NaN/Inf inputs (``check-finite``).
+    torch_threads: intra-op threads of a worker process, None = all cores (``torch-threads``).
+    zarr_concurrency: zarr's async concurrency in a worker process (``zarr-concurrency``).
+    host_cache: host cache bytes, "8GB", "auto" or 0 (``host-cache``).
+    io_threads: store IO threads per worker (``io-threads``).
+    pin_host_memory: "auto" | True | False (``pin-host-memory``).
+    resource: the worker resource carrying the budget (``resource``).
+    cap_device_memory: cap torch's CUDA allocator at that resource (``cap-device-memory``).
+    expandable_segments: let the CUDA allocator grow segments (``expandable-segments``).
+    tasks_in_flight: quorum tasks a worker holds at once ("auto" resolved:
+        2 on CUDA, 1 on the CPU) (``tasks-in-flight``).
+    """
+
+    device: str = "auto"
+    kernel: str = "auto"
+    check_finite: bool = True
+    torch_threads: int | None = None
+    zarr_concurrency: int = 4
+    host_cache: int | str = "auto"
+    io_threads: int = 4
+    pin_host_memory: PinSetting = False
+    resource: str = "device_mem"
+    cap_device_memory: bool = True
+    expandable_segments: bool = True
+    tasks_in_flight: int = 1
+
+    @classmethod
+    def from_config(cls, **overrides: Any) -> RunOptions:
+        """The options of dask.config's ``cqsa.*`` settings, with ``overrides`` (field names) on top."""
+        unknown = sorted(set(overrides) - set(_KEYS))
+        if unknown:
+            raise InvalidInputError(f"unknown run options {unknown}; known: {sorted(_KEYS)}")
+        raw = {f: overrides[f] if f in overrides else config.get(k) for f, k in _KEYS.items()}
+        return cls.parse(raw)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> RunOptions:
+        """Validate and type the settings ``raw`` (field -> value as dask.config holds it)."""
+        try:
+            threads = raw["torch_threads"]
+            pin = raw["pin_host_memory"]
+            return cls(
+                device=str(raw["device"]), kernel=str(raw["kernel"]), check_finite=bool(raw["check_finite"]),
+                torch_threads=None if threads in (None, 0, "0") else int(threads),
+                zarr_concurrency=int(raw["zarr_concurrency"]), host_cache=_cache_setting(raw["host_cache"]),
+                io_threads=int(raw["io_threads"]), pin_host_memory="auto" if pin == "auto" else bool(pin),
+                resource=str(raw["resource"]), cap_device_memory=bool(raw["cap_device_memory"]),
+                expandable_segments=bool(raw["expandable_segments"]),
+                tasks_in_flight=_in_flight(raw["tasks_in_flight"], str(raw["device"])),
+            )
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"a cqsa run option is not understood ({e}); see cqsa.yaml") from None
+
+    def replace(self, **changes: Any) -> RunOptions:
+        """A copy with ``changes`` (field names)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def runtime_key(self) -> str:
+        """A short digest of the per-worker fields: workers keep one runtime per key."""
+        text = repr(tuple(getattr(self, f) for f in _RUNTIME_FIELDS))
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _cache_setting(value: Any) -> int | str:
+    if isinstance(value, str) and value != "auto" and value.strip().isdigit():
+        return int(value)
+    return value if isinstance(value, str) else int(value)
+
+
+def _in_flight(value: Any, device: str) -> int:
+    """``cqsa.tasks-in-flight``: an int, or "auto" = 2 on CUDA (one task loads while another
+    computes), 1 on the CPU (one task already uses every core)."""
+    if value != "auto":
+        n = int(value)
+        if n < 1:
+            raise ValueError(f"tasks-in-flight must be at least 1, got {value!r}")
+        return n
+    if device.startswith("cuda"):
+        return 2
+    if device == "cpu":
+        return 1
+    import torch  # "auto" device: ask whether CUDA is there
+
+    return 2 if torch.cuda.is_available() else 1

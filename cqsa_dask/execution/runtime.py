@@ -1,0 +1,354 @@
+"""The worker runtime: what a worker keeps for its tasks, set up once per worker.
+
+::
+
+    client ──ensure_runtime(client, options)──> scheduler: CQSAWorkerPlugin(options),
+              (idempotent: named by options.runtime_key)  sent to every worker, now and later
+    worker ──plugin.setup──> WorkerRuntime(options, worker)
+    task   ──runtime(options)──> that runtime (outside such a worker: a process-local one)
+
+A :class:`WorkerRuntime` owns
+
+    cache        the host cache of input blocks and partials (``hostcache.py``)
+    pool         the IO thread pool (``cqsa.io-threads``)
+    streams      one CUDA stream per worker thread (``task_stream``)
+    turn         the CPU compute turn: one task at a time runs torch math on the CPU
+    fold slots   at most n folds at once (bounded partials bound their journals so)
+    row locks    a ``distributed.Lock`` per (job, row stripe) inside a worker
+
+Process-wide settings, torch's intra-op threads, zarr's async concurrency and
+the CUDA allocator's per-process cap and expandable segments, are applied
+only in a worker that owns its process (one a nanny started: ``LocalCluster
+(processes=True)``, ``dask worker``).  A threaded worker runs in the user's
+process, and there nothing process-wide changes: torch keeps its threads,
+zarr its concurrency and the allocator its settings (no cap: the budget is
+then only the planner's).  ``worker_env(options)`` is the environment a
+cluster gives the worker processes it spawns, so that the allocator setting
+is in place before torch starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from distributed import WorkerPlugin
+
+from cqsa_dask.execution.hostcache import HostCache, cache_capacity
+from cqsa_dask.execution.options import RunOptions
+from cqsa_dask.kernels.attention import resolve_device
+
+if TYPE_CHECKING:
+    from distributed import Client, Worker
+
+__all__ = [
+    "CQSAWorkerPlugin",
+    "WorkerRuntime",
+    "describe_worker",
+    "ensure_runtime",
+    "plugin_name",
+    "runtime",
+    "worker_budget",
+    "worker_env",
+]
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "cqsa-runtime-"
+_SEGMENTS = "expandable_segments:True"
+_ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+_STRIPES = 256  # row locks per job: rows share a lock modulo this
+
+
+def plugin_name(options: RunOptions) -> str:
+    """The worker plugin's name for ``options``: one runtime per distinct per-worker settings."""
+    return _PREFIX + options.runtime_key
+
+
+class RowLocks:
+    """The locks of shared rows (bounded partials): a ``distributed.Lock`` per (job, row
+    stripe) inside a Dask worker, so that workers folding into one row take turns; a
+    process-local lock outside one."""
+
+    def __init__(self) -> None:
+        self._local: dict[tuple[str, int], threading.Lock] = {}
+        self._dist: dict[tuple[str, int], Any] = {}
+        self._guard = threading.Lock()
+
+    def get(self, token: str, group: int) -> AbstractContextManager[Any]:
+        """Call from the task's own thread (a distributed lock needs the worker's context)."""
+        key = (token, group % _STRIPES)
+        with self._guard:
+            try:
+                from distributed import Lock, get_worker
+
+                get_worker()
+            except (ImportError, ValueError):
+                return self._local.setdefault(key, threading.Lock())
+            if key not in self._dist:
+                lock = Lock(f"cqsa-{token}-fold-{key[1]}")
+                # bind it to this worker's scheduler connection and loop now, in the task's thread: it is
+                # used from IO threads, where the lazy binding would find no worker context
+                _ = lock.scheduler, lock.loop
+                self._dist[key] = lock
+            return self._dist[key]  # type: ignore[no-any-return]
+
+
+class WorkerRuntime:
+    """Caches, pools, streams and locks of one worker (module docstring).
+
+    Args:
+        options: the per-worker settings (``RunOptions``; its per-task fields are not used).
+        memory_limit: the worker's memory limit in bytes (sizes ``host_cache="auto"``).
+        owns_process: apply process-wide settings (torch threads, zarr concurrency, the
+            CUDA allocator); False for a threaded worker or outside a worker.
+        row_locks: shared with other runtimes of the process (process-local locks must be one set).
+        budget: bytes of ``options.resource`` the worker advertises (the allocator cap), if any.
+    """
+
+    def __init__(self, options: RunOptions, *, memory_limit: float | None = None, owns_process: bool = False,
+                 row_locks: RowLocks | None = None, budget: float | None = None):
+        self.options, self.owns_process = options, owns_process
+        self.cache = HostCache(cache_capacity(options.host_cache, memory_limit))
+        self.pool = ThreadPoolExecutor(max_workers=options.io_threads, thread_name_prefix="cqsa-io")
+        self.row_locks = row_locks or RowLocks()
+        self._cpu_turn = threading.Lock()
+        self._slots: dict[int, threading.BoundedSemaphore] = {}
+        self._threads = threading.local()
+        self._guard = threading.Lock()
+        self.device_fraction: float | None = None
+        if owns_process:
+            self._configure_process(budget)
+
+    # -- process-wide settings, only in a process of our own -------------------------------------
+    def _configure_process(self, budget: float | None) -> None:
+        """Allocator settings, zarr concurrency and torch threads of this worker process."""
+        import zarr
+
+        o = self.options
+        if o.expandable_segments:
+            expandable_segments()
+        zarr.config.set({"async.concurrency": o.zarr_concurrency})
+        torch.set_num_threads(self._torch_threads)
+        dev = resolve_device(o.device)
+        if dev.type == "cuda" and o.cap_device_memory and budget is not None:
+            self.device_fraction = cap_device(dev, budget)
+
+    @property
+    def _torch_threads(self) -> int:
+        return self.options.torch_threads or os.cpu_count() or 1
+
+    def bind_thread(self) -> None:
+        """Called by each task in its thread: a worker thread that ran torch before this
+        runtime was set up keeps its own intra-op thread count, so set it there too."""
+        if self.owns_process and not getattr(self._threads, "bound", False):
+            torch.set_num_threads(self._torch_threads)
+            self._threads.bound = True
+
+    # -- what tasks use ------------------------------------------------------------------------
+    def turn(self, device_type: str) -> AbstractContextManager[Any]:
+        """Held while a task runs torch math on ``device_type``.  On the CPU one task computes
+        at a time: its ops already use every core, and two at once oversubscribe them, while
+        the other tasks in flight read and write meanwhile.  CUDA orders work on streams."""
+        return self._cpu_turn if device_type == "cpu" else contextlib.nullcontext()
+
+    def fold_slots(self, n: int) -> threading.BoundedSemaphore:
+        """At most ``n`` folds at once in this worker (n = the plan's tasks in flight): bounds
+        the journals on disk (``Plan.partial_bytes``); folds of different rows run in parallel."""
+        with self._guard:
+            return self._slots.setdefault(n, threading.BoundedSemaphore(n))
+
+    def row_lock(self, token: str, group: int) -> AbstractContextManager[Any]:
+        """The lock of row ``group`` of job ``token`` (``RowLocks``); call from the task's thread."""
+        return self.row_locks.get(token, group)
+
+    @contextlib.contextmanager
+    def task_stream(self, dev: torch.device) -> Iterator[None]:
+        """On CUDA, run the task on its thread's own stream, so that two tasks in flight on
+        one device overlap one's copies with the other's kernels.
+
+        One stream per worker thread, kept for the runtime's life: the caching allocator
+        reuses a freed block only for the stream it was allocated on, so a new stream per
+        task (torch hands out up to 32 in turn) left each task's blocks cached on its own
+        stream, and the worker's reserved memory grew far past its budget.
+        """
+        if dev.type != "cuda":
+            yield
+            return
+        streams: dict[torch.device, torch.cuda.Stream] = self._threads.__dict__.setdefault("streams", {})
+        stream = streams.get(dev)
+        if stream is None:
+            stream = streams[dev] = torch.cuda.Stream(dev)
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
+
+    def close(self) -> None:
+        """Stop the IO pool and drop the cache (the plugin's teardown)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.cache = HostCache(0)
+
+
+class CQSAWorkerPlugin(WorkerPlugin):
+    """Sets up a :class:`WorkerRuntime` on every worker; registered by :func:`ensure_runtime`."""
+
+    idempotent = True  # registered again with the same options: nothing happens
+
+    def __init__(self, options: RunOptions):
+        self.options = options
+        self.name = plugin_name(options)
+        self.runtime: WorkerRuntime | None = None
+
+    def setup(self, worker: Worker) -> None:
+        self.runtime = WorkerRuntime(
+            self.options, memory_limit=worker.memory_manager.memory_limit, owns_process=owns_process(worker),
+            budget=_advertised(worker, self.options.resource))
+
+    def teardown(self, worker: Worker) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
+
+
+def owns_process(worker: Worker) -> bool:
+    """Whether ``worker`` has its process to itself: a nanny started it (``LocalCluster
+    (processes=True)``, ``dask worker``).  A threaded worker shares the user's process."""
+    return worker.nanny is not None
+
+
+_local: dict[str, WorkerRuntime] = {}
+_local_locks = RowLocks()
+_local_guard = threading.Lock()
+
+
+def runtime(options: RunOptions) -> WorkerRuntime:
+    """The runtime for a task run with ``options``: the one the plugin set up on this worker,
+    else (a worker without the plugin, or no worker: tests calling tasks directly) one kept
+    for this process that changes nothing process-wide."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        worker = None
+    if worker is not None:
+        plugin = worker.plugins.get(plugin_name(options))
+        if isinstance(plugin, CQSAWorkerPlugin) and plugin.runtime is not None:
+            return plugin.runtime
+    with _local_guard:
+        rt = _local.get(options.runtime_key)
+        if rt is None:
+            limit = worker.memory_manager.memory_limit if worker is not None else None
+            rt = _local[options.runtime_key] = WorkerRuntime(options, memory_limit=limit, row_locks=_local_locks)
+        return rt
+
+
+def ensure_runtime(client: Client, options: RunOptions) -> None:
+    """Make every worker of ``client``'s cluster (and every worker joining it) hold a runtime
+    for ``options``.  Cheap when it is there already (one message to the scheduler); a
+    runtime of other settings is replaced (its cache and pool released)."""
+    name = plugin_name(options)
+    # a lambda travels by value: the scheduler need not import this module (nor torch)
+    present = client.run_on_scheduler(lambda dask_scheduler, p=_PREFIX: [
+        n for n in dask_scheduler.worker_plugins if n.startswith(p)])
+    if name in present:
+        return
+    for other in present:
+        client.unregister_worker_plugin(other)
+    client.register_plugin(CQSAWorkerPlugin(options), name=name)
+
+
+def worker_env(options: RunOptions) -> dict[str, str]:
+    """Environment variables for worker processes a cluster spawns for ``options``
+    (``LocalCluster(env=...)`` or ``Nanny(env=...)``): the CUDA allocator's expandable
+    segments, set before torch starts, unless this environment already chose an allocator
+    setting (which the workers then inherit)."""
+    if not options.expandable_segments or any(v in os.environ for v in _ALLOC_VARS):
+        return {}
+    return {"PYTORCH_CUDA_ALLOC_CONF": _SEGMENTS}
+
+
+def expandable_segments() -> None:
+    """Let torch's CUDA caching allocator grow segments in place instead of carving fixed
+    ones (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), unless the process's
+    environment already sets the allocator.  Call only in a worker process of ours.
+
+    Under the per-process cap (``cap_device``) a fixed-segment allocator fails once free
+    memory is split between segments: with two tasks in flight under a small budget, memory
+    reserved but split between segments left a small request unservable.  Set before CUDA
+    starts in this process, it applies from the first allocation; after, through torch's
+    setter, to the segments made from then on.
+    """
+    if any(v in os.environ for v in _ALLOC_VARS):
+        return  # the user's choice
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = _SEGMENTS
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+            torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None)
+        if setter is not None:
+            setter(_SEGMENTS)
+
+
+def capped_bytes(budget: float) -> float:
+    """What the allocator cap allows under a budget of ``budget`` bytes: 1 % (at least
+    32 MiB, at most 10 %) less, because with expandable segments the reserve can pass the
+    cap by part of a page."""
+    return budget - min(max(0.01 * budget, 32 * 2**20), 0.1 * budget)
+
+
+def cap_device(device: torch.device, budget: float) -> float:
+    """Cap torch's caching allocator on ``device`` just under ``budget`` bytes for this
+    process (``torch.cuda.set_per_process_memory_fraction``, ``capped_bytes``); return
+    the fraction set.
+
+    The budget then bounds what the process reserves, not only what the planner
+    predicts: past the cap the allocator frees its cached blocks and retries before it
+    fails.  The CUDA context and library handles are outside the allocator and come on
+    top (docs/design.md).
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": the current one
+    fraction = min(1.0, capped_bytes(budget) / torch.cuda.get_device_properties(index).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
+
+
+def worker_budget(resource: str) -> float | None:
+    """The amount of ``resource`` the Dask worker running the calling task advertises
+    (None outside a worker, or when it advertises none)."""
+    try:
+        from distributed import get_worker
+
+        return _advertised(get_worker(), resource)
+    except (ImportError, ValueError):
+        return None
+
+
+def _advertised(worker: Worker, resource: str) -> float | None:
+    amount = worker.state.total_resources.get(resource)
+    return float(amount) if amount else None
+
+
+def describe_worker(device: str = "auto") -> dict[str, Any]:
+    """What this process computes on for ``cqsa.device`` = ``device``, for
+    ``client.run(describe_worker)``: {"device": "cuda" | "cpu", "device_name", "gpus",
+    "device_memory" (bytes, None on the CPU), "cpus", "torch_threads"}.  Meant for worker
+    processes: on CUDA it initialises CUDA in the process it runs in."""
+    dev = resolve_device(device)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    name, memory = "cpu", None
+    if dev.type == "cuda":
+        import torch.cuda as tc
+
+        index = dev.index or 0
+        if index < gpus:
+            props = tc.get_device_properties(index)
+            name, memory = str(props.name), int(props.total_memory)
+    return {"device": dev.type, "device_name": name, "gpus": gpus, "device_memory": memory,
+            "cpus": os.cpu_count() or 1, "torch_threads": torch.get_num_threads()}

@@ -1,0 +1,247 @@
+"""Store IO of one quorum task: reads through the host cache, read-ahead, write-behind.
+
+::
+
+    ReadAhead    k, v of every key group the task needs     (submitted at once; resident)
+                 q of the next slots                         (CUDA: one ahead, CPU: two)
+                 each read on the runtime's IO pool, then uploaded on the upload stream
+    compute      (the task's own thread: tasks.py)
+    WriteBehind  a slot's result copied back once its kernels are done, then written
+                 on the IO pool; at most two writes in flight
+
+``TaskIO`` does the reads and the writes themselves; its methods run on the
+IO threads while the task computes (thread-safe; byte counts include only
+what moved through the store).  A row with a single producer is written to
+out and lse directly, with its marker; a shared row's result goes to the
+partials policy's producer (``partials/``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import zarr
+
+from cqsa_dask.core.errors import InvalidInputError
+from cqsa_dask.execution.hostcache import HostCache
+from cqsa_dask.execution.options import RunOptions
+from cqsa_dask.execution.partials import Cell, Producer
+from cqsa_dask.kernels.attention import all_finite, resolve_device
+from cqsa_dask.kernels.transfer import Staged, download, upload, use
+from cqsa_dask.store.chunkio import read_rows
+from cqsa_dask.store.layout import TORCH_DTYPES, read_block, write_block
+
+__all__ = ["ReadAhead", "TaskIO", "Timer", "WriteBehind"]
+
+Result = tuple[int, int, torch.Tensor, torch.Tensor, Any]  # slot, group, out, lse, done event
+
+
+def pinned(options: RunOptions) -> bool:
+    """Whether input blocks are read into pinned host memory: ``pin_host_memory``
+    ("auto": when tasks run on CUDA), so that their copies to the device are direct."""
+    if options.pin_host_memory == "auto":
+        return resolve_device(options.device).type == "cuda"
+    return bool(options.pin_host_memory)
+
+
+def _host_copy(x: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A compact copy of ``x`` in host memory, pinned when ``pin``."""
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x)
+
+
+def _checked(x: torch.Tensor, name: str, group: int, idx: tuple[Any, ...], check: bool) -> torch.Tensor:
+    """Raise InvalidInputError when block ``x`` of input ``name`` holds NaN or Inf."""
+    if check and not all_finite(x):
+        b, h, t = idx
+        raise InvalidInputError(
+            f"input {name} holds NaN or Inf in group {group} (tokens {t.start}..{t.stop - 1}, batch {b}, "
+            f"heads {h.start}..{h.stop - 1}); clean the input or set cqsa.check-finite to false"
+        )
+    return x
+
+
+def _chunk_heads(arr: zarr.Array, heads: slice) -> tuple[int, int]:
+    """The heads [lo, hi) of the chunks that ``heads`` of ``arr`` (B, H, N, D) touch."""
+    c, h = arr.chunks[1], arr.shape[1]
+    return heads.start // c * c, min(h, -(-heads.stop // c) * c)
+
+
+def _bytes(arr: zarr.Array, idx: tuple[Any, ...]) -> int:
+    """Bytes of one head of block ``idx`` = (b, heads, tokens) of ``arr``."""
+    t = idx[2]
+    return (t.stop - t.start) * arr.shape[3] * arr.dtype.itemsize
+
+
+class TaskIO:
+    """Store reads and writes of one task in ``cell``, through the host cache ``cache``.
+
+    ``producer`` takes the results of shared rows (the partials policy's); None for a
+    task that only reads.
+    """
+
+    def __init__(self, cell: Cell, options: RunOptions, cache: HostCache, producer: Producer | None = None):
+        self.cell, self.job, self.token, self.batch = cell, cell.job, cell.token, cell.batch
+        self.kv_h, self.q_h = cell.kv_heads, cell.q_heads
+        self.check, self.pin = options.check_finite, pinned(options)
+        self.cache, self.producer = cache, producer
+        self.read = self.written = 0
+        self._lock = threading.Lock()
+
+    def _count(self, read: int = 0, written: int = 0) -> None:
+        with self._lock:
+            self.read += read
+            self.written += written
+
+    def _input(self, name: str, arr: zarr.Array | None, heads: slice, g: int,
+               device: torch.device | None) -> torch.Tensor:
+        idx = (self.batch, heads, self.cell.rows(g))
+        source = self.job.source
+        if source is not None:  # generated where it is used (generated.py): nothing read, nothing cached
+            x = {"q": source.q, "k": source.k, "v": source.v}[name](*idx, device)
+            if x.is_cuda:  # this IO thread waits for the kernels: the task reads x on its own stream
+                torch.cuda.current_stream(x.device).synchronize()
+            return x
+        assert arr is not None
+
+        def key(h0: int) -> tuple[Any, ...]:
+            return (self.token, name, self.batch, h0, g)
+
+        def load() -> torch.Tensor:
+            dtype = TORCH_DTYPES[self.job.plan.dtype]
+            x = read_rows(arr, self.batch, heads, idx[2], dtype, pin=self.pin)  # local chunk files: these heads only
+            if x is not None:
+                self._count(read=x.nbytes)
+                return _checked(x, name, g, idx, self.check)
+            # through zarr, which decodes whole chunks: when they hold every head in lo..hi,
+            # read them once and serve the other task head blocks from memory
+            lo, hi = _chunk_heads(arr, heads)
+            n = heads.stop - heads.start
+            wide = (lo, hi) != (heads.start, heads.stop) and self.cache.capacity >= 4 * (hi - lo) * _bytes(arr, idx)
+            ridx = (self.batch, slice(lo, hi), idx[2]) if wide else idx
+            x = _checked(read_block(arr, ridx, self.job.plan.dtype), name, g, ridx, self.check)
+            self._count(read=x.nbytes)
+            if not wide:
+                return _host_copy(x, True) if self.pin else x
+            for h0 in range(-(-lo // n) * n, hi - n + 1, n):  # the task head blocks inside lo..hi
+                if h0 != heads.start:
+                    self.cache.put(key(h0), _host_copy(x[h0 - lo:h0 - lo + n], self.pin))
+            return _host_copy(x[heads.start - lo:heads.stop - lo], self.pin)
+
+        return self.cache.get_or_load(key(heads.start), load)
+
+    def kv(self, g: int, device: torch.device) -> tuple[Staged, Staged]:
+        """k, v of group ``g``: (hk, G, D) each, on ``device`` (copied there on the upload
+        stream, ``transfer.py``)."""
+        return (upload(self._input("k", self.job.k, self.kv_h, g, device), device),
+                upload(self._input("v", self.job.v, self.kv_h, g, device), device))
+
+    def q(self, a: int, device: torch.device) -> Staged:
+        """q of group ``a``: (hq, G, D) on ``device``."""
+        return upload(self._input("q", self.job.q, self.q_h, a, device), device)
+
+    def write(self, slot: int, a: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """Write the result (hq, G, D), (hq, G) of query group ``a`` from ``slot``: a row with a
+        single producer straight to out/lse (then its merge marker), a shared row through the
+        partials policy's producer."""
+        job, plan = self.job, self.job.plan
+        if plan.direct(a):
+            index = self.cell.block_of(a)
+            write_block(job.out, index, out.to(TORCH_DTYPES[plan.dtype]))
+            write_block(job.lse, index, lse)
+            job.merge_done[a, self.batch, self.cell.block] = 1
+            self._count(written=out.nbytes + lse.nbytes)
+            return
+        assert self.producer is not None
+        self._count(written=self.producer.emit(slot, a, out, lse))
+
+
+class Timer:
+    """Seconds a task spends computing (kernels, copies back) and waiting (reads, writes, its turn)."""
+
+    def __init__(self) -> None:
+        self.compute = self.wait = 0.0
+
+    def waited(self, since: float) -> float:
+        """Add now - ``since`` to the waiting time; return now."""
+        now = time.perf_counter()
+        self.wait += now - since
+        return now
+
+    def computed(self, since: float) -> float:
+        """Add now - ``since`` to the computing time; return now."""
+        now = time.perf_counter()
+        self.compute += now - since
+        return now
+
+
+class ReadAhead:
+    """The reads of one task's ``work`` [(slot, query group, key groups)] on ``pool``: k, v of
+    every key group at once, q ``ahead`` slots ahead.  A consumed read is dropped at once
+    (its tensor would otherwise stay alive to the end of the task)."""
+
+    def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, work: list[tuple[int, int, list[int]]],
+                 dev: torch.device, ahead: int):
+        self.io, self.pool, self.work, self.dev, self.ahead = io, pool, work, dev, ahead
+        groups = sorted({b for _, _, bs in work for b in bs})
+        self._kv_reads: dict[int, Future[tuple[Staged, Staged]]] = {g: pool.submit(io.kv, g, dev) for g in groups}
+        self._q_reads: dict[int, Future[Staged]] = {
+            n: pool.submit(io.q, a, dev) for n, (_, a, _) in enumerate(work[:ahead])}
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def q(self, n: int) -> torch.Tensor:
+        """q of slot ``n``: (1, hq, G, D) on the device; queues the read of slot n + ahead."""
+        q = use(self._q_reads.pop(n).result())[None].contiguous()
+        if n + self.ahead < len(self.work):
+            self._q_reads[n + self.ahead] = self.pool.submit(self.io.q, self.work[n + self.ahead][1], self.dev)
+        return q
+
+    def kv(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of key group ``b``: (1, hk, G, D) each on the device, resident for the task."""
+        if b not in self._kv:
+            k, v = self._kv_reads[b].result()
+            self._kv[b] = (use(k)[None], use(v)[None])
+        return self._kv[b]
+
+    def cancel(self) -> None:
+        """Leave no read running (a failed task)."""
+        pending: list[Future[Any]] = [*self._kv_reads.values(), *self._q_reads.values()]
+        for f in pending:
+            f.cancel()
+
+
+class WriteBehind:
+    """Results copied back to the host once their kernels are done, then written by
+    ``write`` on ``pool``, at most ``depth`` writes in flight."""
+
+    def __init__(self, write: Callable[[int, int, torch.Tensor, torch.Tensor], None], pool: ThreadPoolExecutor,
+                 timer: Timer, depth: int = 2):
+        self.write, self.pool, self.timer, self.depth = write, pool, timer, depth
+        self._writes: deque[Future[None]] = deque()
+
+    def put(self, result: Result) -> None:
+        """Copy ``result`` to the host (once its kernels are done) and queue its write."""
+        slot, a, out_d, lse_d, done = result
+        t = time.perf_counter()
+        out, lse = download(out_d, done), download(lse_d, done)
+        t = self.timer.computed(t)
+        self._writes.append(self.pool.submit(self.write, slot, a, out, lse))
+        while len(self._writes) > self.depth:
+            self._writes.popleft().result()
+        self.timer.waited(t)
+
+    def drain(self) -> None:
+        """Wait for every queued write."""
+        t = time.perf_counter()
+        for w in self._writes:
+            w.result()
+        self.timer.waited(t)
+
+    def cancel(self) -> None:
+        for f in self._writes:
+            f.cancel()
