@@ -30,6 +30,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.tasks import merge_task, quorum_task, worker_options
+from cqsa_dask.store.location import StoreLocation
 
 __all__ = ["JobGraph", "build_graph", "merge_prefix", "quorum_prefix"]
 
@@ -58,13 +59,14 @@ def _index_order(key: Any) -> int:
 
 
 def build_graph(
-    store: str, token: str, plan: Plan, *, resource: str, retries: int,
+    store: StoreLocation, token: str, plan: Plan, *, resource: str, retries: int,
     task_done: np.ndarray | None = None, merge_done: np.ndarray | None = None,
     options: dict[str, Any] | None = None,
 ) -> JobGraph:
     """Graph for the tasks and merges of ``plan`` not yet marked done.
 
     Args:
+        store: where the job is (picklable: every task carries it).
         task_done, merge_done: (W, B, J) arrays of 0/1 markers from the store.
         resource: worker resource name; each quorum task asks for
             ``plan.task_memory_bytes`` of it.

@@ -1,6 +1,6 @@
 """The functions Dask runs: one quorum task, one merge.
 
-Both take only small arguments (store path, job token, indices) and return a
+Both take only small arguments (the store's ``StoreLocation``, job token, indices) and return a
 small dict of metadata; all tensors move through the Zarr store.
 
 Quorum task (task i, batch b, head block j)::
@@ -58,6 +58,7 @@ from cqsa_dask.store.layout import (
     write_block,
     write_stats,
 )
+from cqsa_dask.store.location import StoreLike
 
 __all__ = ["merge_task", "quorum_task", "worker_options"]
 
@@ -368,7 +369,7 @@ def _task_stream(dev: torch.device) -> Iterator[None]:
     stream.synchronize()
 
 
-def quorum_task(store: str, token: str, task: int, batch: int, block: int,
+def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute every pair quorum ``task`` owns for one batch element and head block.
 
@@ -507,7 +508,7 @@ def _read_partial(job: Job, task: int, slot: int, batch: int, block: int, group:
     return out, lse
 
 
-def merge_task(store: str, token: str, group: int, batch: int, block: int, options: dict[str, Any] | None,
+def merge_task(store: StoreLike, token: str, group: int, batch: int, block: int, options: dict[str, Any] | None,
                *deps: Any) -> dict[str, Any]:
     """Merge the partial results of query ``group`` into out and lse.
 

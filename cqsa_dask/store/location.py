@@ -1,0 +1,296 @@
+"""Where the job's store is: the one parser of store arguments, and the picklable description it returns.
+
+::
+
+    run(store, storage_options=)   attention(..., store=)   cqsa run STORE --storage-options JSON
+                        │
+                  parse_store()          the only code that looks inside a store argument
+                        │
+                  StoreLocation          frozen, hashable, picklable: every task carries one
+         ┌──────────────┼───────────────────┐
+       local            url                 object
+    /abs/path.zarr   s3://b/job.zarr      a zarr Store instance
+                     + storage_options    (pickled with the task)
+
+Policy:
+
+- A ``str`` or ``os.PathLike`` with a scheme (``s3://``, ``gs://``, ...) is a
+  URL, opened by zarr through fsspec with ``storage_options``; without options
+  an ``s3://`` URL uses the standard AWS environment (``AWS_ENDPOINT_URL``,
+  ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), as s3fs
+  does.  ``file://`` URLs and plain paths are local paths, made absolute
+  (worker processes may run elsewhere in the file system).
+  ``storage_options`` go with URLs only.
+- A writable ``zarr.storage.LocalStore`` is its root path.  Any other zarr
+  ``Store`` is kept as given and must pickle (tasks carry it to workers).
+- An in-memory store (``zarr.storage.MemoryStore``, a ``memory://`` URL)
+  lives in the process that made it: it works with a threaded cluster
+  (``LocalCluster(processes=False)``, or ``cqsa.local-cluster.processes:
+  false``); a task that receives it in another process fails with an
+  :class:`InvalidInputError` that says so.
+- Opening an existing group (``open_group``) never creates anything: a missing
+  path, an unreachable endpoint, refused credentials or a missing bucket are a
+  :class:`StoreError` with the fix.  Equality and hashing use a key made at
+  parse time, so one location opens one job per process (``layout.open_job``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+import zarr
+import zarr.errors
+import zarr.storage
+from zarr.abc.store import Store
+
+from cqsa_dask.core.errors import CQSAError, InvalidInputError, StoreError
+
+__all__ = ["OpenMode", "StoreLike", "StoreLocation", "parse_store"]
+
+Kind = Literal["local", "url", "object"]
+OpenMode = Literal["r", "r+"]
+#: What ``run``, ``attention``, ``verify`` and the CLI accept as a store.
+StoreLike: TypeAlias = "str | os.PathLike[str] | Store | StoreLocation"
+
+# In-memory stores of this process, by location key: a location pickled and unpickled in the
+# same process (a threaded cluster) finds its store here; another process does not.
+_IN_MEMORY: dict[str, Any] = {}
+
+
+class StoreLocation:
+    """A parsed store argument (make one with :func:`parse_store`).
+
+    Immutable and picklable.  ``kind`` is "local" (``target`` an absolute
+    path), "url" (``target`` the URL, with ``storage_options``) or "object"
+    (a zarr Store instance; ``target`` its repr, for messages only).
+    """
+
+    __slots__ = ("_key", "_pid", "_store", "kind", "storage_options", "target")
+
+    kind: Kind
+    target: str
+    storage_options: dict[str, Any]
+    _store: Any
+    _key: str
+    _pid: int | None
+
+    def __init__(self, kind: Kind, target: str, storage_options: Mapping[str, Any] | None = None, *,
+                 store: Any = None, key: str | None = None, process_local: bool = False):
+        options = dict(storage_options or {})
+        if key is None:
+            key = f"{kind}:{target}:{json.dumps(options, sort_keys=True, default=repr)}"
+            if store is not None:  # an object: one parse, one identity
+                key += f":{uuid.uuid4().hex}"
+        for name, value in (("kind", kind), ("target", target), ("storage_options", options), ("_store", store),
+                            ("_key", key), ("_pid", os.getpid() if process_local else None)):
+            object.__setattr__(self, name, value)
+        if process_local and store is not None:
+            _IN_MEMORY[key] = store
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"StoreLocation is immutable (cannot set {name})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoreLocation) and other._key == self._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"StoreLocation({self.kind}, {self.describe()})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {name: getattr(self, name) for name in self.__slots__}
+        if self._pid is not None:
+            state["_store"] = None  # an in-memory store stays in its process (see _IN_MEMORY)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
+    # -- what it is ---------------------------------------------------------------
+
+    @property
+    def local_root(self) -> Path | None:
+        """The directory of a local store; None for URLs and Store objects."""
+        return Path(self.target) if self.kind == "local" else None
+
+    @property
+    def process_local(self) -> bool:
+        """Whether the store lives in one process's memory (usable by a threaded cluster only)."""
+        return self._pid is not None
+
+    def describe(self) -> str:
+        """The store as messages name it (never the values of ``storage_options``)."""
+        if self.kind == "url" and self.storage_options:
+            return f"{self.target} (storage options {', '.join(sorted(self.storage_options))})"
+        return self.target
+
+    def free_bytes(self) -> int | None:
+        """Free bytes of the file system holding a local store (its nearest existing parent); None elsewhere."""
+        root = self.local_root
+        if root is None:
+            return None
+        while not root.exists() and root != root.parent:
+            root = root.parent
+        return shutil.disk_usage(root).free
+
+    # -- opening --------------------------------------------------------------------
+
+    def _zarr_store(self, read_only: bool) -> Any:
+        """What ``zarr.open_group`` is given: a path, a URL or the Store object."""
+        if self._pid is not None and self._pid != os.getpid():
+            raise InvalidInputError(
+                f"the store {self.describe()} is in the memory of another process: worker processes cannot "
+                "reach it; use a threaded cluster (LocalCluster(processes=False), or cqsa.local-cluster.processes: "
+                "false) or a store on disk or at a URL"
+            )
+        if self.kind == "object":
+            return self._store if self._store is not None else _IN_MEMORY[self._key]
+        if self.kind == "url":
+            return zarr.storage.FsspecStore.from_url(self.target, storage_options=self.storage_options or None,
+                                                     read_only=read_only)
+        return self.target
+
+    def open_group(self, mode: OpenMode = "r+") -> zarr.Group:
+        """Open the existing Zarr v3 group (``mode`` "r": read only); :class:`StoreError` when there is
+        none or the store cannot be reached.  Creates nothing."""
+        if self.kind == "local" and not os.path.exists(self.target):
+            raise StoreError(f"store {self.target!r} does not exist: give the path of a Zarr v3 group "
+                             "(create one with zarr.open_group(path, mode='w'))")
+        return self._open(mode)
+
+    def create_group(self, *, overwrite: bool = False) -> zarr.Group:
+        """Create a new, empty Zarr v3 group here and return it.
+
+        ``overwrite``: replace what is there; otherwise a local path must be
+        new or an empty directory, and a URL or Store must hold no Zarr node
+        (:class:`StoreError`).
+        """
+        root = self.local_root
+        if not overwrite and root is not None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise StoreError(f"{self.target!r} exists and is not empty: a new store is created in a new or empty "
+                             "directory (remove it or pick another path)")
+        return self._open("w" if overwrite or root is not None else "w-")
+
+    def has_group(self) -> bool:
+        """Whether a Zarr group is stored here (False: nothing, or not a group); :class:`StoreError` when the
+        store cannot be reached."""
+        if self.kind == "local":
+            return (Path(self.target) / "zarr.json").is_file()
+        try:
+            self._open("r")
+        except _NothingHere:
+            return False
+        return True
+
+    def _open(self, mode: Literal["r", "r+", "w", "w-"]) -> zarr.Group:
+        where = self.describe()
+        try:
+            return zarr.open_group(store=self._zarr_store(mode == "r"), mode=mode, zarr_format=3)
+        except CQSAError:  # another process's in-memory store: as it is
+            raise
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
+            raise StoreError(f"{where} already holds a Zarr node ({e}): give a new location") from None
+        except (zarr.errors.GroupNotFoundError, FileNotFoundError, NotADirectoryError) as e:
+            hint = " (check the bucket, the path and the credentials)" if self.kind == "url" else ""
+            raise _NothingHere(f"store {where} holds no Zarr v3 group{hint}; create one with "
+                               f"zarr.open_group(..., mode='w') ({type(e).__name__}: {e})") from None
+        except PermissionError as e:
+            action = "read" if mode == "r" else "written"
+            raise StoreError(f"store {where} cannot be {action}: permission denied ({e}); check the "
+                             "credentials or the file permissions") from None
+        except ImportError as e:
+            raise StoreError(f"store {where} needs an fsspec file system that is not installed ({e}); install "
+                             "it, e.g. `pip install s3fs` for s3://") from None
+        except (zarr.errors.NodeTypeValidationError, zarr.errors.MetadataValidationError, ValueError,
+                TypeError, KeyError) as e:
+            raise StoreError(f"store {where} is not a Zarr v3 group ({type(e).__name__}: {e}); create one "
+                             "with zarr.open_group") from None
+        except Exception as e:  # noqa: BLE001  (endpoints, credentials, network: each client has its own errors)
+            raise StoreError(f"store {where} cannot be reached ({type(e).__name__}: {_one_line(e)}); check "
+                             "the URL, the endpoint, the network and the credentials") from None
+
+
+class _NothingHere(StoreError):
+    """No Zarr group at a location (a StoreError that ``has_group`` tells apart)."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _options(storage_options: Any) -> dict[str, Any]:
+    if storage_options is None:
+        return {}
+    if not isinstance(storage_options, Mapping) or not all(isinstance(k, str) for k in storage_options):
+        raise InvalidInputError(f"storage_options must be a mapping of option names to values, got "
+                                f"{storage_options!r}")
+    return dict(storage_options)
+
+
+def _from_path(store: str | os.PathLike[str], options: dict[str, Any]) -> StoreLocation:
+    text = os.fspath(store)
+    if not isinstance(text, str):
+        raise InvalidInputError(f"a store path must be text, got {text!r}")
+    scheme, sep, rest = text.partition("://")
+    if not sep or not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        scheme, rest = "", text
+    if scheme.lower() == "file":
+        scheme = ""
+    if not scheme:
+        if options:
+            raise InvalidInputError(f"storage_options ({', '.join(sorted(options))}) apply to URLs such as "
+                                    f"s3://bucket/job.zarr, not to the local path {text!r}; drop them")
+        if not rest:
+            raise InvalidInputError("the store path is empty: give the path or URL of a Zarr v3 group")
+        return StoreLocation("local", os.path.abspath(os.path.expanduser(rest)))
+    if not rest.strip("/"):
+        raise InvalidInputError(f"the store URL {text!r} names no bucket or path: give e.g. s3://bucket/job.zarr")
+    return StoreLocation("url", text, options, process_local=scheme.lower() == "memory")
+
+
+def _from_object(store: Any, options: dict[str, Any]) -> StoreLocation:
+    if options:
+        raise InvalidInputError("storage_options go with a URL; a zarr Store object is already configured: "
+                                "drop storage_options")
+    if isinstance(store, zarr.storage.LocalStore) and not store.read_only:
+        return StoreLocation("local", os.path.abspath(str(store.root)))
+    if isinstance(store, zarr.storage.MemoryStore):
+        return StoreLocation("object", repr(store), store=store, process_local=True)
+    import pickle
+
+    try:
+        pickle.dumps(store)
+    except Exception as e:  # noqa: BLE001  (pickling fails in many ways)
+        raise InvalidInputError(f"the zarr store {store!r} cannot be pickled ({type(e).__name__}: {e}), so "
+                                "tasks cannot carry it to workers: give its path or URL (with "
+                                "storage_options) instead") from None
+    return StoreLocation("object", repr(store), store=store)
+
+
+def parse_store(store: Any, storage_options: Mapping[str, Any] | None = None) -> StoreLocation:
+    """The :class:`StoreLocation` of a store argument: a path (``str`` or ``os.PathLike``), a URL
+    (with ``storage_options`` for fsspec), a zarr ``Store`` object, or a :class:`StoreLocation`
+    (returned as it is).
+
+    Validates the argument only (:class:`InvalidInputError`); whether a store is there is
+    checked when it is opened (:meth:`StoreLocation.open_group`).
+    """
+    options = _options(storage_options)
+    if isinstance(store, StoreLocation):
+        if options:
+            raise InvalidInputError("storage_options go with a path or URL, not with a parsed StoreLocation")
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return _from_path(store, options)
+    if isinstance(store, Store):
+        return _from_object(store, options)
+    raise InvalidInputError(f"store must be a path, a URL or a zarr Store, got {type(store).__name__}: {store!r}")
