@@ -197,7 +197,10 @@ class StoreLocation:
             return zarr.open_group(store=self._zarr_store(mode == "r"), mode=mode, zarr_format=3)
         except CQSAError:  # another process's in-memory store: as it is
             raise
-        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError) as e:
+            if mode in ("r", "r+"):  # an array where a group was expected
+                raise StoreError(f"store {where} is not a Zarr v3 group but an array: give the group that "
+                                 "holds q, k and v") from None
             raise StoreError(f"{where} already holds a Zarr node ({e}): give a new location") from None
         except (zarr.errors.GroupNotFoundError, FileNotFoundError, NotADirectoryError) as e:
             hint = " (check the bucket, the path and the credentials)" if self.kind == "url" else ""
