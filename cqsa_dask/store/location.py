@@ -213,21 +213,26 @@ class StoreLocation:
         except ImportError as e:
             raise StoreError(f"store {where} needs an fsspec file system that is not installed ({e}); install "
                              "it, e.g. `pip install s3fs` for s3://") from None
-        except (zarr.errors.NodeTypeValidationError, zarr.errors.MetadataValidationError, ValueError,
-                TypeError, KeyError) as e:
+        except (zarr.errors.NodeTypeValidationError, zarr.errors.MetadataValidationError) as e:
             raise StoreError(f"store {where} is not a Zarr v3 group ({type(e).__name__}: {e}); create one "
                              "with zarr.open_group") from None
+        except (ValueError, TypeError, KeyError) as e:
+            if self.kind == "local":  # unreadable metadata
+                raise StoreError(f"store {where} is not a Zarr v3 group ({type(e).__name__}: {e}); create one "
+                                 "with zarr.open_group") from None
+            raise _unreachable(where, e) from None
         except Exception as e:  # noqa: BLE001  (endpoints, credentials, network: each client has its own errors)
-            raise StoreError(f"store {where} cannot be reached ({type(e).__name__}: {_one_line(e)}); check "
-                             "the URL, the endpoint, the network and the credentials") from None
+            raise _unreachable(where, e) from None
 
 
 class _NothingHere(StoreError):
     """No Zarr group at a location (a StoreError that ``has_group`` tells apart)."""
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+def _unreachable(where: str, e: BaseException) -> StoreError:
+    text = " ".join(str(e).split())[:300]
+    return StoreError(f"store {where} cannot be opened ({type(e).__name__}: {text}); check the URL, the "
+                      "storage options, the endpoint, the network and the credentials")
 
 
 def _options(storage_options: Any) -> dict[str, Any]:
