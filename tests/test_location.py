@@ -98,7 +98,7 @@ def test_opening_creates_nothing_and_says_what_is_wrong(tmp_path: Path) -> None:
         missing.open_group("r+")
     assert not (tmp_path / "missing.zarr").exists() and not missing.has_group()
     (tmp_path / "plain").mkdir()
-    with pytest.raises(StoreError, match="holds no Zarr v3 group"):
+    with pytest.raises(StoreError, match="is not a Zarr v3 group .nothing found"):
         parse_store(tmp_path / "plain").open_group("r")
     assert list((tmp_path / "plain").iterdir()) == []
     zarr.open_group(tmp_path / "g.zarr", mode="w").create_array("a", shape=(2,), dtype="f4")
@@ -106,7 +106,7 @@ def test_opening_creates_nothing_and_says_what_is_wrong(tmp_path: Path) -> None:
         parse_store(tmp_path / "g.zarr" / "a").open_group("r")
     group = parse_store(tmp_path / "g.zarr").open_group("r")
     assert "a" in group and group.read_only
-    with pytest.raises(StoreError, match="holds no Zarr v3 group"):
+    with pytest.raises(StoreError, match="is not a Zarr v3 group .nothing found"):
         parse_store("memory://nothing/here.zarr").open_group("r")
 
 

@@ -188,7 +188,7 @@ def test_a_missing_bucket_is_a_store_error_and_nothing_is_written(
     s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
                       region_name="us-east-1")
     before = {b["Name"] for b in s3.list_buckets()["Buckets"]}
-    with pytest.raises(StoreError, match="holds no Zarr v3 group .check the bucket") as e:
+    with pytest.raises(StoreError, match="is not a Zarr v3 group .nothing found there: check the bucket") as e:
         cqsa_dask.run("s3://missing-bucket/job.zarr", storage_options=_options(endpoint), memory_budget="1GB")
     assert "\n" not in str(e.value) and SECRET not in str(e.value)
     assert main(["run", "s3://missing-bucket/job.zarr", "--storage-options", json.dumps(_options(endpoint))]) == 2

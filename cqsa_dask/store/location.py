@@ -203,9 +203,9 @@ class StoreLocation:
                                  "holds q, k and v") from None
             raise StoreError(f"{where} already holds a Zarr node ({e}): give a new location") from None
         except (zarr.errors.GroupNotFoundError, FileNotFoundError, NotADirectoryError) as e:
-            hint = " (check the bucket, the path and the credentials)" if self.kind == "url" else ""
-            raise _NothingHere(f"store {where} holds no Zarr v3 group{hint}; create one with "
-                               f"zarr.open_group(..., mode='w') ({type(e).__name__}: {e})") from None
+            hint = ": check the bucket, the path and the credentials" if self.kind == "url" else ""
+            raise _NothingHere(f"store {where} is not a Zarr v3 group (nothing found there{hint}); create one "
+                               f"with zarr.open_group(..., mode='w') ({type(e).__name__}: {e})") from None
         except PermissionError as e:
             action = "read" if mode == "r" else "written"
             raise StoreError(f"store {where} cannot be {action}: permission denied ({e}); check the "
