@@ -1,4 +1,4 @@
-"""Jobs on an S3 object store: a real local S3 server (moto_server, a separate process).
+"""Jobs on stores that are not local directories: S3 (a real local server) and zarr Store objects.
 
 ::
 
@@ -8,6 +8,8 @@
         run(url) with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...   ─┘  (the tasks read and write S3)
           -> out, lse == float64 reference; resume finds every marker (one listing); verify passes
     s3://missing-bucket/..., a closed port, refused credentials -> StoreError / exit 2, nothing written
+    zarr MemoryStore: runs on a threaded cluster (run, attention); refused before anything is
+        written when the workers are other processes
 
 Every store operation of these jobs goes through the zarr implementation of
 the chunk IO (``zarrio.py``): nothing here is a local file.
@@ -26,16 +28,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import numpy as np
 import pytest
 import torch
 import zarr
+import zarr.storage
 from conftest import RESOURCE, draw_inputs
 from distributed import Client, LocalCluster
 from reference import check_exact
 
 import cqsa_dask
-from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.store.location import parse_store
 from cqsa_dask.tools.cli import main
 
@@ -110,7 +114,10 @@ def _options(endpoint: str) -> dict[str, Any]:
 def _write_inputs(url: str, options: dict[str, Any] | None, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> None:
     """q, k, v into a new group at ``url`` with plain zarr (default codecs: zstd-compressed chunks)."""
-    g = zarr.open_group(url, mode="w", storage_options=options, zarr_format=3)
+    _write_inputs_to(zarr.open_group(url, mode="w", storage_options=options, zarr_format=3), q, k, v)
+
+
+def _write_inputs_to(g: zarr.Group, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         bf16 = t.dtype == torch.bfloat16
         data = t.view(torch.uint16).numpy() if bf16 else t.numpy()
@@ -164,6 +171,42 @@ def test_a_job_on_s3_is_exact_and_resumes_from_its_markers(
     assert main(["status", url, "--json", *cli_options]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["complete"] and st["tasks_done"] == res.plan.tasks and st["merges_done"] == res.plan.merges
+
+
+def test_resume_and_the_report_of_a_job_on_s3_take_storage_options(endpoint: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`cqsa run`, `cqsa resume` and `cqsa dashboard` with --storage-options (a threaded local cluster)."""
+    inp = draw_inputs(1, 2, 2, 80, 8)
+    print(f"inputs: {inp.ctx}")
+    url, options = f"s3://{BUCKET}/cli-{inp.seed}.zarr", _options(endpoint)
+    _write_inputs(url, options, inp.q, inp.k, inp.v)
+    cli = ["--storage-options", json.dumps(options)]
+    with dask.config.set({"cqsa.local-cluster.processes": False, "cqsa.local-cluster.dashboard-address": ":0"}):
+        assert main(["run", url, "--json", "--groups", "3", "--budget", "1GB", *cli]) == 0
+        capsys.readouterr()
+        assert main(["resume", url, "--json", *cli]) == 0
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert done["resumed"] and done["quorum_tasks_run"] == 0 and done["merges_run"] == 0
+    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=False,
+                scale=None, context=inp.ctx)
+    report = tmp_path / "report.html"
+    assert main(["dashboard", url, "--out", str(report), *cli]) == 0
+    assert report.stat().st_size > 10_000 and url in report.read_text()
+
+
+def test_an_in_memory_store_runs_on_a_threaded_cluster_only(threaded_client: Client, client: Client) -> None:
+    inp = draw_inputs(1, 2, 1, 70, 8)
+    print(f"inputs: {inp.ctx}")
+    store = zarr.storage.MemoryStore()
+    out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, return_lse=True, client=threaded_client, groups=3,
+                                   store=store)
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=inp.ctx)
+    assert "_cqsa" in zarr.open_group(store, mode="r"), "the given store is kept"
+    other = zarr.storage.MemoryStore()
+    _write_inputs_to(zarr.open_group(other, mode="w"), inp.q, inp.k, inp.v)
+    with pytest.raises(InvalidInputError, match="memory of another process"):
+        cqsa_dask.run(other, client=client, memory_budget="1GB")  # the session cluster: worker processes
+    assert sorted(zarr.open_group(other, mode="r").keys()) == ["k", "q", "v"], "nothing was written"
 
 
 def test_a_worker_process_opens_the_store_from_the_location_it_receives(endpoint: str, client: Client) -> None:

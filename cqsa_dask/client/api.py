@@ -272,6 +272,8 @@ def run(
         if plan is None:  # budget from what the scheduler's workers advertise
             plan = plan_for(_budget(None, c, resource))
         check_capacity(c, resource, plan.task_memory_bytes)
+        if location.process_local:  # an in-memory store: only workers in this process reach it
+            location.check_processes(c.run(os.getpid).values())
         token, resumed = _prepare(group, plan, restart)
         lease = Lease(group, ttl=float(config.get("lease-seconds")))
         _store_op(lease.claim)

@@ -40,7 +40,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -142,16 +142,24 @@ class StoreLocation:
             root = root.parent
         return shutil.disk_usage(root).free
 
+    def check_processes(self, pids: Iterable[int]) -> None:
+        """Raise :class:`InvalidInputError` when the store lives in one process's memory and any of
+        ``pids`` (the workers' process ids) is another process."""
+        others = sorted({int(p) for p in pids} - {self._pid}) if self._pid is not None else []
+        if others:
+            raise InvalidInputError(self._elsewhere())
+
+    def _elsewhere(self) -> str:
+        return (f"the store {self.describe()} is in the memory of another process: worker processes cannot "
+                "reach it; use a threaded cluster (LocalCluster(processes=False), or cqsa.local-cluster.processes: "
+                "false) or a store on disk or at a URL")
+
     # -- opening --------------------------------------------------------------------
 
     def _zarr_store(self, read_only: bool) -> Any:
         """What ``zarr.open_group`` is given: a path, a URL or the Store object."""
         if self._pid is not None and self._pid != os.getpid():
-            raise InvalidInputError(
-                f"the store {self.describe()} is in the memory of another process: worker processes cannot "
-                "reach it; use a threaded cluster (LocalCluster(processes=False), or cqsa.local-cluster.processes: "
-                "false) or a store on disk or at a URL"
-            )
+            raise InvalidInputError(self._elsewhere())
         if self.kind == "object":
             return self._store if self._store is not None else _IN_MEMORY[self._key]
         if self.kind == "url":
