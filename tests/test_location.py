@@ -24,7 +24,7 @@ import zarr.storage
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import make_plan
 from cqsa_dask.store.layout import create_array, create_outputs, open_job
-from cqsa_dask.store.location import StoreLocation, parse_store
+from cqsa_dask.store.location import parse_store
 
 
 def test_paths_are_local_and_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,7 +62,7 @@ def test_locations_pickle_hash_and_cannot_change(tmp_path: Path) -> None:
         assert back == loc and hash(back) == hash(loc) and back.storage_options == loc.storage_options
         assert len({loc, back}) == 1
         with pytest.raises(AttributeError):
-            loc.kind = "url"  # type: ignore[misc]
+            loc.kind = "url"  # type: ignore[misc]  # frozen
     assert parse_store(parse_store("s3://b/p")) == parse_store("s3://b/p")
 
 
@@ -74,7 +74,7 @@ def test_locations_pickle_hash_and_cannot_change(tmp_path: Path) -> None:
     ("job.zarr", {"anon": True}, "apply to URLs"),
     ("s3://b/p", "anon=true", "must be a mapping"),
     ("s3://b/p", {1: 2}, "must be a mapping"),
-    (StoreLocation("url", "s3://b/p"), {"anon": True}, "not with a parsed StoreLocation"),
+    (parse_store("s3://b/p"), {"anon": True}, "not with a parsed StoreLocation"),
     (zarr.storage.MemoryStore(), {"anon": True}, "drop storage_options"),
 ])
 def test_bad_arguments_are_invalid_input(store: object, options: object, match: str) -> None:

@@ -41,6 +41,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -63,38 +64,34 @@ StoreLike: TypeAlias = "str | os.PathLike[str] | Store | StoreLocation"
 _IN_MEMORY: dict[str, Any] = {}
 
 
+@dataclass(frozen=True, eq=False, repr=False)
 class StoreLocation:
     """A parsed store argument (make one with :func:`parse_store`).
 
-    Immutable and picklable.  ``kind`` is "local" (``target`` an absolute
-    path), "url" (``target`` the URL, with ``storage_options``) or "object"
-    (a zarr Store instance; ``target`` its repr, for messages only).
+    Frozen and picklable.  ``kind`` is "local" (``target`` an absolute path),
+    "url" (``target`` the URL, with ``storage_options``) or "object" (a zarr
+    Store instance; ``target`` its repr, for messages only).  Equal locations
+    have equal keys (``_key``: kind, target and options; a Store object's
+    parse gets its own).
     """
-
-    __slots__ = ("_key", "_pid", "_store", "kind", "storage_options", "target")
 
     kind: Kind
     target: str
-    storage_options: dict[str, Any]
-    _store: Any
-    _key: str
-    _pid: int | None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    _key: str = ""
+    _pid: int | None = None  # the process whose memory holds the store (None: any process reaches it)
+    _store: Any = None
 
-    def __init__(self, kind: Kind, target: str, storage_options: Mapping[str, Any] | None = None, *,
-                 store: Any = None, key: str | None = None, process_local: bool = False):
+    @classmethod
+    def _make(cls, kind: Kind, target: str, storage_options: Mapping[str, Any] | None = None, *,
+              store: Any = None, process_local: bool = False) -> StoreLocation:
         options = dict(storage_options or {})
-        if key is None:
-            key = f"{kind}:{target}:{json.dumps(options, sort_keys=True, default=repr)}"
-            if store is not None:  # an object: one parse, one identity
-                key += f":{uuid.uuid4().hex}"
-        for name, value in (("kind", kind), ("target", target), ("storage_options", options), ("_store", store),
-                            ("_key", key), ("_pid", os.getpid() if process_local else None)):
-            object.__setattr__(self, name, value)
+        key = f"{kind}:{target}:{json.dumps(options, sort_keys=True, default=repr)}"
+        if store is not None:  # an object: one parse, one identity
+            key += f":{uuid.uuid4().hex}"
         if process_local and store is not None:
             _IN_MEMORY[key] = store
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"StoreLocation is immutable (cannot set {name})")
+        return cls(kind, target, options, key, os.getpid() if process_local else None, store)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StoreLocation) and other._key == self._key
@@ -106,14 +103,10 @@ class StoreLocation:
         return f"StoreLocation({self.kind}, {self.describe()})"
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {name: getattr(self, name) for name in self.__slots__}
+        state = dict(self.__dict__)
         if self._pid is not None:
             state["_store"] = None  # an in-memory store stays in its process (see _IN_MEMORY)
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
 
     # -- what it is ---------------------------------------------------------------
 
@@ -173,7 +166,9 @@ class StoreLocation:
         if self.kind == "local" and not os.path.exists(self.target):
             raise StoreError(f"store {self.target!r} does not exist: give the path of a Zarr v3 group "
                              "(create one with zarr.open_group(path, mode='w'))")
-        return self._open(mode)
+        group = self._open(mode)
+        assert group is not None
+        return group
 
     def create_group(self, *, overwrite: bool = False) -> zarr.Group:
         """Create a new, empty Zarr v3 group here and return it.
@@ -186,20 +181,19 @@ class StoreLocation:
         if not overwrite and root is not None and root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise StoreError(f"{self.target!r} exists and is not empty: a new store is created in a new or empty "
                              "directory (remove it or pick another path)")
-        return self._open("w" if overwrite or root is not None else "w-")
+        group = self._open("w" if overwrite or root is not None else "w-")
+        assert group is not None
+        return group
 
     def has_group(self) -> bool:
         """Whether a Zarr group is stored here (False: nothing, or not a group); :class:`StoreError` when the
         store cannot be reached."""
         if self.kind == "local":
             return (Path(self.target) / "zarr.json").is_file()
-        try:
-            self._open("r")
-        except _NothingHere:
-            return False
-        return True
+        return self._open("r", missing_ok=True) is not None
 
-    def _open(self, mode: Literal["r", "r+", "w", "w-"]) -> zarr.Group:
+    def _open(self, mode: Literal["r", "r+", "w", "w-"], missing_ok: bool = False) -> zarr.Group | None:
+        """The group, opened in ``mode``; None when there is none and ``missing_ok``."""
         where = self.describe()
         try:
             return zarr.open_group(store=self._zarr_store(mode == "r"), mode=mode, zarr_format=3)
@@ -211,9 +205,11 @@ class StoreLocation:
                                  "holds q, k and v") from None
             raise StoreError(f"{where} already holds a Zarr node ({e}): give a new location") from None
         except (zarr.errors.GroupNotFoundError, FileNotFoundError, NotADirectoryError) as e:
+            if missing_ok:
+                return None
             hint = ": check the bucket, the path and the credentials" if self.kind == "url" else ""
-            raise _NothingHere(f"store {where} is not a Zarr v3 group (nothing found there{hint}); create one "
-                               f"with zarr.open_group(..., mode='w') ({type(e).__name__}: {e})") from None
+            raise StoreError(f"store {where} is not a Zarr v3 group (nothing found there{hint}); create one "
+                             f"with zarr.open_group(..., mode='w') ({type(e).__name__}: {e})") from None
         except PermissionError as e:
             action = "read" if mode == "r" else "written"
             raise StoreError(f"store {where} cannot be {action}: permission denied ({e}); check the "
@@ -231,10 +227,6 @@ class StoreLocation:
             raise _unreachable(where, e) from None
         except Exception as e:  # noqa: BLE001  (endpoints, credentials, network: each client has its own errors)
             raise _unreachable(where, e) from None
-
-
-class _NothingHere(StoreError):
-    """No Zarr group at a location (a StoreError that ``has_group`` tells apart)."""
 
 
 def _unreachable(where: str, e: BaseException) -> StoreError:
@@ -267,10 +259,10 @@ def _from_path(store: str | os.PathLike[str], options: dict[str, Any]) -> StoreL
                                     f"s3://bucket/job.zarr, not to the local path {text!r}; drop them")
         if not rest:
             raise InvalidInputError("the store path is empty: give the path or URL of a Zarr v3 group")
-        return StoreLocation("local", os.path.abspath(os.path.expanduser(rest)))
+        return StoreLocation._make("local", os.path.abspath(os.path.expanduser(rest)))
     if not rest.strip("/"):
         raise InvalidInputError(f"the store URL {text!r} names no bucket or path: give e.g. s3://bucket/job.zarr")
-    return StoreLocation("url", text, options, process_local=scheme.lower() == "memory")
+    return StoreLocation._make("url", text, options, process_local=scheme.lower() == "memory")
 
 
 def _from_object(store: Any, options: dict[str, Any]) -> StoreLocation:
@@ -278,9 +270,9 @@ def _from_object(store: Any, options: dict[str, Any]) -> StoreLocation:
         raise InvalidInputError("storage_options go with a URL; a zarr Store object is already configured: "
                                 "drop storage_options")
     if isinstance(store, zarr.storage.LocalStore) and not store.read_only:
-        return StoreLocation("local", os.path.abspath(str(store.root)))
+        return StoreLocation._make("local", os.path.abspath(str(store.root)))
     if isinstance(store, zarr.storage.MemoryStore):
-        return StoreLocation("object", repr(store), store=store, process_local=True)
+        return StoreLocation._make("object", repr(store), store=store, process_local=True)
     import pickle
 
     try:
@@ -289,7 +281,7 @@ def _from_object(store: Any, options: dict[str, Any]) -> StoreLocation:
         raise InvalidInputError(f"the zarr store {store!r} cannot be pickled ({type(e).__name__}: {e}), so "
                                 "tasks cannot carry it to workers: give its path or URL (with "
                                 "storage_options) instead") from None
-    return StoreLocation("object", repr(store), store=store)
+    return StoreLocation._make("object", repr(store), store=store)
 
 
 def parse_store(store: Any, storage_options: Mapping[str, Any] | None = None) -> StoreLocation:
