@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import zarr
 import zarr.storage
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import make_plan
@@ -29,10 +31,10 @@ from cqsa_dask.store.location import parse_store
 
 def test_paths_are_local_and_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    for given in ("job.zarr", Path("job.zarr"), f"file://{tmp_path}/job.zarr", str(tmp_path / "job.zarr"),
-                  zarr.storage.LocalStore(tmp_path / "job.zarr")):
-        loc = parse_store(given)
-        assert loc.kind == "local" and loc.local_root == tmp_path / "job.zarr", given
+    for arg in ("job.zarr", Path("job.zarr"), f"file://{tmp_path}/job.zarr", str(tmp_path / "job.zarr"),
+                zarr.storage.LocalStore(tmp_path / "job.zarr")):
+        loc = parse_store(arg)
+        assert loc.kind == "local" and loc.local_root == tmp_path / "job.zarr", arg
         assert loc == parse_store(str(tmp_path / "job.zarr")) and hash(loc) == hash(parse_store("job.zarr"))
         assert loc.describe() == str(tmp_path / "job.zarr") and not loc.process_local
     free = parse_store("missing/deeper.zarr").free_bytes()  # its nearest existing parent's file system
@@ -167,3 +169,34 @@ def test_open_job_is_cached_per_location(tmp_path: Path) -> None:
     assert open_job(pickle.loads(pickle.dumps(loc)), "tok-cache") is job
     with pytest.raises(StoreError, match="holds job 'tok-cache', not 'other'"):
         open_job(loc, "other")
+
+
+_SEGMENT = st.text(alphabet="abcxyz019_-. ", min_size=1, max_size=8).filter(lambda t: t.strip(". ") != "")
+_JSONABLE = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=3), max_leaves=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(_SEGMENT, min_size=1, max_size=4), absolute=st.booleans())
+def test_any_path_is_one_absolute_local_location(parts: list[str], absolute: bool) -> None:
+    text = os.path.join(*parts)
+    text = os.sep + text if absolute else text
+    loc = parse_store(text)
+    assert loc.kind == "local" and loc.local_root == Path(os.path.abspath(text))
+    assert loc == parse_store(Path(text)) == pickle.loads(pickle.dumps(loc))
+    assert hash(loc) == hash(parse_store(os.path.abspath(text)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(scheme=st.sampled_from(["s3", "gs", "az", "abfs", "http"]), path=st.lists(_SEGMENT, min_size=1, max_size=3),
+       a=st.dictionaries(st.text(min_size=1, max_size=6), _JSONABLE, max_size=4),
+       b=st.dictionaries(st.text(min_size=1, max_size=6), _JSONABLE, max_size=4))
+def test_urls_are_equal_exactly_when_their_options_are(scheme: str, path: list[str], a: dict[str, object],
+                                                       b: dict[str, object]) -> None:
+    url = f"{scheme}://" + "/".join(p.strip() or "x" for p in path)
+    la, lb = parse_store(url, a), parse_store(url, b)
+    assert la.kind == "url" and la.target == url and la.local_root is None
+    assert (la == lb) == (a == b)
+    back = pickle.loads(pickle.dumps(la))
+    assert back == la and hash(back) == hash(la) and back.storage_options == a

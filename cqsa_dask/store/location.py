@@ -18,7 +18,8 @@ Policy:
   URL, opened by zarr through fsspec with ``storage_options``; without options
   an ``s3://`` URL uses the standard AWS environment (``AWS_ENDPOINT_URL``,
   ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), as s3fs
-  does.  ``file://`` URLs and plain paths are local paths, made absolute
+  does, read where the store is opened: by the client and by every worker
+  process (a local cluster's workers inherit the client's environment).  ``file://`` URLs and plain paths are local paths, made absolute
   (worker processes may run elsewhere in the file system).
   ``storage_options`` go with URLs only.
 - A writable ``zarr.storage.LocalStore`` is its root path.  Any other zarr
