@@ -268,3 +268,26 @@ def test_bad_storage_options_on_the_cli_are_one_line(capsys: pytest.CaptureFixtu
     assert main(["status", str(tmp_path / "job.zarr"), "--storage-options", '{"anon": true}']) == 2
     assert "apply to URLs" in capsys.readouterr().err
     assert not (tmp_path / "job.zarr").exists()
+
+
+def test_generated_inputs_on_s3_through_the_cli(endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cqsa run --synthetic N URL` creates the synthetic store on S3, runs it, and the same command
+    again finds that store (same source) and resumes; `cqsa verify` checks it there."""
+    url = f"s3://{BUCKET}/synthetic-{os.getpid()}-{time.monotonic_ns()}.zarr"
+    cli = ["--storage-options", json.dumps(_options(endpoint))]
+    command = ["run", url, "--synthetic", "96", "--heads", "2", "--head-dim", "8", "--dtype", "float32",
+               "--seed", "7", "--groups", "3", "--budget", "1GB", "--json", *cli]
+    with dask.config.set({"cqsa.local-cluster.processes": False, "cqsa.local-cluster.dashboard-address": ":0"}):
+        assert main(command) == 0
+        first = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert main(command) == 0
+        second = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert first["quorum_tasks_run"] > 0 and not first["resumed"]
+    assert second["resumed"] and second["quorum_tasks_run"] == 0
+    assert parse_store(url, _options(endpoint)).has_group()
+    assert _keys(endpoint, url.split("/", 3)[3] + "/q") == [], "generated inputs are not stored"
+    assert main(["verify", url, "--json", *cli]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]
+    other = [*command[:4], "--heads", "4", *command[6:]]  # another source at the same URL
+    assert main(other) == 2
+    assert "holds another synthetic source" in capsys.readouterr().err
