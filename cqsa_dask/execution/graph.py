@@ -30,7 +30,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.tasks import merge_task, quorum_task, worker_options
-from cqsa_dask.store.location import StoreLocation
+from cqsa_dask.store.location import StoreLike, parse_store
 
 __all__ = ["JobGraph", "build_graph", "merge_prefix", "quorum_prefix"]
 
@@ -59,20 +59,21 @@ def _index_order(key: Any) -> int:
 
 
 def build_graph(
-    store: StoreLocation, token: str, plan: Plan, *, resource: str, retries: int,
+    store: StoreLike, token: str, plan: Plan, *, resource: str, retries: int,
     task_done: np.ndarray | None = None, merge_done: np.ndarray | None = None,
     options: dict[str, Any] | None = None,
 ) -> JobGraph:
     """Graph for the tasks and merges of ``plan`` not yet marked done.
 
     Args:
-        store: where the job is (picklable: every task carries it).
+        store: where the job is; every task carries its ``StoreLocation`` (picklable).
         task_done, merge_done: (W, B, J) arrays of 0/1 markers from the store.
         resource: worker resource name; each quorum task asks for
             ``plan.task_memory_bytes`` of it.
         options: worker-side settings (``tasks.worker_options()``).
     """
     options = options if options is not None else worker_options()
+    store = parse_store(store)
     qp, mp = quorum_prefix(token), merge_prefix(token)
     grid = (plan.groups, plan.batch, plan.head_blocks)
     tdone = task_done if task_done is not None else np.zeros(grid, np.uint8)
