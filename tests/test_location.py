@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import subprocess
@@ -149,6 +150,15 @@ def test_an_in_memory_store_stays_in_its_process(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], check=False, input=blob, capture_output=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
     assert "refused:" in res.stdout.decode() and "memory of another process" in res.stdout.decode()
+
+
+def test_a_forgotten_in_memory_store_is_a_store_error() -> None:
+    """The registry of in-memory stores does not keep them alive: a pickled location outliving its
+    store says so."""
+    blob = pickle.dumps(parse_store(zarr.storage.MemoryStore()))
+    gc.collect()
+    with pytest.raises(StoreError, match="no longer exists"):
+        pickle.loads(blob).open_group("r")
 
 
 def test_open_job_is_cached_per_location(tmp_path: Path) -> None:

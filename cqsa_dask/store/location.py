@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,9 @@ OpenMode = Literal["r", "r+"]
 StoreLike: TypeAlias = "str | os.PathLike[str] | Store | StoreLocation"
 
 # In-memory stores of this process, by location key: a location pickled and unpickled in the
-# same process (a threaded cluster) finds its store here; another process does not.
-_IN_MEMORY: dict[str, Any] = {}
+# same process (a threaded cluster) finds its store here; another process does not.  Weak: a
+# store lives as long as a location (or the user) holds it.
+_IN_MEMORY: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -155,7 +157,10 @@ class StoreLocation:
         if self._pid is not None and self._pid != os.getpid():
             raise InvalidInputError(self._elsewhere())
         if self.kind == "object":
-            return self._store if self._store is not None else _IN_MEMORY[self._key]
+            store = self._store if self._store is not None else _IN_MEMORY.get(self._key)
+            if store is None:
+                raise StoreError(f"the in-memory store {self.describe()} no longer exists in this process")
+            return store
         if self.kind == "url":
             return zarr.storage.FsspecStore.from_url(self.target, storage_options=self.storage_options or None,
                                                      read_only=read_only)
