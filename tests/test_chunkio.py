@@ -102,14 +102,20 @@ def test_layouts_it_does_not_read_go_to_zarr(tmp_path: Path) -> None:
         read_rows(plain, 0, slice(0, 2, 2), slice(0, 32), torch.float32)
 
 
-def test_read_only_local_store_is_not_written_behind_zarr_s_back(tmp_path: Path) -> None:
+def test_read_only_local_store_is_read_directly_and_not_written(tmp_path: Path) -> None:
     g = zarr.open_group(tmp_path / "s.zarr", mode="w")
-    create_array(g, "x", (4, 4), (2, 2), "float32")
+    create_array(g, "x", (1, 2, 4, 4), (1, 1, 2, 4), "float32")[0, 0, :2] = 1.0
     ro = zarr.open_group(zarr.storage.LocalStore(tmp_path / "s.zarr", read_only=True), mode="r")["x"]
-    assert isinstance(ro, zarr.Array) and isinstance(chunk_io(ro), ZarrChunks)
-    with pytest.raises(ValueError):
-        chunk_io(ro).write((slice(0, 2), slice(0, 2)), np.ones((2, 2), np.float32))
-    assert not list((tmp_path / "s.zarr" / "x").rglob("c*"))
+    assert isinstance(ro, zarr.Array)
+    io = chunk_io(ro)
+    assert isinstance(io, LocalFiles) and io.partial_reads
+    assert torch.equal(io.read_rows(0, slice(0, 1), slice(0, 2), torch.float32), torch.ones(1, 2, 4))
+    files = sorted(p for p in (tmp_path / "s.zarr" / "x").rglob("*") if p.is_file())
+    with pytest.raises(ValueError, match="read-only"):
+        io.write((0, slice(0, 1), slice(2, 4)), np.ones((1, 2, 4), np.float32))
+    with pytest.raises(ValueError, match="read-only"):
+        io.delete((0, 0, 0, 0))
+    assert sorted(p for p in (tmp_path / "s.zarr" / "x").rglob("*") if p.is_file()) == files
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=FUNCTION_SCOPED)

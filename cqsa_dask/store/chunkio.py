@@ -77,13 +77,13 @@ class ChunkIO(Protocol):
 
 def plain_root(arr: zarr.Array) -> Path | None:
     """The directory of ``arr``'s chunk files when each file is its chunk's C-order elements
-    (a writable local store, zarr v3, one little-endian ``bytes`` codec, no sharding), else None."""
+    (a local store, zarr v3, one little-endian ``bytes`` codec, no sharding), else None."""
     try:
         from zarr.codecs import BytesCodec
         from zarr.storage import LocalStore
 
         store, meta = arr.store_path.store, arr.metadata
-        if not isinstance(store, LocalStore) or store.read_only or meta.zarr_format != 3 or sys.byteorder != "little":
+        if not isinstance(store, LocalStore) or meta.zarr_format != 3 or sys.byteorder != "little":
             return None
         codecs = tuple(meta.codecs)
         if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec) or arr.shards is not None:
