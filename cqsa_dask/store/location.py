@@ -19,16 +19,18 @@ Policy:
   an ``s3://`` URL uses the standard AWS environment (``AWS_ENDPOINT_URL``,
   ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), as s3fs
   does, read where the store is opened: by the client and by every worker
-  process (a local cluster's workers inherit the client's environment).  ``file://`` URLs and plain paths are local paths, made absolute
-  (worker processes may run elsewhere in the file system).
-  ``storage_options`` go with URLs only.
+  process (a local cluster's workers inherit the client's environment).
+  ``file://`` URLs and plain paths are local paths, made absolute (worker
+  processes may run in another directory).  ``storage_options`` go with
+  URLs only.
 - A writable ``zarr.storage.LocalStore`` is its root path.  Any other zarr
   ``Store`` is kept as given and must pickle (tasks carry it to workers).
 - An in-memory store (``zarr.storage.MemoryStore``, a ``memory://`` URL)
   lives in the process that made it: it works with a threaded cluster
   (``LocalCluster(processes=False)``, or ``cqsa.local-cluster.processes:
-  false``); a task that receives it in another process fails with an
-  :class:`InvalidInputError` that says so.
+  false``).  ``run`` refuses it (:class:`InvalidInputError`) before writing
+  anything when the workers are other processes (``check_processes``), and
+  a location unpickled in another process refuses to open.
 - Opening an existing group (``open_group``) never creates anything: a missing
   path, an unreachable endpoint, refused credentials or a missing bucket are a
   :class:`StoreError` with the fix.  Equality and hashing use a key made at
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import uuid
 import weakref
@@ -255,7 +258,7 @@ def _from_path(store: str | os.PathLike[str], options: dict[str, Any]) -> StoreL
     if not isinstance(text, str):
         raise InvalidInputError(f"a store path must be text, got {text!r}")
     scheme, sep, rest = text.partition("://")
-    if not sep or not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+    if not sep or len(scheme) < 2 or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         scheme, rest = "", text
     if scheme.lower() == "file":
         scheme = ""
@@ -279,8 +282,6 @@ def _from_object(store: Any, options: dict[str, Any]) -> StoreLocation:
         return StoreLocation._make("local", os.path.abspath(str(store.root)))
     if isinstance(store, zarr.storage.MemoryStore):
         return StoreLocation._make("object", repr(store), store=store, process_local=True)
-    import pickle
-
     try:
         pickle.dumps(store)
     except Exception as e:  # noqa: BLE001  (pickling fails in many ways)
