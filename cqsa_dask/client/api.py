@@ -38,6 +38,7 @@ from cqsa_dask.execution.graph import build_graph
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.runtime import ensure_runtime
 from cqsa_dask.execution.telemetry import Outcome, announce_job, finish_job, job_span_name, page_link
+from cqsa_dask.store.chunkio import read_markers
 from cqsa_dask.store.jobstate import Lease, check_free, fingerprint, same_inputs
 from cqsa_dask.store.layout import (
     ENGINE,
@@ -45,11 +46,11 @@ from cqsa_dask.store.layout import (
     create_outputs,
     engine,
     input_info,
-    open_store,
     read_block,
     validate_shapes,
     write_tensor,
 )
+from cqsa_dask.store.location import StoreLike, StoreLocation, parse_store
 
 __all__ = ["JobResult", "attention", "run"]
 
@@ -95,11 +96,11 @@ def _budget(memory_budget: int | str | None, client: Client | None, resource: st
 
 
 def _markers(eng: Any, name: str) -> np.ndarray:
-    """The (W, B, J) 0/1 marker array ``name`` of the engine group."""
-    return np.asarray(array(eng, name)[...])
+    """The (W, B, J) 0/1 marker array ``name`` of the engine group (read in bulk)."""
+    return read_markers(array(eng, name))
 
 
-def _fit_disk(plan: Plan, group: Any, store: str, restart: bool) -> Plan:
+def _fit_disk(plan: Plan, group: Any, store: StoreLocation, restart: bool) -> Plan:
     """"auto" partials that also fit the disk: bounded when "all" would not.
 
     "all" is chosen by the planner below ``cqsa.partials-limit``; on a local
@@ -108,17 +109,17 @@ def _fit_disk(plan: Plan, group: Any, store: str, restart: bool) -> Plan:
     what a job being replaced occupies).  A stored job that is resumed keeps
     the policy it started with, whatever the disk holds now.
     """
-    if plan.partials != "all" or "://" in store:
+    root, free = store.local_root, store.free_bytes()
+    if plan.partials != "all" or root is None or free is None:
         return plan
     if ENGINE in group and not restart:
         stored = (engine(group).attrs.get("plan") or {}).get("partials")  # type: ignore[union-attr]
         return dataclasses.replace(plan, partials=stored) if stored in ("all", "bounded") else plan
     room = float(config.get("partials-disk-fraction"))
-    free = shutil.disk_usage(store).free
     if plan.bytes_written <= room * free:
         return plan
     # a job being replaced frees its files: count them only when they decide (a walk over every chunk)
-    free += sum(_dir_bytes(os.path.join(store, n)) for n in (ENGINE, "out", "lse"))
+    free += sum(_dir_bytes(os.path.join(root, n)) for n in (ENGINE, "out", "lse"))
     return dataclasses.replace(plan, partials="bounded") if plan.bytes_written > room * free else plan
 
 
@@ -200,8 +201,9 @@ def _prepare(group: Any, plan: Plan, restart: bool, force: bool = False) -> tupl
 
 
 def run(
-    store: str | os.PathLike[str],
+    store: StoreLike,
     *,
+    storage_options: dict[str, Any] | None = None,
     causal: bool = False,
     scale: float | None = None,
     memory_budget: int | str | None = None,
@@ -218,9 +220,13 @@ def run(
     """Compute exact attention of the q, k, v arrays of a Zarr v3 group.
 
     Args:
-        store: path or URL of a group with q (B, Hq, N, D), k and v
-            (B, Hkv, N, D); float32, float16, or bfloat16 stored as uint16
-            with attribute logical_dtype="bfloat16".
+        store: a group with q (B, Hq, N, D), k and v (B, Hkv, N, D);
+            float32, float16, or bfloat16 stored as uint16 with attribute
+            logical_dtype="bfloat16".  A path, a URL (``s3://bucket/job.zarr``),
+            a zarr Store object or a ``StoreLocation`` (``store/location.py``).
+        storage_options: fsspec options of a URL (e.g. ``{"endpoint_url": ...,
+            "key": ..., "secret": ...}``); none: an s3:// URL uses the AWS_*
+            environment variables.
         causal: lower-triangular (top-left aligned) mask.  scale: default 1/sqrt(D).
         memory_budget: bytes or "12GB" per worker; default: the smallest
             budget the scheduler's workers advertise, else ``cqsa.memory-budget``.
@@ -245,8 +251,8 @@ def run(
     into the group; engine state goes under ``_cqsa``.  A store holding the
     same plan resumes: tasks recorded as done are not recomputed.
     """
-    store_s = os.fspath(store)
-    group = open_store(store_s, mode="r+")
+    location = parse_store(store, storage_options)
+    group = location.open_group("r+")
     info = input_info(group)
     resource = str(config.get("resource"))
 
@@ -265,7 +271,7 @@ def run(
             heads_per_task=keep.get("heads_per_task") if w == keep.get("groups") else None,
             query_groups=query_groups, **opts,
         )
-        return _fit_disk(p, group, store_s, restart) if opts["partials"] == "auto" else p
+        return _fit_disk(p, group, location, restart) if opts["partials"] == "auto" else p
 
     local = client is None and scheduler is None
     # Plan before starting a local cluster (its workers are this machine's): bad input fails fast.
@@ -281,6 +287,8 @@ def run(
         if plan is None:  # sized for what the scheduler's workers are and advertise
             plan = plan_for(_budget(memory_budget, c, resource), workers_device_kind(c))
         check_capacity(c, resource, plan.task_memory_bytes)
+        if location.process_local:  # an in-memory store: only workers in this process reach it
+            location.check_processes(c.run(os.getpid).values())
         token, resumed = _prepare(group, plan, restart, force)
         lease = Lease(group, ttl=float(config.get("lease-seconds")), force=force)
         _store_op(lease.claim)
@@ -289,13 +297,14 @@ def run(
             options = RunOptions.from_config(resource=resource, tasks_in_flight=plan.tasks_in_flight)
             ensure_runtime(c, options)  # every worker's runtime (caches, pools, locks), set up once
             jg = build_graph(
-                store_s, token, plan, resource=resource, retries=int(config.get("retries")),
+                location, token, plan, resource=resource, retries=int(config.get("retries")),
                 task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"), options=options,
             )
             _store_op(lease.confirm)  # its settling wait overlaps building the graph; before any task
             if on_start is not None:
                 on_start(plan, page_link(c))
-            results, seconds = _observed(c, jg.graph, jg.keys, progress, token, plan, store_s, resource, eng)
+            results, seconds = _observed(c, jg.graph, jg.keys, progress, token, plan, location.describe(),
+                                         resource, eng)
         finally:
             lease.release()
         link = c.dashboard_link
@@ -378,6 +387,8 @@ def attention(
     client: Client | None = None,
     workdir: str | os.PathLike[str] | None = None,
     groups: int | None = None,
+    store: StoreLike | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled-dot-product attention, streamed through Dask and Zarr.
 
@@ -392,30 +403,37 @@ def attention(
         workdir: directory for the job store (default: a temporary one,
             removed afterwards).
         groups: force the number of token groups W.
+        store, storage_options: where the job store is created instead (a
+            new path or empty directory, a URL with its fsspec options, or a
+            zarr Store, as ``run`` takes them); it is kept afterwards.
 
     Returns:
         out (B, Hq, N, D) in q's dtype on q's device, and lse when asked.
     """
     _validate_tensors(q, k, v)
+    if store is not None and workdir is not None:
+        raise InvalidInputError("give workdir (a directory for a temporary store) or store (the store itself), "
+                                "not both")
+    location = parse_store(store, storage_options) if store is not None else None
     b, hq, n, d = q.shape
     kind = workers_device_kind(client) if client is not None else local_device_kind()
     plan = make_plan(seq_len=n, heads=hq, kv_heads=k.shape[1], head_dim=d, batch=b,
                      dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups,
                      **plan_options(kind))
-    tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir)
+    tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir) if location is None else None
     try:
-        path = os.path.join(tmp, "job.zarr")
-        import zarr
-
-        group = zarr.open_group(path, mode="w", zarr_format=3)
+        if location is None:
+            assert tmp is not None
+            location = parse_store(os.path.join(tmp, "job.zarr"))
+        group = location.create_group(overwrite=tmp is not None)
         g = plan.group_size
         write_tensor(group, "q", q, (1, plan.q_heads_per_task, g, d))
         write_tensor(group, "k", k, (1, plan.heads_per_task, g, d))
         write_tensor(group, "v", v, (1, plan.heads_per_task, g, d))
-        run(path, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
+        run(location, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
         out = read_block(array(group, "out"), (...,), plan.dtype).to(q.device)
         lse = read_block(array(group, "lse"), (...,), "float32").to(q.device)
     finally:
-        if workdir is None:
+        if tmp is not None and workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     return (out, lse) if return_lse else out

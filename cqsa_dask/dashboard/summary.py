@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ import zarr
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.core.units import format_bytes
-from cqsa_dask.store.layout import ENGINE, STAT_FIELDS, open_store
+from cqsa_dask.store.layout import ENGINE, STAT_FIELDS
+from cqsa_dask.store.location import parse_store
 
 from ._format import byte_unit, fmt_seconds
 
@@ -54,11 +56,13 @@ class Records:
         return (self.quorum if kind == "quorum" else self.merge)[:, _F[name]]
 
 
-def load_records(store: str | os.PathLike[str]) -> Records:
-    """Read the task and merge records of ``store``; raise StoreError when it has none."""
-    group = open_store(os.fspath(store), mode="r")
+def load_records(store: Any, storage_options: Mapping[str, Any] | None = None) -> Records:
+    """Read the task and merge records of ``store`` (a path, a URL with ``storage_options``, a zarr
+    Store or a ``StoreLocation``); raise StoreError when it has none."""
+    location = parse_store(store, storage_options)
+    group = location.open_group("r")
     if ENGINE not in group:
-        raise StoreError(f"store {os.fspath(store)!r} holds no cqsa job: run one with `cqsa run` first")
+        raise StoreError(f"store {location.describe()} holds no cqsa job: run one with `cqsa run` first")
     eng = group[ENGINE]
     assert isinstance(eng, zarr.Group)
     if "task_stats" not in eng:
@@ -74,7 +78,7 @@ def load_records(store: str | os.PathLike[str]) -> Records:
         out[kind] = (a[have], np.argwhere(have))
     if not len(out["task"][0]):
         raise StoreError("no task of this job has finished yet: nothing to report")
-    return Records(os.fspath(store), str(eng.attrs["token"]), plan, *out["task"], *out["merge"])
+    return Records(location.describe(), str(eng.attrs["token"]), plan, *out["task"], *out["merge"])
 
 
 def _lanes(start: np.ndarray, end: np.ndarray, worker: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -223,14 +227,14 @@ def _summary_html(r: Records, t: dict[str, np.ndarray]) -> str:
     )
 
 
-def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Write the HTML report of ``store`` to ``out``; return its path."""
+def write_report(store: Any, out: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Path:
+    """Write the HTML report of ``store`` (as :func:`load_records` takes it) to ``out``; return its path."""
     from bokeh.io import save
     from bokeh.layouts import column
     from bokeh.models.widgets import Div
     from bokeh.resources import INLINE
 
-    r = load_records(store)
+    r = load_records(store, storage_options)
     t = _table(r)
     layout = column(Div(text=_summary_html(r, t), sizing_mode="stretch_width", name="cqsa-summary"), _timeline(t), _per_task(t),
                     _memory(t, r.plan), sizing_mode="stretch_width")

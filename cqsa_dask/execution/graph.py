@@ -30,6 +30,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.tasks import merge_task, quorum_task
+from cqsa_dask.store.location import StoreLike, parse_store
 
 __all__ = ["JobGraph", "build_graph", "merge_prefix", "quorum_prefix"]
 
@@ -54,19 +55,21 @@ class JobGraph:
 
 
 def build_graph(
-    store: str, token: str, plan: Plan, *, resource: str, retries: int,
+    store: StoreLike, token: str, plan: Plan, *, resource: str, retries: int,
     task_done: np.ndarray | None = None, merge_done: np.ndarray | None = None,
     options: RunOptions | None = None,
 ) -> JobGraph:
     """Graph for the tasks and merges of ``plan`` not yet marked done.
 
     Args:
+        store: where the job is; every task carries its ``StoreLocation`` (picklable).
         task_done, merge_done: (W, B, J) arrays of 0/1 markers from the store.
         resource: worker resource name; each quorum task asks for
             ``plan.task_memory_bytes`` of it.
         options: how workers run the tasks (default: ``RunOptions.from_config()``).
     """
     options = options if options is not None else RunOptions.from_config()
+    store = parse_store(store)
     qp, mp = quorum_prefix(token), merge_prefix(token)
     grid = (plan.groups, plan.batch, plan.head_blocks)
     tdone = task_done if task_done is not None else np.zeros(grid, np.uint8)

@@ -1,6 +1,6 @@
 """The functions Dask runs: one quorum task, one merge.
 
-Both take only small arguments (store path, job token, indices, the
+Both take only small arguments (the store's ``StoreLocation``, job token, indices, the
 :class:`RunOptions`) and return a small dict of metadata; all tensors move
 through the Zarr store.  What a worker keeps between tasks (host cache, IO
 pool, streams, locks) is its runtime's (``runtime.py``); what depends on the
@@ -42,11 +42,12 @@ from cqsa_dask.execution.telemetry import report_task, task_started, worker_addr
 from cqsa_dask.kernels.attention import attend, merge, resolve_device, select_kernel
 from cqsa_dask.kernels.transfer import done_event
 from cqsa_dask.store.layout import TORCH_DTYPES, open_job, write_block, write_stats
+from cqsa_dask.store.location import StoreLike
 
 __all__ = ["merge_task", "quorum_task"]
 
 
-def quorum_task(store: str, token: str, task: int, batch: int, block: int,
+def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
                 options: RunOptions | None = None) -> dict[str, Any]:
     """Compute every pair quorum ``task`` owns for one batch element and head block.
 
@@ -159,7 +160,7 @@ def _record(stats: Any, index: tuple[int, int, int], rec: dict[str, Any], start:
         write_stats(stats, index, {**rec, "start": start, "worker": worker_address()})
 
 
-def merge_task(store: str, token: str, group: int, batch: int, block: int, options: RunOptions | None,
+def merge_task(store: StoreLike, token: str, group: int, batch: int, block: int, options: RunOptions | None,
                *deps: Any) -> dict[str, Any]:
     """Merge the producers' results of query ``group`` into out and lse.
 

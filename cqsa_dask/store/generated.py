@@ -36,14 +36,13 @@ copied once per device; q, k, v blocks are gathers from them.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Any, TypeVar
 
 import torch
 import zarr
-import zarr.errors
 
 from cqsa_dask.core.dtypes import MAX_HEAD_DIM, parse_dtype
 from cqsa_dask.core.errors import InvalidInputError, StoreError
@@ -278,22 +277,22 @@ def source_of(group: zarr.Group) -> SyntheticSource | None:
     return SyntheticSource.from_attrs(dict(attrs) if isinstance(attrs, dict) else attrs)
 
 
-def create_synthetic_store(path: str | os.PathLike[str], source: SyntheticSource) -> zarr.Group:
-    """Create a synthetic store at ``path`` (a new or empty directory, or a URL) and return it.
+def create_synthetic_store(path: Any, source: SyntheticSource,
+                           storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Create a synthetic store at ``path`` (a new or empty directory, a URL with
+    ``storage_options``, or a zarr Store: ``location.parse_store``) and return it.
 
-    Refuses (:class:`StoreError`) to touch a path that exists and is not empty.
+    Refuses (:class:`StoreError`) to touch a path that exists and is not empty,
+    or a URL or Store that already holds a Zarr node.
     """
-    spath = os.fspath(path)
-    local = "://" not in spath
-    if local and os.path.exists(spath) and (not os.path.isdir(spath) or os.listdir(spath)):
-        raise StoreError(f"{spath!r} exists and is not empty: a synthetic store is created in a new or empty "
-                         "directory (remove it or pick another path)")
-    try:
-        group = zarr.open_group(spath, mode="w" if local else "w-", zarr_format=3)
-        group.attrs[SOURCE_ATTR] = source.to_attrs()
-    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
-        raise StoreError(f"{spath!r} already holds a Zarr node: {e}") from None
-    except OSError as e:
-        raise StoreError(f"cannot create the synthetic store {spath!r}: {e}") from None
-    return group
+    from cqsa_dask.store.location import parse_store
 
+    location = parse_store(path, storage_options)
+    try:
+        group = location.create_group()
+        group.attrs[SOURCE_ATTR] = source.to_attrs()
+    except OSError as e:
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"cannot create the synthetic store {location.describe()}: {e}") from None
+    return group

@@ -24,7 +24,7 @@ All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
   refuse the lock) Zarr attributes are last-writer-wins, so acquisition
   writes, waits ``Lease.SETTLE`` and re-reads: two clients starting within
   that window are the residual risk.
-- Progress: ``status`` counts the task and merge markers.
+- Progress: ``status`` counts the task and merge markers (read in bulk, ``chunkio.read_markers``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ import zarr.storage
 
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.core.plan import Plan
-from cqsa_dask.store.chunkio import read_rows
+from cqsa_dask.store.chunkio import read_markers, read_rows
 from cqsa_dask.store.generated import source_of
 from cqsa_dask.store.layout import array, engine, open_store
 
@@ -293,13 +293,14 @@ class Status:
         return self.tasks_done == self.tasks_total and self.merges_done == self.merges_total
 
 
-def status(store: Any) -> Status:
-    """Read the progress of the job stored in ``store`` (running or not)."""
-    group = open_store(store, mode="r")
+def status(store: Any, storage_options: Mapping[str, Any] | None = None) -> Status:
+    """Read the progress of the job stored in ``store`` (a path, URL, zarr Store or
+    ``StoreLocation``; ``storage_options`` for a URL), running or not."""
+    group = open_store(store, mode="r", storage_options=storage_options)
     eng = engine(group)
     plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
-    tdone = int(np.asarray(array(eng, "task_done")[...]).sum())
-    mdone = int(np.asarray(array(eng, "merge_done")[...]).sum())
+    tdone = int(read_markers(array(eng, "task_done")).sum())
+    mdone = int(read_markers(array(eng, "merge_done")).sum())
     per_task = plan.bytes_written // max(1, plan.tasks + plan.merges)
     lease = eng.attrs.get("lease")
     running = isinstance(lease, dict) and float(lease["expires"]) > time.time()

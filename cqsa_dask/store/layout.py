@@ -13,8 +13,8 @@
         ├── zarr.json            attrs: plan, job token, engine version
         ├── partial_out (|D|, B, Hq, N, D)  slot s of the producer task
         ├── partial_lse (|D|, B, Hq, N)     float32
-        ├── task_done   (W, B, J) uint8     1 = quorum task's partials durable
-        ├── merge_done  (W, B, J) uint8     1 = out/lse of that group durable
+        ├── task_done   (W, B, J) uint8     1 = quorum task's partials durable  (markers:
+        ├── merge_done  (W, B, J) uint8     1 = out/lse of that group durable    a chunk iff 1)
         ├── task_stats  (W, B, J, F) float64  per-task figures (STAT_FIELDS), NaN = none
         └── merge_stats (W, B, J, F) float64  the same for merges (``cqsa dashboard``)
 
@@ -31,7 +31,6 @@ written.
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,14 +41,14 @@ import numpy as np
 import torch
 import zarr
 import zarr.errors
-from zarr.core.sync import sync as zarr_sync
 
 from cqsa_dask.core.dtypes import DTYPES, parse_dtype, torch_dtype
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.core.shapes import validate_shapes
-from cqsa_dask.store.chunkio import write_chunk
+from cqsa_dask.store.chunkio import MARKERS_ATTR, chunk_io
 from cqsa_dask.store.generated import SyntheticSource, source_of
+from cqsa_dask.store.location import OpenMode, StoreLike, StoreLocation, parse_store
 
 __all__ = [
     "ENGINE",
@@ -59,6 +58,7 @@ __all__ = [
     "array",
     "chunk_exists",
     "create_array",
+    "create_markers",
     "create_outputs",
     "delete_chunk",
     "engine",
@@ -83,16 +83,10 @@ _LOGICAL = "logical_dtype"
 TORCH_DTYPES = {name: torch_dtype(name) for name in DTYPES}
 
 
-def open_store(store: Any, mode: str = "r+") -> zarr.Group:
-    """Open an existing Zarr v3 group (path or URL) or raise :class:`StoreError`."""
-    if isinstance(store, (str, os.PathLike)) and "://" not in str(store) and not os.path.exists(store):
-        raise StoreError(f"store {os.fspath(store)!r} does not exist: give the path of a Zarr v3 group")
-    try:
-        return zarr.open_group(store=store, mode=mode, zarr_format=3)  # type: ignore[arg-type]
-    except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError, TypeError) as e:
-        raise StoreError(f"store {store!r} is not a Zarr v3 group ({e}); create one with zarr.open_group") from e
-    except PermissionError as e:
-        raise StoreError(f"store {store!r} cannot be opened for writing: {e}") from e
+def open_store(store: Any, mode: OpenMode = "r+", storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open the existing Zarr v3 group of ``store`` (anything :func:`location.parse_store` takes)
+    or raise :class:`StoreError`."""
+    return parse_store(store, storage_options).open_group(mode)
 
 
 # Arrays are opened with write_empty_chunks on: zarr's default (off) compares every chunk
@@ -100,7 +94,10 @@ def open_store(store: Any, mode: str = "r+") -> zarr.Group:
 # 90 MB chunk on the 2-core machine, against 27-49 ms for the write itself), and a
 # chunk then exists exactly when it was written, which the markers and fold.py's
 # journal rely on.  Set per array (not through zarr.config, which is process-wide).
+# Marker arrays are the exception (chunkio.MARKERS_ATTR): writing 0 deletes the
+# chunk, so that their chunks exist exactly where a marker is set.
 _WRITE_EVERY_CHUNK: Any = {"write_empty_chunks": True}  # a zarr ArrayConfigParams
+_MARKER_CHUNKS: Any = {"write_empty_chunks": False}
 
 
 def array(group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
@@ -114,7 +111,7 @@ def array(group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
         raise StoreError(f"store has no array {name!r}{': ' + hint if hint else ''}") from None
     if not isinstance(node, zarr.Array):
         raise StoreError(f"{name!r} in the store is a group, not an array")
-    return node.with_config(_WRITE_EVERY_CHUNK)
+    return node.with_config(_MARKER_CHUNKS if node.attrs.get(MARKERS_ATTR) == "presence" else _WRITE_EVERY_CHUNK)
 
 
 def engine(group: zarr.Group) -> zarr.Group:
@@ -186,6 +183,15 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
     )
 
 
+def create_markers(group: zarr.Group, name: str, shape: tuple[int, ...]) -> zarr.Array:
+    """A uint8 marker array, one chunk per marker, whose chunks exist exactly where it holds 1
+    (``chunkio.MARKERS_ATTR``: writing 0 deletes the chunk), so all of it is read with one listing."""
+    return group.create_array(
+        name, shape=shape, chunks=(1,) * len(shape), dtype="uint8", compressors=None, fill_value=0,
+        attributes={MARKERS_ATTR: "presence"}, overwrite=True, config=_MARKER_CHUNKS,
+    )
+
+
 def write_tensor(group: zarr.Group, name: str, t: torch.Tensor, chunks: tuple[int, ...]) -> None:
     """Store tensor ``t`` (any shape, float32/float16/bfloat16) as array ``name``."""
     dtype = parse_dtype(str(t.dtype))
@@ -212,32 +218,25 @@ def read_block(arr: zarr.Array, index: tuple[Any, ...], dtype: str) -> torch.Ten
 
 def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> None:
     """Write tensor ``t`` into ``arr[index]`` (bfloat16 as its uint16 bits): a block that is
-    one whole chunk of a plain local array straight into its file (``chunkio.write_chunk``,
-    renamed into place), anything else through zarr."""
+    one whole chunk is replaced atomically (``chunkio``: straight into its file on a plain
+    local store)."""
     write_raw(arr, index, _to_numpy(t))
 
 
 def write_raw(arr: zarr.Array, index: tuple[Any, ...], data: np.ndarray) -> None:
-    """Write ``data`` (``arr``'s stored dtype) into ``arr[index]``: one whole chunk of a plain
-    local array straight into its file, atomically (``chunkio.write_chunk``), else through zarr."""
-    if not write_chunk(arr, index, data):
-        arr[index] = data
-
-
-def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
-    path = arr.store_path.path
-    key = arr.metadata.encode_chunk_key(coords)
-    return f"{path}/{key}" if path else key
+    """Write ``data`` (``arr``'s stored dtype) into ``arr[index]`` (``chunkio``: one whole chunk
+    is replaced atomically, straight into its file on a plain local store)."""
+    chunk_io(arr).write(index, data)
 
 
 def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
     """Whether the chunk at grid position ``coords`` of ``arr`` is stored."""
-    return bool(zarr_sync(arr.store_path.store.exists(_chunk_key(arr, coords))))
+    return chunk_io(arr).exists(coords)
 
 
 def delete_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> None:
     """Delete the chunk at grid position ``coords`` (absent: nothing to do); it then reads as the fill value."""
-    zarr_sync(arr.store_path.store.delete(_chunk_key(arr, coords)))
+    chunk_io(arr).delete(coords)
 
 
 def write_stats(arr: zarr.Array, index: tuple[int, int, int], stats: Mapping[str, Any]) -> None:
@@ -264,8 +263,8 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     create_array(group, "lse", (b, hq, n), (1, ht, g), "float32")
     eng = group.create_group(ENGINE, overwrite=True)
     plan.policy.create_arrays(eng, plan)  # partial_out, partial_lse (and the fold arrays of bounded jobs)
-    create_array(eng, "task_done", grid, (1, 1, 1), "uint8")
-    create_array(eng, "merge_done", grid, (1, 1, 1), "uint8")
+    create_markers(eng, "task_done", grid)
+    create_markers(eng, "merge_done", grid)
     nf = len(STAT_FIELDS)
     for name in ("task_stats", "merge_stats"):
         create_array(eng, name, (*grid, nf), (1, 1, 1, nf), "float64", nan_fill=True)
@@ -282,11 +281,11 @@ def _version() -> str:
 class Job:
     """Arrays of one job, opened once per worker process (see :func:`open_job`)."""
 
-    def __init__(self, store: str, token: str):
-        group = open_store(store, mode="r+")
+    def __init__(self, store: StoreLocation, token: str):
+        group = store.open_group("r+")
         eng = engine(group)
         if eng.attrs.get("token") != token:
-            raise StoreError(f"store {store!r} holds job {eng.attrs.get('token')!r}, not {token!r}")
+            raise StoreError(f"store {store.describe()} holds job {eng.attrs.get('token')!r}, not {token!r}")
         self.plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
         # A synthetic store generates its inputs (synthetic.py) and has no q, k, v arrays.
         self.source: SyntheticSource | None = source_of(group)
@@ -300,7 +299,12 @@ class Job:
         self.partials: dict[str, zarr.Array] = self.plan.policy.open_arrays(eng)
 
 
+def open_job(store: StoreLike, token: str) -> Job:
+    """The :class:`Job` of ``store`` (a :class:`StoreLocation`, or anything ``parse_store`` takes),
+    opened once per process and job token."""
+    return _cached_job(parse_store(store), token)
+
+
 @lru_cache(maxsize=16)
-def open_job(store: str, token: str) -> Job:
-    """The :class:`Job` of ``store`` (cached per process and job token)."""
+def _cached_job(store: StoreLocation, token: str) -> Job:
     return Job(store, token)

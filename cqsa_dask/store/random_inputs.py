@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 import zarr
 
 from cqsa_dask.core.dtypes import parse_dtype
 from cqsa_dask.store.layout import TORCH_DTYPES, create_array, write_block
+from cqsa_dask.store.location import StoreLike, parse_store
 
 __all__ = ["write_random_inputs"]
 
 
 
 def write_random_inputs(
-    path: str | os.PathLike[str], *, seq_len: int, heads: int, head_dim: int, kv_heads: int | None = None,
+    path: StoreLike, *, seq_len: int, heads: int, head_dim: int, kv_heads: int | None = None,
     batch: int = 1, dtype: str = "float32", seed: int = 0, chunk_tokens: int = 8192, std: float = 1.0,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
-    """Create a Zarr v3 group at ``path`` with q (B, H, N, D), k, v (B, Hkv, N, D).
+    """Create a Zarr v3 group at ``path`` (replacing what is there; a path, a URL with
+    ``storage_options`` or a zarr Store) with q (B, H, N, D), k, v (B, Hkv, N, D).
 
     Entries are N(0, std^2) draws; the block of tokens [t0, t0 + chunk_tokens)
     of batch b in array q, k or v comes from ``torch.Generator`` seeded with
@@ -34,7 +39,7 @@ def write_random_inputs(
     """
     name = parse_dtype(dtype)
     kv_heads = heads if kv_heads is None else kv_heads
-    group = zarr.open_group(os.fspath(path), mode="w", zarr_format=3)
+    group = parse_store(path, storage_options).create_group(overwrite=True)
     blocks = []
     for arr_name, h in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
         arr = create_array(group, arr_name, (batch, h, seq_len, head_dim), (1, h, chunk_tokens, head_dim), name)

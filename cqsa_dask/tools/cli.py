@@ -89,6 +89,24 @@ def _groups_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated group numbers such as 0,5,-1, got {text!r}") from None
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """--storage-options: a JSON object, e.g. '{"endpoint_url": "http://127.0.0.1:9000"}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"anon\": true}}', got {text!r}")
+    return value
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                   help="fsspec options of a store URL as a JSON object, e.g. '{\"endpoint_url\": "
+                        "\"http://host:9000\", \"key\": \"...\", \"secret\": \"...\"}' (default: an s3:// URL "
+                        "uses the AWS_* environment variables)")
+
+
 def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partials", choices=("auto", "all", "bounded"), default=None,
                    help="partial results: all (|D| x the output on disk, fastest), bounded (folded into each "
@@ -149,7 +167,7 @@ _SYNTHETIC_OPTIONS = ("heads", "kv_heads", "head_dim", "dtype", "batch", "seed",
 def _synthetic_store(a: argparse.Namespace) -> None:
     """Create the synthetic store of ``run --synthetic N`` (or keep one holding the same source)."""
     from cqsa_dask.store.generated import SyntheticSource, create_synthetic_store, source_of
-    from cqsa_dask.store.layout import open_store
+    from cqsa_dask.store.location import parse_store
 
     def opt(name: str, default: Any) -> Any:
         value = getattr(a, name)
@@ -159,16 +177,17 @@ def _synthetic_store(a: argparse.Namespace) -> None:
     src = SyntheticSource(seq_len=a.synthetic, heads_q=heads, heads_kv=opt("kv_heads", heads),
                           head_dim=opt("head_dim", 128), dtype=opt("dtype", "bfloat16"), batch=opt("batch", 1),
                           seed=opt("seed", 0), vocab=opt("vocab", 4096), gain=opt("gain", 2.0))
-    if os.path.isdir(a.store) and os.path.exists(os.path.join(a.store, "zarr.json")):
-        have = source_of(open_store(a.store, mode="r"))
+    location = parse_store(a.store, a.storage_options)
+    if location.has_group():
+        have = source_of(location.open_group("r"))
         if have == src:
             return  # the same job again: run resumes it
         if have is not None:
             changed = [f"{k} {v!r} -> {src.to_attrs()[k]!r}" for k, v in have.to_attrs().items()
                        if src.to_attrs()[k] != v]
-            raise InvalidInputError(f"{a.store!r} holds another synthetic source ({'; '.join(changed)}); "
-                                    "give a new path for another job")
-    create_synthetic_store(a.store, src)
+            raise InvalidInputError(f"{location.describe()} holds another synthetic source "
+                                    f"({'; '.join(changed)}); give a new path for another job")
+    create_synthetic_store(location, src)
     if not a.json:
         print(f"inputs      generated (synthetic-v1, seed {src.seed}, vocab {src.vocab}, gain {src.gain:g}) "
               f"in {a.store}", flush=True)
@@ -188,8 +207,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
             raise InvalidInputError(f"{', '.join(given)}: only for generated inputs, add --synthetic N")
     tty = sys.stderr.isatty()
     a.progress_bar = _Progress(tty or a.progress, a.json)  # read by _interrupted: how far the job got
-    res = run(a.store, causal=a.causal, scale=a.scale, memory_budget=a.budget, scheduler=a.scheduler,
-              groups=a.groups, restart=a.restart, progress=a.progress_bar, force=getattr(a, "force", False),
+    res = run(a.store, storage_options=a.storage_options, causal=a.causal, scale=a.scale, memory_budget=a.budget,
+              scheduler=a.scheduler, groups=a.groups, restart=a.restart, progress=a.progress_bar,
+              force=getattr(a, "force", False),
               on_start=_start_printer(a.json), partials=a.partials, query_groups=a.query_groups)
     s = _run_summary(res)
     if a.json:
@@ -203,7 +223,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_resume(a: argparse.Namespace) -> int:
     from cqsa_dask.store.jobstate import status
 
-    p = status(a.store).plan
+    p = status(a.store, a.storage_options).plan
     a.causal, a.scale, a.budget, a.groups, a.restart = p["causal"], p["scale"], p["budget_bytes"], p["groups"], False
     a.partials, a.query_groups = p.get("partials", "all"), p.get("query_groups") or None
     return _cmd_run(a)
@@ -212,7 +232,7 @@ def _cmd_resume(a: argparse.Namespace) -> int:
 def _cmd_status(a: argparse.Namespace) -> int:
     from cqsa_dask.store.jobstate import status
 
-    st = status(a.store)
+    st = status(a.store, a.storage_options)
     if a.json:
         d = {k: getattr(st, k) for k in ("tasks_done", "tasks_total", "merges_done", "merges_total",
                                           "bytes_written", "elapsed_s", "running", "tasks_per_s", "eta_s")}
@@ -231,7 +251,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
 def _cmd_verify(a: argparse.Namespace) -> int:
     from cqsa_dask.tools.verify import verify
 
-    v = verify(a.store, rows=a.rows, seed=a.seed)
+    v = verify(a.store, rows=a.rows, seed=a.seed, storage_options=a.storage_options)
     w = v.worst
     if a.json:
         print(json.dumps(v.to_dict()))
@@ -252,10 +272,10 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(a: argparse.Namespace) -> int:
-    from .dashboard.summary import write_report
+    from cqsa_dask.dashboard.summary import write_report
 
     out = a.out or f"{os.path.splitext(os.path.basename(os.path.normpath(a.store)))[0] or 'cqsa'}-report.html"
-    path = write_report(a.store, out)
+    path = write_report(a.store, out, storage_options=a.storage_options)
     print(f"report      {os.path.abspath(path)}")
     return 0
 
@@ -315,6 +335,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run (or resume) the job of a Zarr store")
     r.add_argument("store", help="path or URL of a Zarr v3 group with arrays q, k, v")
+    _store_options(r)
     r.add_argument("--causal", action="store_true")
     r.add_argument("--scale", type=float, default=None)
     r.add_argument("--budget", default=None, help="memory budget per worker (default: workers' resource or config)")
@@ -340,7 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_cmd_run)
 
     rs = sub.add_parser("resume", help="finish the unfinished job of a store with its stored plan")
-    rs.add_argument("store")
+    rs.add_argument("store", help="path or URL of the job's Zarr store")
+    _store_options(rs)
     rs.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
     rs.add_argument("--gpus", default=None, metavar="all|none|0,1,...",
                     help="GPUs of the local cluster, one worker each (default: cqsa.local-cluster.gpus, all)")
@@ -351,19 +373,23 @@ def _parser() -> argparse.ArgumentParser:
     rs.set_defaults(fn=_cmd_resume)
 
     st = sub.add_parser("status", help="progress of the job in a store (while it runs or after)")
-    st.add_argument("store")
+    st.add_argument("store", help="path or URL of the job's Zarr store")
+    _store_options(st)
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_cmd_status)
 
     vf = sub.add_parser("verify", help="check sampled rows of a job's out and lse against a float64 reference")
-    vf.add_argument("store", help="path of the job's Zarr store (finished, or partly: unmerged rows are skipped)")
+    vf.add_argument("store", help="path or URL of the job's Zarr store (finished, or partly: unmerged rows are "
+                                  "skipped)")
+    _store_options(vf)
     vf.add_argument("--rows", type=int, default=16, help="random rows checked, plus the first and the last token")
     vf.add_argument("--seed", type=int, default=0, help="seed of the row sample")
     vf.add_argument("--json", action="store_true", help="machine-readable output")
     vf.set_defaults(fn=_cmd_verify)
 
     db = sub.add_parser("dashboard", help="write a static HTML report of a job: time per task, memory curve")
-    db.add_argument("store", help="path of the job's Zarr store (finished or stopped)")
+    db.add_argument("store", help="path or URL of the job's Zarr store (finished or stopped)")
+    _store_options(db)
     db.add_argument("--out", default=None, help="output HTML file (default: STORE-NAME-report.html here)")
     db.set_defaults(fn=_cmd_dashboard)
 

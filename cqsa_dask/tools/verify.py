@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ import zarr
 from cqsa_dask.core.dtypes import TOLERANCES
 from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.core.plan import Plan
+from cqsa_dask.store.chunkio import read_markers
 from cqsa_dask.store.generated import SyntheticSource, source_of
 from cqsa_dask.store.jobstate import same_inputs
 from cqsa_dask.store.layout import array, engine, input_info, logical_dtype, open_store, read_block
@@ -317,10 +319,11 @@ def _sample_merged(plan: Plan, done: np.ndarray, count: int, seed: int) -> list[
     return sorted(found)
 
 
-def verify(store: Any, rows: int = 16, seed: int = 0) -> Verification:
+def verify(store: Any, rows: int = 16, seed: int = 0, storage_options: Mapping[str, Any] | None = None) -> Verification:
     """Check ``rows`` random rows (plus the first and the last) of a job's out and lse against float64.
 
-    Only rows whose query group is merged are checked; in a partly merged
+    ``store``: a path, a URL (with ``storage_options``), a zarr Store or a
+    ``StoreLocation``.  Only rows whose query group is merged are checked; in a partly merged
     job the rows are drawn from the merged groups.  Raises
     :class:`InvalidInputError` for bad arguments, a job whose inputs changed,
     or when no sampled row is complete; :class:`StoreError` for a missing
@@ -331,11 +334,11 @@ def verify(store: Any, rows: int = 16, seed: int = 0) -> Verification:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}")
     t0 = time.perf_counter()
-    group = open_store(store, mode="r")
+    group = open_store(store, mode="r", storage_options=storage_options)
     eng = engine(group)
     plan = Plan.from_dict(dict(eng.attrs["plan"]))  # type: ignore[arg-type]
     _check_same_inputs(group, eng, plan)
-    done = np.asarray(array(eng, "merge_done")[...])  # (W, B, J)
+    done = read_markers(array(eng, "merge_done"))  # (W, B, J)
     sampled = sample_rows(group, rows, seed) if done.all() else _sample_merged(plan, done, rows, seed)
     kept = [r for r in sampled if _complete(plan, done, r)]
     if not kept:

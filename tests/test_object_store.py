@@ -1,0 +1,293 @@
+"""Jobs on stores that are not local directories: S3 (a real local server) and zarr Store objects.
+
+::
+
+    moto_server 127.0.0.1:PORT  ── bucket "cqsa"
+        s3://cqsa/<job>.zarr   q, k, v written with plain zarr (zstd-compressed chunks)
+        run(url, storage_options={endpoint_url, key, secret})   ─┐  threaded LocalCluster
+        run(url) with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...   ─┘  (the tasks read and write S3)
+          -> out, lse == float64 reference; resume finds every marker (one listing); verify passes
+    s3://missing-bucket/..., a closed port, refused credentials -> StoreError / exit 2, nothing written
+    zarr MemoryStore: runs on a threaded cluster (run, attention); refused before anything is
+        written when the workers are other processes
+
+Every store operation of these jobs goes through the zarr implementation of
+the chunk IO (``zarrio.py``): nothing here is a local file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import numpy as np
+import pytest
+import torch
+import zarr
+import zarr.storage
+from conftest import RESOURCE, draw_inputs
+from distributed import Client, LocalCluster
+from reference import check_exact
+
+import cqsa_dask
+from cqsa_dask.core.errors import InvalidInputError, StoreError
+from cqsa_dask.store.location import parse_store
+from cqsa_dask.tools.cli import main
+
+BUCKET = "cqsa"
+KEY, SECRET = "test-key", "test-secret"
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_PROFILE", "AWS_SESSION_TOKEN")
+# fail fast where nothing answers (botocore and s3fs retry connection errors by default)
+FAST = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _moto(env: dict[str, str] | None = None) -> Iterator[str]:
+    """A moto S3 server process on a free local port; yields its endpoint URL."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start (exit status {proc.poll()})")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    with _moto() as url:
+        import boto3
+
+        boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                     region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def _clean_aws_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No AWS_* variable of the machine leaks in; s3fs forgets file systems made with another environment."""
+    import s3fs
+
+    for var in AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def threaded_client() -> Iterator[Client]:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={RESOURCE: 4e9},
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+def _options(endpoint: str) -> dict[str, Any]:
+    return {"endpoint_url": endpoint, "key": KEY, "secret": SECRET}
+
+
+def _write_inputs(url: str, options: dict[str, Any] | None, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> None:
+    """q, k, v into a new group at ``url`` with plain zarr (default codecs: zstd-compressed chunks)."""
+    _write_inputs_to(zarr.open_group(url, mode="w", storage_options=options, zarr_format=3), q, k, v)
+
+
+def _write_inputs_to(g: zarr.Group, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        bf16 = t.dtype == torch.bfloat16
+        data = t.view(torch.uint16).numpy() if bf16 else t.numpy()
+        arr = g.create_array(name, shape=data.shape, chunks=(1, t.shape[1], 64, t.shape[3]), dtype=data.dtype,
+                             attributes={"logical_dtype": "bfloat16"} if bf16 else {})
+        arr[...] = data
+
+
+def _read(url: str, options: dict[str, Any] | None, name: str) -> torch.Tensor:
+    arr = zarr.open_group(url, mode="r", storage_options=options, zarr_format=3)[name]
+    assert isinstance(arr, zarr.Array)
+    t = torch.from_numpy(np.ascontiguousarray(arr[...]))
+    return t.view(torch.bfloat16) if arr.attrs.get("logical_dtype") == "bfloat16" else t
+
+
+def _keys(endpoint: str, prefix: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**_options(endpoint), skip_instance_cache=True)
+    return [p for p in fs.find(f"{BUCKET}/{prefix}") if not p.endswith("zarr.json")]
+
+
+@pytest.mark.parametrize(("credentials", "dtype", "causal", "partials"), [
+    ("storage_options", torch.float32, False, "all"),
+    ("environment", torch.bfloat16, True, "bounded"),
+], ids=["options-fp32-full-all", "env-bf16-causal-bounded"])
+def test_a_job_on_s3_is_exact_and_resumes_from_its_markers(
+        endpoint: str, threaded_client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        credentials: str, dtype: torch.dtype, causal: bool, partials: str) -> None:
+    inp = draw_inputs(1, 4, 2, 150, 16, dtype)  # GQA, 150 tokens: uneven groups
+    print(f"inputs: {inp.ctx}")
+    url = f"s3://{BUCKET}/{credentials}-{inp.seed}.zarr"
+    if credentials == "environment":
+        for var, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", KEY),
+                           ("AWS_SECRET_ACCESS_KEY", SECRET), ("AWS_REGION", "us-east-1")):
+            monkeypatch.setenv(var, value)
+    options = _options(endpoint) if credentials == "storage_options" else None
+    _write_inputs(url, options, inp.q, inp.k, inp.v)
+    res = cqsa_dask.run(url, storage_options=options, causal=causal, client=threaded_client, groups=5,
+                        memory_budget="1GB", partials=partials)
+    assert res.plan.groups == 5 and res.plan.partials == partials and res.quorum_tasks_run == res.plan.tasks
+    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=causal,
+                scale=None, context=inp.ctx)
+    assert _keys(endpoint, url.split("/", 3)[3] + "/_cqsa/partial_out") == [], "a finished job keeps no partials"
+    again = cqsa_dask.run(url, storage_options=options, causal=causal, client=threaded_client, groups=5,
+                          memory_budget="1GB", partials=partials)
+    assert again.resumed and again.quorum_tasks_run == 0 and again.merges_run == 0, "markers were not found"
+    assert cqsa_dask.verify(url, rows=8, storage_options=options).passed
+    cli_options = [] if options is None else ["--storage-options", json.dumps(options)]
+    capsys.readouterr()
+    assert main(["status", url, "--json", *cli_options]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["complete"] and st["tasks_done"] == res.plan.tasks and st["merges_done"] == res.plan.merges
+
+
+def test_resume_and_the_report_of_a_job_on_s3_take_storage_options(endpoint: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`cqsa run`, `cqsa resume` and `cqsa dashboard` with --storage-options (a threaded local cluster)."""
+    inp = draw_inputs(1, 2, 2, 80, 8)
+    print(f"inputs: {inp.ctx}")
+    url, options = f"s3://{BUCKET}/cli-{inp.seed}.zarr", _options(endpoint)
+    _write_inputs(url, options, inp.q, inp.k, inp.v)
+    cli = ["--storage-options", json.dumps(options)]
+    with dask.config.set({"cqsa.local-cluster.processes": False, "cqsa.local-cluster.dashboard-address": ":0"}):
+        assert main(["run", url, "--json", "--groups", "3", "--budget", "1GB", *cli]) == 0
+        capsys.readouterr()
+        assert main(["resume", url, "--json", *cli]) == 0
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert done["resumed"] and done["quorum_tasks_run"] == 0 and done["merges_run"] == 0
+    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=False,
+                scale=None, context=inp.ctx)
+    report = tmp_path / "report.html"
+    assert main(["dashboard", url, "--out", str(report), *cli]) == 0
+    assert report.stat().st_size > 10_000 and url in report.read_text()
+
+
+def test_an_in_memory_store_runs_on_a_threaded_cluster_only(threaded_client: Client, client: Client) -> None:
+    inp = draw_inputs(1, 2, 1, 70, 8)
+    print(f"inputs: {inp.ctx}")
+    store = zarr.storage.MemoryStore()
+    out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, return_lse=True, client=threaded_client, groups=3,
+                                   store=store)
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=inp.ctx)
+    assert "_cqsa" in zarr.open_group(store, mode="r"), "the given store is kept"
+    other = zarr.storage.MemoryStore()
+    _write_inputs_to(zarr.open_group(other, mode="w"), inp.q, inp.k, inp.v)
+    with pytest.raises(InvalidInputError, match="memory of another process"):
+        cqsa_dask.run(other, client=client, memory_budget="1GB")  # the session cluster: worker processes
+    assert sorted(zarr.open_group(other, mode="r").keys()) == ["k", "q", "v"], "nothing was written"
+
+
+def test_a_worker_process_opens_the_store_from_the_location_it_receives(endpoint: str, client: Client) -> None:
+    """The tasks' StoreLocation (URL and storage_options) is pickled to a worker process (the
+    session cluster's), which has no AWS_* variables: the job runs there on the options alone."""
+    inp = draw_inputs(1, 2, 1, 96, 8)
+    print(f"inputs: {inp.ctx}")
+    url, options = f"s3://{BUCKET}/process-{inp.seed}.zarr", _options(endpoint)
+    _write_inputs(url, options, inp.q, inp.k, inp.v)
+    pid = os.getpid()
+    assert all(p != pid for p in client.run(os.getpid).values()), "the session cluster's workers are processes"
+    res = cqsa_dask.run(url, storage_options=options, client=client, groups=3, memory_budget="1GB")
+    assert res.quorum_tasks_run == res.plan.tasks
+    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=False,
+                scale=None, context=inp.ctx)
+
+
+def test_a_missing_bucket_is_a_store_error_and_nothing_is_written(
+        endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                      region_name="us-east-1")
+    before = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    with pytest.raises(StoreError, match="is not a Zarr v3 group .nothing found there: check the bucket") as e:
+        cqsa_dask.run("s3://missing-bucket/job.zarr", storage_options=_options(endpoint), memory_budget="1GB")
+    assert "\n" not in str(e.value) and SECRET not in str(e.value)
+    assert main(["run", "s3://missing-bucket/job.zarr", "--storage-options", json.dumps(_options(endpoint))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cqsa: error: store s3://missing-bucket/job.zarr") and err.count("\n") == 1, err
+    assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == before, "a bucket was created"
+
+
+def test_an_unreachable_endpoint_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    options = {**_options(f"http://127.0.0.1:{_free_port()}"), **FAST}
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="cannot be opened .EndpointConnectionError"):
+        parse_store("s3://cqsa/job.zarr", options).open_group("r+")
+    assert main(["verify", "s3://cqsa/job.zarr", "--storage-options", json.dumps(options)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cqsa: error: store s3://cqsa/job.zarr") and err.count("\n") == 1, err
+    assert time.monotonic() - t0 < 60
+
+
+def test_refused_credentials_are_a_store_error() -> None:
+    """A server that checks credentials (moto with authentication on) refuses unknown keys."""
+    with _moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as url:
+        with pytest.raises(StoreError, match="cannot be written: permission denied") as e:
+            parse_store(f"s3://{BUCKET}/job.zarr", {**_options(url), **FAST}).open_group("r+")
+        assert SECRET not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_storage_options_on_the_cli_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for bad in ("{not json", "[1, 2]"):
+        assert main(["status", "s3://cqsa/job.zarr", "--storage-options", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cqsa: error: argument --storage-options: expected a JSON object") and \
+            err.count("\n") == 1, err
+    assert main(["status", str(tmp_path / "job.zarr"), "--storage-options", '{"anon": true}']) == 2
+    assert "apply to URLs" in capsys.readouterr().err
+    assert not (tmp_path / "job.zarr").exists()
+
+
+def test_generated_inputs_on_s3_through_the_cli(endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cqsa run --synthetic N URL` creates the synthetic store on S3, runs it, and the same command
+    again finds that store (same source) and resumes; `cqsa verify` checks it there."""
+    url = f"s3://{BUCKET}/synthetic-{os.getpid()}-{time.monotonic_ns()}.zarr"
+    cli = ["--storage-options", json.dumps(_options(endpoint))]
+    command = ["run", url, "--synthetic", "96", "--heads", "2", "--head-dim", "8", "--dtype", "float32",
+               "--seed", "7", "--groups", "3", "--budget", "1GB", "--json", *cli]
+    with dask.config.set({"cqsa.local-cluster.processes": False, "cqsa.local-cluster.dashboard-address": ":0"}):
+        assert main(command) == 0
+        first = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert main(command) == 0
+        second = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert first["quorum_tasks_run"] > 0 and not first["resumed"]
+    assert second["resumed"] and second["quorum_tasks_run"] == 0
+    assert parse_store(url, _options(endpoint)).has_group()
+    assert _keys(endpoint, url.split("/", 3)[3] + "/q") == [], "generated inputs are not stored"
+    assert main(["verify", url, "--json", *cli]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]
+    other = [*command[:4], "--heads", "4", *command[6:]]  # another source at the same URL
+    assert main(other) == 2
+    assert "holds another synthetic source" in capsys.readouterr().err
