@@ -107,10 +107,11 @@ def main(argv: list[str] | None = None) -> None:
 
         DashboardRecording.path = args.record_dashboard
     t0 = time.perf_counter()
+    from benchmarks.runner import Runner  # imports distributed, which sets its loggers' levels
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="[%(relativeCreated)7.0f ms] %(message)s")
     logging.getLogger("benchmarks").setLevel(logging.INFO)
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    from benchmarks.runner import Runner
 
     own_tmp = args.workdir is None
     workdir = args.workdir or tempfile.mkdtemp(prefix="cqsa-bench-")
