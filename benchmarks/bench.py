@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 
+if not __package__:  # run as a script (python benchmarks/bench.py): import this checkout's benchmarks package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from benchmarks import cases as _cases
 
 __all__ = ["main"]

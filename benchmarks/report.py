@@ -23,6 +23,9 @@ import os
 import sys
 from typing import Any
 
+if not __package__:  # run as a script (python benchmarks/report.py): import this checkout's benchmarks package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 __all__ = ["current", "fit_exponent", "load_results", "main", "markdown", "plot"]
 
 SCHEMA = "cqsa-bench/1"
