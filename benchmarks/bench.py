@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds if args.rounds is not None else (3 if args.suite == "cpu" else 1)
     runner = Runner(args.suite + ("-tiny" if args.tiny else ""), out_dir=args.out_dir, workdir=workdir,
                     rounds=rounds, deadline=args.deadline, notes=args.notes,
-                    command="python -m benchmarks.bench " + " ".join(sys.argv[1:] if argv is None else argv))
+                    command="python -m benchmarks.bench " + shlex.join(sys.argv[1:] if argv is None else argv))
     try:
         path = runner.run(chosen)
     finally:

@@ -139,6 +139,10 @@ def _ratio_cell(f: dict[str, Any]) -> str:
     return s
 
 
+def _rate_cell(tflops: float | None) -> str:
+    return _num(tflops, ".1f" if tflops is None or tflops >= 10 else ".3f")
+
+
 def _peak_cell(f: dict[str, Any]) -> str:
     a, r = f.get("peak_device_bytes"), f.get("peak_device_reserved_bytes")
     if a is None and r is None:
@@ -163,7 +167,7 @@ def _perf_row(doc: dict[str, Any], res: dict[str, Any]) -> str:
     rw = "" if f.get("bytes_read") is None else f"{f['bytes_read'] / GB:.1f} / {_num(f.get('bytes_written'), '.1f', GB)}"
     return (f"| {c['name']} | {_n(c['n'])} | {c['h']} | {'yes' if c.get('causal') else 'no'} | "
             f"{_num(c.get('budget_bytes'), '.3g', GB)} | {_how(c)} | {_num(f.get('groups'), 'd')} | "
-            f"{_sdpa_cell(f)} | {_cqsa_cell(f)} | {_ratio_cell(f)} | {_num(f.get('tflops'), '.1f')} | "
+            f"{_sdpa_cell(f)} | {_cqsa_cell(f)} | {_ratio_cell(f)} | {_rate_cell(f.get('tflops'))} | "
             f"{_peak_cell(f)} | {rw} | {err_s} | {_date(doc, res)[:16].replace('T', ' ')} | "
             f"[{doc['_file']}](../benchmarks/results/{doc['_file']}) | "
             + (f"`--suite {suite} --cases {c['name']}` |" if suite else "|"))
@@ -197,8 +201,10 @@ def _runs_rows(used: list[dict[str, Any]]) -> list[str]:
         vers = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "cuda", "dask", "zarr") if v.get(k)) or "not recorded"
         commit = (git.get("commit") or "")[:10] or "not recorded"
         cmd = f"`{doc['command']}`" if doc.get("command") else "not recorded"
+        load = doc.get("load") or {}
+        la = " to ".join(f"{x[0]:.1f}" for x in (load.get("before"), load.get("after")) if x)
         rows.append(f"| [{doc['_file']}](../benchmarks/results/{doc['_file']}) | {where} | {vers} | {commit} | "
-                    f"{_num(doc.get('rounds'), 'd')} | {cmd} |")
+                    f"{_num(doc.get('rounds'), 'd')} | {la} | {cmd} |")
     return rows
 
 
@@ -226,7 +232,8 @@ def markdown(docs: list[dict[str, Any]]) -> str:
         out += corr
     used = {id(d): d for d, _ in cur.values()}
     out += ["", "### The runs these figures come from", "",
-            "| result file | hardware | versions | commit | rounds | command as run |", "|---|---|---|---|---|---|"]
+            "| result file | hardware | versions | commit | rounds | load average | command as run |",
+            "|---|---|---|---|---|---|---|"]
     out += _runs_rows(list(used.values()))
     out += ["", END]
     return "\n".join(out) + "\n"
