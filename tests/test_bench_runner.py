@@ -78,3 +78,22 @@ def test_tiny_cpu_run_writes_one_result_file_the_report_reads(tmp_path: Path) ->
     for res in doc["results"]:
         row = next(line for line in md.splitlines() if line.startswith(f"| {res['case']['name']} |"))
         assert f"| {res['figures']['ratio']:.3f} (pairs " in row and Path(path).name in row
+
+
+@pytest.mark.integration
+def test_gpu_suite_tiny_through_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU suite's code path at tiny sizes on the CPU, through the command: --cases order, --box."""
+    out = tmp_path / "r"
+    with dask.config.set({"cqsa.local-cluster.processes": False}):
+        bench.main(["--suite", "gpu", "--tiny", "--cases", "oom", "n4M-4GB", "--box", "oom=100",
+                    "--out-dir", str(out), "--workdir", str(tmp_path / "w")])
+    (path,) = out.iterdir()
+    assert path.name.startswith("gpu-tiny-") and f"wrote {path}" in capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    assert [r["case"]["name"] for r in doc["results"]] == ["oom", "n4M-4GB"]
+    oom, n4m = doc["results"]
+    assert oom["case"]["time_box"] == 100 and oom["case"]["cap_bytes"] and n4m["case"]["n"] == 4096
+    for r in doc["results"]:
+        assert r["error"] is None and r["check"]["max_abs_out"] < 2e-2, r
+        assert r["figures"]["groups"] >= 1 and r["figures"]["sdpa_seconds"] > 0
+    assert "--box oom=100" in doc["command"]
