@@ -1,13 +1,13 @@
 #!/bin/bash
-# Run one benchmark detached on the GPU machine, across several device calls.
+# Run one benchmark (python3 -m benchmarks.bench) detached on the GPU machine, across several device calls.
 #
 # A device call may run 10 minutes; a benchmark of all the GPU targets runs
-# longer.  The first call starts bench.py in its own process session (so it
+# longer.  The first call starts the benchmark in its own process session (so it
 # outlives the call while the machine stays held), later calls find it
-# running; each call waits up to WAIT seconds, then copies the JSON record
+# running; each call waits up to WAIT seconds, then copies the result file
 # and the log into $OUT.  Prints RUNNING or DONE, then the log's tail.
 #
-#   bash benchmarks/device_session.sh WAIT bench.py-arguments...   (no --out: it is set here)
+#   bash benchmarks/device_session.sh WAIT bench-arguments...   (no --out-dir: it is set here)
 #
 # On a machine that already ran one (a warm machine), `rm -rf /tmp/cqsa-device-session`
 # first to start another.  To stop it: kill -- -$(cat /tmp/cqsa-device-session/pid)
@@ -17,9 +17,9 @@ wait_s=$1; shift
 state=/tmp/cqsa-device-session
 mkdir -p "$state"
 if [ ! -f "$state/pid" ]; then
-  setsid nohup python3 benchmarks/bench.py "$@" --out "$state/gpu.json" > "$state/log" 2>&1 < /dev/null &
+  setsid nohup python3 -m benchmarks.bench "$@" --out-dir "$state" > "$state/log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
-  echo "started bench.py (pid $(cat "$state/pid")): $*"
+  echo "started benchmarks.bench (pid $(cat "$state/pid")): $*"
 fi
 pid=$(cat "$state/pid")
 end=$((SECONDS + wait_s))

@@ -1,44 +1,101 @@
-"""benchmarks/bench.py --report: the generated tables of docs/benchmarks.md, from the JSON record."""
+"""benchmarks/report.py: the latest result per case from the result files, the tables of docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import json
-import sys
+import math
+import random
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench
+import pytest
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+from benchmarks import report
+from benchmarks.checks import median_ci
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_report_replaces_only_its_section_and_lists_every_run(tmp_path: Path) -> None:
-    record = json.loads((DOCS / "benchmarks.json").read_text())
-    md = tmp_path / "b.md"
-    md.write_text("# Benchmarks\n\nhand-written analysis\n")
-    for _ in range(2):  # a second run replaces the section instead of appending another
-        bench.write_report(str(DOCS / "benchmarks.json"), str(md))
-    text = md.read_text()
-    assert text.startswith("# Benchmarks\n\nhand-written analysis\n")
-    assert text.count(bench.REPORT_BEGIN) == 1 and text.count(bench.REPORT_END) == 1
-    for label, suite in record["suites"].items():
-        assert f"### `{label}`:" in text, label
-        for case in suite.get("cases", []):
-            if "seconds" in case.get("cqsa", {}):
-                assert f"| {case['name']} | {case['n']:,} |" in text, (label, case["name"])
+def _result(name: str, date: str, *, seconds: float | None = None, sdpa: float | None = None,
+            error: str | None = None, **case: Any) -> dict[str, Any]:
+    fig: dict[str, Any] = {}
+    if seconds is not None:
+        fig["seconds"] = seconds
+    if sdpa is not None:
+        fig.update(sdpa_seconds=sdpa, ratio=sdpa / seconds if seconds else None)
+    return {"case": {"name": name, "n": 4 * 2**20, "h": 4, "hkv": 4, "d": 128, "dtype": "bfloat16", "causal": False,
+                     "budget_bytes": 4 * 10**9, "device": "cuda", "mode": "warm", **case},
+            "date_utc": date, "figures": fig, "error": error}
+
+
+def _write(folder: Path, file: str, results: list[dict[str, Any]], **top: Any) -> None:
+    doc = {"schema": report.SCHEMA, "suite": "gpu", "date_utc": results[0]["date_utc"], "results": results, **top}
+    (folder / file).write_text(json.dumps(doc))
+
+
+def test_latest_result_per_case_across_files(tmp_path: Path) -> None:
+    """The newest result of each name wins by its date, not by file order; a failed attempt does not
+    replace a figure; files of other records in the folder are ignored."""
+    _write(tmp_path, "z-old.json", [_result("n4M-4GB", "2026-11-28T10:00:00+00:00", seconds=90.0, sdpa=72.0),
+                                    _result("n1M-4GB", "2026-11-28T10:05:00+00:00", seconds=6.5, sdpa=4.1)],
+           hardware={"gpu": "NVIDIA H200", "gpu_count": 1}, versions={"torch": "2.11.0"}, command="old command")
+    _write(tmp_path, "a-new.json", [_result("n4M-4GB", "2026-11-29T05:06:34+00:00", seconds=71.39, sdpa=76.03)],
+           git={"commit": "0123456789abcdef"})
+    _write(tmp_path, "m-failed.json", [_result("n1M-4GB", "2026-12-01T00:00:00+00:00", error="Traceback ...")])
+    (tmp_path / "billion-rows.json").write_text(json.dumps({"part": "rows"}))
+
+    docs = report.load_results(str(tmp_path))
+    assert sorted(d["_file"] for d in docs) == ["a-new.json", "m-failed.json", "z-old.json"]
+    cur = report.current(docs)
+    assert cur["n4M-4GB"][0]["_file"] == "a-new.json"
+    assert cur["n1M-4GB"][0]["_file"] == "z-old.json"
+
+    md = report.markdown(docs)
+    row = next(line for line in md.splitlines() if line.startswith("| n4M-4GB |"))
+    assert "| 76.03 | 71.39 | 1.065 |" in row and "2026-11-29 05:06" in row and "a-new.json" in row
+    assert "`--suite gpu --cases n4M-4GB`" in row  # the command that reproduces it, from cases.py
+    assert "| 4.10 | 6.50 | 0.631 |" in md
+    assert "0123456789" in md and "old command" in md  # the runs table: commit, command as run
+
+
+def test_missing_fields_render_empty(tmp_path: Path) -> None:
+    """A result carrying only a ratio (an old record), or a stopped run, still renders a row."""
+    only_ratio = _result("cpu-attention", "2026-12-03", device="cpu", mode="attention", n=32768, h=2)
+    only_ratio["figures"] = {"ratio": 0.69}
+    stopped = _result("n4M-1GB", "2026-11-29T00:00:00+00:00", budget_bytes=10**9)
+    stopped["figures"] = {"stopped_after": 62.8, "quorum_tasks_done": 40, "tasks": 1064}
+    _write(tmp_path, "r.json", [only_ratio, stopped])  # no hardware, versions, git, command
+    md = report.markdown(report.load_results(str(tmp_path)))
+    assert "| cpu-attention | 32k | 2 | no | 4 | attention(), user's client |  |  |  | 0.690 |" in md
+    assert "stopped at 63 s (40/1064 tasks)" in md
+    assert "not recorded" in md
+
+
+def test_splice_replaces_only_its_section() -> None:
+    md = "# Benchmarks\n\nhand-written method\n"
+    once = report.splice(md, report.BEGIN + "\nA\n" + report.END + "\n")
+    twice = report.splice(once + "\n## after\n", report.BEGIN + "\nB\n" + report.END + "\n")
+    assert twice.startswith(md) and twice.count(report.BEGIN) == 1 and twice.count(report.END) == 1
+    assert "\nB\n" in twice and "\nA\n" not in twice and twice.endswith("## after\n")
 
 
 def test_docs_section_is_current() -> None:
-    """docs/benchmarks.md carries exactly the tables its JSON record gives (regenerate with --report)."""
-    record = json.loads((DOCS / "benchmarks.json").read_text())
-    assert bench.report(record) in (DOCS / "benchmarks.md").read_text()
+    """docs/benchmarks.md carries exactly the tables the result files give (python -m benchmarks.report)."""
+    section = report.markdown(report.load_results())
+    assert section in (ROOT / "docs" / "benchmarks.md").read_text()
+    for png in report.PLOTS:
+        assert (ROOT / "docs" / png).exists(), png
+
+
+def test_fit_exponent_recovers_a_power_law() -> None:
+    pts = [(n, 3e-12 * n**1.9) for n in (2**20, 2**21, 2**22, 2**24)]
+    assert report.fit_exponent(pts) == pytest.approx(1.9)
+    assert report.fit_exponent(pts[:1]) is None
 
 
 def test_median_interval_covers_the_median_as_often_as_it_claims() -> None:
     """The order statistics median_ci picks: the exact binomial coverage of the median is
     >= 95 %, and the next narrower pair of order statistics would fall below it."""
-    import math
-    import random
 
     def coverage(n: int, k: int) -> float:  # P(x_(k) <= median <= x_(n+1-k)) = 1 - 2 P(Binomial(n, 1/2) < k)
         return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
@@ -46,7 +103,7 @@ def test_median_interval_covers_the_median_as_often_as_it_claims() -> None:
     rng = random.Random(5)
     for n in range(1, 40):
         xs = [rng.lognormvariate(0, 0.3) for _ in range(n)]
-        got = bench.median_ci(xs)
+        got = median_ci(xs)
         if got is None:
             assert coverage(n, 1) < 0.95, n
             continue
