@@ -24,15 +24,12 @@ __all__ = ["compare_rows", "full_reference_errors", "in_memory_rows", "median_ci
 
 def sampled_reference(group: Any, rows: list[tuple[int, int, int]], *, causal: bool, scale: float,
                       device: str, chunk: int = 32768) -> dict[tuple[int, int, int], tuple[Any, float]]:
-    """Float64 (out (D,), lse) of ``rows``, streaming k, v once for all rows.
-
-    The same online-softmax reference as cqsa_dask.tools.verify.reference_row, batched
-    over the rows so that each chunk of k and v is read once instead of once
-    per row (at N = 1M that is 2 GB per row).
-    """
+    """Float64 (out (D,), lse) of ``rows``: ``tools.reference.streamed_rows`` over k, v read
+    once for all rows of a batch element (at N = 1M a per-row pass reads 2 GB per row)."""
     import torch
 
     from cqsa_dask.store.layout import input_info, logical_dtype, read_block
+    from cqsa_dask.tools.reference import streamed_rows
 
     info = input_info(group)
     dt = logical_dtype(group["q"])
@@ -40,30 +37,15 @@ def sampled_reference(group: Any, rows: list[tuple[int, int, int]], *, causal: b
     refs: dict[tuple[int, int, int], tuple[Any, float]] = {}
     for b in sorted({r[0] for r in rows}):
         rs = [r for r in rows if r[0] == b]
-        q = torch.stack([read_block(group["q"], (b, h, n), dt) for _, h, n in rs]).to(device, torch.float64)
+        q = torch.stack([read_block(group["q"], (b, h, n), dt) for _, h, n in rs]).to(device)  # (R, D)
         kh = torch.tensor([h // rep for _, h, _ in rs], device=device)
         pos = torch.tensor([n for _, _, n in rs], device=device)
-        m = torch.full((len(rs),), -math.inf, dtype=torch.float64, device=device)
-        s = torch.zeros(len(rs), dtype=torch.float64, device=device)
-        acc = torch.zeros(len(rs), info.head_dim, dtype=torch.float64, device=device)
         stop = max(n for _, _, n in rs) + 1 if causal else info.seq_len
-        for c0 in range(0, stop, chunk):
-            c1 = min(stop, c0 + chunk)
-            k = read_block(group["k"], (b, slice(None), slice(c0, c1)), dt).to(device, torch.float64)  # (Hkv, C, D)
-            v = read_block(group["v"], (b, slice(None), slice(c0, c1)), dt).to(device, torch.float64)
-            logits = torch.bmm(k[kh], q[:, :, None])[..., 0] * scale  # (R, C)
-            if causal:
-                keys = torch.arange(c0, c1, device=device)
-                logits = logits.masked_fill(keys[None, :] > pos[:, None], -math.inf)
-            m_new = torch.maximum(m, logits.max(dim=1).values)  # finite: chunk 0 holds key 0
-            w = torch.exp(logits - m_new[:, None])
-            corr = torch.exp(m - m_new)
-            acc = acc * corr[:, None] + torch.bmm(w[:, None, :], v[kh])[:, 0]
-            s = s * corr + w.sum(dim=1)
-            m = m_new
-        out, lse = (acc / s[:, None]).cpu().numpy(), (m + torch.log(s)).cpu().numpy()
+        chunks = ((c0, *(read_block(group[x], (b, slice(None), slice(c0, min(stop, c0 + chunk))), dt).to(device)
+                         for x in ("k", "v"))) for c0 in range(0, stop, chunk))  # (Hkv, C, D) each
+        out, lse, _, _ = streamed_rows(q, kh, pos, chunks, causal=causal, scale=scale)  # type: ignore[arg-type]
         for i, r in enumerate(rs):
-            refs[r] = (out[i], float(lse[i]))
+            refs[r] = (out[i].cpu().numpy(), float(lse[i]))
     return refs
 
 
@@ -91,18 +73,13 @@ def full_reference_errors(group: Any, *, causal: bool, scale: float, device: str
     import torch.nn.functional as F
 
     from cqsa_dask.store.layout import logical_dtype, read_block
+    from cqsa_dask.tools.reference import reference_attention
 
     dt = logical_dtype(group["q"])
     q, k, v = (read_block(group[n], (...,), dt).to(device) for n in ("q", "k", "v"))  # (B, H, N, D)
+    ref, ref_lse = reference_attention(q, k, v, causal, scale)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    n = q.shape[2]
-    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale  # (B, H, N, N)
-    if causal:
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), -math.inf)
-    ref_lse = torch.logsumexp(s, dim=-1)
-    ref = torch.matmul(torch.exp(s - ref_lse[..., None]), v.double())
-    del s
     out = read_block(group["out"], (...,), dt).to(device).double()
     lse = read_block(group["lse"], (...,), "float32").to(device).double()
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).double()
