@@ -29,6 +29,7 @@ from distributed import Client, as_completed, span
 
 from cqsa_dask import config
 from cqsa_dask.client.cluster import advertised, check_capacity, connect
+from cqsa_dask.client.session import session_defaults
 from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
 from cqsa_dask.core.plan import Plan, make_plan, parse_budget, parse_dtype
 from cqsa_dask.execution.graph import build_graph
@@ -356,7 +357,7 @@ def attention(
     *,
     causal: bool = False,
     scale: float | None = None,
-    memory_budget: int | str = "1GB",
+    memory_budget: int | str | None = None,
     return_lse: bool = False,
     client: Client | None = None,
     workdir: str | os.PathLike[str] | None = None,
@@ -368,18 +369,22 @@ def attention(
         q: (B, Hq, N, D); k, v: (B, Hkv, N, D) with Hq % Hkv == 0; float32,
             float16 or bfloat16; D <= 256.
         causal, scale: as ``torch.nn.functional.scaled_dot_product_attention``.
-        memory_budget: per-worker device memory, bytes or "512MB"/"1.5GiB".
+        memory_budget: per-worker device memory, bytes or "512MB"/"1.5GiB"
+            (default: the current session's, else "1GB").
         return_lse: also return lse (B, Hq, N) float32, the natural-log
             softmax denominator of the scaled logits.
-        client: an existing Client (default: a local cluster for this call).
-        workdir: directory for the job store (default: a temporary one,
-            removed afterwards).
+        client: an existing Client (default: the current session's, else a
+            local cluster for this call).
+        workdir: directory for the job store, kept (default: the current
+            session's, else a temporary one; either removed afterwards).
         groups: force the number of token groups W.
 
     Returns:
         out (B, Hq, N, D) in q's dtype on q's device, and lse when asked.
     """
     _validate_tensors(q, k, v)
+    client, workdir, memory_budget, keep = session_defaults(client, workdir, memory_budget)
+    memory_budget = "1GB" if memory_budget is None else memory_budget
     b, hq, n, d = q.shape
     plan = make_plan(seq_len=n, heads=hq, kv_heads=k.shape[1], head_dim=d, batch=b,
                      dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups,
@@ -398,6 +403,6 @@ def attention(
         out = read_block(array(group, "out"), (...,), plan.dtype).to(q.device)
         lse = read_block(array(group, "lse"), (...,), "float32").to(q.device)
     finally:
-        if workdir is None:
+        if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     return (out, lse) if return_lse else out
