@@ -31,6 +31,7 @@ import contextvars
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -90,9 +91,11 @@ class Session:
             raise InvalidInputError("the Session is not open: use it as `with Session(...) as s:`")
         return self._workdir
 
-    def __enter__(self) -> Self:
+    def open(self) -> Self:
+        """Start (or connect to) the cluster and make the work directory; it does not make
+        the session current (``with Session(...)`` or :meth:`current` do)."""
         if self._stack is not None:
-            raise InvalidInputError("this Session is already open; a Session is entered once")
+            raise InvalidInputError("this Session is already open; a Session is opened once")
         from cqsa_dask.client.api import plan_options
         from cqsa_dask.client.cluster import connect
 
@@ -111,6 +114,21 @@ class Session:
             self._workdir = self._client = None
             raise
         self._stack = stack
+        return self
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[Self]:
+        """Make this open session the current one inside the ``with`` block."""
+        if self._stack is None:
+            raise InvalidInputError("the Session is not open: use it as `with Session(...) as s:`")
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
+
+    def __enter__(self) -> Self:
+        self.open()
         self._token = _CURRENT.set(self)
         return self
 
@@ -119,7 +137,8 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        """Leave the session: restore the previous one, close what it started, remove its directory."""
+        """Close what the session started and remove its directory (and, when it was entered
+        with ``with``, restore the session current before it).  Closing twice does nothing."""
         if self._token is not None:
             _CURRENT.reset(self._token)
             self._token = None
@@ -129,6 +148,11 @@ class Session:
                 stack.close()
         finally:
             self._client = self._workdir = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether :meth:`open` ran and :meth:`close` has not."""
+        return self._stack is not None
 
     def __repr__(self) -> str:
         state = f"workdir={self._workdir!r}" if self._workdir else "closed"
