@@ -13,7 +13,10 @@ One threaded local cluster and one Session serve the whole module.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +33,7 @@ from transformers import (
 )
 
 import cqsa_dask
+from cqsa_dask.client.session import current_session
 from cqsa_dask.integrations import transformers as hf
 
 BUDGET = "3MB"  # N = 2048 and 3072 with D = 16, float32: W = 7
@@ -192,3 +196,20 @@ def test_on_device_path_is_exact(causal: bool) -> None:
     q, k, v = (torch.randn(2, h, 300, 16, generator=g) * 2 for h in (6, 2, 2))
     out = hf.on_device(q, k, v, scale=None, causal=causal)
     check_exact(q, k, v, out, None, causal=causal, scale=None)
+
+
+def test_long_document_workflow_runs_tiny_on_the_cpu(session: cqsa_dask.Session, capsys: Any) -> None:
+    """workflows/long_document_prefill.py end to end at a tiny size: one JSON line, both forwards agree."""
+    path = Path(__file__).parents[1] / "workflows" / "long_document_prefill.py"
+    spec = importlib.util.spec_from_file_location("long_document_prefill", path)
+    assert spec is not None and spec.loader is not None
+    wf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wf)
+    r = wf.main(["--seq-len", "1024", "--budget", "2.5MB", "--min-tokens", "256", "--overhead-calls", "1",
+                 "--attn-name", "cqsa-workflow"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(r))
+    assert r["plan"]["groups"] >= 3 and r["routes"]["engine"] == 2 and r["routes"]["sdpa"] == 0
+    assert r["cqsa"]["status"] == r["sdpa"]["status"] == "ok"
+    assert r["last_logits_rel_diff"] <= 1e-5
+    assert r["per_call"]["calls"] == 1 and r["per_call"]["execute_s"] > 0
+    assert current_session() is session  # the workflow's own session has closed
