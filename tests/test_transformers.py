@@ -96,8 +96,12 @@ def test_llama_gqa_logits_match_sdpa(backend: hf.Backend) -> None:
 
 
 def test_qwen2_mqa_logits_match_sdpa(backend: hf.Backend) -> None:
-    """Qwen2: biased q/k/v projections, one kv head for four query heads, 3072 tokens (uneven groups)."""
-    check_model(build(Qwen2Config(**TINY, num_key_value_heads=1), seed=3), backend, 3072)
+    """Qwen2: biased q/k/v projections, one kv head for four query heads, 3072 tokens (uneven groups);
+    its second layer has a sliding window longer than the input (which then changes nothing)."""
+    cfg = Qwen2Config(**TINY, num_key_value_heads=1, use_sliding_window=True, sliding_window=3100,
+                      max_window_layers=1)
+    assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    check_model(build(cfg, seed=3), backend, 3072)
 
 
 def test_generate_after_cqsa_prefill_matches_sdpa(backend: hf.Backend) -> None:
@@ -113,6 +117,19 @@ def test_generate_after_cqsa_prefill_matches_sdpa(backend: hf.Backend) -> None:
     assert torch.equal(got, want), (got[0, -6:], want[0, -6:])
     assert backend.calls["engine"] - calls["engine"] == 2  # the prefill, once per layer
     assert backend.calls["sdpa"] - calls["sdpa"] == 2 * 5  # five decode steps, two layers
+
+
+def test_generate_with_a_static_cache(backend: hf.Backend) -> None:
+    """A static cache holds more key slots than the prompt: the prefill uses the first N, as SDPA does."""
+    model = build(LlamaConfig(**TINY, num_key_value_heads=2), seed=6)
+    x = ids(512, seed=8)
+    model.set_attn_implementation("sdpa")
+    want = model.generate(x, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    model.set_attn_implementation("cqsa")
+    engine = backend.calls["engine"]
+    got = model.generate(x, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want), (got[0, -3:], want[0, -3:])
+    assert backend.calls["engine"] - engine == 2
 
 
 def test_short_calls_go_to_sdpa(backend: hf.Backend) -> None:
