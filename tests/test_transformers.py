@@ -12,9 +12,11 @@ One threaded local cluster and one Session serve the whole module.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import importlib.util
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,34 @@ def test_from_config_and_unregister(session: cqsa_dask.Session) -> None:
         AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="cqsa-other")
     with pytest.raises(cqsa_dask.InvalidInputError, match="transformers' own"):
         hf.register("sdpa")
+
+
+def test_without_a_session_the_backend_opens_its_own(session: cqsa_dask.Session) -> None:
+    b = hf.register("cqsa-own", client=session.client, memory_budget=BUDGET, min_tokens=MIN_TOKENS)
+    model = build(LlamaConfig(**TINY, num_key_value_heads=2), seed=9)
+    x = ids(1024, seed=10)
+    try:  # a fresh context: no current session
+        got = contextvars.Context().run(logits, model, "cqsa-own", x)
+        assert b.calls["engine"] == 2 and b._own is not None and b._own.is_open
+        own = b._own.workdir
+    finally:
+        hf.unregister("cqsa-own")
+    assert not os.path.exists(own) and session.client.status == "running"
+    assert rel(got, logits(model, "sdpa", x)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_calls_one_task_holds_run_in_process() -> None:
+    """On a GPU, a call whose plan is one group runs the engine's kernel where the tensors are."""
+    b = hf.register("cqsa-gpu", memory_budget="1GB", min_tokens=MIN_TOKENS)
+    try:
+        model = build(LlamaConfig(**TINY, num_key_value_heads=2)).cuda()
+        x = ids(2048).cuda()
+        got, ref = logits(model, "cqsa-gpu", x), logits(model, "sdpa", x)
+    finally:
+        hf.unregister("cqsa-gpu")
+    assert b.calls == {"sdpa": 0, "device": 2, "engine": 0}
+    assert rel(got, ref) <= 1e-5, rel(got, ref)
 
 
 # -- refusals: a clear NotImplementedError naming the setting, before any engine work -----------------------

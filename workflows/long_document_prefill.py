@@ -126,9 +126,10 @@ def forward(model: Any, impl: str, ids: torch.Tensor, dev: Device) -> dict[str, 
         with torch.no_grad():
             last = model(ids, logits_to_keep=1, use_cache=False).logits[:, -1].float().cpu()
         dev.sync()
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, cqsa_dask.CQSAError) as e:  # a task's OOM fails its job
         dev.reset()
-        return {"status": "oom", "error": str(e).splitlines()[0][:300]}
+        status = "oom" if "out of memory" in str(e).lower() else "failed"
+        return {"status": status, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     return {"status": "ok", "seconds": time.perf_counter() - t0, **dev.peaks(), "last_logits": last}
 
 
@@ -175,8 +176,12 @@ def _one_call(a: argparse.Namespace, q: torch.Tensor, k: torch.Tensor, v: torch.
     _, t_read = timed(lambda: read_block(array(group, "out"), (...,), plan.dtype).to(dev.device), dev)
     shutil.rmtree(tmp, ignore_errors=True)
     _, t_call = timed(lambda: cqsa_dask.attention(q, k, v, causal=True, memory_budget=a.budget), dev)
-    _, t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=True), dev)
+    try:
+        _, t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True), dev)
+    except torch.OutOfMemoryError:
+        dev.reset()
+        t_sdpa = float("nan")  # out of memory under the cap
     return {"store_write_s": t_write, "plan_graph_s": t_run - res.seconds, "execute_s": res.seconds,
             "read_back_s": t_read, "attention_call_s": t_call, "sdpa_s": t_sdpa}
 
@@ -208,8 +213,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0",
                              resources={"device_mem": float(parse_budget(a.budget))}) as lc, \
                 Client(lc) as c, cqsa_dask.Session(client=c, memory_budget=a.budget) as s:
-            plan = hf._plan(torch.empty(1, a.heads, a.seq_len, a.hidden // a.heads, dtype=DTYPES[a.dtype]),
-                            torch.empty(1, a.kv_heads, a.seq_len, 1), a.budget, True)
+            plan = cqsa_dask.make_plan(seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads,
+                                       head_dim=a.hidden // a.heads, dtype=a.dtype, causal=True, budget=a.budget,
+                                       **opts)
             out["plan"] = {"groups": plan.groups, "quorum_size": plan.quorum_size, "tasks": plan.tasks,
                            "task_memory_bytes": plan.task_memory_bytes}
             cq = forward(model, a.attn_name, ids, dev)

@@ -34,8 +34,10 @@ through it raises.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -53,6 +55,8 @@ __all__ = ["Backend", "Route", "register", "route", "unregister"]
 Route = Literal["sdpa", "device", "engine"]
 
 MIN_TRANSFORMERS = (4, 53)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,8 @@ class Backend:
             key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
         way = route(query, key, min_tokens=self.options.min_tokens, memory_budget=self._budget(), causal=causal)
         self.calls[way] += 1
+        log.debug("%s: %s of %s, %d queries, %d keys", self.name, way, type(module).__name__, query.shape[2],
+                  key.shape[2])
         scale = float(scaling) if scaling is not None else None
         compute = on_device if way == "device" else self._engine
         fn = functools.partial(compute, scale=scale, causal=causal)
@@ -160,6 +166,7 @@ def route(query: torch.Tensor, key: torch.Tensor, *, min_tokens: int, memory_bud
 
 
 def _plan(query: torch.Tensor, key: torch.Tensor, memory_budget: int | str, causal: bool) -> Plan:
+    """The engine's plan for query (B, Hq, N, D) and key (B, Hkv, N, D) on this machine."""
     b, hq, n, d = query.shape
     return make_plan(seq_len=n, heads=hq, kv_heads=key.shape[1], head_dim=d, batch=b, dtype=str(query.dtype),
                      causal=causal, budget=memory_budget, **plan_options())
@@ -280,6 +287,7 @@ def register(name: str = "cqsa", *, memory_budget: int | str | None = None, clie
     attn_iface.register(name, backend)
     mask_iface.register(name, sdpa_mask)
     _BACKENDS[name] = backend
+    atexit.register(backend.close)  # a session the backend opened for itself: its cluster and directory
     return backend
 
 
