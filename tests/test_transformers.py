@@ -63,12 +63,20 @@ def build(config: Any, seed: int = 0, impl: str = "sdpa") -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
 
 
+def use(model: PreTrainedModel, impl: str) -> None:
+    """``model.set_attn_implementation(impl)``; transformers before 4.56 (no such method): through the config."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
 def ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def logits(model: PreTrainedModel, impl: str, x: torch.Tensor, **kw: Any) -> torch.Tensor:
-    model.set_attn_implementation(impl)
+    use(model, impl)
     with torch.no_grad():
         return model(x, **kw).logits
 
@@ -111,9 +119,9 @@ def test_generate_after_cqsa_prefill_matches_sdpa(backend: hf.Backend) -> None:
     model = build(LlamaConfig(**TINY, num_key_value_heads=2), seed=5)
     x = ids(1024, seed=7)
     mask = torch.ones_like(x)  # what a tokenizer returns: all ones, so still no N x N mask
-    model.set_attn_implementation("sdpa")
+    use(model, "sdpa")
     want = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    model.set_attn_implementation("cqsa")
+    use(model, "cqsa")
     calls = dict(backend.calls)
     got = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want), (got[0, -6:], want[0, -6:])
@@ -125,9 +133,9 @@ def test_generate_with_a_static_cache(backend: hf.Backend) -> None:
     """A static cache holds more key slots than the prompt: the prefill uses the first N, as SDPA does."""
     model = build(LlamaConfig(**TINY, num_key_value_heads=2), seed=6)
     x = ids(512, seed=8)
-    model.set_attn_implementation("sdpa")
+    use(model, "sdpa")
     want = model.generate(x, max_new_tokens=3, do_sample=False, cache_implementation="static")
-    model.set_attn_implementation("cqsa")
+    use(model, "cqsa")
     engine = backend.calls["engine"]
     got = model.generate(x, max_new_tokens=3, do_sample=False, cache_implementation="static")
     assert torch.equal(got, want), (got[0, -3:], want[0, -3:])
@@ -187,7 +195,7 @@ def test_cuda_calls_one_task_holds_run_in_process() -> None:
 
 
 def refused(model: PreTrainedModel, x: torch.Tensor, match: str, **kw: Any) -> None:
-    model.set_attn_implementation("cqsa")
+    use(model, "cqsa")
     with pytest.raises(NotImplementedError, match=match):
         model(x, **kw)
 
@@ -220,7 +228,7 @@ def test_refuses_soft_capping(backend: hf.Backend) -> None:
 
 def test_backward_raises(backend: hf.Backend) -> None:
     model = build(LlamaConfig(**(TINY | {"num_hidden_layers": 1}), num_key_value_heads=2))
-    model.set_attn_implementation("cqsa")
+    use(model, "cqsa")
     out = model(ids(512)).logits  # gradients enabled: the forward runs
     with pytest.raises(NotImplementedError, match="no backward"):
         out.sum().backward()
@@ -260,3 +268,20 @@ def test_long_document_workflow_runs_tiny_on_the_cpu(session: cqsa_dask.Session,
     assert r["last_logits_rel_diff"] <= 1e-5
     assert r["per_call"]["calls"] == 1 and r["per_call"]["execute_s"] > 0
     assert current_session() is session  # the workflow's own session has closed
+
+
+def test_a_materialised_causal_mask_counts_as_causal() -> None:
+    """Older transformers (4.53) materialise plain causal masks; anything else stays refused."""
+    n, s = 300, 310
+    keep = torch.ones(n, s, dtype=torch.bool).tril()
+    keep[:, n:] = False  # (N, S): the first N keys causally, the rest unused (a static cache's free slots)
+    mask = keep.expand(2, 1, n, s)
+    assert hf._causal_mask(mask, n, s, rows=64)
+    additive = torch.zeros(2, 1, n, s).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert hf._causal_mask(additive, n, s, rows=64)
+    padded = mask.clone()
+    padded[1, :, :, :5] = False  # left padding in the second sequence
+    assert not hf._causal_mask(padded, n, s, rows=64)
+    window = mask & ~torch.ones(n, s, dtype=torch.bool).tril(-100)  # a sliding window of 100
+    assert not hf._causal_mask(window, n, s, rows=64)
+    assert not hf._causal_mask(mask[..., :n - 1, :], n, s)

@@ -119,7 +119,10 @@ class Device:
 
 def forward(model: Any, impl: str, ids: torch.Tensor, dev: Device) -> dict[str, Any]:
     """One prefill with ``impl``: seconds, device peaks, last logits (or the OOM)."""
-    model.set_attn_implementation(impl)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # transformers before 4.56
+        model.config._attn_implementation = impl
     dev.reset()
     t0 = time.perf_counter()
     try:

@@ -6,7 +6,8 @@ and transformers' own SDPA mask builder, under the same name, to its
 (or full) pattern, so a causal model signals causality through the module's
 ``is_causal`` flag and no N x N mask is ever built; anything else (padding of
 unequal lengths, packed sequences, sliding windows longer than the input, a
-cache offset) arrives as a materialised mask.
+cache offset) arrives as a materialised mask.  A materialised mask that is
+the plain causal pattern (older transformers build some) is accepted as causal.
 
 Each call takes one of three routes (``route``)::
 
@@ -25,7 +26,7 @@ key and value (B, Hkv, S, D), Hq a multiple of Hkv (GQA: k and v are not
 repeated); returns (out (B, N, Hq, D) contiguous, None).
 
 What the engine cannot compute is refused with :class:`NotImplementedError`
-naming the model setting, never approximated: a materialised mask, dropout in
+naming the model setting, never approximated: any other mask, dropout in
 training, logit soft-capping, attention sinks, position biases, a sliding
 window shorter than the input, cross-attention or a longer KV cache.  The
 engine has no backward: a forward with gradients enabled works, a backward
@@ -219,6 +220,8 @@ def _refuse_unsupported(module: torch.nn.Module, query: torch.Tensor, key: torch
         raise NotImplementedError(
             f"cqsa attention computes full causal attention; {cls} uses a sliding window of {window} tokens "
             f"(config.sliding_window) over {s} keys; for inputs up to {window} tokens the two agree")
+    if attention_mask is not None and _causal_mask(attention_mask, n, s):
+        return True  # a materialised plain causal mask (older transformers build some): the same as none
     if attention_mask is not None:
         raise NotImplementedError(
             f"cqsa attention takes no mask, but {cls} received one of shape {tuple(attention_mask.shape)}: "
@@ -231,6 +234,24 @@ def _refuse_unsupported(module: torch.nn.Module, query: torch.Tensor, key: torch
             f"cqsa attention is self-attention over one sequence: {cls} has {n} queries and {s} keys "
             "(cross-attention or a longer KV cache)")
     return causal
+
+
+def _causal_mask(mask: Any, n: int, s: int, rows: int = 1024) -> bool:
+    """Whether ``mask`` is the top-left causal pattern over the first ``n`` of ``s`` keys, nothing else.
+
+    ``mask``: (B, 1 or H, n, s), bool (True: attend) or additive float (0: attend).  Checked in
+    blocks of ``rows`` query rows, so the check adds little to the memory the mask already takes.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (n, s) or s < n:
+        return False
+    cols = torch.arange(s, device=mask.device)
+    for r0 in range(0, n, rows):
+        block = mask[..., r0 : r0 + rows, :]
+        seen = block if block.dtype == torch.bool else block == 0  # (B, 1|H, r, s): attended
+        want = cols[None, :] <= torch.arange(r0, r0 + block.shape[-2], device=mask.device)[:, None]  # (r, s)
+        if not bool((seen == want).all()):
+            return False
+    return True
 
 
 _BACKENDS: dict[str, Backend] = {}
