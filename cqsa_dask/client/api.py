@@ -375,8 +375,8 @@ def attention(
             softmax denominator of the scaled logits.
         client: an existing Client (default: the current session's, else a
             local cluster for this call).
-        workdir: directory for the job store, kept (default: the current
-            session's, else a temporary one; either removed afterwards).
+        workdir: directory for the job store, which is kept (default: the
+            current session's, else a temporary one; then it is removed).
         groups: force the number of token groups W.
 
     Returns:
