@@ -29,6 +29,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     LlamaConfig,
+    LlamaForCausalLM,
     MistralConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -154,6 +155,8 @@ def test_from_config_and_unregister(session: cqsa_dask.Session) -> None:
     hf.register("cqsa-other", min_tokens=MIN_TOKENS)
     try:
         model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="cqsa-other")
+        assert model.config._attn_implementation == "cqsa-other"
+        model = LlamaForCausalLM._from_config(LlamaConfig(**TINY), attn_implementation="cqsa-other")
         assert model.config._attn_implementation == "cqsa-other"
     finally:
         hf.unregister("cqsa-other")
