@@ -44,6 +44,7 @@ __all__ = [
     "JobResult",
     "Plan",
     "SchedulerError",
+    "Session",
     "StoreError",
     "SyntheticSource",
     "Verification",
@@ -59,6 +60,7 @@ _LAZY = {
     "JobResult": "cqsa_dask.client.api",
     "attention": "cqsa_dask.client.api",
     "run": "cqsa_dask.client.api",
+    "Session": "cqsa_dask.client.session",
     "SyntheticSource": "cqsa_dask.store.generated",
     "create_synthetic_store": "cqsa_dask.store.generated",
     "Verification": "cqsa_dask.tools.verify",
@@ -67,6 +69,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from cqsa_dask.client.api import JobResult, attention, run
+    from cqsa_dask.client.session import Session
     from cqsa_dask.store.generated import SyntheticSource, create_synthetic_store
     from cqsa_dask.tools.verify import Verification, verify
 

@@ -30,6 +30,7 @@ from distributed import Client, as_completed, span
 from cqsa_dask import config
 from cqsa_dask.client.cluster import advertised, check_capacity, connect, local_gpus
 from cqsa_dask.client.policy import DeviceKind, local_device_kind, plan_options, workers_device_kind
+from cqsa_dask.client.session import session_defaults
 from cqsa_dask.core.dtypes import parse_dtype
 from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
 from cqsa_dask.core.plan import IDENTITY, Plan, make_plan
@@ -382,7 +383,7 @@ def attention(
     *,
     causal: bool = False,
     scale: float | None = None,
-    memory_budget: int | str = "1GB",
+    memory_budget: int | str | None = None,
     return_lse: bool = False,
     client: Client | None = None,
     workdir: str | os.PathLike[str] | None = None,
@@ -396,12 +397,14 @@ def attention(
         q: (B, Hq, N, D); k, v: (B, Hkv, N, D) with Hq % Hkv == 0; float32,
             float16 or bfloat16; D <= 256.
         causal, scale: as ``torch.nn.functional.scaled_dot_product_attention``.
-        memory_budget: per-worker device memory, bytes or "512MB"/"1.5GiB".
+        memory_budget: per-worker device memory, bytes or "512MB"/"1.5GiB"
+            (default: the current session's, else "1GB").
         return_lse: also return lse (B, Hq, N) float32, the natural-log
             softmax denominator of the scaled logits.
-        client: an existing Client (default: a local cluster for this call).
-        workdir: directory for the job store (default: a temporary one,
-            removed afterwards).
+        client: an existing Client (default: the current session's, else a
+            local cluster for this call).
+        workdir: directory for the job store, which is kept (default: the
+            current session's, else a temporary one; then it is removed).
         groups: force the number of token groups W.
         store, storage_options: where the job store is created instead (a
             new path or empty directory, a URL with its fsspec options, or a
@@ -414,6 +417,8 @@ def attention(
     if store is not None and workdir is not None:
         raise InvalidInputError("give workdir (a directory for a temporary store) or store (the store itself), "
                                 "not both")
+    client, workdir, memory_budget, keep = session_defaults(client, workdir, memory_budget)
+    memory_budget = "1GB" if memory_budget is None else memory_budget
     location = parse_store(store, storage_options) if store is not None else None
     b, hq, n, d = q.shape
     kind = workers_device_kind(client) if client is not None else local_device_kind()
@@ -434,6 +439,6 @@ def attention(
         out = read_block(array(group, "out"), (...,), plan.dtype).to(q.device)
         lse = read_block(array(group, "lse"), (...,), "float32").to(q.device)
     finally:
-        if tmp is not None and workdir is None:
+        if tmp is not None and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     return (out, lse) if return_lse else out
