@@ -191,8 +191,8 @@ class WorkerRuntime:
         stream.synchronize()
 
     def close(self) -> None:
-        """Stop the IO pool and drop the cache (the plugin's teardown)."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Drop the cache (the plugin's teardown).  The IO pool is not shut down: a task still
+        running with this runtime keeps using it; its threads end once nothing holds the pool."""
         self.cache = HostCache(0)
 
 
