@@ -222,7 +222,8 @@ def runtime(options: RunOptions) -> WorkerRuntime:
 def ensure_runtime(client: Client, options: RunOptions) -> None:
     """Make every worker of ``client``'s cluster (and every worker joining it) hold a runtime
     for ``options``.  Cheap when it is there already (one message to the scheduler); a
-    runtime of other settings is replaced (its cache and pool released)."""
+    runtime of other settings is replaced (its cache dropped; tasks still running with it
+    finish on it).  Call before submitting a job's tasks."""
     name = plugin_name(options)
     # a lambda travels by value: the scheduler need not import this module (nor torch)
     present = client.run_on_scheduler(lambda dask_scheduler, p=_PREFIX: [
@@ -230,7 +231,8 @@ def ensure_runtime(client: Client, options: RunOptions) -> None:
     if name in present:
         return
     for other in present:
-        client.unregister_worker_plugin(other)
+        with contextlib.suppress(ValueError):  # removed meanwhile (another client replacing it too)
+            client.unregister_worker_plugin(other)
     client.register_plugin(CQSAWorkerPlugin(options), name=name)
 
 
