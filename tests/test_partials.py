@@ -113,3 +113,44 @@ def test_the_quorum_tasks_priority_is_the_policys(name: str) -> None:
     got = [priority(k) if callable(priority) else priority for k in keys]
     assert got == ([-k[1] for k in keys] if name == "bounded" else [0] * len(keys))
     assert np.all(np.diff(got) <= 0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", ["all", "bounded"])
+def test_tasks_called_directly_run_each_policy_end_to_end(tmp_path: Path, name: str, causal: bool) -> None:
+    """Every quorum task, then every merge, called in this process (a process-local runtime,
+    no Dask): exact against float64 (GQA, a short last group, two kv-head blocks), and the
+    finished job keeps nothing of its policy's arrays.  Merges run again (a rerun after their
+    markers) change nothing."""
+    import torch
+    from conftest import draw_inputs
+    from reference import check_exact
+
+    from cqsa_dask.execution.options import RunOptions
+    from cqsa_dask.execution.tasks import merge_task, quorum_task
+    from cqsa_dask.store.layout import read_block
+
+    inp = draw_inputs(1, 4, 2, 301, 32, torch.bfloat16)
+    path = tmp_path / "s.zarr"
+    g = inp.store(path, 64)
+    p = make_plan(seq_len=301, heads=4, kv_heads=2, head_dim=32, dtype="bf16", budget="2.2MB", groups=13,
+                  causal=causal, partials=name)
+    assert p.head_blocks == 2 and p.group_size * p.groups > p.seq_len
+    token = f"direct-{name}-{causal}-{inp.seed}"  # the host cache is the process's: one token per job
+    create_outputs(g, p, token)
+    opts = RunOptions.from_config(device="cpu", host_cache="64MB")
+    cells = [(b, j) for b in range(p.batch) for j in range(p.head_blocks)]
+    written = sum(quorum_task(str(path), token, t, b, j, opts)["bytes_written"] for t in p.task_ids for b, j in cells)
+    for rerun in (False, True):
+        for a in p.merge_groups:
+            for b, j in cells:
+                rec = merge_task(str(path), token, a, b, j, opts)
+                written += 0 if rerun else rec["bytes_written"]
+                assert not rerun or rec["bytes_written"] == 0
+    out = read_block(g["out"], (slice(None),) * 4, "bfloat16")  # type: ignore[arg-type]
+    lse = torch.from_numpy(np.asarray(g["lse"][...]))
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=causal, scale=None, context=f"{name} seed {inp.seed}")
+    assert written == p.bytes_written if not causal else 0 < written <= p.bytes_written, (written, p.bytes_written)
+    left = [f for n in ("partial_out", "partial_lse", "fold_state", "fold_journal", "fold_journal_head")
+            for f in (path / "_cqsa" / n).rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert left == [], left

@@ -1,5 +1,6 @@
-"""The worker runtime: set up once per worker process by its plugin, the run options it is
-built from, and what it may change in a process (only a worker process of its own)."""
+"""The worker runtime (``runtime.py``): set up once per worker process by its plugin, the run
+options it is built from, and what it may change in a process (``process.py``: only in a
+worker process of its own)."""
 
 from __future__ import annotations
 
@@ -14,28 +15,22 @@ import zarr
 from distributed import Client, LocalCluster, get_worker
 
 from cqsa_dask.core.errors import InvalidInputError
+from cqsa_dask.execution import process
 from cqsa_dask.execution import runtime as rt_module
 from cqsa_dask.execution.options import RunOptions
-from cqsa_dask.execution.runtime import (
-    CQSAWorkerPlugin,
-    capped_bytes,
-    describe_worker,
-    ensure_runtime,
-    plugin_name,
-    runtime,
-    worker_env,
-)
+from cqsa_dask.execution.process import capped_bytes, describe_worker, worker_env
+from cqsa_dask.execution.runtime import CQSAWorkerPlugin, ensure_runtime, plugin_name, runtime
 
 
 def test_expandable_segments_are_set_unless_the_environment_chose(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    rt_module.expandable_segments()
+    process.expandable_segments()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # either variable is the user's choice
         monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
         monkeypatch.setenv(var, "max_split_size_mb:64")
-        rt_module.expandable_segments()
+        process.expandable_segments()
         assert os.environ[var] == "max_split_size_mb:64"
         assert var == "PYTORCH_CUDA_ALLOC_CONF" or "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
         monkeypatch.delenv(var)

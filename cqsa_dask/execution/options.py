@@ -61,20 +61,22 @@ class RunOptions:
     expandable_segments: let the CUDA allocator grow segments (``expandable-segments``).
     tasks_in_flight: quorum tasks a worker holds at once ("auto" resolved:
         2 on CUDA, 1 on the CPU) (``tasks-in-flight``).
+
+    No defaults here: they live in ``cqsa.yaml``; build one with :meth:`from_config`.
     """
 
-    device: str = "auto"
-    kernel: str = "auto"
-    check_finite: bool = True
-    torch_threads: int | None = None
-    zarr_concurrency: int = 4
-    host_cache: int | str = "auto"
-    io_threads: int = 4
-    pin_host_memory: PinSetting = False
-    resource: str = "device_mem"
-    cap_device_memory: bool = True
-    expandable_segments: bool = True
-    tasks_in_flight: int = 1
+    device: str
+    kernel: str
+    check_finite: bool
+    torch_threads: int | None
+    zarr_concurrency: int
+    host_cache: int | str
+    io_threads: int
+    pin_host_memory: PinSetting
+    resource: str
+    cap_device_memory: bool
+    expandable_segments: bool
+    tasks_in_flight: int
 
     @classmethod
     def from_config(cls, **overrides: Any) -> RunOptions:

@@ -16,22 +16,19 @@ A :class:`WorkerRuntime` owns
     fold slots   at most n folds at once (bounded partials bound their journals so)
     row locks    a ``distributed.Lock`` per (job, row stripe) inside a worker
 
-Process-wide settings, torch's intra-op threads, zarr's async concurrency and
-the CUDA allocator's per-process cap and expandable segments, are applied
-only in a worker that owns its process (one a nanny started: ``LocalCluster
-(processes=True)``, ``dask worker``).  A threaded worker runs in the user's
-process, and there nothing process-wide changes: torch keeps its threads,
-zarr its concurrency and the allocator its settings (no cap: the budget is
-then only the planner's).  ``worker_env(options)`` is the environment a
-cluster gives the worker processes it spawns, so that the allocator setting
-is in place before torch starts.
+Process-wide settings (``process.py``: torch's intra-op threads, zarr's async
+concurrency, the CUDA allocator's per-process cap and expandable segments)
+are applied only in a worker that owns its process (one a nanny started:
+``LocalCluster(processes=True)``, ``dask worker``).  A threaded worker runs
+in the user's process, and there nothing process-wide changes: torch keeps
+its threads, zarr its concurrency and the allocator its settings (no cap:
+the budget is then only the planner's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,27 +40,17 @@ from distributed import WorkerPlugin
 
 from cqsa_dask.execution.hostcache import HostCache, cache_capacity
 from cqsa_dask.execution.options import RunOptions
-from cqsa_dask.kernels.attention import resolve_device
+from cqsa_dask.execution.process import configure_process, torch_threads
 
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-__all__ = [
-    "CQSAWorkerPlugin",
-    "WorkerRuntime",
-    "describe_worker",
-    "ensure_runtime",
-    "plugin_name",
-    "runtime",
-    "worker_budget",
-    "worker_env",
-]
+__all__ = ["CQSAWorkerPlugin", "RowLocks", "WorkerRuntime", "ensure_runtime", "plugin_name", "runtime",
+           "worker_budget"]
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "cqsa-runtime-"
-_SEGMENTS = "expandable_segments:True"
-_ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 _STRIPES = 256  # row locks per job: rows share a lock modulo this
 
 
@@ -124,32 +111,14 @@ class WorkerRuntime:
         self._threads = threading.local()
         self._guard = threading.Lock()
         self.device_fraction: float | None = None
-        if owns_process:
-            self._configure_process(budget)
-
-    # -- process-wide settings, only in a process of our own -------------------------------------
-    def _configure_process(self, budget: float | None) -> None:
-        """Allocator settings, zarr concurrency and torch threads of this worker process."""
-        import zarr
-
-        o = self.options
-        if o.expandable_segments:
-            expandable_segments()
-        zarr.config.set({"async.concurrency": o.zarr_concurrency})
-        torch.set_num_threads(self._torch_threads)
-        dev = resolve_device(o.device)
-        if dev.type == "cuda" and o.cap_device_memory and budget is not None:
-            self.device_fraction = cap_device(dev, budget)
-
-    @property
-    def _torch_threads(self) -> int:
-        return self.options.torch_threads or os.cpu_count() or 1
+        if owns_process:  # process-wide settings, only in a process of our own
+            self.device_fraction = configure_process(options, budget)
 
     def bind_thread(self) -> None:
         """Called by each task in its thread: a worker thread that ran torch before this
         runtime was set up keeps its own intra-op thread count, so set it there too."""
         if self.owns_process and not getattr(self._threads, "bound", False):
-            torch.set_num_threads(self._torch_threads)
+            torch.set_num_threads(torch_threads(self.options))
             self._threads.bound = True
 
     # -- what tasks use ------------------------------------------------------------------------
@@ -191,8 +160,8 @@ class WorkerRuntime:
         stream.synchronize()
 
     def close(self) -> None:
-        """Stop the IO pool and drop the cache (the plugin's teardown)."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Drop the cache (the plugin's teardown).  The IO pool is not shut down: a task still
+        running with this runtime keeps using it; its threads end once nothing holds the pool."""
         self.cache = HostCache(0)
 
 
@@ -253,7 +222,8 @@ def runtime(options: RunOptions) -> WorkerRuntime:
 def ensure_runtime(client: Client, options: RunOptions) -> None:
     """Make every worker of ``client``'s cluster (and every worker joining it) hold a runtime
     for ``options``.  Cheap when it is there already (one message to the scheduler); a
-    runtime of other settings is replaced (its cache and pool released)."""
+    runtime of other settings is replaced (its cache dropped; tasks still running with it
+    finish on it).  Call before submitting a job's tasks."""
     name = plugin_name(options)
     # a lambda travels by value: the scheduler need not import this module (nor torch)
     present = client.run_on_scheduler(lambda dask_scheduler, p=_PREFIX: [
@@ -261,62 +231,9 @@ def ensure_runtime(client: Client, options: RunOptions) -> None:
     if name in present:
         return
     for other in present:
-        client.unregister_worker_plugin(other)
+        with contextlib.suppress(ValueError):  # removed meanwhile (another client replacing it too)
+            client.unregister_worker_plugin(other)
     client.register_plugin(CQSAWorkerPlugin(options), name=name)
-
-
-def worker_env(options: RunOptions) -> dict[str, str]:
-    """Environment variables for worker processes a cluster spawns for ``options``
-    (``LocalCluster(env=...)`` or ``Nanny(env=...)``): the CUDA allocator's expandable
-    segments, set before torch starts, unless this environment already chose an allocator
-    setting (which the workers then inherit)."""
-    if not options.expandable_segments or any(v in os.environ for v in _ALLOC_VARS):
-        return {}
-    return {"PYTORCH_CUDA_ALLOC_CONF": _SEGMENTS}
-
-
-def expandable_segments() -> None:
-    """Let torch's CUDA caching allocator grow segments in place instead of carving fixed
-    ones (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), unless the process's
-    environment already sets the allocator.  Call only in a worker process of ours.
-
-    Under the per-process cap (``cap_device``) a fixed-segment allocator fails once free
-    memory is split between segments: with two tasks in flight under a small budget, memory
-    reserved but split between segments left a small request unservable.  Set before CUDA
-    starts in this process, it applies from the first allocation; after, through torch's
-    setter, to the segments made from then on.
-    """
-    if any(v in os.environ for v in _ALLOC_VARS):
-        return  # the user's choice
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = _SEGMENTS
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
-            torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None)
-        if setter is not None:
-            setter(_SEGMENTS)
-
-
-def capped_bytes(budget: float) -> float:
-    """What the allocator cap allows under a budget of ``budget`` bytes: 1 % (at least
-    32 MiB, at most 10 %) less, because with expandable segments the reserve can pass the
-    cap by part of a page."""
-    return budget - min(max(0.01 * budget, 32 * 2**20), 0.1 * budget)
-
-
-def cap_device(device: torch.device, budget: float) -> float:
-    """Cap torch's caching allocator on ``device`` just under ``budget`` bytes for this
-    process (``torch.cuda.set_per_process_memory_fraction``, ``capped_bytes``); return
-    the fraction set.
-
-    The budget then bounds what the process reserves, not only what the planner
-    predicts: past the cap the allocator frees its cached blocks and retries before it
-    fails.  The CUDA context and library handles are outside the allocator and come on
-    top (docs/design.md).
-    """
-    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": the current one
-    fraction = min(1.0, capped_bytes(budget) / torch.cuda.get_device_properties(index).total_memory)
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
-    return fraction
 
 
 def worker_budget(resource: str) -> float | None:
@@ -333,22 +250,3 @@ def worker_budget(resource: str) -> float | None:
 def _advertised(worker: Worker, resource: str) -> float | None:
     amount = worker.state.total_resources.get(resource)
     return float(amount) if amount else None
-
-
-def describe_worker(device: str = "auto") -> dict[str, Any]:
-    """What this process computes on for ``cqsa.device`` = ``device``, for
-    ``client.run(describe_worker)``: {"device": "cuda" | "cpu", "device_name", "gpus",
-    "device_memory" (bytes, None on the CPU), "cpus", "torch_threads"}.  Meant for worker
-    processes: on CUDA it initialises CUDA in the process it runs in."""
-    dev = resolve_device(device)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    name, memory = "cpu", None
-    if dev.type == "cuda":
-        import torch.cuda as tc
-
-        index = dev.index or 0
-        if index < gpus:
-            props = tc.get_device_properties(index)
-            name, memory = str(props.name), int(props.total_memory)
-    return {"device": dev.type, "device_name": name, "gpus": gpus, "device_memory": memory,
-            "cpus": os.cpu_count() or 1, "torch_threads": torch.get_num_threads()}

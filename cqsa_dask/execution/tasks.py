@@ -177,17 +177,16 @@ def merge_task(store: StoreLike, token: str, group: int, batch: int, block: int,
     cell = Cell(open_job(store, token), token, batch, block)
     plan = cell.job.plan
     if plan.direct(group):
-        _check_direct(cell, group)
+        _check_direct(cell, group)  # its only producer wrote the row
         merged = None
     else:
         merged = plan.policy.finish(cell, group, rt, opt.check_finite)
-    rec = {"kind": "merge", "group": group, "batch": batch, "block": block, "bytes_read": 0, "bytes_written": 0}
-    if merged is not None:
-        rec.update(_write_row(cell, group, merged))
-    rec["seconds"] = time.perf_counter() - t0
-    if merged is not None:  # a merge with nothing to merge is reported, not stored
-        _record(cell.job.merge_stats, (group, batch, block), rec, start)
-        cell.job.merge_done[group, batch, block] = 1
+    moved = _write_row(cell, group, merged) if merged is not None else {"bytes_read": 0, "bytes_written": 0}
+    rec = {"kind": "merge", "group": group, "batch": batch, "block": block,
+           "seconds": time.perf_counter() - t0, **moved}
+    if merged is not None:  # the row's figures, its marker (after its data), then the cleanup;
+        _record(cell.job.merge_stats, (group, batch, block), rec, start)  # a merge with nothing
+        cell.job.merge_done[group, batch, block] = 1  # to merge is reported, not stored
         plan.policy.release(cell, group)
     report_task(token, (group, batch, block), rec, start)
     return rec

@@ -29,7 +29,7 @@ _LOCK = threading.Lock()
 def _side_stream(dev: torch.device, role: str) -> torch.cuda.Stream:
     """The process's ``role`` ("up" or "down") stream on ``dev``, kept for its life: the
     caching allocator reuses a block only on the stream that allocated it, so a fixed
-    stream keeps the uploaded blocks in one pool (see ``tasks._task_stream``)."""
+    stream keeps the uploaded blocks in one pool (see ``WorkerRuntime.task_stream``)."""
     with _LOCK:
         s = _STREAMS.get((dev, role))
         if s is None:

@@ -72,11 +72,6 @@ class Cell:
         """Index (b, heads, tokens) of the row ``group`` in out (B, Hq, N, D) or lse (B, Hq, N)."""
         return self.batch, self.q_heads, self.rows(group)
 
-    @property
-    def index(self) -> tuple[int, int]:
-        """(batch, block), the last two marker coordinates."""
-        return self.batch, self.block
-
 
 @dataclass(frozen=True)
 class Merged:
