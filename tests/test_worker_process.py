@@ -82,11 +82,13 @@ def test_the_allocator_cap_sits_just_under_the_budget(budget: int) -> None:
 def _probe(options: RunOptions) -> dict[str, Any]:
     """Run as a task: which runtime it gets, and what the process looks like."""
     import threading
+    import uuid
 
     rt = runtime(options)
     rt.bind_thread()
     plugin = get_worker().plugins.get(plugin_name(options))
-    return {"runtime": id(rt), "pid": os.getpid(), "thread": threading.get_ident(),
+    tag = rt.__dict__.setdefault("_cqsa_test_tag", uuid.uuid4().hex)  # id() of a freed runtime may be reused
+    return {"runtime": tag, "pid": os.getpid(), "thread": threading.get_ident(),
             "from_plugin": isinstance(plugin, CQSAWorkerPlugin) and plugin.runtime is rt,
             "owns_process": rt.owns_process, "torch_threads": torch.get_num_threads(),
             "zarr_concurrency": zarr.config.get("async.concurrency"), "cache": rt.cache.capacity,

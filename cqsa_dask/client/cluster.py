@@ -61,10 +61,16 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
     # built, then preload the module, as `dask scheduler --preload
     # cqsa_dask.dashboard` does for a scheduler of the user's own.
     from cqsa_dask import dashboard  # noqa: F401
+    from cqsa_dask.execution.options import RunOptions
+    from cqsa_dask.execution.process import worker_env
 
+    processes = bool(lc("processes"))
     options: dict[str, Any] = {
         "threads_per_worker": threads if lc("threads-per-worker") == "auto" else int(lc("threads-per-worker")),
-        "processes": bool(lc("processes")), "dashboard_address": lc("dashboard-address"),
+        "processes": processes, "dashboard_address": lc("dashboard-address"),
+        # worker processes get the allocator setting before torch starts in them (a threaded
+        # worker runs in this process, which is the user's: left alone)
+        **({"env": worker_env(RunOptions.from_config())} if processes else {}),
         "resources": {resource: float(budget_bytes)},
         "silence_logs": logging.getLevelName(str(lc("silence-logs")).upper()),
         "scheduler_kwargs": {"preload": [DASHBOARD_PRELOAD]},
