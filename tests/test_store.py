@@ -161,8 +161,8 @@ def test_resume_and_rerun_of_lost_markers(tmp_path: Path, client) -> None:  # ty
     assert g["_cqsa/task_done"][t, b, j] == 0 and g["_cqsa/merge_done"][a, b, j] == 0
 
     others = [p for p, _ in producers[:-1]]
-    # the first attempt of merge a finds the chunks missing and clears the markers; Dask's retries
-    # then report the producers as unmarked: either way the line names each and says what to do
+    # merge a finds the chunks missing, clears the markers and fails at once (a damaged chunk is no
+    # transient failure): the line names each producer and says what to do
     with pytest.raises(cqsa_dask.JobFailedError, match="run `cqsa resume`") as info:
         cqsa_dask.run(path, **kw)  # type: ignore[arg-type]
     for p in others:

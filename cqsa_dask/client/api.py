@@ -298,7 +298,7 @@ def run(
             options = RunOptions.from_config(resource=resource, tasks_in_flight=plan.tasks_in_flight)
             ensure_runtime(c, options)  # every worker's runtime (caches, pools, locks), set up once
             jg = build_graph(
-                location, token, plan, resource=resource, retries=int(config.get("retries")),
+                location, token, plan, resource=resource, retries=0,  # tasks retry what is transient themselves
                 task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"), options=options,
             )
             _store_op(lease.confirm)  # its settling wait overlaps building the graph; before any task

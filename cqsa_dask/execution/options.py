@@ -37,7 +37,7 @@ _KEYS = {
     "device": "device", "kernel": "kernel", "check_finite": "check-finite", "torch_threads": "torch-threads",
     "zarr_concurrency": "zarr-concurrency", "host_cache": "host-cache", "io_threads": "io-threads",
     "pin_host_memory": "pin-host-memory", "resource": "resource", "cap_device_memory": "cap-device-memory",
-    "expandable_segments": "expandable-segments", "tasks_in_flight": "tasks-in-flight",
+    "expandable_segments": "expandable-segments", "tasks_in_flight": "tasks-in-flight", "retries": "retries",
 }
 # the fields the worker runtime is built from (the rest is read by each task)
 _RUNTIME_FIELDS = ("host_cache", "io_threads", "torch_threads", "zarr_concurrency", "resource",
@@ -61,6 +61,8 @@ class RunOptions:
     expandable_segments: let the CUDA allocator grow segments (``expandable-segments``).
     tasks_in_flight: quorum tasks a worker holds at once ("auto" resolved:
         2 on CUDA, 1 on the CPU) (``tasks-in-flight``).
+    retries: attempts after the first when a task fails for a transient reason
+        (``retries``); a deterministic failure stops the job at once (``tasks.py``).
 
     No defaults here: they live in ``cqsa.yaml``; build one with :meth:`from_config`.
     """
@@ -77,6 +79,7 @@ class RunOptions:
     cap_device_memory: bool
     expandable_segments: bool
     tasks_in_flight: int
+    retries: int
 
     @classmethod
     def from_config(cls, **overrides: Any) -> RunOptions:
@@ -101,6 +104,7 @@ class RunOptions:
                 resource=str(raw["resource"]), cap_device_memory=bool(raw["cap_device_memory"]),
                 expandable_segments=bool(raw["expandable_segments"]),
                 tasks_in_flight=_in_flight(raw["tasks_in_flight"], str(raw["device"])),
+                retries=max(0, int(raw["retries"])),
             )
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"a cqsa run option is not understood ({e}); see cqsa.yaml") from None

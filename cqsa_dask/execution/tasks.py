@@ -28,12 +28,14 @@ Merge (group a, batch b, head block j)::
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
-from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.errors import CQSAError, StoreError
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
 from cqsa_dask.execution.runtime import WorkerRuntime, runtime
@@ -44,7 +46,36 @@ from cqsa_dask.kernels.transfer import done_event
 from cqsa_dask.store.layout import TORCH_DTYPES, open_job, write_block, write_stats
 from cqsa_dask.store.location import StoreLike
 
-__all__ = ["merge_task", "quorum_task"]
+__all__ = ["DETERMINISTIC", "attempts", "merge_task", "quorum_task"]
+
+log = logging.getLogger(__name__)
+
+
+#: Failures that come out the same on every attempt (NaN/Inf inputs, a damaged chunk, a dtype
+#: mismatch, a changed job): the task fails at once and the client stops the job with its message.
+DETERMINISTIC: tuple[type[BaseException], ...] = (CQSAError, ValueError, TypeError, KeyError, IndexError,
+                                                  NotImplementedError)
+T = TypeVar("T")
+
+
+def attempts(retries: int, attempt: Callable[[], T], what: str) -> T:
+    """``attempt()``, tried again up to ``retries`` times when it fails for a transient reason
+    (an OSError of the store, a CUDA out-of-memory while another task held memory, ...).
+
+    Dask's own task retries would also repeat deterministic failures (twice by default,
+    each a whole task) before the user hears of them; the graph asks Dask for none, and a
+    task repeats only what may go differently: every step of a task is idempotent (one
+    writer per chunk, markers after data), so an attempt may start over."""
+    for n in range(retries + 1):
+        try:
+            return attempt()
+        except DETERMINISTIC:
+            raise
+        except Exception as e:  # transient: anything else
+            if n == retries:
+                raise
+            log.warning("%s failed (%s: %s); attempt %d of %d", what, type(e).__name__, e, n + 2, retries + 1)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
@@ -63,7 +94,7 @@ def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
     rt.bind_thread()
     start = task_started(token, "quorum", (task, batch, block))
     cell = Cell(open_job(store, token), token, batch, block)
-    rec = _QuorumRun(cell, task, opt, rt).run()
+    rec = attempts(opt.retries, lambda: _QuorumRun(cell, task, opt, rt).run(), f"quorum task {task}")
     _record(cell.job.task_stats, (task, batch, block), rec, start)
     cell.job.task_done[task, batch, block] = 1
     report_task(token, (task, batch, block), rec, start)
@@ -162,15 +193,19 @@ def _record(stats: Any, index: tuple[int, int, int], rec: dict[str, Any], start:
 
 def merge_task(store: StoreLike, token: str, group: int, batch: int, block: int, options: RunOptions | None,
                *deps: Any) -> dict[str, Any]:
-    """Merge the producers' results of query ``group`` into out and lse.
+    """Merge the producers' results of query ``group`` into out and lse (``_merge``), tried
+    again only after a transient failure.  ``deps`` are the producers' results (only there
+    so Dask orders the merge after them)."""
+    opt = options or RunOptions.from_config()
+    return attempts(opt.retries, lambda: _merge(store, token, group, batch, block, opt), f"merge of group {group}")
 
-    ``deps`` are the producers' results (only there so Dask orders the
-    merge after them).  The partials policy makes the row's float32 result
+
+def _merge(store: StoreLike, token: str, group: int, batch: int, block: int, opt: RunOptions) -> dict[str, Any]:
+    """One attempt of the merge of query ``group``.  The partials policy makes the row's float32 result
     (``finish``); this writes out (hq, G, D) in the job dtype and lse
     (hq, G) float32, then the merge marker, then lets the policy release
     what the row no longer needs.
     """
-    opt = options or RunOptions.from_config()
     rt = runtime(opt)
     rt.bind_thread()
     t0, start = time.perf_counter(), task_started(token, "merge", (group, batch, block))
