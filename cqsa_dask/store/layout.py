@@ -90,8 +90,8 @@ def open_store(store: Any, mode: OpenMode = "r+", storage_options: Mapping[str, 
 
 
 # Arrays are opened with write_empty_chunks on: zarr's default (off) compares every chunk
-# written with the fill value first (np.array_equal with equal_nan: 360-490 ms for a
-# 90 MB chunk on the 2-core machine, against 27-49 ms for the write itself), and a
+# written with the fill value first (np.array_equal with equal_nan: slower than the
+# write itself for a large chunk), and a
 # chunk then exists exactly when it was written, which the markers and fold.py's
 # journal rely on.  Set per array (not through zarr.config, which is process-wide).
 # Marker arrays are the exception (chunkio.MARKERS_ATTR): writing 0 deletes the

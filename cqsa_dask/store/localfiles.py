@@ -10,9 +10,8 @@ Used only where the layout is certain (``chunkio.plain_root``: a local
 store, zarr v3, a single little-endian ``bytes`` codec, no sharding), so
 that a chunk's file is its C-order elements; a store opened read-only is
 read here and written through zarr (which refuses).  Zarr decodes a read chunk by
-chunk (each file read into a bytes object, decoded, then copied: 0.6-1.8 GB/s
-for 8 MB chunks on the 2-core machine, against 4 GB/s for plain file reads)
-and only whole chunks: with chunks of all H heads, a one-head read costs H
+chunk (each file read into a bytes object, decoded, then copied: several times
+slower than plain file reads, docs/store-format.md) and only whole chunks: with chunks of all H heads, a one-head read costs H
 heads.  Here each head's token run inside a chunk is one contiguous byte
 range, read with ``os.preadv`` straight into the rows of the result.  A read
 that touches a missing chunk file (the fill value) or an array whose chunks
