@@ -213,7 +213,7 @@ def test_cli_without_the_certificate_fails_in_one_line(tls_cluster, tmp_path) ->
     t0 = time.monotonic()
     proc = subprocess.run(["cqsa", "run", str(tmp_path / "x.zarr"), "--scheduler", dp.address],
                           check=False, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [s for s in proc.stderr.splitlines() if s.strip()]
     assert len(lines) == 1 and dp.address in lines[0], proc.stderr[-3000:]
