@@ -47,6 +47,7 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
         yield client
         return
     if scheduler is not None:
+        _check_tls_config(scheduler)
         try:
             c = Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as e:
@@ -82,6 +83,17 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
             cluster = LocalCluster(n_workers=int(lc("n-workers")), **options)
     with cluster, Client(cluster) as c:
         yield c
+
+
+def _check_tls_config(scheduler: str) -> None:
+    """A ``tls://`` address needs a CA and a client certificate from dask config
+    (``distributed.comm.tls.*``); without them distributed fails with a bare TypeError."""
+    from distributed.security import Security
+
+    if scheduler.startswith("tls://") and Security().get_connection_args("client")["ssl_context"] is None:
+        raise SchedulerError(f"{scheduler} is a TLS address but dask config names no certificate: set "
+                             "distributed.comm.tls.ca-file, .client.cert and .client.key (or DASK_DISTRIBUTED__COMM__"
+                             "TLS__CA_FILE, __CLIENT__CERT, __CLIENT__KEY); see docs/cluster.md")
 
 
 class _GPUCluster(LocalCluster):
