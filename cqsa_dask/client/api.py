@@ -32,7 +32,7 @@ from cqsa_dask.client.cluster import advertised, check_capacity, connect, local_
 from cqsa_dask.client.policy import DeviceKind, local_device_kind, plan_options, workers_device_kind
 from cqsa_dask.client.session import session_defaults
 from cqsa_dask.core.dtypes import parse_dtype
-from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
+from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError, StoreError
 from cqsa_dask.core.plan import IDENTITY, Plan, make_plan
 from cqsa_dask.core.units import parse_budget
 from cqsa_dask.execution.graph import build_graph
@@ -201,6 +201,15 @@ def _prepare(group: Any, plan: Plan, restart: bool, force: bool = False) -> tupl
     return token, False
 
 
+def _precheck(plan_for: Callable[[DeviceKind], Plan]) -> None:
+    """Raise what planning for either device kind raises (a malformed budget, bad shapes), and a
+    :class:`BudgetError` only when the budget fits no kind: the workers' kind is not known yet."""
+    try:
+        plan_for("cpu")
+    except BudgetError:
+        plan_for("cuda")
+
+
 def run(
     store: StoreLike,
     *,
@@ -278,6 +287,8 @@ def run(
     # Plan before starting a local cluster (its workers are this machine's): bad input fails fast.
     kind = local_device_kind() if local else None
     plan = plan_for(_budget(memory_budget, None, resource), kind) if kind else None
+    if plan is None and memory_budget is not None:  # bad input fails before a scheduler is asked
+        _precheck(lambda k: plan_for(parse_budget(memory_budget), k))
     gpus = local_gpus() if local else []  # checked even for CPU tasks: a GPU named must exist
     gpus = gpus if kind == "cuda" else []  # one worker process per GPU
     # CUDA: a thread more than tasks in flight, for merges while the device computes; CPU: a task

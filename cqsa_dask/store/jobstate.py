@@ -213,7 +213,7 @@ class Lease:
             try:
                 self._write()
             except OSError as e:  # keep trying: a full disk may be freed while the job runs
-                log.warning("could not renew the lease of %s: %s", self.owner, e)
+                log.info("could not renew the lease of %s: %s", self.owner, e)
 
     def release(self) -> None:
         """Stop renewing and drop the lease (only if still ours)."""
@@ -225,7 +225,7 @@ class Lease:
             if isinstance(cur, dict) and cur.get("owner") == self.owner:
                 self._write(lease=False)
         except OSError as e:  # e.g. a full disk: the lease then expires by itself
-            log.warning("could not release the lease of %s: %s", self.owner, e)
+            log.info("could not release the lease of %s: %s", self.owner, e)
 
 
 _HOST = socket.gethostname()
