@@ -1,0 +1,139 @@
+"""Exact attention analytics (``cqsa_dask.analysis``) against a dense float64 reference.
+
+Every case runs a real job on a threaded local cluster, then ``analyze``, and
+compares with the definition computed densely in float64 from the stored
+inputs::
+
+    P = softmax(scale q k^T)   (j <= i when causal)      (B, Hq, N, N)
+    key_mass[j] = sum_i P_ij     entropy[i] = -sum_j P_ij ln P_ij     block_mass[x, y] = sum over the block
+
+Tolerances, per element: key mass 1e-4 relative, also for bfloat16 jobs
+(the lse feature is split into three exact bfloat16 parts); entropy 1e-4
+relative (1e-4 nats near 0) with the entropy pass in float32 (the default on
+the CPU); with ``cqsa.analysis-precision: job`` on a bfloat16 job (the GPU
+default) the kernel rounds P to bfloat16, and the bound is 2^-7 (1 + max_j
+|logit_ij|) nats per row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask.config
+import pytest
+import torch
+import zarr
+from distributed import Client, LocalCluster
+
+import cqsa_dask
+from cqsa_dask.core.errors import InvalidInputError, StoreError
+from cqsa_dask.store.layout import read_block
+from tests.conftest import RESOURCE, draw_inputs
+
+
+@pytest.fixture(scope="module")
+def aclient() -> Iterator[Client]:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={RESOURCE: 4e9},
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+def dense(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """P (B, Hq, N, N) float64 from q (B, Hq, N, D), k (B, Hkv, N, D)."""
+    n = q.shape[2]
+    kk = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = scale * q.double() @ kk.transpose(-1, -2)
+    if causal:
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
+    return torch.softmax(s, dim=-1)
+
+
+def reference(p: torch.Tensor, resolution: int | None) -> dict[str, torch.Tensor]:
+    n = p.shape[-1]
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
+    out = {"key_mass": p.sum(-2), "entropy": -plogp.sum(-1)}
+    if resolution:
+        bs = -(-n // resolution)
+        idx = torch.arange(n) // bs
+        onehot = torch.nn.functional.one_hot(idx, resolution).double()  # (N, R)
+        out["block_mass"] = onehot.T @ p @ onehot  # (B, Hq, R, R)
+    return out
+
+
+def stored(path: Path, name: str) -> torch.Tensor:
+    return read_block(zarr.open_group(str(path), mode="r")[f"analysis/{name}"], (...,), "float32").double()
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
+    return float(((got - ref).abs() / ref.abs().clamp_min(floor)).max())
+
+
+CASES = [  # (B, Hq, Hkv, N, D, dtype, causal, groups, magnitude, resolution)
+    (1, 2, 2, 61, 16, torch.float32, False, 7, 1.0, 5),
+    (1, 4, 2, 50, 16, torch.float32, True, 13, 1.0, 7),
+    (2, 2, 1, 45, 32, torch.float32, True, 7, 6.0, None),  # large logits: scale q.k ~ N(0, 36)
+    (1, 4, 2, 57, 16, torch.bfloat16, True, 7, 1.0, 4),
+    (1, 2, 2, 40, 16, torch.bfloat16, False, 3, 4.0, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[5]}-{'causal' if c[6] else 'full'}-W{c[7]}-m{c[8]}")
+def test_analysis_matches_float64(tmp_path: Path, aclient: Client, case: tuple) -> None:  # type: ignore[type-arg]
+    b, hq, hkv, n, d, dtype, causal, groups, mag, res = case
+    inp = draw_inputs(b, hq, hkv, n, d, dtype, magnitude=mag)
+    path = tmp_path / "s.zarr"
+    inp.store(path, chunk_tokens=16)
+    cqsa_dask.run(path, causal=causal, client=aclient, groups=groups, memory_budget="1GB")
+    r = cqsa_dask.analyze(path, resolution=res, client=aclient)
+    assert r.tasks_run == groups * b * r.plan.head_blocks and not r.resumed
+    ref = reference(dense(inp.q, inp.k, causal, r.plan.scale), res)
+    km, ent = stored(path, "key_mass"), stored(path, "entropy")
+    assert rel_err(km, ref["key_mass"], 0.0) < 1e-4, inp.ctx
+    assert rel_err(ent, ref["entropy"], 1.0) < 1e-4, inp.ctx
+    if res:
+        bm = stored(path, "block_mass")
+        bs = -(-n // res)
+        sizes = torch.tensor([min(n, (x + 1) * bs) - x * bs for x in range(res)], dtype=torch.float64)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(bm.sum(-1), sizes.expand_as(bm.sum(-1)), rtol=tol), inp.ctx
+        assert torch.allclose(bm, ref["block_mass"], rtol=tol, atol=tol * n / res), inp.ctx
+    # a finished analysis keeps only its results
+    leftovers = [p for nm in ("_entropy_part", "_mass_part", "_block_part")
+                 for p in (path / "analysis" / nm).rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert leftovers == []
+
+
+def test_bfloat16_entropy_in_the_jobs_dtype(tmp_path: Path, aclient: Client) -> None:
+    """The fast (GPU default) entropy pass of a bfloat16 job: within 2^-7 (1 + max |logit|) nats per row."""
+    inp = draw_inputs(1, 2, 1, 48, 16, torch.bfloat16, magnitude=4.0)
+    path = tmp_path / "s.zarr"
+    inp.store(path, chunk_tokens=16)
+    cqsa_dask.run(path, causal=True, client=aclient, groups=7, memory_budget="1GB")
+    with dask.config.set({"cqsa.analysis-precision": "job"}):
+        r = cqsa_dask.analyze(path, client=aclient)
+    p = dense(inp.q, inp.k, True, r.plan.scale)
+    kk = inp.k.double().repeat_interleave(2, dim=1)
+    logits = (r.plan.scale * inp.q.double() @ kk.transpose(-1, -2)).tril()  # masked entries 0: no effect on the max
+    bound = 2**-7 * (1 + logits.abs().amax(-1))
+    err = (stored(path, "entropy") - reference(p, None)["entropy"]).abs()
+    assert bool((err <= bound).all()), (float((err / bound).max()), inp.ctx)
+    assert rel_err(stored(path, "key_mass"), p.sum(-2), 0.0) < 1e-4, inp.ctx
+
+
+def test_refusals(tmp_path: Path, aclient: Client) -> None:
+    """Not a job store, an incomplete job, a resolution outside 1..N: typed errors, nothing written."""
+    inp = draw_inputs(1, 2, 2, 30, 16, torch.float32)
+    path = tmp_path / "s.zarr"
+    inp.store(path, chunk_tokens=16)
+    with pytest.raises(StoreError, match="no cqsa job"):
+        cqsa_dask.analyze(path, client=aclient)
+    cqsa_dask.run(path, client=aclient, groups=3, memory_budget="1GB")
+    for bad in (0, 31, 2.5):
+        with pytest.raises(InvalidInputError, match="resolution must be an integer in 1..30"):
+            cqsa_dask.analyze(path, resolution=bad, client=aclient)  # type: ignore[arg-type]
+    zarr.open_group(str(path), mode="r+")["_cqsa/merge_done"][1, 0, 0] = 0
+    with pytest.raises(InvalidInputError, match="not complete"):
+        cqsa_dask.analyze(path, client=aclient)
+    assert not (path / "analysis").exists()
