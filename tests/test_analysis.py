@@ -17,6 +17,8 @@ default) the kernel rounds P to bfloat16, and the bound is 2^-7 (1 + max_j
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +190,16 @@ def test_cli_analyze_and_plot(tmp_path: Path, aclient: Client, capsys: pytest.Ca
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     ref = reference(dense(inp.q, inp.k, False, 16**-0.5), 3)
     assert rel_err(stored(path, "key_mass"), ref["key_mass"], 0.0) < 1e-4
+
+
+def test_gpu_workflow_script_at_tiny_size(tmp_path: Path, aclient: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    """workflows/analyze_gpu.py end to end on the CPU: its sampled checks pass and it prints one JSON line."""
+    spec = importlib.util.spec_from_file_location("analyze_gpu", Path(__file__).parents[1] / "workflows/analyze_gpu.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--seq-len", "96", "--heads", "2", "--head-dim", "16", "--budget", "64MB", "--causal", "--groups", "7",
+                     "--samples", "3", "--workdir", str(tmp_path), "--scheduler", aclient.scheduler.address]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["groups"] > 1 and line["analysis_s"] > 0
+    assert line["max_rel_key_mass_err"] < 1e-4 and line["max_abs_entropy_err"] < 1e-4
