@@ -203,3 +203,17 @@ def test_gpu_workflow_script_at_tiny_size(tmp_path: Path, aclient: Client, capsy
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["groups"] > 1 and line["analysis_s"] > 0
     assert line["max_rel_key_mass_err"] < 1e-4 and line["max_abs_entropy_err"] < 1e-4
+
+
+def test_fine_block_map_with_narrow_values(tmp_path: Path, aclient: Client) -> None:
+    """R close to N: a group spans more block columns than one kernel call's values carry (8 with a
+    kernel that takes narrow values, as the reference kernel does), so the columns take several calls."""
+    inp = draw_inputs(1, 2, 1, 40, 16, torch.float32, magnitude=2.0)
+    path = tmp_path / "s.zarr"
+    inp.store(path, chunk_tokens=16)
+    cqsa_dask.run(path, causal=True, client=aclient, groups=3, memory_budget="1GB")
+    with dask.config.set({"cqsa.kernel": "reference"}):
+        r = cqsa_dask.analyze(path, resolution=20, client=aclient)
+    ref = reference(dense(inp.q, inp.k, True, r.plan.scale), 20)
+    assert torch.allclose(stored(path, "block_mass"), ref["block_mass"], rtol=1e-5, atol=1e-6), inp.ctx
+    assert rel_err(stored(path, "key_mass"), ref["key_mass"], 0.0) < 1e-4, inp.ctx

@@ -28,11 +28,13 @@ pair ever materialises an L x S matrix (the kernels stream it).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from cqsa_dask.kernels.attention import KERNELS, attend
 
-__all__ = ["EXTRA", "entropy_term", "key_features", "mass_terms", "query_features"]
+__all__ = ["EXTRA", "entropy_term", "key_features", "mass_terms", "query_features", "value_width"]
 
 EXTRA = 8  # extra feature columns: three parts of -lse / scale, then zeros (dims stay multiples of 8)
 
@@ -57,6 +59,27 @@ def key_features(k: torch.Tensor, rep: int) -> torch.Tensor:
     return kf.repeat_interleave(rep, dim=1) if rep > 1 else kf
 
 
+@lru_cache(maxsize=32)
+def value_width(kernel: str, device: torch.device, dtype: torch.dtype, width: int) -> int:
+    """Columns of the transposed attention's values: 8 when ``kernel`` takes values narrower than
+    its queries and keys (D' = ``width``) and returns the same lse, else ``width``.
+
+    Only the lse of the mass pass matters without a block map, so narrow
+    values save most of its P V product where the kernel allows them (the
+    CPU kernel does not).  Probed once per (kernel, device, dtype, width).
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k = (torch.randn(1, 2, 32, width, generator=g).to(device, dtype) for _ in range(2))
+    v = torch.randn(1, 2, 32, width, generator=g).to(device, dtype)
+    try:
+        _, ref = KERNELS[kernel](q, k, v, 0.1, False)
+        out, lse = KERNELS[kernel](q, k, v[..., :8].contiguous(), 0.1, False)
+        same = out.shape[-1] == 8 and torch.allclose(lse.float(), ref.float(), rtol=1e-5, atol=1e-5)
+    except (RuntimeError, NotImplementedError):
+        same = False
+    return 8 if same else width
+
+
 def entropy_term(q: torch.Tensor, lse: torch.Tensor, k: torch.Tensor, *, scale: float, diagonal_causal: bool,
                  kernel: str) -> torch.Tensor:
     """sum over keys j of group b of -P_ij ln P_ij, per row i: q (1, hq, L, D), lse (1, hq, L) float32,
@@ -73,11 +96,12 @@ def mass_terms(qf: torch.Tensor, kf: torch.Tensor, values: torch.Tensor, *, scal
     Args:
         qf: (1, hq, L, D') from :func:`query_features` (the transposed attention's keys).
         kf: (1, hq, S, D') from :func:`key_features` (its queries).
-        values: (1, hq, L, D') one-hot of each row's block column (zeros elsewhere), qf's dtype.
+        values: (1, hq, L, V) one-hot of each row's block column (zeros elsewhere), qf's dtype;
+            V = ``value_width`` (D' or 8).
 
     Returns:
         mass (1, hq, S) float32: sum_{i in a} P_ij; and per column c,
-        (1, hq, S, D') float32: sum over rows i in block column c of P_ij.
+        (1, hq, S, V) float32: sum over rows i in block column c of P_ij.
     """
     fn = KERNELS[kernel]
     if diagonal_causal:  # keys i >= query j: reverse both orders, mask top-left, reverse back

@@ -33,7 +33,7 @@ import torch
 
 from cqsa_dask import config
 from cqsa_dask.analysis.layout import Analysis, open_analysis
-from cqsa_dask.analysis.pairs import EXTRA, entropy_term, key_features, mass_terms, query_features
+from cqsa_dask.analysis.pairs import EXTRA, entropy_term, key_features, mass_terms, query_features, value_width
 from cqsa_dask.analysis.spec import column_producers, key_slot, parse_resolution
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.execution.telemetry import report_task, task_started
@@ -119,6 +119,7 @@ def analysis_task(store: str, job_token: str, token: str, task: int, batch: int,
     kv_h, q_h = _heads(plan, block)
     rep = plan.heads_q // plan.heads_kv
     name_e, e_dtype, name_m = _kernels(plan, dev, opt)
+    width = value_width(name_m, dev, TORCH_DTYPES[plan.dtype], plan.head_dim + EXTRA)  # value columns per call
     work = plan.work(task)
     blocks = _BlockMap(job, res, plan.q_heads_per_task, dev) if res else None
     mass: dict[int, torch.Tensor] = {}
@@ -150,15 +151,15 @@ def analysis_task(store: str, job_token: str, token: str, task: int, batch: int,
                 entropy += entropy_term(qe, lse, ks[b].to(e_dtype), scale=plan.scale, diagonal_causal=diag,
                                         kernel=name_e)
                 kf = key_features(ks[b], rep)  # (1, hq, S, D')
-                for c0 in range(0, ncols, qf.shape[-1]):  # one-hot block columns, D' at a time
-                    values = torch.zeros_like(qf)
-                    inside = (cols >= c0) & (cols < c0 + qf.shape[-1])
+                for c0 in range(0, ncols, width):  # one-hot block columns, ``width`` at a time
+                    values = qf.new_zeros((*qf.shape[:3], width))
+                    inside = (cols >= c0) & (cols < c0 + width)
                     values[:, :, inside, (cols[inside] - c0)] = 1
                     m, terms = mass_terms(qf, kf, values, scale=plan.scale, diagonal_causal=diag, kernel=name_m)
                     if c0 == 0:
                         mass[b] = mass[b] + m if b in mass else m
                     if blocks is not None:
-                        blocks.add(b, x0 + c0, terms, min(qf.shape[-1], ncols - c0))
+                        blocks.add(b, x0 + c0, terms, min(width, ncols - c0))
             rows = slice(*plan.group_bounds(a))
             write_block(ana.entropy_part, (slot, batch, q_h, rows), entropy[0].cpu())
         for b, m in mass.items():
