@@ -70,8 +70,8 @@ def plot_analysis(store: str | os.PathLike[str], out: str | os.PathLike[str], ba
         axes[h][1].set(title=f"head {h}: entropy (nats, mean per stretch)", xlabel="query position")
         if isinstance(blocks, zarr.Array):
             m = np.asarray(blocks[batch, h], dtype=np.float64)
-            im = axes[h][2].imshow(np.log10(np.maximum(m, 1e-30)), cmap="viridis", vmin=max(-12.0, float(
-                np.log10(max(m.max(), 1e-30))) - 12))
+            logm = np.where(m > 0, np.log10(np.where(m > 0, m, 1.0)), np.nan)  # masked blocks: blank
+            im = axes[h][2].imshow(logm, cmap="viridis", vmin=float(np.nanmax(logm)) - 12 if m.max() > 0 else None)
             axes[h][2].set(title=f"head {h}: log10 block mass", xlabel="key block", ylabel="query block")
             fig.colorbar(im, ax=axes[h][2])
     fig.tight_layout()
