@@ -24,19 +24,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dask.config
+import numpy as np
 import pytest
 import torch
 import zarr
 from distributed import Client, LocalCluster
 
 import cqsa_dask
+from cqsa_dask.analysis.graph import build_analysis_graph
 from cqsa_dask.analysis.layout import create_analysis
 from cqsa_dask.analysis.spec import parse_resolution
 from cqsa_dask.analysis.tasks import analysis_task
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
+from cqsa_dask.dashboard.state import parse_key
 from cqsa_dask.store.generated import SyntheticSource, create_synthetic_store
-from cqsa_dask.store.layout import read_block
+from cqsa_dask.store.layout import read_block, write_tensor
 from cqsa_dask.tools import cli
 from tests.conftest import RESOURCE, draw_inputs
 
@@ -217,3 +220,28 @@ def test_fine_block_map_with_narrow_values(tmp_path: Path, aclient: Client) -> N
     ref = reference(dense(inp.q, inp.k, True, r.plan.scale), 20)
     assert torch.allclose(stored(path, "block_mass"), ref["block_mass"], rtol=1e-5, atol=1e-6), inp.ctx
     assert rel_err(stored(path, "key_mass"), ref["key_mass"], 0.0) < 1e-4, inp.ctx
+
+
+def test_object_store_and_dashboard_keys(aclient: Client) -> None:
+    """A store behind a URL (fsspec's in-memory file system, shared by the threaded workers): the job,
+    then its analysis; the analysis's task keys are ones the /cqsa page tracks as a job of their own."""
+    inp = draw_inputs(1, 2, 1, 40, 16, torch.float32)
+    url = f"memory://cqsa-analysis-{inp.seed}/s.zarr"
+    g = zarr.open_group(url, mode="w", zarr_format=3)
+    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+        write_tensor(g, name, t, (1, t.shape[1], 16, 16))
+    cqsa_dask.run(url, causal=True, client=aclient, groups=7, memory_budget="1GB")
+    active = zarr.open_group(url, mode="r")["_cqsa"].attrs["active_s"]
+    r = cqsa_dask.analyze(url, resolution=4, client=aclient)
+    ref = reference(dense(inp.q, inp.k, True, r.plan.scale), 4)
+    ana = zarr.open_group(url, mode="r")["analysis"]
+    km = read_block(ana["key_mass"], (...,), "float32").double()
+    assert rel_err(km, ref["key_mass"], 0.0) < 1e-4, inp.ctx
+    assert zarr.open_group(url, mode="r")["_cqsa"].attrs["active_s"] == active  # the job's own time
+    token, grid = str(ana.attrs["token"]), (7, 1, 1)
+    ag = build_analysis_graph(url, "job", token, r.plan, resolution=4, resource=RESOURCE, task_bytes=1, retries=0,
+                              task_done=np.zeros(grid), reduce_done=np.zeros(grid), block_done=np.zeros((1, 1)),
+                              options={})
+    assert {parse_key(k)[:2] for k in ag.task_keys} == {("quorum", token)}  # type: ignore[index]
+    assert {parse_key(k)[:2] for k in ag.reduce_keys} == {("merge", token)}  # type: ignore[index]
+    assert len(ag.task_keys) == 7 and len(ag.reduce_keys) == 7 and len(ag.block_keys) == 1

@@ -109,6 +109,7 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
         raise BudgetError(f"an analysis task needs {need:,} bytes, more than the budget of {budget:,} bytes; "
                           "raise the budget (or lower the resolution)")
     lease = Lease(group, ttl=float(config.get("lease-seconds")))
+    active = engine(group).attrs.get("active_s")  # the lease's renewals count time: the job's, kept as it was
     lease.acquire()
     try:
         ana = stored_analysis(group, job_token, res)
@@ -130,6 +131,7 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
             link = page_link(c)
     finally:
         lease.release()
+        engine(group).attrs.update({"active_s": active})
     return AnalysisResult(
         plan=plan, resolution=res.blocks if res else None, seconds=seconds,
         tasks_run=sum(r["kind"] == "quorum" for r in results),
