@@ -245,3 +245,25 @@ def test_object_store_and_dashboard_keys(aclient: Client) -> None:
     assert {parse_key(k)[:2] for k in ag.task_keys} == {("quorum", token)}  # type: ignore[index]
     assert {parse_key(k)[:2] for k in ag.reduce_keys} == {("merge", token)}  # type: ignore[index]
     assert len(ag.task_keys) == 7 and len(ag.reduce_keys) == 7 and len(ag.block_keys) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_analysis_on_cuda(tmp_path: Path, causal: bool) -> None:
+    """The CUDA kernels (D + 8 features, narrow values where accepted, the reversed causal diagonal):
+    a bfloat16 job with GQA on a local cluster whose tasks run on the GPU."""
+    inp = draw_inputs(1, 4, 2, 3000, 64, torch.bfloat16, magnitude=2.0)
+    path = tmp_path / "s.zarr"
+    inp.store(path, chunk_tokens=512)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={RESOURCE: 4e9},
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        cqsa_dask.run(path, causal=causal, client=c, groups=7, memory_budget="1GB")
+        r = cqsa_dask.analyze(path, resolution=30, client=c)
+    p = dense(inp.q, inp.k, causal, r.plan.scale)
+    ref = reference(p, 30)
+    assert rel_err(stored(path, "key_mass"), ref["key_mass"], 0.0) < 1e-4, inp.ctx
+    kk = inp.k.double().repeat_interleave(2, dim=1)
+    logits = r.plan.scale * inp.q.double() @ kk.transpose(-1, -2)
+    bound = 2**-7 * (1 + (logits.tril() if causal else logits).abs().amax(-1))
+    assert bool(((stored(path, "entropy") - ref["entropy"]).abs() <= bound).all()), inp.ctx
+    assert torch.allclose(stored(path, "block_mass"), ref["block_mass"], rtol=1e-2, atol=1e-2), inp.ctx
