@@ -11,7 +11,9 @@ bits, attribute logical_dtype), runs the job under the budget, then
   ``cqsa verify``).
 
 Defaults are the GPU benchmark (N = 4M, H = 4, D = 128, 4 GB); it also runs
-at tiny N on a CPU (tests/test_analysis.py does)::
+at tiny N on a CPU (tests/test_analysis.py does).  Exits 1 when a key mass
+is off by 1e-4 relative or an entropy by more than the bfloat16 bound
+2^-7 (1 + max |logit|) nats::
 
     python workflows/analyze_gpu.py                                  # CUDA machine
     python workflows/analyze_gpu.py --seq-len 256 --head-dim 16 --budget 64MB
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": round(ana.seconds / job.seconds, 3) if job.seconds > 0 else math.nan,
         "analysis_task_bytes": ana.task_memory_bytes, "store": path, **errors,
     }))
-    return 0
+    # key mass: float32-exact; entropy: within the bound of a bfloat16 entropy pass (docs/analysis.md)
+    return 0 if errors["max_rel_key_mass_err"] < 1e-4 and errors["entropy_err_over_bound"] <= 1 else 1
 
 
 if __name__ == "__main__":
