@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,15 +96,56 @@ class _BlockMap:
         self.acc[:, x0:x0 + ncols, y0:y0 + ny] += per_y.transpose(1, 2)
 
 
-def _kernels(plan: Any, dev: torch.device, opt: dict[str, Any]) -> tuple[str, torch.dtype, str]:
-    """(entropy kernel, its dtype, mass kernel): the entropy pass in the job's dtype or float32
-    (``cqsa.analysis-precision``; "auto": float32 on the CPU), the mass pass in the job's dtype on D + 8 features."""
-    dtype = TORCH_DTYPES[plan.dtype]
-    precision = opt["analysis-precision"]
-    wide = precision == "float32" or (precision == "auto" and dev.type == "cpu")
-    e_dtype = torch.float32 if wide else dtype
-    return (select_kernel(dev, e_dtype, plan.head_dim, opt["kernel"]), e_dtype,
-            select_kernel(dev, dtype, plan.head_dim + EXTRA, opt["kernel"]))
+@dataclass(frozen=True)
+class _Kernels:
+    """How one worker computes the pairs: the entropy pass's kernel and dtype (the job's, or float32 by
+    ``cqsa.analysis-precision``; "auto": float32 on the CPU), the mass pass's kernel on D + 8 features
+    in the job's dtype, and its value columns per call (``value_width``)."""
+
+    entropy: str
+    entropy_dtype: torch.dtype
+    mass: str
+    width: int
+
+    @classmethod
+    def choose(cls, plan: Any, dev: torch.device, opt: dict[str, Any]) -> _Kernels:
+        dtype = TORCH_DTYPES[plan.dtype]
+        precision = opt["analysis-precision"]
+        wide = precision == "float32" or (precision == "auto" and dev.type == "cpu")
+        e_dtype = torch.float32 if wide else dtype
+        mass = select_kernel(dev, dtype, plan.head_dim + EXTRA, opt["kernel"])
+        return cls(select_kernel(dev, e_dtype, plan.head_dim, opt["kernel"]), e_dtype, mass,
+                   value_width(mass, dev, dtype, plan.head_dim + EXTRA))
+
+
+def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: torch.Tensor,
+          ks: dict[int, torch.Tensor], mass: dict[int, torch.Tensor], blocks: _BlockMap | None) -> torch.Tensor:
+    """The pairs (a, b) of one slot: q (1, hq, L, D) and lse (1, hq, L) of group a, k (1, hk, S, D) of each b.
+
+    Adds each pair's key-mass terms (1, hq, S) into ``mass[b]`` and its block terms into ``blocks``;
+    returns the slot's entropy terms (1, hq, L) float32.
+    """
+    rep = plan.heads_q // plan.heads_kv
+    entropy = torch.zeros_like(lse)
+    qe = q.to(kn.entropy_dtype)
+    qf = query_features(q, lse, plan.scale)  # (1, hq, L, D')
+    x0, cols = blocks.columns(a) if blocks else (0, torch.zeros(q.shape[2], dtype=torch.int64, device=q.device))
+    ncols = int(cols[-1]) + 1
+    for b in bs:
+        diag = plan.causal and a == b
+        entropy += entropy_term(qe, lse, ks[b].to(kn.entropy_dtype), scale=plan.scale, diagonal_causal=diag,
+                                kernel=kn.entropy)
+        kf = key_features(ks[b], rep)  # (1, hq, S, D')
+        for c0 in range(0, ncols, kn.width):  # one-hot block columns, ``width`` at a time
+            values = qf.new_zeros((*qf.shape[:3], kn.width))  # (1, hq, L, V)
+            inside = (cols >= c0) & (cols < c0 + kn.width)
+            values[:, :, inside, (cols[inside] - c0)] = 1
+            m, terms = mass_terms(qf, kf, values, scale=plan.scale, diagonal_causal=diag, kernel=kn.mass)
+            if c0 == 0:
+                mass[b] = mass[b] + m if b in mass else m
+            if blocks is not None:
+                blocks.add(b, x0 + c0, terms, min(kn.width, ncols - c0))
+    return entropy
 
 
 def analysis_task(store: str, job_token: str, token: str, task: int, batch: int, block: int,
@@ -117,13 +159,11 @@ def analysis_task(store: str, job_token: str, token: str, task: int, batch: int,
     res = parse_resolution(resolution, plan.seq_len)
     dev = resolve_device(opt["device"])
     kv_h, q_h = _heads(plan, block)
-    rep = plan.heads_q // plan.heads_kv
-    name_e, e_dtype, name_m = _kernels(plan, dev, opt)
-    width = value_width(name_m, dev, TORCH_DTYPES[plan.dtype], plan.head_dim + EXTRA)  # value columns per call
+    kn = _Kernels.choose(plan, dev, opt)
     work = plan.work(task)
     blocks = _BlockMap(job, res, plan.q_heads_per_task, dev) if res else None
     mass: dict[int, torch.Tensor] = {}
-    t_io = 0.0
+    t_io, nread, nwritten = 0.0, 0, 0
     with ThreadPoolExecutor(2, thread_name_prefix="cqsa-analysis-io") as pool:
 
         def read_q(a: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,46 +172,34 @@ def analysis_task(store: str, job_token: str, token: str, task: int, batch: int,
             return _input(job, "q", batch, q_h, a, dev)[None], lse[None]  # (1, hq, L, D), (1, hq, L)
 
         keys = sorted({b for _, _, bs in work for b in bs})
-        k_futs = {b: pool.submit(_input, job, "k", batch, kv_h, b, dev) for b in keys}
+        k_futs = {b: pool.submit(_input, job, "k", batch, kv_h, b, dev) for b in keys}  # (hk, S, D) each
         q_fut = pool.submit(read_q, work[0][1]) if work else None
         for n, (slot, a, bs) in enumerate(work):
             tw = time.perf_counter()
             assert q_fut is not None
             q, lse = q_fut.result()
-            q_fut = pool.submit(read_q, work[n + 1][1]) if n + 1 < len(work) else None
+            q_fut = pool.submit(read_q, work[n + 1][1]) if n + 1 < len(work) else None  # the next slot's, ahead
             ks = {b: k_futs[b].result()[None] for b in bs}  # (1, hk, S, D)
             t_io += time.perf_counter() - tw
-            entropy = torch.zeros_like(lse)
-            qe = q.to(e_dtype)
-            qf = query_features(q, lse, plan.scale)  # (1, hq, L, D')
-            x0, cols = blocks.columns(a) if blocks else (0, torch.zeros(q.shape[2], dtype=torch.int64, device=dev))
-            ncols = int(cols[-1]) + 1
-            for b in bs:
-                diag = plan.causal and a == b
-                entropy += entropy_term(qe, lse, ks[b].to(e_dtype), scale=plan.scale, diagonal_causal=diag,
-                                        kernel=name_e)
-                kf = key_features(ks[b], rep)  # (1, hq, S, D')
-                for c0 in range(0, ncols, width):  # one-hot block columns, ``width`` at a time
-                    values = qf.new_zeros((*qf.shape[:3], width))
-                    inside = (cols >= c0) & (cols < c0 + width)
-                    values[:, :, inside, (cols[inside] - c0)] = 1
-                    m, terms = mass_terms(qf, kf, values, scale=plan.scale, diagonal_causal=diag, kernel=name_m)
-                    if c0 == 0:
-                        mass[b] = mass[b] + m if b in mass else m
-                    if blocks is not None:
-                        blocks.add(b, x0 + c0, terms, min(width, ncols - c0))
-            rows = slice(*plan.group_bounds(a))
-            write_block(ana.entropy_part, (slot, batch, q_h, rows), entropy[0].cpu())
+            nread += q.nbytes + lse.nbytes
+            entropy = _slot(plan, kn, a, bs, q, lse, ks, mass, blocks)[0].cpu()  # (hq, L)
+            write_block(ana.entropy_part, (slot, batch, q_h, slice(*plan.group_bounds(a))), entropy)
+            nwritten += entropy.nbytes
+        nread += sum(f.result().nbytes for f in k_futs.values())
         for b, m in mass.items():
-            write_block(ana.mass_part, (key_slot(plan, task, b), batch, q_h, slice(*plan.group_bounds(b))), m[0].cpu())
+            part = m[0].cpu()  # (hq, S)
+            write_block(ana.mass_part, (key_slot(plan, task, b), batch, q_h, slice(*plan.group_bounds(b))), part)
+            nwritten += part.nbytes
     if blocks is not None:
         assert ana.block_part is not None
-        write_block(ana.block_part, (task, batch, q_h), blocks.acc.float().cpu())
+        acc = blocks.acc.float().cpu()  # (hq, R, R)
+        write_block(ana.block_part, (task, batch, q_h), acc)
+        nwritten += acc.nbytes
     ana.task_done[task, batch, block] = 1
     seconds = time.perf_counter() - t0
     rec = {"kind": "quorum", "task": task, "batch": batch, "block": block, "seconds": seconds,
-           "compute_seconds": seconds - t_io, "io_seconds": t_io, "bytes_read": 0, "bytes_written": 0,
-           "kernel": name_m, "pairs": sum(len(bs) for _, _, bs in work)}
+           "compute_seconds": seconds - t_io, "io_seconds": t_io, "bytes_read": nread, "bytes_written": nwritten,
+           "kernel": kn.mass, "pairs": sum(len(bs) for _, _, bs in work)}
     report_task(token, (task, batch, block), rec, start)
     return rec
 
@@ -230,9 +258,8 @@ def block_task(store: str, job_token: str, token: str, batch: int, block: int, *
     _, q_h = _heads(plan, block)
     assert ana.block_part is not None and ana.block_mass is not None
     if not ana.block_done[batch, block]:
-        producers = [(t, t) for t in plan.task_ids]  # the task partial lives at index task
         total = None
-        for task, _ in producers:
+        for task in plan.task_ids:  # the block partial of a task lives at index task
             if not ana.task_done[task, batch, block]:
                 raise StoreError(f"analysis task {task} (batch {batch}, head block {block}) has no marker; "
                                  "run `cqsa analyze` again to finish it")
