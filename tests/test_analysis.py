@@ -209,15 +209,15 @@ def test_gpu_workflow_script_at_tiny_size(tmp_path: Path, aclient: Client, capsy
 
 
 def test_fine_block_map_with_narrow_values(tmp_path: Path, aclient: Client) -> None:
-    """R close to N: a group spans more block columns than one kernel call's values carry (8 with a
-    kernel that takes narrow values, as the reference kernel does), so the columns take several calls."""
+    """R = N: a group of 20 tokens spans 20 block columns, more than one kernel call's values carry (16
+    with a kernel that takes narrow values, as the reference kernel does), so they take two calls."""
     inp = draw_inputs(1, 2, 1, 40, 16, torch.float32, magnitude=2.0)
     path = tmp_path / "s.zarr"
     inp.store(path, chunk_tokens=16)
-    cqsa_dask.run(path, causal=True, client=aclient, groups=3, memory_budget="1GB")
+    cqsa_dask.run(path, causal=True, client=aclient, groups=2, memory_budget="1GB")
     with dask.config.set({"cqsa.kernel": "reference"}):
-        r = cqsa_dask.analyze(path, resolution=20, client=aclient)
-    ref = reference(dense(inp.q, inp.k, True, r.plan.scale), 20)
+        r = cqsa_dask.analyze(path, resolution=40, client=aclient)
+    ref = reference(dense(inp.q, inp.k, True, r.plan.scale), 40)
     assert torch.allclose(stored(path, "block_mass"), ref["block_mass"], rtol=1e-5, atol=1e-6), inp.ctx
     assert rel_err(stored(path, "key_mass"), ref["key_mass"], 0.0) < 1e-4, inp.ctx
 

@@ -1,7 +1,7 @@
 """The analysis math of one (query group a, key group b) pair, given the job's final lse.
 
 Shape legend: hq query heads, hk kv heads (hq = rep * hk), L query tokens
-(group a), S key tokens (group b), D head dim, D' = D + 8 (``EXTRA``), C
+(group a), S key tokens (group b), D head dim, D' >= D + 3 (``spec.feature_width``), C
 block columns of group a.  Tensors carry a leading batch dimension of 1.
 
 With P[i, j] = exp(scale q_i . k_j - lse_i) (the job's softmax, lse the
@@ -34,35 +34,37 @@ import torch
 
 from cqsa_dask.kernels.attention import KERNELS, attend
 
-__all__ = ["EXTRA", "entropy_term", "key_features", "mass_terms", "query_features", "value_width"]
+__all__ = ["entropy_term", "key_features", "mass_terms", "query_features", "value_width"]
 
-EXTRA = 8  # extra feature columns: three parts of -lse / scale, then zeros (dims stay multiples of 8)
+NARROW = 16  # value columns of the mass pass where the kernel takes narrow values (16 ran faster than 8 on cuDNN)
 
 
-def query_features(q: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
-    """Keys of the transposed attention: q (1, hq, L, D), lse (1, hq, L) float32 -> (1, hq, L, D') in q's dtype."""
+def query_features(q: torch.Tensor, lse: torch.Tensor, scale: float, width: int) -> torch.Tensor:
+    """Keys of the transposed attention: q (1, hq, L, D), lse (1, hq, L) float32 -> (1, hq, L, D' = width)
+    in q's dtype."""
     f = -lse.double() / scale  # (1, hq, L)
     parts = []
     for _ in range(3):  # hi, lo, lo2: each rounded to q's dtype, the rest carried on
         p = f.to(q.dtype)
         parts.append(p)
         f = f - p.double()
-    pad = torch.zeros((*q.shape[:3], EXTRA - 3), dtype=q.dtype, device=q.device)
+    pad = torch.zeros((*q.shape[:3], width - q.shape[3] - 3), dtype=q.dtype, device=q.device)
     return torch.cat([q, torch.stack(parts, dim=-1), pad], dim=-1)
 
 
-def key_features(k: torch.Tensor, rep: int) -> torch.Tensor:
-    """Queries of the transposed attention: k (1, hk, S, D) -> (1, hq, S, D') (each kv head repeated ``rep`` times)."""
+def key_features(k: torch.Tensor, rep: int, width: int) -> torch.Tensor:
+    """Queries of the transposed attention: k (1, hk, S, D) -> (1, hq, S, D' = width) (each kv head
+    repeated ``rep`` times)."""
     ones = torch.ones((*k.shape[:3], 3), dtype=k.dtype, device=k.device)
-    pad = torch.zeros((*k.shape[:3], EXTRA - 3), dtype=k.dtype, device=k.device)
+    pad = torch.zeros((*k.shape[:3], width - k.shape[3] - 3), dtype=k.dtype, device=k.device)
     kf = torch.cat([k, ones, pad], dim=-1)  # (1, hk, S, D')
     return kf.repeat_interleave(rep, dim=1) if rep > 1 else kf
 
 
 @lru_cache(maxsize=32)
 def value_width(kernel: str, device: torch.device, dtype: torch.dtype, width: int) -> int:
-    """Columns of the transposed attention's values: 8 when ``kernel`` takes values narrower than
-    its queries and keys (D' = ``width``) and returns the same lse, else ``width``.
+    """Columns of the transposed attention's values: ``NARROW`` when ``kernel`` takes values narrower
+    than its queries and keys (D' = ``width``) and returns the same lse, else ``width``.
 
     Only the lse of the mass pass matters without a block map, so narrow
     values save most of its P V product where the kernel allows them (the
@@ -73,11 +75,11 @@ def value_width(kernel: str, device: torch.device, dtype: torch.dtype, width: in
     v = torch.randn(1, 2, 32, width, generator=g).to(device, dtype)
     try:
         _, ref = KERNELS[kernel](q, k, v, 0.1, False)
-        out, lse = KERNELS[kernel](q, k, v[..., :8].contiguous(), 0.1, False)
-        same = out.shape[-1] == 8 and torch.allclose(lse.float(), ref.float(), rtol=1e-5, atol=1e-5)
+        out, lse = KERNELS[kernel](q, k, v[..., :NARROW].contiguous(), 0.1, False)
+        same = out.shape[-1] == NARROW and torch.allclose(lse.float(), ref.float(), rtol=1e-5, atol=1e-5)
     except (RuntimeError, NotImplementedError):
         same = False
-    return 8 if same else width
+    return NARROW if same and NARROW < width else width
 
 
 def entropy_term(q: torch.Tensor, lse: torch.Tensor, k: torch.Tensor, *, scale: float, diagonal_causal: bool,
@@ -97,7 +99,7 @@ def mass_terms(qf: torch.Tensor, kf: torch.Tensor, values: torch.Tensor, *, scal
         qf: (1, hq, L, D') from :func:`query_features` (the transposed attention's keys).
         kf: (1, hq, S, D') from :func:`key_features` (its queries).
         values: (1, hq, L, V) one-hot of each row's block column (zeros elsewhere), qf's dtype;
-            V = ``value_width`` (D' or 8).
+            V = ``value_width`` (D' or ``NARROW``).
 
     Returns:
         mass (1, hq, S) float32: sum_{i in a} P_ij; and per column c,

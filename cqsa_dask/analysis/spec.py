@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.core.plan import Plan
 
-__all__ = ["EXTRA_FEATURES", "Resolution", "analysis_memory", "column_producers", "key_slot", "parse_resolution"]
+__all__ = ["Resolution", "analysis_memory", "column_producers", "feature_width", "key_slot", "parse_resolution"]
 
-EXTRA_FEATURES = 8  # columns appended to q and k by the mass kernel (pairs.EXTRA)
+LSE_FEATURES = 3  # columns carrying -lse / scale in three parts (pairs.query_features)
 _FIXED_OVERHEAD = 2 * 2**20  # bytes: kernel workspace, small buffers
 
 
@@ -47,6 +47,18 @@ def parse_resolution(resolution: object, seq_len: int) -> Resolution | None:
         raise InvalidInputError(f"resolution must be an integer in 1..{seq_len} (the job's tokens), "
                                 f"got {resolution!r}")
     return Resolution(resolution, -(-seq_len // resolution))
+
+
+def feature_width(device_type: str, head_dim: int) -> int:
+    """D', the width of the mass pass's queries and keys: D plus the three lse columns, padded with zeros.
+
+    CUDA: to a multiple of 64 while that stays <= 256 (cuDNN's fast widths: on the H200 a 192-wide
+    pass took 0.78 x the time of a 136-wide one at 64K tokens); elsewhere to a multiple of 8 (the CPU
+    kernel's time grows with the width).
+    """
+    need = head_dim + LSE_FEATURES
+    wide = -(-need // 64) * 64
+    return wide if device_type == "cuda" and wide <= 256 else -(-need // 8) * 8
 
 
 def key_slot(plan: Plan, task: int, group: int) -> int:
@@ -75,7 +87,7 @@ def analysis_memory(plan: Plan, resolution: Resolution | None, margin: float = 1
     """Predicted peak device memory (bytes) of one analysis task.
 
     G tokens per group, hk / hq kv / query heads per task, e element size,
-    D' = D + 8:
+    D' = ``feature_width`` on CUDA (the wider, so an upper bound):
 
         k of the |D| loaded groups        |D| G hk D e        (resident; v is not needed)
         q of the slot, its lse            G hq D e + G hq 4
@@ -86,7 +98,7 @@ def analysis_memory(plan: Plan, resolution: Resolution | None, margin: float = 1
         total x margin + 2 MiB
     """
     g, hk, hq, d, e = plan.group_size, plan.heads_per_task, plan.q_heads_per_task, plan.head_dim, plan.itemsize
-    dd, s = d + EXTRA_FEATURES, plan.quorum_size
+    dd, s = max(feature_width("cuda", d), feature_width("cpu", d)), plan.quorum_size
     total = (s * g * hk * d * e + g * hq * d * e + g * hq * 4 + 4 * g * hq * dd * e + g * hq * dd * 4
              + g * hq * d * e + 2 * g * hq * d * 4 + s * g * hq * 4)
     if resolution is not None:

@@ -34,8 +34,8 @@ import torch
 
 from cqsa_dask import config
 from cqsa_dask.analysis.layout import Analysis, open_analysis
-from cqsa_dask.analysis.pairs import EXTRA, entropy_term, key_features, mass_terms, query_features, value_width
-from cqsa_dask.analysis.spec import column_producers, key_slot, parse_resolution
+from cqsa_dask.analysis.pairs import entropy_term, key_features, mass_terms, query_features, value_width
+from cqsa_dask.analysis.spec import column_producers, feature_width, key_slot, parse_resolution
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.execution.telemetry import report_task, task_started
 from cqsa_dask.kernels.attention import resolve_device, select_kernel
@@ -99,12 +99,13 @@ class _BlockMap:
 @dataclass(frozen=True)
 class _Kernels:
     """How one worker computes the pairs: the entropy pass's kernel and dtype (the job's, or float32 by
-    ``cqsa.analysis-precision``; "auto": float32 on the CPU), the mass pass's kernel on D + 8 features
-    in the job's dtype, and its value columns per call (``value_width``)."""
+    ``cqsa.analysis-precision``; "auto": float32 on the CPU), the mass pass's kernel on D' features
+    (``feature_width``) in the job's dtype, and its value columns per call (``value_width``)."""
 
     entropy: str
     entropy_dtype: torch.dtype
     mass: str
+    features: int
     width: int
 
     @classmethod
@@ -113,9 +114,10 @@ class _Kernels:
         precision = opt["analysis-precision"]
         wide = precision == "float32" or (precision == "auto" and dev.type == "cpu")
         e_dtype = torch.float32 if wide else dtype
-        mass = select_kernel(dev, dtype, plan.head_dim + EXTRA, opt["kernel"])
-        return cls(select_kernel(dev, e_dtype, plan.head_dim, opt["kernel"]), e_dtype, mass,
-                   value_width(mass, dev, dtype, plan.head_dim + EXTRA))
+        features = feature_width(dev.type, plan.head_dim)
+        mass = select_kernel(dev, dtype, features, opt["kernel"])
+        return cls(select_kernel(dev, e_dtype, plan.head_dim, opt["kernel"]), e_dtype, mass, features,
+                   value_width(mass, dev, dtype, features))
 
 
 def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: torch.Tensor,
@@ -128,14 +130,14 @@ def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: 
     rep = plan.heads_q // plan.heads_kv
     entropy = torch.zeros_like(lse)
     qe = q.to(kn.entropy_dtype)
-    qf = query_features(q, lse, plan.scale)  # (1, hq, L, D')
+    qf = query_features(q, lse, plan.scale, kn.features)  # (1, hq, L, D')
     x0, cols = blocks.columns(a) if blocks else (0, torch.zeros(q.shape[2], dtype=torch.int64, device=q.device))
     ncols = int(cols[-1]) + 1
     for b in bs:
         diag = plan.causal and a == b
         entropy += entropy_term(qe, lse, ks[b].to(kn.entropy_dtype), scale=plan.scale, diagonal_causal=diag,
                                 kernel=kn.entropy)
-        kf = key_features(ks[b], rep)  # (1, hq, S, D')
+        kf = key_features(ks[b], rep, kn.features)  # (1, hq, S, D')
         for c0 in range(0, ncols, kn.width):  # one-hot block columns, ``width`` at a time
             values = qf.new_zeros((*qf.shape[:3], kn.width))  # (1, hq, L, V)
             inside = (cols >= c0) & (cols < c0 + kn.width)
