@@ -36,7 +36,7 @@ from cqsa_dask.kernels.attention import KERNELS, attend
 
 __all__ = ["entropy_term", "key_features", "mass_terms", "query_features", "value_width"]
 
-NARROW = 16  # value columns of the mass pass where the kernel takes narrow values (16 ran faster than 8 on cuDNN)
+NARROW = 16  # value columns of the mass pass where the kernel takes narrow values (docs/analysis.md)
 
 
 def query_features(q: torch.Tensor, lse: torch.Tensor, scale: float, width: int) -> torch.Tensor:

@@ -52,9 +52,8 @@ def parse_resolution(resolution: object, seq_len: int) -> Resolution | None:
 def feature_width(device_type: str, head_dim: int) -> int:
     """D', the width of the mass pass's queries and keys: D plus the three lse columns, padded with zeros.
 
-    CUDA: to a multiple of 64 while that stays <= 256 (cuDNN's fast widths: on the H200 a 192-wide
-    pass took 0.78 x the time of a 136-wide one at 64K tokens); elsewhere to a multiple of 8 (the CPU
-    kernel's time grows with the width).
+    CUDA: to a multiple of 64 while that stays <= 256 (cuDNN's fast widths; timings in
+    docs/analysis.md); elsewhere to a multiple of 8 (the CPU kernel's time grows with the width).
     """
     need = head_dim + LSE_FEATURES
     wide = -(-need // 64) * 64
