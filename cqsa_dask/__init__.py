@@ -48,6 +48,7 @@ __all__ = [
     "StoreError",
     "SyntheticSource",
     "Verification",
+    "analyze",
     "attention",
     "create_synthetic_store",
     "make_plan",
@@ -57,6 +58,7 @@ __all__ = [
 
 # name -> module holding it, imported on first use (torch, zarr, distributed come with them)
 _LAZY = {
+    "analyze": "cqsa_dask.analysis.api",
     "JobResult": "cqsa_dask.client.api",
     "attention": "cqsa_dask.client.api",
     "run": "cqsa_dask.client.api",
@@ -68,6 +70,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from cqsa_dask.analysis.api import analyze
     from cqsa_dask.client.api import JobResult, attention, run
     from cqsa_dask.client.session import Session
     from cqsa_dask.store.generated import SyntheticSource, create_synthetic_store

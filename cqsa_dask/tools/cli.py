@@ -271,6 +271,21 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_analyze(a: argparse.Namespace) -> int:
+    from cqsa_dask.analysis.api import analyze
+    from cqsa_dask.analysis.plot import plot_analysis, require_matplotlib
+
+    if a.plot:
+        require_matplotlib()  # before the work: a missing extra is one line, not a lost run
+    r = analyze(a.store, resolution=a.resolution, scheduler=a.scheduler, memory_budget=a.budget)
+    print(f"analysis    {r.tasks_run:,} tasks, {r.reductions_run:,} reductions{' (resumed)' if r.resumed else ''}, "
+          f"{r.seconds:.1f}s, {format_bytes(r.task_memory_bytes)} per task")
+    print(f"written     {a.store}/analysis/key_mass, entropy" + (", block_mass" if r.resolution else ""))
+    if a.plot:
+        print(f"plot        {plot_analysis(a.store, a.plot)}")
+    return 0
+
+
 def _cmd_dashboard(a: argparse.Namespace) -> int:
     from cqsa_dask.dashboard.summary import write_report
 
@@ -386,6 +401,14 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--seed", type=int, default=0, help="seed of the row sample")
     vf.add_argument("--json", action="store_true", help="machine-readable output")
     vf.set_defaults(fn=_cmd_verify)
+
+    an = sub.add_parser("analyze", help="key mass, entropy and block map of a finished job (docs/analysis.md)")
+    an.add_argument("store", help="path or URL of the store of a complete job")
+    an.add_argument("--resolution", type=int, default=None, metavar="R", help="also the R x R block map")
+    an.add_argument("--plot", default=None, metavar="FILE.png", help="draw the results (needs matplotlib)")
+    an.add_argument("--budget", default=None, help="memory budget per worker (default: workers' resource or the job's)")
+    an.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
+    an.set_defaults(fn=_cmd_analyze)
 
     db = sub.add_parser("dashboard", help="write a static HTML report of a job: time per task, memory curve")
     db.add_argument("store", help="path or URL of the job's Zarr store (finished or stopped)")
