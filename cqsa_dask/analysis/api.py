@@ -14,30 +14,27 @@ analysis visits the job's quorum tasks again: every pair of groups once.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from distributed import Client, as_completed, span
+from distributed import Client
 
 from cqsa_dask import config
 from cqsa_dask.analysis.graph import build_analysis_graph
 from cqsa_dask.analysis.layout import create_analysis, stored_analysis
 from cqsa_dask.analysis.spec import analysis_memory, parse_resolution
 from cqsa_dask.analysis.tasks import analysis_options
-from cqsa_dask.client.cluster import advertised, check_capacity, connect
-from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError
+from cqsa_dask.client.cluster import check_capacity, connect, resolve_budget
+from cqsa_dask.client.submit import Progress, observed
+from cqsa_dask.core.errors import BudgetError, InvalidInputError
 from cqsa_dask.core.plan import Plan
-from cqsa_dask.core.units import parse_budget
-from cqsa_dask.execution.telemetry import Outcome, announce_job, finish_job, job_span_name, page_link
+from cqsa_dask.execution.telemetry import announce_job, page_link
 from cqsa_dask.store.jobstate import Lease, status
 from cqsa_dask.store.layout import array, engine, open_store
 
 __all__ = ["AnalysisResult", "analyze"]
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -70,13 +67,7 @@ def _complete_plan(store: str, group: Any) -> tuple[Plan, str]:
 
 
 def _budget(memory_budget: int | str | None, client: Client | None, resource: str, plan: Plan) -> int:
-    if memory_budget is not None:
-        return parse_budget(memory_budget)
-    if client is not None:
-        have = [h for h in advertised(client, resource) if h > 0]
-        if have:
-            return int(min(have))
-    return plan.budget_bytes
+    return resolve_budget(memory_budget, client, resource, plan.budget_bytes)
 
 
 def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, client: Client | None = None,
@@ -127,7 +118,7 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
                 reduce_done=markers["reduce_done"], block_done=markers["block_done"], options=analysis_options())
             announce_job(c, token, plan, store=store_s, resource=resource, task_done=markers["task_done"],
                          merge_done=markers["reduce_done"])
-            results, seconds = _observed(c, ag.graph, ag.keys, progress, token)
+            results, seconds = observed(c, ag.graph, ag.keys, progress, token, what="analysis task")
             link = page_link(c)
     finally:
         lease.release()
@@ -140,39 +131,3 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
     )
 
 
-def _observed(client: Client, graph: Any, keys: list[Any], progress: Progress | None, token: str
-              ) -> tuple[list[dict[str, Any]], float]:
-    """Run the graph inside the analysis's span; tell the /cqsa page how it ended."""
-    t0 = time.perf_counter()
-    outcome: Outcome = "failed"
-    try:
-        with span(job_span_name(token)):
-            results = _execute(client, graph, keys, progress)
-        outcome = "done"
-    except KeyboardInterrupt:
-        outcome = "cancelled"
-        raise
-    finally:
-        seconds = time.perf_counter() - t0
-        finish_job(client, token, outcome, seconds)
-    return results, seconds
-
-
-def _execute(client: Client, graph: Any, keys: list[Any], progress: Progress | None) -> list[dict[str, Any]]:
-    """Submit ``graph``, wait for ``keys``, fail fast with the failing task's name."""
-    if not keys:
-        return []
-    futures = client.get(graph, keys, sync=False)
-    results = []
-    try:
-        for n, fut in enumerate(as_completed(futures), 1):
-            if fut.status != "finished":
-                exc = fut.exception() if fut.status == "error" else None
-                raise JobFailedError(f"analysis task {fut.key!r} {fut.status}: {type(exc).__name__}: {exc}"
-                                     if exc else f"analysis task {fut.key!r} was cancelled")
-            results.append(fut.result())
-            if progress is not None:
-                progress(n, len(futures))
-    finally:
-        client.cancel(futures)
-    return results

@@ -25,20 +25,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from distributed import Client, as_completed, span
+from distributed import Client
 
 from cqsa_dask import config
-from cqsa_dask.client.cluster import advertised, check_capacity, connect, local_gpus
+from cqsa_dask.client.cluster import check_capacity, connect, local_gpus, resolve_budget
 from cqsa_dask.client.policy import DeviceKind, local_device_kind, plan_options, workers_device_kind
 from cqsa_dask.client.session import session_defaults
+from cqsa_dask.client.submit import Progress, observed
 from cqsa_dask.core.dtypes import parse_dtype
-from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError, StoreError
+from cqsa_dask.core.errors import BudgetError, InvalidInputError, StoreError
 from cqsa_dask.core.plan import IDENTITY, Plan, make_plan
 from cqsa_dask.core.units import parse_budget
 from cqsa_dask.execution.graph import build_graph
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.runtime import ensure_runtime
-from cqsa_dask.execution.telemetry import Outcome, announce_job, finish_job, job_span_name, page_link
+from cqsa_dask.execution.telemetry import announce_job, page_link
 from cqsa_dask.store.chunkio import read_markers
 from cqsa_dask.store.jobstate import Lease, check_free, fingerprint, same_inputs
 from cqsa_dask.store.layout import (
@@ -55,7 +56,6 @@ from cqsa_dask.store.location import StoreLike, StoreLocation, parse_store
 
 __all__ = ["JobResult", "attention", "run"]
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,7 @@ class JobResult:
 
 
 def _budget(memory_budget: int | str | None, client: Client | None, resource: str) -> int:
-    if memory_budget is not None:
-        return parse_budget(memory_budget)
-    if client is not None:
-        have = [h for h in advertised(client, resource) if h > 0]
-        if have:
-            return int(min(have))
-    return parse_budget(config.get("memory-budget"))
+    return resolve_budget(memory_budget, client, resource, config.get("memory-budget"))
 
 
 def _markers(eng: Any, name: str) -> np.ndarray:
@@ -334,45 +328,10 @@ def run(
 
 def _observed(client: Client, graph: Any, keys: list[Any], progress: Progress | None, token: str, plan: Plan,
               store: str, resource: str, eng: Any) -> tuple[list[dict[str, Any]], float]:
-    """``_execute`` inside the job's span, announced to the scheduler's dashboard plugin."""
+    """The job's graph, announced to the scheduler's dashboard plugin first (``submit.observed``)."""
     announce_job(client, token, plan, store=store, resource=resource,
                  task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"))
-    t0 = time.perf_counter()
-    outcome: Outcome = "failed"
-    try:
-        with span(job_span_name(token)):
-            results = _execute(client, graph, keys, progress)
-        outcome = "done"
-    except KeyboardInterrupt:
-        outcome = "cancelled"
-        raise
-    finally:
-        seconds = time.perf_counter() - t0
-        finish_job(client, token, outcome, seconds)
-    return results, seconds
-
-
-def _execute(client: Client, graph: Any, keys: list[Any], progress: Progress | None) -> list[dict[str, Any]]:
-    """Submit ``graph``, wait for ``keys``, fail fast with the failing task's name."""
-    if not keys:
-        return []
-    futures = client.get(graph, keys, sync=False)
-    total, done = len(futures), 0
-    results = []
-    try:
-        for fut in as_completed(futures):
-            if fut.status == "error":
-                exc = fut.exception()
-                raise JobFailedError(f"task {fut.key!r} failed: {type(exc).__name__}: {exc}")
-            if fut.status == "cancelled":
-                raise JobFailedError(f"task {fut.key!r} was cancelled (lost workers or scheduler)")
-            results.append(fut.result())
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    finally:
-        client.cancel(futures)
-    return results
+    return observed(client, graph, keys, progress, token)
 
 
 def _validate_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -23,8 +23,10 @@ from distributed import Client, LocalCluster
 
 from cqsa_dask import config
 from cqsa_dask.core.errors import InvalidInputError, SchedulerError
+from cqsa_dask.core.units import parse_budget
 
-__all__ = ["DASHBOARD_PRELOAD", "advertised", "check_capacity", "connect", "local_gpus", "visible_gpus"]
+__all__ = ["DASHBOARD_PRELOAD", "advertised", "check_capacity", "connect", "local_gpus", "resolve_budget",
+           "visible_gpus"]
 
 DASHBOARD_PRELOAD = "cqsa_dask.dashboard"
 
@@ -178,6 +180,19 @@ def advertised(client: Client, resource: str) -> list[float]:
         return [float(ws.resources.get(resource, 0)) for ws in dask_scheduler.workers.values()]
 
     return list(client.run_on_scheduler(read))
+
+
+def resolve_budget(memory_budget: int | str | None, client: Client | None, resource: str,
+                   default: int | str) -> int:
+    """The budget in bytes: ``memory_budget`` when given; else the smallest amount of ``resource``
+    that ``client``'s workers advertise; else ``default``."""
+    if memory_budget is not None:
+        return parse_budget(memory_budget)
+    if client is not None:
+        have = [h for h in advertised(client, resource) if h > 0]
+        if have:
+            return int(min(have))
+    return parse_budget(default)
 
 
 def check_capacity(client: Client, resource: str, need: int) -> None:
