@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import cqsa_dask
 from cqsa_dask.client.api import plan_options, run
-from cqsa_dask.core.plan import parse_budget
+from cqsa_dask.core.units import parse_budget
 from cqsa_dask.integrations import transformers as hf
 from cqsa_dask.store.layout import array, read_block, write_tensor
 

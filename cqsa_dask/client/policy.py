@@ -59,15 +59,6 @@ def local_device_kind() -> DeviceKind:
     return _kind_of(str(config.get("device")))
 
 
-def _worker_kind(setting: str) -> str:
-    """Run on a worker: the device kind it resolves ``setting`` to (loads torch there, as tasks do)."""
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(setting).type
-
-
 def workers_device_kind(client: Client) -> DeviceKind:
     """The device kind the workers of ``client``'s scheduler compute on.
 
@@ -75,7 +66,10 @@ def workers_device_kind(client: Client) -> DeviceKind:
     disagree (one plan cannot fit both kinds: run one kind per scheduler, or
     force ``cqsa.device``).
     """
-    kinds: dict[str, Any] = client.run(_worker_kind, str(config.get("device")))
+    from cqsa_dask.execution.process import describe_worker  # torch: only where workers are asked
+
+    described: dict[str, Any] = client.run(describe_worker, str(config.get("device")))
+    kinds = {addr: d["device"] for addr, d in described.items()}
     if not kinds:
         raise SchedulerError("the Dask scheduler has no workers: start some with `dask worker ADDRESS "
                              f"--resources {config.get('resource')}=BYTES`")

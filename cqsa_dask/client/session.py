@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from cqsa_dask import config
 from cqsa_dask.core.errors import InvalidInputError
-from cqsa_dask.core.plan import parse_budget
+from cqsa_dask.core.units import parse_budget
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -48,7 +48,8 @@ from cqsa_dask import config
 from cqsa_dask.client.api import attention, plan_options
 from cqsa_dask.client.session import Session, current_session
 from cqsa_dask.core.errors import InvalidInputError
-from cqsa_dask.core.plan import Plan, make_plan, parse_budget
+from cqsa_dask.core.plan import Plan, make_plan
+from cqsa_dask.core.units import parse_budget
 from cqsa_dask.kernels.attention import attend, select_kernel
 
 __all__ = ["Backend", "Route", "register", "route", "unregister"]
