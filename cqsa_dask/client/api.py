@@ -95,21 +95,18 @@ def _markers(eng: Any, name: str) -> np.ndarray:
     return read_markers(array(eng, name))
 
 
-def _fit_disk(plan: Plan, group: Any, store: StoreLocation, restart: bool) -> Plan:
+def _fit_disk(plan: Plan, store: StoreLocation) -> Plan:
     """"auto" partials that also fit the disk: bounded when "all" would not.
 
     "all" is chosen by the planner below ``cqsa.partials-limit``; on a local
     store it is kept only when everything the job writes (``bytes_written``)
     fits in ``cqsa.partials-disk-fraction`` of the disk's free space (plus
-    what a job being replaced occupies).  A stored job that is resumed keeps
-    the policy it started with, whatever the disk holds now.
+    what a job being replaced occupies).  (A stored job that is resumed keeps
+    the policy it started with, whatever the disk holds now: ``run``'s plan_for.)
     """
     root, free = store.local_root, store.free_bytes()
     if plan.partials != "all" or root is None or free is None:
         return plan
-    if ENGINE in group and not restart:
-        stored = (engine(group).attrs.get("plan") or {}).get("partials")  # type: ignore[union-attr]
-        return dataclasses.replace(plan, partials=stored) if stored in ("all", "bounded") else plan
     room = float(config.get("partials-disk-fraction"))
     if plan.bytes_written <= room * free:
         return plan
@@ -267,7 +264,8 @@ def run(
         (groups, heads per task, partials) unless the call names other ones (then it is refused)."""
         keep = stored or {}
         opts = plan_options(kind)
-        opts["partials"] = partials or keep.get("partials") or opts["partials"]
+        kept = keep.get("partials") if partials in (None, "auto") else None  # a resumed job keeps its policy
+        opts["partials"] = kept or partials or opts["partials"]
         w = groups if groups is not None else keep.get("groups")
         p = make_plan(
             seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,
@@ -275,7 +273,7 @@ def run(
             heads_per_task=keep.get("heads_per_task") if w == keep.get("groups") else None,
             query_groups=query_groups, **opts,
         )
-        return _fit_disk(p, group, location, restart) if opts["partials"] == "auto" else p
+        return _fit_disk(p, location) if opts["partials"] == "auto" else p
 
     local = client is None and scheduler is None
     # Plan before starting a local cluster (its workers are this machine's): bad input fails fast.
