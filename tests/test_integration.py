@@ -254,3 +254,21 @@ def test_worker_too_small_fails_fast(clusters, source_store, tmp_path) -> None: 
     with pytest.raises(cqsa_dask.BudgetError):
         cqsa_dask.run(path, scheduler=small.address)
     assert time.monotonic() - t0 < 20
+
+
+def test_plan_for_a_schedulers_workers(clusters) -> None:  # type: ignore[no-untyped-def]
+    """`cqsa plan --scheduler`: sized for what the workers are (their device kind, asked of them)
+    and advertise (2e9 bytes of device_mem), unless --budget says otherwise."""
+    from cqsa_dask.client.policy import plan_options
+    from cqsa_dask.core.plan import make_plan
+
+    big, _ = clusters
+    shape = {"seq_len": 2**20, "heads": 4, "head_dim": 128}
+    for extra, budget in (([], int(2e9)), (["--budget", "1GB"], 10**9)):
+        proc = subprocess.run(["cqsa", "plan", "--seq-len", str(2**20), "--heads", "4", "--head-dim", "128",
+                               "--scheduler", big.address, "--json", *extra],
+                              check=False, capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout)
+        want = make_plan(**shape, budget=budget, **plan_options("cpu"))  # type: ignore[arg-type]
+        assert got == json.loads(want.to_json()), (got, want)

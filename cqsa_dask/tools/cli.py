@@ -119,20 +119,20 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     """Print the plan; sized for this machine's device, or for the workers of ``--scheduler``."""
     from cqsa_dask.client.policy import local_device_kind, plan_options
 
-    budget = a.budget
+    budget = a.budget or config.get("memory-budget")
     if a.scheduler is None:
         kind = local_device_kind()
     else:  # what the workers will run: their device kind, and the budget they advertise
-        from cqsa_dask.client.cluster import advertised, connect
+        from cqsa_dask.client.cluster import connect, resolve_budget
         from cqsa_dask.client.policy import workers_device_kind
 
-        with connect(None, a.scheduler, budget_bytes=0, resource=str(config.get("resource"))) as c:
+        resource = str(config.get("resource"))
+        with connect(None, a.scheduler, budget_bytes=0, resource=resource) as c:
             kind = workers_device_kind(c)
-            have = [h for h in advertised(c, str(config.get("resource"))) if h > 0]
-            budget = budget or (int(min(have)) if have else None)
+            budget = resolve_budget(a.budget, c, resource, config.get("memory-budget"))
     p = make_plan(seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                   batch=a.batch, dtype=a.dtype, causal=a.causal, scale=a.scale,
-                  budget=budget or config.get("memory-budget"), groups=a.groups,
+                  budget=budget, groups=a.groups,
                   query_groups=a.query_groups,
                   **{**plan_options(kind), **({"partials": a.partials} if a.partials else {})})
     print(p.to_json() if a.json else "\n".join([*_plan_lines(p), f"device      {kind} workers"]))
