@@ -16,7 +16,7 @@ from distributed import Client, LocalCluster
 import cqsa_dask
 from cqsa_dask.core.errors import InvalidInputError, JobFailedError, StoreError
 from cqsa_dask.execution import tasks
-from cqsa_dask.execution.tasks import attempts
+from cqsa_dask.execution.retry import attempts, with_attempts
 from cqsa_dask.store.random_inputs import write_random_inputs
 
 
@@ -41,6 +41,15 @@ def test_transient_failures_are_tried_again(retries: int) -> None:
     with pytest.raises(OSError, match="connection reset"):
         attempts(retries, worse, "t")
     assert worse.calls == retries + 1
+
+
+def test_a_graph_task_tries_again_through_with_attempts() -> None:
+    ok = _Flaky(OSError("reset"), 2)
+    assert with_attempts(2, lambda: ok()) == 3
+    bad = _Flaky(StoreError("damaged"), 1)
+    with pytest.raises(StoreError):
+        with_attempts(2, bad)
+    assert bad.calls == 1
 
 
 @pytest.mark.parametrize("error", [InvalidInputError("input q holds NaN"), StoreError("damaged chunk"),

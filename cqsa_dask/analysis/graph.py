@@ -23,6 +23,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cqsa_dask.analysis.tasks import analysis_task, block_task, reduce_task
 from cqsa_dask.core.plan import Plan
+from cqsa_dask.execution.retry import with_attempts
 
 __all__ = ["AnalysisGraph", "build_analysis_graph"]
 
@@ -41,11 +42,12 @@ class AnalysisGraph:
 def build_analysis_graph(store: str, job_token: str, token: str, plan: Plan, *, resolution: int | None,
                          resource: str, task_bytes: int, retries: int, task_done: np.ndarray,
                          reduce_done: np.ndarray, block_done: np.ndarray, options: dict[str, Any]) -> AnalysisGraph:
-    """Graph of the analysis tasks, reductions and block maps not yet marked done ((W, B, J), (B, J) markers)."""
+    """Graph of the analysis tasks, reductions and block maps not yet marked done ((W, B, J), (B, J) markers);
+    ``retries``: attempts after a transient failure (``execution/retry.py``)."""
     tp, rp, bp = f"cqsa-quorum-{token}", f"cqsa-merge-{token}", f"cqsa-blocks-{token}"
     tasks: dict[Any, Any] = {}
     for i, b, j in zip(*np.nonzero(task_done == 0)):
-        tasks[(tp, int(i), int(b), int(j))] = (analysis_task, store, job_token, token, int(i), int(b), int(j),
+        tasks[(tp, int(i), int(b), int(j))] = (with_attempts, retries, analysis_task, store, job_token, token, int(i), int(b), int(j),
                                                resolution, options)
     base, w = plan.quorums.base, plan.groups
     reduces: dict[Any, Any] = {}
@@ -55,18 +57,19 @@ def build_analysis_graph(store: str, job_token: str, token: str, plan: Plan, *, 
             for j in range(plan.head_blocks):
                 if not reduce_done[g, b, j]:
                     deps = [k for k in ((tp, t, b, j) for t in near) if k in tasks]
-                    reduces[(rp, g, b, j)] = (reduce_task, store, job_token, token, g, b, j, *deps)
+                    reduces[(rp, g, b, j)] = (with_attempts, retries, reduce_task, store, job_token, token, g, b, j, *deps)
     blocks: dict[Any, Any] = {}
     if resolution is not None:
         for b in range(plan.batch):
             for j in range(plan.head_blocks):
                 if not block_done[b, j]:
                     deps = [k for k in ((tp, t, b, j) for t in range(w)) if k in tasks]
-                    blocks[(bp, b, j)] = (block_task, store, job_token, token, b, j, *deps)
+                    blocks[(bp, b, j)] = (with_attempts, retries, block_task, store, job_token, token, b, j, *deps)
     layers = {
-        tp: MaterializedLayer(tasks, annotations={"resources": {resource: task_bytes}, "retries": retries}),
-        rp: MaterializedLayer(reduces, annotations={"retries": retries, "priority": 10}),
-        bp: MaterializedLayer(blocks, annotations={"retries": retries, "priority": 5}),
+        # the tasks try again themselves after a transient failure only (execution/retry.py): Dask, never
+        tp: MaterializedLayer(tasks, annotations={"resources": {resource: task_bytes}, "retries": 0}),
+        rp: MaterializedLayer(reduces, annotations={"retries": 0, "priority": 10}),
+        bp: MaterializedLayer(blocks, annotations={"retries": 0, "priority": 5}),
     }
     hlg = HighLevelGraph(layers, {tp: set(), rp: {tp}, bp: {tp}})
     return AnalysisGraph(hlg, list(tasks), list(reduces), list(blocks))

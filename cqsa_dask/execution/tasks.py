@@ -28,16 +28,15 @@ Merge (group a, batch b, head block j)::
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from cqsa_dask.core.errors import CQSAError, StoreError
+from cqsa_dask.core.errors import StoreError
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
+from cqsa_dask.execution.retry import attempts
 from cqsa_dask.execution.runtime import WorkerRuntime, runtime
 from cqsa_dask.execution.taskio import ReadAhead, Result, TaskIO, Timer, WriteBehind
 from cqsa_dask.execution.telemetry import report_task, task_started, worker_address
@@ -46,36 +45,7 @@ from cqsa_dask.kernels.transfer import done_event
 from cqsa_dask.store.layout import TORCH_DTYPES, open_job, write_block, write_stats
 from cqsa_dask.store.location import StoreLike
 
-__all__ = ["DETERMINISTIC", "attempts", "merge_task", "quorum_task"]
-
-log = logging.getLogger(__name__)
-
-
-#: Failures that come out the same on every attempt (NaN/Inf inputs, a damaged chunk, a dtype
-#: mismatch, a changed job): the task fails at once and the client stops the job with its message.
-DETERMINISTIC: tuple[type[BaseException], ...] = (CQSAError, ValueError, TypeError, KeyError, IndexError,
-                                                  NotImplementedError)
-T = TypeVar("T")
-
-
-def attempts(retries: int, attempt: Callable[[], T], what: str) -> T:
-    """``attempt()``, tried again up to ``retries`` times when it fails for a transient reason
-    (an OSError of the store, a CUDA out-of-memory while another task held memory, ...).
-
-    Dask's own task retries would also repeat deterministic failures (twice by default,
-    each a whole task) before the user hears of them; the graph asks Dask for none, and a
-    task repeats only what may go differently: every step of a task is idempotent (one
-    writer per chunk, markers after data), so an attempt may start over."""
-    for n in range(retries + 1):
-        try:
-            return attempt()
-        except DETERMINISTIC:
-            raise
-        except Exception as e:  # transient: anything else
-            if n == retries:
-                raise
-            log.warning("%s failed (%s: %s); attempt %d of %d", what, type(e).__name__, e, n + 2, retries + 1)
-    raise AssertionError("unreachable")  # pragma: no cover
+__all__ = ["merge_task", "quorum_task"]
 
 
 def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
