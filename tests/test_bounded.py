@@ -442,3 +442,14 @@ def test_auto_partials_fit_the_disk(tmp_path: Path, client, make_inputs) -> None
         fresh = run(restart=True)  # a new job: the disk has room for "all"
     assert fresh.plan.partials == "all" and not fresh.resumed
     check_exact(inp.q, inp.k, inp.v, *result(), causal=False, scale=None, context=inp.ctx)
+
+
+@pytest.mark.parametrize("shape, strides", [((3, 1), (1, 2)), ((1, 1), (2, 2)), ((2, 3), (1, 2))])
+def test_state_bytes_of_any_view(shape: tuple[int, int], strides: tuple[int, int]) -> None:
+    """A fold state's lse may be a kernel's strided view: (hq, 1) for a one-token group counts as
+    contiguous with a last stride of 2, which a byte view refuses (seen once in the suite, n<w)."""
+    from cqsa_dask.execution.partials.fold import _bytes
+
+    base = torch.randn(8)
+    t = torch.as_strided(base, shape, strides)
+    assert np.array_equal(_bytes(t), t.reshape(-1).clone().numpy().view(np.uint8))

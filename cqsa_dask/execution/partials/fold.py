@@ -252,8 +252,17 @@ class _Row:
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
-    """The raw bytes of a CPU tensor, flat uint8."""
-    return t.contiguous().view(torch.uint8).numpy().ravel()
+    """The raw bytes of a CPU tensor, flat uint8.
+
+    Flattened first: torch counts a tensor whose last dimension has size 1 as
+    contiguous whatever that dimension's stride, so ``contiguous()`` keeps such
+    a view (the lse (hq, 1) of a one-token group, as a kernel returns it) and
+    the byte view refuses its stride.  A flat view of a dense tensor is free; only
+    a flat tensor of one element can still carry another stride, and is copied."""
+    flat = t.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+    return flat.contiguous().view(torch.uint8).numpy()
 
 
 def damaged_row(job: Job, group: int, batch: int, block: int) -> StoreError:
