@@ -44,6 +44,7 @@ def _job_figures(res: Any, seconds: float) -> dict[str, Any]:
         "tokens_per_s": p.batch * p.seq_len / seconds, "peak_device_bytes": res.peak_device_bytes,
         "bytes_read": res.bytes_read, "bytes_written": res.bytes_written, "kernels": list(res.kernels),
         "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run, "partials": p.partials,
+        "phases": getattr(res, "phases", None),
         "plan": {k: v for k, v in p.to_dict().items() if k in _PLAN_KEYS},
     }
 

@@ -75,7 +75,8 @@ def git_info() -> dict[str, Any]:
     import cqsa_dask
 
     engine = os.path.dirname(os.path.abspath(cqsa_dask.__file__))
-    commit = _git("rev-parse", "HEAD")
+    # a copy of the tree without its history (the GPU machine's): the commit given by who sent it
+    commit = os.environ.get("CQSA_BENCH_COMMIT") or _git("rev-parse", "HEAD")
     dirty = _git("status", "--short", "--", engine)
     return {"commit": commit or None, "dirty": dirty, "engine_sha256": _source_hash(engine)}
 

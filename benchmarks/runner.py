@@ -95,7 +95,7 @@ class Runner:
             "command": command or "python -m benchmarks.bench " + " ".join(sys.argv[1:]),
             "hardware": environment.hardware(), "versions": environment.versions(), "git": environment.git_info(),
             "gpus": 0, "rounds": rounds, "load": {"before": environment.load()}, "results": [], "skipped": [],
-            "notes": notes,
+            "notes": notes, "settings": _settings(),
         }
         self.path = result_path(out_dir, suite, date)
 
@@ -181,7 +181,7 @@ class Runner:
         entry["figures"] = _figures(case, cqsa_runs, sdpa_runs)
         entry["profile"] = cqsa_runs[-1].get("profile")
         entry["detail"].update({k: cqsa_runs[-1][k] for k in ("timeline", "nvml", "worker", "plan", "partials",
-                                                              "quorum_tasks_run", "merges_run") if k in cqsa_runs[-1]})
+                                                              "quorum_tasks_run", "merges_run", "phases") if k in cqsa_runs[-1]})
         if self.rounds > 1:
             entry["detail"]["rounds"] = [{"seconds": c.get("seconds"), "execute_seconds": c.get("execute_seconds"),
                                           "profile": c.get("profile")} for c in cqsa_runs]
@@ -360,3 +360,12 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, tuple):
         return list(o)
     return str(o)
+
+
+def _settings() -> dict[str, Any]:
+    """The cqsa settings that change how a job runs (not what it computes), as dask.config holds
+    them for this run (environment variables DASK_CQSA__... included)."""
+    from cqsa_dask import config
+
+    keys = ("cuda-turn", "tasks-in-flight", "partials", "host-cache", "io-threads", "kernel")
+    return {k: config.get(k) for k in keys}

@@ -218,3 +218,20 @@ def test_check_exact_rejects_an_output_off_by_more_than_rounding(magnitude: floa
     bad[0, 1, 100, 7] += 4 * bound
     with pytest.raises(AssertionError, match="out not exact"):
         check_exact(inp.q, inp.k, inp.v, bad, None, causal=True, scale=None, context=inp.ctx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("turn", ["kernels", "streams"])
+def test_exact_on_cuda_under_either_turn(turn: str, causal: bool, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    """``cqsa.cuda-turn``: two tasks in flight on one GPU, taking turns for their kernels or not,
+    through a local cluster of per-GPU workers (GQA, uneven groups, several slots per task)."""
+    import dask
+
+    case = Case(1, 4, 2, 3001, 128, groups=13)
+    inp = make_inputs(case.b, case.hq, case.hkv, case.n, case.d, torch.bfloat16)
+    with dask.config.set({"cqsa.cuda-turn": turn, "cqsa.tasks-in-flight": 2}):
+        out, lse = cqsa_dask.attention(inp.q.cuda(), inp.k.cuda(), inp.v.cuda(), causal=causal, return_lse=True,
+                                       memory_budget="1GB", groups=case.groups)
+    assert out.is_cuda
+    check_exact(inp.q, inp.k, inp.v, out.cpu(), lse.cpu(), causal=causal, scale=None, context=f"{turn} {inp.ctx}")

@@ -66,6 +66,9 @@ def test_options_come_from_the_config_and_travel_with_each_task() -> None:
         RunOptions.from_config(io_threads="many")
     assert RunOptions.from_config(device="cpu", tasks_in_flight="auto").tasks_in_flight == 1
     assert RunOptions.from_config(device="cuda:1", tasks_in_flight="auto").tasks_in_flight == 2
+    assert RunOptions.from_config(cuda_turn="streams").cuda_turn == "streams"
+    with pytest.raises(InvalidInputError, match="cuda-turn must be"):
+        RunOptions.from_config(cuda_turn="sometimes")
 
 
 @pytest.mark.parametrize("budget", [10**5, 10**7, 10**8, 10**9, 2 * 10**9, 4 * 10**9, 16 * 10**9, 80 * 10**9])

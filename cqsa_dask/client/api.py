@@ -72,6 +72,10 @@ class JobResult:
     bytes_written: int
     peak_device_bytes: int | None
     kernels: tuple[str, ...] = field(default=())
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds from the call to the end of each step before the tasks ran: "connected"
+    (a cluster to run on), "prepared" (plan, job state, lease), "submitted" (graph built
+    and handed to the scheduler); "finished" (every task done)."""
 
     @property
     def tflops(self) -> float:
@@ -252,6 +256,12 @@ def run(
     into the group; engine state goes under ``_cqsa``.  A store holding the
     same plan resumes: tasks recorded as done are not recomputed.
     """
+    t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        phases[name] = time.perf_counter() - t0
+
     location = parse_store(store, storage_options)
     group = location.open_group("r+")
     info = input_info(group)
@@ -288,6 +298,7 @@ def run(
     threads = (plan.tasks_in_flight + int(plan.host_staging)) if plan else 2
     with connect(client, scheduler, budget_bytes=plan.budget_bytes if plan else 0, resource=resource,
                  threads=threads, gpus=gpus) as c:
+        mark("connected")
         if plan is None:  # sized for what the scheduler's workers are and advertise
             plan = plan_for(_budget(memory_budget, c, resource), workers_device_kind(c))
         check_capacity(c, resource, plan.task_memory_bytes)
@@ -305,10 +316,12 @@ def run(
                 task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"), options=options,
             )
             _store_op(lease.confirm)  # its settling wait overlaps building the graph; before any task
+            mark("prepared")
             if on_start is not None:
                 on_start(plan, page_link(c))
             results, seconds = _observed(c, jg.graph, jg.keys, progress, token, plan, location.describe(),
-                                         resource, eng)
+                                         resource, eng, lambda: mark("submitted"))
+            mark("finished")
         finally:
             lease.release()
         link = c.dashboard_link
@@ -320,16 +333,17 @@ def run(
         bytes_read=sum(r["bytes_read"] for r in results),
         bytes_written=sum(r["bytes_written"] for r in results),
         peak_device_bytes=max(peaks) if peaks else None,
-        kernels=tuple(sorted({r["kernel"] for r in quorum})),
+        kernels=tuple(sorted({r["kernel"] for r in quorum})), phases=phases,
     )
 
 
 def _observed(client: Client, graph: Any, keys: list[Any], progress: Progress | None, token: str, plan: Plan,
-              store: str, resource: str, eng: Any) -> tuple[list[dict[str, Any]], float]:
+              store: str, resource: str, eng: Any, submitted: Callable[[], None]
+              ) -> tuple[list[dict[str, Any]], float]:
     """The job's graph, announced to the scheduler's dashboard plugin first (``submit.observed``)."""
     announce_job(client, token, plan, store=store, resource=resource,
                  task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"))
-    return observed(client, graph, keys, progress, token)
+    return observed(client, graph, keys, progress, token, submitted=submitted)
 
 
 def _validate_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

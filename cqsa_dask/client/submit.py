@@ -23,14 +23,15 @@ Progress = Callable[[int, int], None]
 
 
 def observed(client: Client, graph: Any, keys: list[Any], progress: Progress | None, token: str,
-             what: str = "task") -> tuple[list[dict[str, Any]], float]:
+             what: str = "task", submitted: Callable[[], None] | None = None) -> tuple[list[dict[str, Any]], float]:
     """Run ``graph`` for ``keys`` in the span of job ``token``; (the tasks' records, seconds).
-    ``what`` names a task in the failure message ("task", "analysis task")."""
+    ``what`` names a task in the failure message ("task", "analysis task"); ``submitted`` is
+    called once the graph is with the scheduler."""
     t0 = time.perf_counter()
     outcome: Outcome = "failed"
     try:
         with span(job_span_name(token)):
-            results = _execute(client, graph, keys, progress, what)
+            results = _execute(client, graph, keys, progress, what, submitted)
         outcome = "done"
     except KeyboardInterrupt:
         outcome = "cancelled"
@@ -42,11 +43,13 @@ def observed(client: Client, graph: Any, keys: list[Any], progress: Progress | N
 
 
 def _execute(client: Client, graph: Any, keys: list[Any], progress: Progress | None,
-             what: str) -> list[dict[str, Any]]:
+             what: str, submitted: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Submit ``graph``, wait for ``keys``, fail fast with the failing task's name."""
     if not keys:
         return []
     futures = client.get(graph, keys, sync=False)
+    if submitted is not None:
+        submitted()
     total, done = len(futures), 0
     results = []
     try:

@@ -8,7 +8,7 @@ contract and keep their names; the fields are their snake_case twins.
 
 Two kinds of field, one value::
 
-    per task      device, kernel, check_finite, pin_host_memory
+    per task      device, kernel, check_finite, pin_host_memory, cuda_turn
     per worker    host_cache, io_threads, torch_threads, zarr_concurrency,
                   resource, cap_device_memory, expandable_segments, tasks_in_flight
                   (the runtime is built from these once per worker process;
@@ -38,6 +38,7 @@ _KEYS = {
     "zarr_concurrency": "zarr-concurrency", "host_cache": "host-cache", "io_threads": "io-threads",
     "pin_host_memory": "pin-host-memory", "resource": "resource", "cap_device_memory": "cap-device-memory",
     "expandable_segments": "expandable-segments", "tasks_in_flight": "tasks-in-flight", "retries": "retries",
+    "cuda_turn": "cuda-turn",
 }
 # the fields the worker runtime is built from (the rest is read by each task)
 _RUNTIME_FIELDS = ("host_cache", "io_threads", "torch_threads", "zarr_concurrency", "resource",
@@ -63,6 +64,9 @@ class RunOptions:
         2 on CUDA, 1 on the CPU) (``tasks-in-flight``).
     retries: attempts after the first when a task fails for a transient reason
         (``retries``); a deterministic failure stops the job at once (``tasks.py``).
+    cuda_turn: how tasks in flight on one GPU share it (``cuda-turn``): "kernels", one
+        task's kernels at a time (the others read and write meanwhile), or "streams", the
+        kernels of every task in flight at once on their own streams.
 
     No defaults here: they live in ``cqsa.yaml``; build one with :meth:`from_config`.
     """
@@ -80,6 +84,7 @@ class RunOptions:
     expandable_segments: bool
     tasks_in_flight: int
     retries: int
+    cuda_turn: str
 
     @classmethod
     def from_config(cls, **overrides: Any) -> RunOptions:
@@ -104,7 +109,7 @@ class RunOptions:
                 resource=str(raw["resource"]), cap_device_memory=bool(raw["cap_device_memory"]),
                 expandable_segments=bool(raw["expandable_segments"]),
                 tasks_in_flight=_in_flight(raw["tasks_in_flight"], str(raw["device"])),
-                retries=max(0, int(raw["retries"])),
+                retries=max(0, int(raw["retries"])), cuda_turn=_cuda_turn(raw["cuda_turn"]),
             )
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"a cqsa run option is not understood ({e}); see cqsa.yaml") from None
@@ -124,6 +129,13 @@ def _cache_setting(value: Any) -> int | str:
     if isinstance(value, str) and value != "auto" and value.strip().isdigit():
         return int(value)
     return value if isinstance(value, str) else int(value)
+
+
+def _cuda_turn(value: Any) -> str:
+    """``cqsa.cuda-turn``: "kernels" or "streams"."""
+    if value not in ("kernels", "streams"):
+        raise ValueError(f"cuda-turn must be 'kernels' or 'streams', got {value!r}")
+    return str(value)
 
 
 def _in_flight(value: Any, device: str) -> int:

@@ -107,6 +107,7 @@ class WorkerRuntime:
         self.pool = ThreadPoolExecutor(max_workers=options.io_threads, thread_name_prefix="cqsa-io")
         self.row_locks = row_locks or RowLocks()
         self._cpu_turn = threading.Lock()
+        self._cuda_turn = threading.Lock()  # one per worker process: a worker drives one GPU
         self._slots: dict[int, threading.BoundedSemaphore] = {}
         self._threads = threading.local()
         self._guard = threading.Lock()
@@ -122,11 +123,15 @@ class WorkerRuntime:
             self._threads.bound = True
 
     # -- what tasks use ------------------------------------------------------------------------
-    def turn(self, device_type: str) -> AbstractContextManager[Any]:
+    def turn(self, device_type: str, cuda_turn: str = "streams") -> AbstractContextManager[Any]:
         """Held while a task runs torch math on ``device_type``.  On the CPU one task computes
         at a time: its ops already use every core, and two at once oversubscribe them, while
-        the other tasks in flight read and write meanwhile.  CUDA orders work on streams."""
-        return self._cpu_turn if device_type == "cpu" else contextlib.nullcontext()
+        the other tasks in flight read and write meanwhile.  On CUDA the same with
+        ``cuda_turn="kernels"`` (the holder waits for its kernels before it lets go);
+        "streams": no turn, the tasks' streams share the device."""
+        if device_type == "cpu":
+            return self._cpu_turn
+        return self._cuda_turn if cuda_turn == "kernels" else contextlib.nullcontext()
 
     def fold_slots(self, n: int) -> threading.BoundedSemaphore:
         """At most ``n`` folds at once in this worker (n = the plan's tasks in flight): bounds

@@ -88,10 +88,12 @@ class _QuorumRun:
         self.producer: Producer = plan.policy.producer(cell, task, shared, rt)
         self.io = TaskIO(cell, opt, rt.cache, self.producer)
         self.timer = Timer()
+        self.turn = opt.cuda_turn
 
     def run(self) -> dict[str, Any]:
         """Every slot of the task, reads ahead and writes behind; the task's record."""
         on_cuda = self.dev.type == "cuda"
+        overlap = on_cuda and self.turn == "streams"  # else a slot's kernels are done when compute returns
         reads = ReadAhead(self.io, self.rt.pool, self.work, self.dev, ahead=1 if on_cuda else 2)
         writes = WriteBehind(self.io.write, self.rt.pool, self.timer)
         try:
@@ -102,7 +104,7 @@ class _QuorumRun:
                     q, kv = reads.q(n), [reads.kv(b) for b in bs]
                     result = self.compute(slot, a, bs, q, kv, since=t)
                     del q, kv
-                    if not on_cuda:  # computed already: nothing to overlap
+                    if not overlap:  # computed already: nothing to overlap
                         writes.put(result)
                         continue
                     if waiting is not None:  # copied back while slot n's kernels run
@@ -122,7 +124,7 @@ class _QuorumRun:
         float32, on the device's turn; the result (slot, a, out (hq, G, D), lse (hq, G), its
         done event).  A shared row of a policy that takes float32 keeps the accumulator's dtype."""
         plan = self.plan
-        with self.rt.turn(self.dev.type):
+        with self.rt.turn(self.dev.type, self.turn):
             t = self.timer.waited(since)
             acc = None
             for b, (k, v) in zip(bs, kv):
@@ -131,6 +133,8 @@ class _QuorumRun:
             assert acc is not None
             keep = self.producer.float32 and not plan.direct(a)
             result = (slot, a, (acc[0] if keep else acc[0].to(self.dtype))[0], acc[1][0], done_event(self.dev))
+            if result[4] is not None and self.turn == "kernels":  # the turn covers the kernels themselves
+                result[4].synchronize()
             self.timer.computed(t)
         return result
 
