@@ -62,14 +62,30 @@ def _measured(res: dict[str, Any]) -> bool:
 
 
 def current(docs: list[dict[str, Any]]) -> dict[str, Result]:
-    """{case name: (file, result)}: the newest result per name that measured something."""
+    """{case name: (file, result)}: the newest result per name that measured something under
+    the default settings (``default_settings``)."""
     best: dict[str, Result] = {}
     for doc in docs:
         for res in doc.get("results", []):
             name = res.get("case", {}).get("name")
-            if name and _measured(res) and (name not in best or _date(doc, res) >= _date(*best[name])):
+            if (name and _measured(res) and default_settings(doc, res)
+                    and (name not in best or _date(doc, res) >= _date(*best[name]))):
                 best[name] = (doc, res)
     return best
+
+
+def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
+    """Whether a GPU result ran as ``cqsa.cuda-turn: auto`` runs it: taking turns ("kernels")
+    for a job of one token group, streams otherwise (``execution.tasks.cuda_turn``).  Files from
+    before the setting have none: they ran with streams.  An A/B run of the other setting
+    stays in its file (and in the history plot) without becoming a case's current figure."""
+    if res.get("case", {}).get("device") != "cuda":
+        return True
+    turn = (doc.get("settings") or {}).get("cuda-turn", "streams")
+    if turn == "auto":
+        return True
+    groups = (res.get("figures") or {}).get("groups") or (res.get("detail", {}).get("plan") or {}).get("groups")
+    return turn == ("kernels" if groups == 1 else "streams")
 
 
 def fit_exponent(points: list[tuple[int, float]]) -> float | None:

@@ -65,8 +65,9 @@ class RunOptions:
     retries: attempts after the first when a task fails for a transient reason
         (``retries``); a deterministic failure stops the job at once (``tasks.py``).
     cuda_turn: how tasks in flight on one GPU share it (``cuda-turn``): "kernels", one
-        task's kernels at a time (the others read and write meanwhile), or "streams", the
-        kernels of every task in flight at once on their own streams.
+        task's kernels at a time (the others read and write meanwhile), "streams", the
+        kernels of every task in flight at once on their own streams, or "auto" (the task
+        decides from its plan: ``tasks.cuda_turn``).
 
     No defaults here: they live in ``cqsa.yaml``; build one with :meth:`from_config`.
     """
@@ -132,9 +133,9 @@ def _cache_setting(value: Any) -> int | str:
 
 
 def _cuda_turn(value: Any) -> str:
-    """``cqsa.cuda-turn``: "kernels" or "streams"."""
-    if value not in ("kernels", "streams"):
-        raise ValueError(f"cuda-turn must be 'kernels' or 'streams', got {value!r}")
+    """``cqsa.cuda-turn``: "auto", "kernels" or "streams"."""
+    if value not in ("auto", "kernels", "streams"):
+        raise ValueError(f"cuda-turn must be 'auto', 'kernels' or 'streams', got {value!r}")
     return str(value)
 
 
