@@ -53,8 +53,8 @@ from distributed import LocalCluster
 from cqsa_dask import config
 from cqsa_dask.core.errors import InvalidInputError, SchedulerError
 
-__all__ = ["DASHBOARD_PRELOAD", "Backend", "BackendSetting", "LocalSpec", "choose_backend", "cluster_kwargs", "cuda_cluster_kwargs",
-           "local_spec", "parse_backend", "start"]
+__all__ = ["DASHBOARD_PRELOAD", "Backend", "BackendSetting", "LocalSpec", "choose_backend", "cluster_kwargs",
+           "cuda_cluster_kwargs", "local_spec", "parse_backend", "start"]
 
 log = logging.getLogger(__name__)
 
