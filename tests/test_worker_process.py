@@ -48,6 +48,20 @@ def test_spawned_workers_get_the_allocator_setting_unless_the_environment_chose(
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ, "worker_env changes nothing here"
 
 
+def test_torch_threads_default_to_the_cores_this_process_may_use() -> None:
+    """dask-cuda pins each GPU worker to the cores near its GPU: "every core" means those."""
+    from cqsa_dask.execution.process import torch_threads
+
+    opts = RunOptions.from_config(torch_threads=None)
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert torch_threads(opts) == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert torch_threads(opts) == len(before) and torch_threads(opts.replace(torch_threads=3)) == 3
+
+
 def test_options_come_from_the_config_and_travel_with_each_task() -> None:
     opts = RunOptions.from_config()
     assert opts.expandable_segments is True and opts.host_cache == "auto" and opts.tasks_in_flight >= 1

@@ -6,7 +6,9 @@ external scheduler the user starts ``dask worker ADDR --resources
 device_mem=12e9``.  Before submitting, :func:`check_capacity` makes sure at
 least one worker can hold a task, since a resource request nobody satisfies
 would wait forever.  The local cluster's scheduler preloads
-``cqsa_dask.dashboard`` (the /cqsa page, its JSON and Prometheus metrics).
+``cqsa_dask.dashboard`` (the /cqsa page, its JSON and Prometheus metrics);
+its spec and the backend that starts it (dask-cuda's LocalCUDACluster, or
+the same spec by hand) are ``client.local``'s.
 """
 
 from __future__ import annotations
@@ -14,21 +16,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from cqsa_dask import config
+from cqsa_dask.client.local import DASHBOARD_PRELOAD, choose_backend, local_spec, start
 from cqsa_dask.core.errors import InvalidInputError, SchedulerError
 from cqsa_dask.core.units import parse_budget
 
 __all__ = ["DASHBOARD_PRELOAD", "advertised", "check_capacity", "connect", "local_gpus", "resolve_budget",
            "visible_gpus"]
-
-DASHBOARD_PRELOAD = "cqsa_dask.dashboard"
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,10 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
     ``cqsa.local-cluster.threads-per-worker`` says otherwise; with ``gpus``
     (device ids, ``local_gpus``) one worker process per entry, pinned to that
     device (``CUDA_VISIBLE_DEVICES``), each advertising ``budget_bytes``;
-    otherwise ``cqsa.local-cluster.n-workers`` workers.  Only what this
-    function starts is closed on exit.
+    otherwise ``cqsa.local-cluster.n-workers`` workers.  It is started by
+    ``cqsa.local-cluster.backend`` (``client.local``: dask-cuda where it is
+    installed and GPUs are in use, else the same spec by hand).  Only what
+    this function starts is closed on exit.
     """
     if client is not None:
         yield client
@@ -57,32 +58,14 @@ def connect(client: Client | None = None, scheduler: str | None = None, *,
         with c:
             yield c
         return
-    def lc(key: str) -> Any:
-        return config.get(f"local-cluster.{key}")
-
+    spec = local_spec(budget_bytes=budget_bytes, resource=resource, threads=threads, gpus=gpus)
+    backend = choose_backend(spec)  # a backend that cannot start fails before anything is loaded
     # The scheduler runs in this process: register the /cqsa page before it is
     # built, then preload the module, as `dask scheduler --preload
     # cqsa_dask.dashboard` does for a scheduler of the user's own.
     from cqsa_dask import dashboard  # noqa: F401
-    from cqsa_dask.execution.options import RunOptions
-    from cqsa_dask.execution.process import worker_env
 
-    processes = bool(lc("processes"))
-    options: dict[str, Any] = {
-        "threads_per_worker": threads if lc("threads-per-worker") == "auto" else int(lc("threads-per-worker")),
-        "processes": processes, "dashboard_address": lc("dashboard-address"),
-        # worker processes get the allocator setting before torch starts in them (a threaded
-        # worker runs in this process, which is the user's: left alone)
-        **({"env": worker_env(RunOptions.from_config())} if processes else {}),
-        "resources": {resource: float(budget_bytes)},
-        "silence_logs": logging.getLevelName(str(lc("silence-logs")).upper()),
-        "scheduler_kwargs": {"preload": [DASHBOARD_PRELOAD]},
-    }
-    with _no_sigint_in_children():  # the workers are spawned now, with SIGINT ignored; the job is not
-        if gpus:
-            cluster: LocalCluster = _GPUCluster(gpus, **options)
-        else:
-            cluster = LocalCluster(n_workers=int(lc("n-workers")), **options)
+    cluster = start(spec, backend)
     with cluster, Client(cluster) as c:
         yield c
 
@@ -96,27 +79,6 @@ def _check_tls_config(scheduler: str) -> None:
         raise SchedulerError(f"{scheduler} is a TLS address but dask config names no certificate: set "
                              "distributed.comm.tls.ca-file, .client.cert and .client.key (or DASK_DISTRIBUTED__COMM__"
                              "TLS__CA_FILE, __CLIENT__CERT, __CLIENT__KEY); see docs/cluster.md")
-
-
-class _GPUCluster(LocalCluster):
-    """A LocalCluster of one worker process per GPU: worker i sees only device ``gpus[i]``
-    (``CUDA_VISIBLE_DEVICES``, set in its nanny's environment before CUDA starts there), so
-    its tasks' "cuda" is that GPU.  An id may repeat: two workers then share one GPU, each
-    with the whole per-worker budget.  (dask-cuda's LocalCUDACluster does the same for
-    users who have it; this spec needs nothing beyond distributed.)"""
-
-    def __init__(self, gpus: Sequence[str], **options: Any):
-        self._gpus = list(gpus)
-        super().__init__(n_workers=0, **options)
-        self.scale(len(self._gpus))
-        self.wait_for_workers(len(self._gpus))
-
-    def new_worker_spec(self) -> dict[Any, Any]:
-        (name, spec), = super().new_worker_spec().items()
-        gpu = self._gpus[int(name) % len(self._gpus)]
-        opts = dict(spec["options"])
-        opts["env"] = {**opts.get("env", {}), "CUDA_VISIBLE_DEVICES": gpu}
-        return {name: {**spec, "options": opts}}
 
 
 def visible_gpus() -> list[str]:
@@ -151,22 +113,6 @@ def local_gpus(setting: Any = None) -> list[str]:
         raise InvalidInputError(f"no GPU {', '.join(map(str, bad))}: this machine shows {have}; "
                                 "give --gpus numbers among them (see nvidia-smi), or --gpus none")
     return [visible[g] for g in wanted]
-
-
-@contextlib.contextmanager
-def _no_sigint_in_children() -> Iterator[None]:
-    """Start worker processes with SIGINT ignored: Ctrl-C in a terminal goes to the whole process
-    group, and each worker (and its nanny) would print a KeyboardInterrupt traceback.  The user's
-    process alone is interrupted; it closes the cluster, which stops the workers.  Python keeps an
-    inherited SIG_IGN for SIGINT, so only the start-up window needs the handler changed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def advertised(client: Client, resource: str) -> list[float]:

@@ -52,7 +52,7 @@ class RunOptions:
     device: where tasks compute, "auto" | "cpu" | "cuda" | "cuda:1" (``device``).
     kernel: attention kernel, "auto" or a name (``kernel``).
     check_finite: fail on NaN/Inf inputs (``check-finite``).
-    torch_threads: intra-op threads of a worker process, None = all cores (``torch-threads``).
+    torch_threads: intra-op threads of a worker process, None = all the cores it may run on (``torch-threads``).
     zarr_concurrency: zarr's async concurrency in a worker process (``zarr-concurrency``).
     host_cache: host cache bytes, "8GB", "auto" or 0 (``host-cache``).
     io_threads: store IO threads per worker (``io-threads``).

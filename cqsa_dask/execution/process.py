@@ -27,7 +27,7 @@ from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.kernels.attention import resolve_device
 
 __all__ = ["cap_device", "capped_bytes", "configure_process", "describe_worker", "expandable_segments",
-           "torch_threads", "worker_env"]
+           "torch_threads", "usable_cpus", "worker_env"]
 
 _SEGMENTS = "expandable_segments:True"
 _ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -50,8 +50,14 @@ def configure_process(options: RunOptions, budget: float | None) -> float | None
 
 
 def torch_threads(options: RunOptions) -> int:
-    """Torch's intra-op threads in a worker process: ``torch_threads``, None = every core."""
-    return options.torch_threads or os.cpu_count() or 1
+    """Torch's intra-op threads in a worker process: ``torch_threads``, None = every core the
+    process may run on (its CPU affinity: dask-cuda pins a GPU's worker to the cores near it)."""
+    return options.torch_threads or usable_cpus()
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (``os.sched_getaffinity``; every core where it is unknown)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def worker_env(options: RunOptions) -> dict[str, str]:
@@ -124,4 +130,4 @@ def describe_worker(device: str = "auto") -> dict[str, Any]:
             props = tc.get_device_properties(index)
             name, memory = str(props.name), int(props.total_memory)
     return {"device": dev.type, "device_name": name, "gpus": gpus, "device_memory": memory,
-            "cpus": os.cpu_count() or 1, "torch_threads": torch.get_num_threads()}
+            "cpus": usable_cpus(), "torch_threads": torch.get_num_threads()}
