@@ -7,7 +7,7 @@
 
 dask-cuda is not installed here: the tests check the choice without it, the
 parameters both backends get from one spec, and the hand-made spec for real;
-``test_dask_cuda_backend_for_real`` runs only where dask_cuda imports.
+``test_dask_cuda_backend_for_real`` (marked ``dask_cuda``) runs only where dask_cuda imports.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_backend_without_dask_cuda() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not HAVE_DASK_CUDA, reason="dask-cuda is not installed (pip install 'cqsa-dask[cuda]')")
+@pytest.mark.dask_cuda
 def test_dask_cuda_backend_for_real(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Where dask-cuda is installed: auto starts LocalCUDACluster with the spec's parameters,
     cqsa's worker environment beside the device list, SIGINT ignored in the workers, and a
