@@ -97,7 +97,7 @@ from cqsa_dask.execution.tasks import quorum_task
 from cqsa_dask.store import jobstate
 from cqsa_dask.store.chunkio import direct_root
 from cqsa_dask.store.jobstate import status
-from cqsa_dask.store.layout import array
+from cqsa_dask.store.layout import STAT_FIELDS, array
 from cqsa_dask.store.random_inputs import write_random_inputs
 
 RESOURCE = "device_mem"
@@ -181,11 +181,23 @@ class DaskCluster:
     logdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def spawn(self, name: str, args: list[str]) -> None:
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         with open(self.logdir / f"{name}.log", "wb") as log:
             # own session: teardown signals the nanny and the worker process it spawned together
             self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.logdir,
                                                start_new_session=True))
+        return self.procs[-1]
+
+    def spawn_worker(self, name: str, resource: str, amount: float, scratch: Path) -> subprocess.Popen[bytes]:
+        """A ``dask worker`` (one nanny-managed process, one thread) advertising ``amount`` of ``resource``."""
+        return self.spawn(name, [
+            *_dask(), "worker", self.address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
+            "--resources", f"{resource}={amount!r}", "--no-dashboard", "--death-timeout", "60",
+            "--local-directory", str(scratch), "--name", name])
+
+    def workers(self, c: Client) -> dict[str, str]:
+        """Name -> address of every connected worker, asked of the scheduler."""
+        return dict(c.run_on_scheduler(_worker_names))
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
@@ -219,10 +231,7 @@ def _start_cluster(logdir: Path) -> DaskCluster:
     cluster.spawn("scheduler", [*_dask(), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                 "--no-dashboard"])
     for i in range(WORKERS):
-        cluster.spawn(f"worker{i}", [
-            *_dask(), "worker", cluster.address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
-            "--resources", f"{RESOURCE}={DEVICE_MEM:g}", "--no-dashboard", "--death-timeout", "60",
-            "--local-directory", str(logdir / f"scratch{i}"), "--name", f"reliability-{i}"])
+        cluster.spawn_worker(f"reliability-{i}", RESOURCE, DEVICE_MEM, logdir / f"scratch{i}")
     return cluster
 
 
@@ -328,6 +337,10 @@ def _clear_task(path: Path, plan: Plan, task: int) -> list[int]:
 
 def _job_tasks_on_scheduler(dask_scheduler: Any, token: str) -> int:
     return sum(1 for key in dask_scheduler.tasks if token in str(key))
+
+
+def _worker_names(dask_scheduler: Any) -> list[tuple[str, str]]:
+    return [(str(ws.name), addr) for addr, ws in dask_scheduler.workers.items()]
 
 
 def _executing_on_worker(dask_worker: Any) -> int:
@@ -515,22 +528,33 @@ def mounts() -> Iterator[Callable[..., Path]]:
 # -- 1. a worker killed mid-job -----------------------------------------------------------------
 
 
+def _stat(store: Path, name: str) -> np.ndarray:
+    """Field ``name`` of every quorum task's record (W,) (batch 0, head block 0; NaN: none yet)."""
+    return np.asarray(array(_engine(store), "task_stats")[...])[:, 0, 0, STAT_FIELDS.index(name)]
+
+
+def _crc(address: str) -> int:
+    """A worker address as task_stats records it."""
+    return zlib.crc32(address.encode())
+
+
 def _busy_worker(c: Client, store: Path) -> tuple[str, list[int]] | None:
-    """(address, quorum task indices) of a worker holding at least three quorum tasks without a
-    marker (one executing, the others queued behind it on its one thread), once two tasks are
-    done.  A quorum task takes 30-45 ms here, so one of them may finish between this look and
-    the kill, but not three: the kill lands in the middle of the worker's tasks.  (Killing for
-    any task the scheduler lists as processing failed once in CI: at the end of the job every
-    listed task had finished.)"""
+    """(address, quorum task indices) of a worker that has finished a quorum task (its marker is
+    set: the task is durable, and its result in that worker's memory until the merges fed by it
+    ran) and holds at least three without a marker (one executing, the others queued behind it on
+    its one thread).  A quorum task takes 30-45 ms here, so one of them may finish between this
+    look and the kill, but not three: the kill lands in the middle of the worker's tasks.
+    (Killing for any task the scheduler lists as processing failed once in CI: at the end of the
+    job every listed task had finished.)"""
     try:
         marked = _markers(store, "task_done")[:, 0, 0]
+        ran_on = _stat(store, "worker")
     except Exception:  # noqa: BLE001  (no _cqsa yet, or its metadata half written)
-        return None
-    if marked.sum() < 2:
         return None
     for addr, keys in c.processing().items():
         tasks = [int(k[1]) for k in keys if key_split(k) == "cqsa-quorum"]  # key: (prefix, i, b, j)
-        if sum(not marked[i] for i in tasks) >= 3:
+        durable_here = marked.astype(bool) & (ran_on == _crc(addr))
+        if durable_here.any() and sum(not marked[i] for i in tasks) >= 3:
             return addr, tasks
     return None
 
@@ -538,15 +562,20 @@ def _busy_worker(c: Client, store: Path) -> tuple[str, list[int]] | None:
 @pytest.mark.integration
 @pytest.mark.parametrize("partials", ["all", "bounded"])
 def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_path: Path, partials: str) -> None:
-    """kill -9 of a worker process (not its nanny) while it runs quorum tasks.
+    """kill -9 of a worker process (not its nanny) while it runs quorum tasks, after it finished some.
 
     The scheduler reschedules the tasks it held on the other worker (the
     nanny starts a new worker process meanwhile); the same ``run`` call
     returns normally, every task the dead worker left without a marker was
     completed by another worker (task_stats records the worker), and the
     result is exact.  With bounded partials the dead worker may die inside
-    a fold (journal written, row lock held until its lease times out): the
-    rerun task's folds recover the row and skip what was committed.
+    a fold (journal written): the rerun task's folds recover the row and
+    skip what was committed.
+
+    No durable task is computed again: Dask reruns the tasks whose results
+    died with the worker (their merges had not run), and each finds its
+    marker and returns; task_stats' ``runs`` (the computations that wrote
+    the record) stays 1 for every task marked done at the kill.
     """
     cluster.ensure_workers()
     store = big.copy(tmp_path / "job.zarr")
@@ -557,21 +586,27 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
         assert not job.done(), f"the job ended before a worker could be killed: {job.result()}"
         os.kill(pids[victim], signal.SIGKILL)
         marked = _markers(store, "task_done")[:, 0, 0]  # the dead worker writes nothing more
+        lost = sorted(int(i) for i in np.flatnonzero(marked & (_stat(store, "worker") == _crc(victim))))
         orphans = sorted(i for i in held if not marked[i])
         res = job.result(timeout=240)
         workers_after = set(c.scheduler_info(n_workers=-1)["workers"])
     plan = res.plan
     assert plan.partials == partials
+    runs = _stat(store, "runs")
     print(f"killed {victim} (pid {pids[victim]}) holding quorum tasks {held}; {int(marked.sum())}/{plan.tasks} "
-          f"done; left unfinished: {orphans}")
+          f"done, {lost} of them by the dead worker; left unfinished: {orphans}; runs per task {runs.tolist()}")
     assert plan.groups >= 7, plan
-    assert 2 <= marked.sum() < plan.tasks and orphans, "the worker was not killed in the middle of its tasks"
+    assert marked.sum() < plan.tasks and orphans, "the worker was not killed in the middle of its tasks"
     assert victim not in workers_after, f"the killed worker {victim} is still registered"
     assert (res.quorum_tasks_run, res.merges_run) == (plan.tasks, plan.merges), res
     assert _markers(store, "task_done").all() and _markers(store, "merge_done").all()
-    ran_on = np.asarray(array(_engine(store), "task_stats")[...])[:, 0, 0, -1]  # CRC-32 of the worker's address
-    survivors = {zlib.crc32(addr.encode()) for addr in workers_after}
+    ran_on = _stat(store, "worker")  # CRC-32 of the worker's address
+    survivors = {_crc(addr) for addr in workers_after}
     assert all(int(ran_on[i]) in survivors for i in orphans), f"orphans {orphans} ran on {ran_on[orphans]}"
+    assert lost, "the dead worker had finished no task: nothing durable could be redone"
+    redone = {int(i): runs[i] for i in np.flatnonzero(marked) if runs[i] != 1}
+    assert not redone, f"durable tasks computed again after the kill (task: runs): {redone}"
+    assert (runs >= 1).all(), runs
     big.assert_exact(store)
     cluster.ensure_workers()  # the nanny brought up a replacement for the tests that follow
 
