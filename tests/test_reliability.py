@@ -93,6 +93,7 @@ from cqsa_dask.core.errors import (
     StoreError,
 )
 from cqsa_dask.core.plan import Plan
+from cqsa_dask.execution.lockrelease import TOPIC, holder_of
 from cqsa_dask.execution.tasks import quorum_task
 from cqsa_dask.store import jobstate
 from cqsa_dask.store.chunkio import direct_root
@@ -559,6 +560,40 @@ def _busy_worker(c: Client, store: Path) -> tuple[str, list[int]] | None:
     return None
 
 
+def _worker_id(dask_worker: Any) -> str:
+    return str(dask_worker.id)
+
+
+def _row_leases(dask_scheduler: Any, token: str) -> dict[str, list[str]]:
+    """The row locks of job ``token`` held now: lock name -> lease ids (they name their holder)."""
+    leases = dask_scheduler.extensions["semaphores"].leases
+    return {str(n): [str(x) for x in held] for n, held in list(leases.items()) if token in str(n) and held}
+
+
+def _kill_a_lock_holder(c: Client, pid: int, worker_id: str, token: str) -> tuple[list[str], float] | None:
+    """Freeze the worker process ``pid`` (SIGSTOP); if the scheduler then lists row locks of job
+    ``token`` whose lease it holds, kill it (SIGKILL) and return (those locks, the monotonic time
+    of the kill); else let it go on (SIGCONT) and return None.  Frozen, the worker can neither take
+    nor give back a lease, and 50 ms lets a release it sent before reach the scheduler: a lease
+    listed then is one the worker holds when it dies."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.05)
+        held = [n for n, leases in c.run_on_scheduler(_row_leases, token=token).items()
+                if any(holder_of(x) == worker_id for x in leases)]
+        if held:
+            os.kill(pid, signal.SIGKILL)
+            return held, time.monotonic()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    return None
+
+
+def _rows_merged(store: Path, rows: list[int]) -> bool:
+    return bool(_markers(store, "merge_done")[rows, 0, 0].all())
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("partials", ["all", "bounded"])
 def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_path: Path, partials: str) -> None:
@@ -568,14 +603,21 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
     nanny starts a new worker process meanwhile); the same ``run`` call
     returns normally, every task the dead worker left without a marker was
     completed by another worker (task_stats records the worker), and the
-    result is exact.  With bounded partials the dead worker may die inside
-    a fold (journal written): the rerun task's folds recover the row and
-    skip what was committed.
+    result is exact.
 
     No durable task is computed again: Dask reruns the tasks whose results
     died with the worker (their merges had not run), and each finds its
     marker and returns; task_stats' ``runs`` (the computations that wrote
     the record) stays 1 for every task marked done at the kill.
+
+    Bounded partials: the worker is killed holding a row lock (it is frozen
+    with SIGSTOP until the scheduler lists a row lock it holds), so it may
+    die inside a fold (journal written); the rerun task's folds recover the
+    row and skip what was committed.  The rerun and the row's merge need
+    that lock: with ``distributed.Lock`` they waited for the dead holder's
+    lease to time out (30 s); here the scheduler's release plugin frees it
+    when the worker is removed (its event names the lock and the worker),
+    and the row is merged within 15 s of the kill (a few seconds here).
     """
     cluster.ensure_workers()
     store = big.copy(tmp_path / "job.zarr")
@@ -584,17 +626,31 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
         job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address, partials=partials)
         victim, held = _await(lambda: job.done() or _busy_worker(c, store), "a worker processing quorum tasks")
         assert not job.done(), f"the job ended before a worker could be killed: {job.result()}"
-        os.kill(pids[victim], signal.SIGKILL)
+        locks: list[str] = []
+        if partials == "bounded":  # inside a fold: when it holds a row lock
+            token, holder = str(_engine(store).attrs["token"]), c.run(_worker_id, workers=[victim])[victim]
+            locks, killed_at = _await(lambda: job.done() or _kill_a_lock_holder(c, pids[victim], holder, token),
+                                      f"{victim} to hold a row lock", poll=0.01)
+        else:
+            os.kill(pids[victim], signal.SIGKILL)
+            killed_at = time.monotonic()
         marked = _markers(store, "task_done")[:, 0, 0]  # the dead worker writes nothing more
         lost = sorted(int(i) for i in np.flatnonzero(marked & (_stat(store, "worker") == _crc(victim))))
         orphans = sorted(i for i in held if not marked[i])
+        rows = [int(n.rsplit("-", 1)[1]) for n in locks]  # lock cqsa-<token>-row-<stripe>; stripe = row (W < 256)
+        _await(lambda: job.done() or _rows_merged(store, rows), f"rows {rows} to be merged", 60, 0.01)
+        row_seconds = time.monotonic() - killed_at
         res = job.result(timeout=240)
+        job_seconds = time.monotonic() - killed_at
         workers_after = set(c.scheduler_info(n_workers=-1)["workers"])
+        freed = [x for _, msg in c.get_events(TOPIC) for x in msg["leases"]]
     plan = res.plan
     assert plan.partials == partials
     runs = _stat(store, "runs")
-    print(f"killed {victim} (pid {pids[victim]}) holding quorum tasks {held}; {int(marked.sum())}/{plan.tasks} "
-          f"done, {lost} of them by the dead worker; left unfinished: {orphans}; runs per task {runs.tolist()}")
+    print(f"killed {victim} (pid {pids[victim]}) holding quorum tasks {held} and row locks {locks}; "
+          f"{int(marked.sum())}/{plan.tasks} done, {lost} of them by the dead worker; left unfinished: {orphans}; "
+          f"runs per task {runs.tolist()}; rows {rows} merged {row_seconds:.1f} s after the kill, the job "
+          f"{job_seconds:.1f} s; row locks freed by the scheduler: {freed}")
     assert plan.groups >= 7, plan
     assert marked.sum() < plan.tasks and orphans, "the worker was not killed in the middle of its tasks"
     assert victim not in workers_after, f"the killed worker {victim} is still registered"
@@ -607,6 +663,11 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
     redone = {int(i): runs[i] for i in np.flatnonzero(marked) if runs[i] != 1}
     assert not redone, f"durable tasks computed again after the kill (task: runs): {redone}"
     assert (runs >= 1).all(), runs
+    if partials == "bounded":
+        assert locks and plan.groups < 256, (locks, plan.groups)
+        assert _rows_merged(store, rows), f"rows {rows} not merged"
+        assert row_seconds < 15, f"rows {rows} of the killed lock holder waited {row_seconds:.1f} s"
+        assert all({"name": n, "holder": holder} in freed for n in locks), f"not freed by the plugin: {freed}"
     big.assert_exact(store)
     cluster.ensure_workers()  # the nanny brought up a replacement for the tests that follow
 
