@@ -10,7 +10,12 @@ subprocess per invocation) and through ``cqsa_dask.run``::
 
     test                     fault                              what must hold
     ─────────────────────────────────────────────────────────────────────────────────────────────
-    killed worker            kill -9 a worker process mid-job   the same run completes, exact
+    killed worker            kill -9 a worker process mid-job   the same run completes, exact; no task
+                             (bounded: while it holds a row     marked done is computed again (runs);
+                             lock)                              the row is merged within 15 s
+    joining / small worker   a worker joins mid-job; one        the joiner takes tasks, the small one
+                             advertises 1 byte less than a      none; exact
+                             task needs
     killed client            kill -9 `cqsa run` mid-job         `cqsa resume` completes; tasks run
                                                                 once, plus at most those in flight
     damaged partials         truncate a chunk recorded done,    1st resume fails naming the task and
@@ -670,6 +675,117 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
         assert all({"name": n, "holder": holder} in freed for n in locks), f"not freed by the plugin: {freed}"
     big.assert_exact(store)
     cluster.ensure_workers()  # the nanny brought up a replacement for the tests that follow
+
+
+# -- 1b. workers that join mid-job, and a worker too small --------------------------------------
+
+ELASTIC = "elastic_mem"  # the resource of the elastic job: the module's two workers do not advertise it
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """A job that ran while workers came (``elastic``), and where its tasks ran."""
+
+    store: Path
+    plan: Plan
+    workers: dict[str, str]  # role ("big", "small", "joiner") -> address
+    small_amount: int  # of ELASTIC, advertised by the small worker
+    done_at_join: int  # quorum tasks marked done when the joiner was started
+    ran_on: np.ndarray  # (W,) CRC-32 of the address each quorum task ran on
+    runs: np.ndarray  # (W,) computations of each quorum task
+    merges_on: np.ndarray  # (W,) the same for merges (NaN: a merge that had nothing to merge)
+
+
+def _elastic_need() -> int:
+    """task_memory_bytes of BIG's plan for DEVICE_MEM on the CPU (the plan ``run`` makes)."""
+    from cqsa_dask.client.policy import plan_options
+    from cqsa_dask.core.plan import make_plan
+
+    opts = {**plan_options("cpu"), "partials": "all"}
+    return make_plan(**BIG, dtype="float32", budget=int(DEVICE_MEM), **opts).task_memory_bytes
+
+
+async def _advertise(dask_worker: Any, amount: float) -> None:
+    await dask_worker.set_resources(**{ELASTIC: amount})
+
+
+@pytest.fixture(scope="module")
+def elastic(cluster: DaskCluster, big: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Elastic]:
+    """A BIG job whose quorum tasks ask for ELASTIC, which no worker advertises but these::
+
+        at the start   worker "big"     ELASTIC = DEVICE_MEM  (the module's first worker,
+                                                               for the job: Worker.set_resources)
+                       worker "small"   ELASTIC = a quorum task's need - 1 byte  started now
+        3 tasks done   worker "joiner"  ELASTIC = DEVICE_MEM                    started now
+
+    The module's other worker advertises no ELASTIC (it only takes merges,
+    which ask for no resource).  "big" is frozen (SIGSTOP) from the joiner's
+    start until 1 s after it registered: a worker takes 4-8 s to start on
+    the loaded 2-core machine, longer than the whole job.  Frozen, "big"
+    keeps the rest of the job queued on it, and Dask's work stealing, whose
+    requests the frozen worker answers once it goes on, moves some of it
+    to the joiner.  The two new workers are stopped, and "big" advertises
+    no ELASTIC again, before the tests, which only read the record.
+    """
+    cluster.ensure_workers()
+    logdir = tmp_path_factory.mktemp("elastic")
+    small_amount = _elastic_need() - 1
+    procs = {"small": cluster.spawn_worker("elastic-small", ELASTIC, small_amount, logdir / "small")}
+    store = big.copy(logdir / "job.zarr")
+    with cluster.client() as c:
+        big_addr = cluster.workers(c)["reliability-0"]
+        big_pid = c.run(os.getpid, workers=[big_addr])[big_addr]
+        c.run(_advertise, amount=DEVICE_MEM, workers=[big_addr])
+        try:
+            with dask.config.set({"cqsa.resource": ELASTIC}), ThreadPoolExecutor(1) as pool:
+                job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address, memory_budget=DEVICE_MEM)
+                _await(lambda: job.done() or _count(store, "task_done") >= 3, "three finished quorum tasks", poll=0.01)
+                os.kill(big_pid, signal.SIGSTOP)
+                try:
+                    done_at_join = _count(store, "task_done")
+                    procs["joiner"] = cluster.spawn_worker("elastic-joiner", ELASTIC, DEVICE_MEM, logdir / "joiner")
+                    cluster.ensure_workers(WORKERS + 2)
+                    time.sleep(1)
+                finally:
+                    os.kill(big_pid, signal.SIGCONT)
+                res = job.result(timeout=240)
+            names = {**cluster.workers(c), "big": big_addr}
+        finally:
+            for p in procs.values():
+                _kill_session(p)
+            c.run(_advertise, amount=0, workers=[big_addr])
+            # the module's tests count the workers: only its own two are left
+            _await(lambda: len(cluster.workers(c)) == WORKERS, "the elastic workers to leave", 60, 0.2)
+    engine = _engine(store)
+    stats = {n: np.asarray(array(engine, f"{n}_stats")[...])[:, 0, 0] for n in ("task", "merge")}
+    worker, runs = STAT_FIELDS.index("worker"), STAT_FIELDS.index("runs")
+    roles = {"big": "big", "joiner": "elastic-joiner", "small": "elastic-small"}
+    yield Elastic(store, res.plan, {r: names[n] for r, n in roles.items()}, small_amount, done_at_join,
+                  stats["task"][:, worker], stats["task"][:, runs], stats["merge"][:, worker])
+
+
+@pytest.mark.integration
+def test_a_worker_joining_mid_job_takes_tasks(elastic: Elastic, big: Source) -> None:
+    """The joiner ran quorum tasks of the job it joined; every task computed once; exact."""
+    on = {role: int((elastic.ran_on == _crc(addr)).sum()) for role, addr in elastic.workers.items()}
+    print(f"joined after {elastic.done_at_join}/{elastic.plan.tasks} quorum tasks; quorum tasks per worker {on}")
+    assert elastic.done_at_join < elastic.plan.tasks - 2, "the joiner came too late to take any task"
+    assert on["joiner"] >= 1, f"the worker that joined ran no quorum task: {on}"
+    assert on["big"] + on["joiner"] == elastic.plan.tasks, on
+    assert (elastic.runs == 1).all(), f"a task computed more than once: {elastic.runs}"
+    assert _markers(elastic.store, "task_done").all() and _markers(elastic.store, "merge_done").all()
+    big.assert_exact(elastic.store)
+
+
+@pytest.mark.integration
+def test_a_worker_advertising_too_little_gets_no_quorum_task(elastic: Elastic) -> None:
+    """The small worker advertises one byte less than a quorum task asks for: it ran none (merges,
+    which ask for no resource, may run there: docs/design.md); the job is exact (checked above)."""
+    small = _crc(elastic.workers["small"])
+    assert elastic.small_amount == elastic.plan.task_memory_bytes - 1, (elastic.small_amount, elastic.plan)
+    assert not (elastic.ran_on == small).any(), f"quorum tasks ran on the small worker: " \
+        f"{np.flatnonzero(elastic.ran_on == small).tolist()}"
+    print(f"merges on the small worker: {int((elastic.merges_on == small).sum())}/{elastic.plan.merges}")
 
 
 # -- 2. the client killed mid-job ----------------------------------------------------------------
