@@ -575,24 +575,33 @@ def _row_leases(dask_scheduler: Any, token: str) -> dict[str, list[str]]:
     return {str(n): [str(x) for x in held] for n, held in list(leases.items()) if token in str(n) and held}
 
 
-def _kill_a_lock_holder(c: Client, pid: int, worker_id: str, token: str) -> tuple[list[str], float] | None:
-    """Freeze the worker process ``pid`` (SIGSTOP); if the scheduler then lists row locks of job
-    ``token`` whose lease it holds, kill it (SIGKILL) and return (those locks, the monotonic time
-    of the kill); else let it go on (SIGCONT) and return None.  Frozen, the worker can neither take
-    nor give back a lease, and 50 ms lets a release it sent before reach the scheduler: a lease
-    listed then is one the worker holds when it dies."""
+def _kill_frozen(c: Client, store: Path, pid: int, held: list[int], lock_of: tuple[str, str] | None
+                 ) -> tuple[list[str], float] | None:
+    """Freeze the worker process ``pid`` (SIGSTOP) and kill it (SIGKILL) if, frozen, some of the
+    quorum tasks ``held`` have no marker, and (``lock_of`` = (its Worker.id, the job's token)) the
+    scheduler lists row locks of the job whose lease it holds; return (those locks, the monotonic
+    time of the kill).  Else let it go on (SIGCONT) and return None.  Frozen, the worker writes no
+    marker and can neither take nor give back a lease, and 50 ms lets a release it sent before
+    reach the scheduler: what is seen then is what holds when it dies.  (Killing as soon as a
+    look found three tasks without a marker failed once on the loaded machine: all had finished.)"""
     os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(0.05)
-        held = [n for n, leases in c.run_on_scheduler(_row_leases, token=token).items()
-                if any(holder_of(x) == worker_id for x in leases)]
-        if held:
-            os.kill(pid, signal.SIGKILL)
-            return held, time.monotonic()
+        marked = _markers(store, "task_done")[:, 0, 0]
+        if all(marked[i] for i in held):
+            return None
+        locks: list[str] = []
+        if lock_of is not None:
+            holder, token = lock_of
+            locks = [n for n, leases in c.run_on_scheduler(_row_leases, token=token).items()
+                     if any(holder_of(x) == holder for x in leases)]
+            if not locks:
+                return None
+        os.kill(pid, signal.SIGKILL)
+        return locks, time.monotonic()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    return None
 
 
 def _rows_merged(store: Path, rows: list[int]) -> bool:
@@ -604,6 +613,8 @@ def _rows_merged(store: Path, rows: list[int]) -> bool:
 def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_path: Path, partials: str) -> None:
     """kill -9 of a worker process (not its nanny) while it runs quorum tasks, after it finished some.
 
+    The worker is frozen (SIGSTOP) first and killed only if, frozen, some of
+    its tasks still have no marker (else it goes on and the test looks again).
     The scheduler reschedules the tasks it held on the other worker (the
     nanny starts a new worker process meanwhile); the same ``run`` call
     returns normally, every task the dead worker left without a marker was
@@ -615,8 +626,8 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
     marker and returns; task_stats' ``runs`` (the computations that wrote
     the record) stays 1 for every task marked done at the kill.
 
-    Bounded partials: the worker is killed holding a row lock (it is frozen
-    with SIGSTOP until the scheduler lists a row lock it holds), so it may
+    Bounded partials: the worker is killed holding a row lock (only if,
+    frozen, the scheduler lists a row lock it holds), so it may
     die inside a fold (journal written); the rerun task's folds recover the
     row and skip what was committed.  The rerun and the row's merge need
     that lock: with ``distributed.Lock`` they waited for the dead holder's
@@ -629,16 +640,21 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
     with cluster.client() as c, ThreadPoolExecutor(1) as pool:
         pids: dict[str, int] = c.run(os.getpid)  # worker address -> pid of the worker process
         job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address, partials=partials)
-        victim, held = _await(lambda: job.done() or _busy_worker(c, store), "a worker processing quorum tasks")
+        ids: dict[str, str] = c.run(_worker_id)
+
+        def kill() -> tuple[str, list[int], list[str], float] | None:
+            busy = _busy_worker(c, store)
+            if busy is None:
+                return None
+            victim, held = busy  # bounded: inside a fold, when it holds a row lock
+            lock_of = (ids[victim], str(_engine(store).attrs["token"])) if partials == "bounded" else None
+            done = _kill_frozen(c, store, pids[victim], held, lock_of)
+            return None if done is None else (victim, held, *done)
+
+        victim, held, locks, killed_at = _await(lambda: job.done() or kill(), "a worker in the middle of its tasks",
+                                                poll=0.01)
         assert not job.done(), f"the job ended before a worker could be killed: {job.result()}"
-        locks: list[str] = []
-        if partials == "bounded":  # inside a fold: when it holds a row lock
-            token, holder = str(_engine(store).attrs["token"]), c.run(_worker_id, workers=[victim])[victim]
-            locks, killed_at = _await(lambda: job.done() or _kill_a_lock_holder(c, pids[victim], holder, token),
-                                      f"{victim} to hold a row lock", poll=0.01)
-        else:
-            os.kill(pids[victim], signal.SIGKILL)
-            killed_at = time.monotonic()
+        holder = ids[victim]
         marked = _markers(store, "task_done")[:, 0, 0]  # the dead worker writes nothing more
         lost = sorted(int(i) for i in np.flatnonzero(marked & (_stat(store, "worker") == _crc(victim))))
         orphans = sorted(i for i in held if not marked[i])
