@@ -81,8 +81,8 @@ def test_the_store_format_is_unchanged(tmp_path: Path, name: str) -> None:
         "_cqsa/partial_out": ((s, b, hq, n, d), (1, 1, ht, g, d), "uint16"),
         "_cqsa/partial_lse": ((s, b, hq, n), (1, 1, ht, g), "float32"),
         "_cqsa/task_done": (grid, (1, 1, 1), "uint8"), "_cqsa/merge_done": (grid, (1, 1, 1), "uint8"),
-        "_cqsa/task_stats": ((*grid, 8), (1, 1, 1, 8), "float64"),
-        "_cqsa/merge_stats": ((*grid, 8), (1, 1, 1, 8), "float64"),
+        "_cqsa/task_stats": ((*grid, 9), (1, 1, 1, 9), "float64"),
+        "_cqsa/merge_stats": ((*grid, 9), (1, 1, 1, 9), "float64"),
     }
     if name == "bounded":
         sb, jb = state_bytes(p), journal_bytes(p)

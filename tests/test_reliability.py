@@ -10,7 +10,12 @@ subprocess per invocation) and through ``cqsa_dask.run``::
 
     test                     fault                              what must hold
     ─────────────────────────────────────────────────────────────────────────────────────────────
-    killed worker            kill -9 a worker process mid-job   the same run completes, exact
+    killed worker            kill -9 a worker process mid-job   the same run completes, exact; no task
+                             (bounded: while it holds a row     marked done is computed again (runs);
+                             lock)                              the row is merged within 15 s
+    joining / small worker   a worker joins mid-job; one        the joiner takes tasks, the small one
+                             advertises 1 byte less than a      none; exact
+                             task needs
     killed client            kill -9 `cqsa run` mid-job         `cqsa resume` completes; tasks run
                                                                 once, plus at most those in flight
     damaged partials         truncate a chunk recorded done,    1st resume fails naming the task and
@@ -93,11 +98,12 @@ from cqsa_dask.core.errors import (
     StoreError,
 )
 from cqsa_dask.core.plan import Plan
+from cqsa_dask.execution.lockrelease import TOPIC, holder_of
 from cqsa_dask.execution.tasks import quorum_task
 from cqsa_dask.store import jobstate
 from cqsa_dask.store.chunkio import direct_root
 from cqsa_dask.store.jobstate import status
-from cqsa_dask.store.layout import array
+from cqsa_dask.store.layout import STAT_FIELDS, array
 from cqsa_dask.store.random_inputs import write_random_inputs
 
 RESOURCE = "device_mem"
@@ -181,11 +187,23 @@ class DaskCluster:
     logdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def spawn(self, name: str, args: list[str]) -> None:
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         with open(self.logdir / f"{name}.log", "wb") as log:
             # own session: teardown signals the nanny and the worker process it spawned together
             self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.logdir,
                                                start_new_session=True))
+        return self.procs[-1]
+
+    def spawn_worker(self, name: str, resource: str, amount: float, scratch: Path) -> subprocess.Popen[bytes]:
+        """A ``dask worker`` (one nanny-managed process, one thread) advertising ``amount`` of ``resource``."""
+        return self.spawn(name, [
+            *_dask(), "worker", self.address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
+            "--resources", f"{resource}={amount!r}", "--no-dashboard", "--death-timeout", "60",
+            "--local-directory", str(scratch), "--name", name])
+
+    def workers(self, c: Client) -> dict[str, str]:
+        """Name -> address of every connected worker, asked of the scheduler."""
+        return dict(c.run_on_scheduler(_worker_names))
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
@@ -219,10 +237,7 @@ def _start_cluster(logdir: Path) -> DaskCluster:
     cluster.spawn("scheduler", [*_dask(), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                 "--no-dashboard"])
     for i in range(WORKERS):
-        cluster.spawn(f"worker{i}", [
-            *_dask(), "worker", cluster.address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
-            "--resources", f"{RESOURCE}={DEVICE_MEM:g}", "--no-dashboard", "--death-timeout", "60",
-            "--local-directory", str(logdir / f"scratch{i}"), "--name", f"reliability-{i}"])
+        cluster.spawn_worker(f"reliability-{i}", RESOURCE, DEVICE_MEM, logdir / f"scratch{i}")
     return cluster
 
 
@@ -328,6 +343,10 @@ def _clear_task(path: Path, plan: Plan, task: int) -> list[int]:
 
 def _job_tasks_on_scheduler(dask_scheduler: Any, token: str) -> int:
     return sum(1 for key in dask_scheduler.tasks if token in str(key))
+
+
+def _worker_names(dask_scheduler: Any) -> list[tuple[str, str]]:
+    return [(str(ws.name), addr) for addr, ws in dask_scheduler.workers.items()]
 
 
 def _executing_on_worker(dask_worker: Any) -> int:
@@ -515,65 +534,277 @@ def mounts() -> Iterator[Callable[..., Path]]:
 # -- 1. a worker killed mid-job -----------------------------------------------------------------
 
 
+def _stat(store: Path, name: str) -> np.ndarray:
+    """Field ``name`` of every quorum task's record (W,) (batch 0, head block 0; NaN: none yet)."""
+    return np.asarray(array(_engine(store), "task_stats")[...])[:, 0, 0, STAT_FIELDS.index(name)]
+
+
+def _crc(address: str) -> int:
+    """A worker address as task_stats records it."""
+    return zlib.crc32(address.encode())
+
+
 def _busy_worker(c: Client, store: Path) -> tuple[str, list[int]] | None:
-    """(address, quorum task indices) of a worker holding at least three quorum tasks without a
-    marker (one executing, the others queued behind it on its one thread), once two tasks are
-    done.  A quorum task takes 30-45 ms here, so one of them may finish between this look and
-    the kill, but not three: the kill lands in the middle of the worker's tasks.  (Killing for
-    any task the scheduler lists as processing failed once in CI: at the end of the job every
-    listed task had finished.)"""
+    """(address, quorum task indices) of a worker that has finished a quorum task (its marker is
+    set: the task is durable, and its result in that worker's memory until the merges fed by it
+    ran) and holds at least three without a marker (one executing, the others queued behind it on
+    its one thread).  A quorum task takes 30-45 ms here, so one of them may finish between this
+    look and the kill, but not three: the kill lands in the middle of the worker's tasks.
+    (Killing for any task the scheduler lists as processing failed once in CI: at the end of the
+    job every listed task had finished.)"""
     try:
         marked = _markers(store, "task_done")[:, 0, 0]
+        ran_on = _stat(store, "worker")
     except Exception:  # noqa: BLE001  (no _cqsa yet, or its metadata half written)
-        return None
-    if marked.sum() < 2:
         return None
     for addr, keys in c.processing().items():
         tasks = [int(k[1]) for k in keys if key_split(k) == "cqsa-quorum"]  # key: (prefix, i, b, j)
-        if sum(not marked[i] for i in tasks) >= 3:
+        durable_here = marked.astype(bool) & (ran_on == _crc(addr))
+        if durable_here.any() and sum(not marked[i] for i in tasks) >= 3:
             return addr, tasks
     return None
+
+
+def _worker_id(dask_worker: Any) -> str:
+    return str(dask_worker.id)
+
+
+def _row_leases(dask_scheduler: Any, token: str) -> dict[str, list[str]]:
+    """The row locks of job ``token`` held now: lock name -> lease ids (they name their holder)."""
+    leases = dask_scheduler.extensions["semaphores"].leases
+    return {str(n): [str(x) for x in held] for n, held in list(leases.items()) if token in str(n) and held}
+
+
+def _kill_frozen(c: Client, store: Path, pid: int, held: list[int], lock_of: tuple[str, str] | None
+                 ) -> tuple[list[str], float] | None:
+    """Freeze the worker process ``pid`` (SIGSTOP) and kill it (SIGKILL) if, frozen, some of the
+    quorum tasks ``held`` have no marker, and (``lock_of`` = (its Worker.id, the job's token)) the
+    scheduler lists row locks of the job whose lease it holds; return (those locks, the monotonic
+    time of the kill).  Else let it go on (SIGCONT) and return None.  Frozen, the worker writes no
+    marker and can neither take nor give back a lease, and 50 ms lets a release it sent before
+    reach the scheduler: what is seen then is what holds when it dies.  (Killing as soon as a
+    look found three tasks without a marker failed once on the loaded machine: all had finished.)"""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.05)
+        marked = _markers(store, "task_done")[:, 0, 0]
+        if all(marked[i] for i in held):
+            return None
+        locks: list[str] = []
+        if lock_of is not None:
+            holder, token = lock_of
+            locks = [n for n, leases in c.run_on_scheduler(_row_leases, token=token).items()
+                     if any(holder_of(x) == holder for x in leases)]
+            if not locks:
+                return None
+        os.kill(pid, signal.SIGKILL)
+        return locks, time.monotonic()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _rows_merged(store: Path, rows: list[int]) -> bool:
+    return bool(_markers(store, "merge_done")[rows, 0, 0].all())
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("partials", ["all", "bounded"])
 def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_path: Path, partials: str) -> None:
-    """kill -9 of a worker process (not its nanny) while it runs quorum tasks.
+    """kill -9 of a worker process (not its nanny) while it runs quorum tasks, after it finished some.
 
+    The worker is frozen (SIGSTOP) first and killed only if, frozen, some of
+    its tasks still have no marker (else it goes on and the test looks again).
     The scheduler reschedules the tasks it held on the other worker (the
     nanny starts a new worker process meanwhile); the same ``run`` call
     returns normally, every task the dead worker left without a marker was
     completed by another worker (task_stats records the worker), and the
-    result is exact.  With bounded partials the dead worker may die inside
-    a fold (journal written, row lock held until its lease times out): the
-    rerun task's folds recover the row and skip what was committed.
+    result is exact.
+
+    No durable task is computed again: Dask reruns the tasks whose results
+    died with the worker (their merges had not run), and each finds its
+    marker and returns; task_stats' ``runs`` (the computations that wrote
+    the record) stays 1 for every task marked done at the kill.
+
+    Bounded partials: the worker is killed holding a row lock (only if,
+    frozen, the scheduler lists a row lock it holds), so it may
+    die inside a fold (journal written); the rerun task's folds recover the
+    row and skip what was committed.  The rerun and the row's merge need
+    that lock: with ``distributed.Lock`` they waited for the dead holder's
+    lease to time out (30 s); here the scheduler's release plugin frees it
+    when the worker is removed (its event names the lock and the worker),
+    and the row is merged within 15 s of the kill (a few seconds here).
     """
     cluster.ensure_workers()
     store = big.copy(tmp_path / "job.zarr")
     with cluster.client() as c, ThreadPoolExecutor(1) as pool:
         pids: dict[str, int] = c.run(os.getpid)  # worker address -> pid of the worker process
         job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address, partials=partials)
-        victim, held = _await(lambda: job.done() or _busy_worker(c, store), "a worker processing quorum tasks")
+        ids: dict[str, str] = c.run(_worker_id)
+
+        def kill() -> tuple[str, list[int], list[str], float] | None:
+            busy = _busy_worker(c, store)
+            if busy is None:
+                return None
+            victim, held = busy  # bounded: inside a fold, when it holds a row lock
+            lock_of = (ids[victim], str(_engine(store).attrs["token"])) if partials == "bounded" else None
+            done = _kill_frozen(c, store, pids[victim], held, lock_of)
+            return None if done is None else (victim, held, *done)
+
+        victim, held, locks, killed_at = _await(lambda: job.done() or kill(), "a worker in the middle of its tasks",
+                                                poll=0.01)
         assert not job.done(), f"the job ended before a worker could be killed: {job.result()}"
-        os.kill(pids[victim], signal.SIGKILL)
+        holder = ids[victim]
         marked = _markers(store, "task_done")[:, 0, 0]  # the dead worker writes nothing more
+        lost = sorted(int(i) for i in np.flatnonzero(marked & (_stat(store, "worker") == _crc(victim))))
         orphans = sorted(i for i in held if not marked[i])
+        rows = [int(n.rsplit("-", 1)[1]) for n in locks]  # lock cqsa-<token>-row-<stripe>; stripe = row (W < 256)
+        _await(lambda: job.done() or _rows_merged(store, rows), f"rows {rows} to be merged", 60, 0.01)
+        row_seconds = time.monotonic() - killed_at
         res = job.result(timeout=240)
+        job_seconds = time.monotonic() - killed_at
         workers_after = set(c.scheduler_info(n_workers=-1)["workers"])
+        freed = [x for _, msg in c.get_events(TOPIC) for x in msg["leases"]]
     plan = res.plan
     assert plan.partials == partials
-    print(f"killed {victim} (pid {pids[victim]}) holding quorum tasks {held}; {int(marked.sum())}/{plan.tasks} "
-          f"done; left unfinished: {orphans}")
+    runs = _stat(store, "runs")
+    print(f"killed {victim} (pid {pids[victim]}) holding quorum tasks {held} and row locks {locks}; "
+          f"{int(marked.sum())}/{plan.tasks} done, {lost} of them by the dead worker; left unfinished: {orphans}; "
+          f"runs per task {runs.tolist()}; rows {rows} merged {row_seconds:.1f} s after the kill, the job "
+          f"{job_seconds:.1f} s; row locks freed by the scheduler: {freed}")
     assert plan.groups >= 7, plan
-    assert 2 <= marked.sum() < plan.tasks and orphans, "the worker was not killed in the middle of its tasks"
+    assert marked.sum() < plan.tasks and orphans, "the worker was not killed in the middle of its tasks"
     assert victim not in workers_after, f"the killed worker {victim} is still registered"
     assert (res.quorum_tasks_run, res.merges_run) == (plan.tasks, plan.merges), res
     assert _markers(store, "task_done").all() and _markers(store, "merge_done").all()
-    ran_on = np.asarray(array(_engine(store), "task_stats")[...])[:, 0, 0, -1]  # CRC-32 of the worker's address
-    survivors = {zlib.crc32(addr.encode()) for addr in workers_after}
+    ran_on = _stat(store, "worker")  # CRC-32 of the worker's address
+    survivors = {_crc(addr) for addr in workers_after}
     assert all(int(ran_on[i]) in survivors for i in orphans), f"orphans {orphans} ran on {ran_on[orphans]}"
+    assert lost, "the dead worker had finished no task: nothing durable could be redone"
+    redone = {int(i): runs[i] for i in np.flatnonzero(marked) if runs[i] != 1}
+    assert not redone, f"durable tasks computed again after the kill (task: runs): {redone}"
+    assert (runs >= 1).all(), runs
+    if partials == "bounded":
+        assert locks and plan.groups < 256, (locks, plan.groups)
+        assert _rows_merged(store, rows), f"rows {rows} not merged"
+        assert row_seconds < 15, f"rows {rows} of the killed lock holder waited {row_seconds:.1f} s"
+        assert all({"name": n, "holder": holder} in freed for n in locks), f"not freed by the plugin: {freed}"
     big.assert_exact(store)
     cluster.ensure_workers()  # the nanny brought up a replacement for the tests that follow
+
+
+# -- 1b. workers that join mid-job, and a worker too small --------------------------------------
+
+ELASTIC = "elastic_mem"  # the resource of the elastic job: the module's two workers do not advertise it
+ELASTIC_GROUPS = 31  # SMALL cut into 31 groups: 31 quorum tasks, and a quarter of BIG's reference to check
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """A job that ran while workers came (``elastic``), and where its tasks ran."""
+
+    store: Path
+    plan: Plan
+    workers: dict[str, str]  # role ("big", "small", "joiner") -> address
+    small_amount: int  # of ELASTIC, advertised by the small worker
+    done_at_join: int  # quorum tasks marked done when the joiner was started
+    ran_on: np.ndarray  # (W,) CRC-32 of the address each quorum task ran on
+    runs: np.ndarray  # (W,) computations of each quorum task
+    merges_on: np.ndarray  # (W,) the same for merges (NaN: a merge that had nothing to merge)
+
+
+def _elastic_need() -> int:
+    """task_memory_bytes of the elastic job's plan on the CPU (the plan ``run`` makes)."""
+    from cqsa_dask.client.policy import plan_options
+    from cqsa_dask.core.plan import make_plan
+
+    opts = {**plan_options("cpu"), "partials": "all"}
+    return make_plan(**SMALL, dtype="float32", budget=int(DEVICE_MEM), groups=ELASTIC_GROUPS, **opts).task_memory_bytes
+
+
+async def _advertise(dask_worker: Any, amount: float) -> None:
+    await dask_worker.set_resources(**{ELASTIC: amount})
+
+
+@pytest.fixture(scope="module")
+def elastic(cluster: DaskCluster, small: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Elastic]:
+    """A job on SMALL in ELASTIC_GROUPS groups whose quorum tasks ask for ELASTIC, which no worker
+    advertises but these::
+
+        at the start   worker "big"     ELASTIC = DEVICE_MEM  (the module's first worker,
+                                                               for the job: Worker.set_resources)
+                       worker "small"   ELASTIC = a quorum task's need - 1 byte  started now
+        3 tasks done   worker "joiner"  ELASTIC = DEVICE_MEM                    started now
+
+    The module's other worker advertises no ELASTIC (it only takes merges,
+    which ask for no resource).  "big" is frozen (SIGSTOP) from the joiner's
+    start until 1 s after it registered: a worker takes 4-8 s to start on
+    the loaded 2-core machine, longer than the whole job.  Frozen, "big"
+    keeps the rest of the job queued on it, and Dask's work stealing, whose
+    requests the frozen worker answers once it goes on, moves some of it
+    to the joiner.  The two new workers are stopped, and "big" advertises
+    no ELASTIC again, before the tests, which only read the record.
+    """
+    cluster.ensure_workers()
+    logdir = tmp_path_factory.mktemp("elastic")
+    small_amount = _elastic_need() - 1
+    procs = {"small": cluster.spawn_worker("elastic-small", ELASTIC, small_amount, logdir / "small")}
+    store = small.copy(logdir / "job.zarr")
+    with cluster.client() as c:
+        big_addr = cluster.workers(c)["reliability-0"]
+        big_pid = c.run(os.getpid, workers=[big_addr])[big_addr]
+        c.run(_advertise, amount=DEVICE_MEM, workers=[big_addr])
+        try:
+            with dask.config.set({"cqsa.resource": ELASTIC}), ThreadPoolExecutor(1) as pool:
+                job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address, memory_budget=DEVICE_MEM,
+                                  groups=ELASTIC_GROUPS)
+                _await(lambda: job.done() or _count(store, "task_done") >= 3, "three finished quorum tasks", poll=0.01)
+                os.kill(big_pid, signal.SIGSTOP)
+                try:
+                    done_at_join = _count(store, "task_done")
+                    procs["joiner"] = cluster.spawn_worker("elastic-joiner", ELASTIC, DEVICE_MEM, logdir / "joiner")
+                    cluster.ensure_workers(WORKERS + 2)
+                    time.sleep(1)
+                finally:
+                    os.kill(big_pid, signal.SIGCONT)
+                res = job.result(timeout=240)
+            names = {**cluster.workers(c), "big": big_addr}
+        finally:
+            for p in procs.values():
+                _kill_session(p)
+            c.run(_advertise, amount=0, workers=[big_addr])
+            # the module's tests count the workers: only its own two are left
+            _await(lambda: len(cluster.workers(c)) == WORKERS, "the elastic workers to leave", 60, 0.2)
+    engine = _engine(store)
+    stats = {n: np.asarray(array(engine, f"{n}_stats")[...])[:, 0, 0] for n in ("task", "merge")}
+    worker, runs = STAT_FIELDS.index("worker"), STAT_FIELDS.index("runs")
+    roles = {"big": "big", "joiner": "elastic-joiner", "small": "elastic-small"}
+    yield Elastic(store, res.plan, {r: names[n] for r, n in roles.items()}, small_amount, done_at_join,
+                  stats["task"][:, worker], stats["task"][:, runs], stats["merge"][:, worker])
+
+
+@pytest.mark.integration
+def test_a_worker_joining_mid_job_takes_tasks(elastic: Elastic, small: Source) -> None:
+    """The joiner ran quorum tasks of the job it joined; every task computed once; exact."""
+    on = {role: int((elastic.ran_on == _crc(addr)).sum()) for role, addr in elastic.workers.items()}
+    print(f"joined after {elastic.done_at_join}/{elastic.plan.tasks} quorum tasks; quorum tasks per worker {on}")
+    assert elastic.done_at_join < elastic.plan.tasks - 2, "the joiner came too late to take any task"
+    assert on["joiner"] >= 1, f"the worker that joined ran no quorum task: {on}"
+    assert on["big"] + on["joiner"] == elastic.plan.tasks, on
+    assert (elastic.runs == 1).all(), f"a task computed more than once: {elastic.runs}"
+    assert _markers(elastic.store, "task_done").all() and _markers(elastic.store, "merge_done").all()
+    small.assert_exact(elastic.store)
+
+
+@pytest.mark.integration
+def test_a_worker_advertising_too_little_gets_no_quorum_task(elastic: Elastic) -> None:
+    """The small worker advertises one byte less than a quorum task asks for: it ran none (merges,
+    which ask for no resource, may run there: docs/design.md); the job is exact (checked above)."""
+    small = _crc(elastic.workers["small"])
+    assert elastic.small_amount == elastic.plan.task_memory_bytes - 1, (elastic.small_amount, elastic.plan)
+    assert not (elastic.ran_on == small).any(), f"quorum tasks ran on the small worker: " \
+        f"{np.flatnonzero(elastic.ran_on == small).tolist()}"
+    print(f"merges on the small worker: {int((elastic.merges_on == small).sum())}/{elastic.plan.merges}")
 
 
 # -- 2. the client killed mid-job ----------------------------------------------------------------
@@ -693,8 +924,10 @@ def test_damaged_partials_are_detected_and_recomputed(cluster: DaskCluster, smal
     # The finished job's merges deleted every partial: rerun (the engine's own task function, in
     # this process) each producer of the unmerged rows but t2, as a job stopped before those
     # merges has them: their partials on disk, their markers set; t2's partials never written.
+    # (A task whose marker is set computes nothing: clear it first, the task sets it again.)
     token = str(_engine(store).attrs["token"])
     for t in sorted((set(cleared) | {p for p, _ in producers}) - {task_t2}):
+        array(_engine(store, "r+"), "task_done")[t, 0, 0] = 0
         quorum_task(str(store), token, t, 0, 0)
     unmerged = [int(g) for g in np.flatnonzero(_markers(store, "merge_done")[:, 0, 0] == 0)]
     for g in unmerged:

@@ -333,7 +333,8 @@ def run(
         bytes_read=sum(r["bytes_read"] for r in results),
         bytes_written=sum(r["bytes_written"] for r in results),
         peak_device_bytes=max(peaks) if peaks else None,
-        kernels=tuple(sorted({r["kernel"] for r in quorum})), phases=phases,
+        kernels=tuple(sorted({r["kernel"] for r in quorum if r["kernel"] is not None})),  # None: skipped
+        phases=phases,
     )
 
 

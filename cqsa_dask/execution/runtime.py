@@ -3,7 +3,8 @@
 ::
 
     client ──ensure_runtime(client, options)──> scheduler: CQSAWorkerPlugin(options),
-              (idempotent: named by options.runtime_key)  sent to every worker, now and later
+              (idempotent: named by options.runtime_key)  sent to every worker, now and later;
+                                                          RowLockRelease (lockrelease.py), once
     worker ──plugin.setup──> WorkerRuntime(options, worker)
     task   ──runtime(options)──> that runtime (outside such a worker: a process-local one)
 
@@ -14,7 +15,8 @@ A :class:`WorkerRuntime` owns
     streams      one CUDA stream per worker thread (``task_stream``)
     turn         the CPU compute turn: one task at a time runs torch math on the CPU
     fold slots   at most n folds at once (bounded partials bound their journals so)
-    row locks    a ``distributed.Lock`` per (job, row stripe) inside a worker
+    row locks    a lease of the scheduler's semaphore per (job, row stripe) inside a worker,
+                 freed by the scheduler's RowLockRelease if the worker dies (``rowlocks.py``)
 
 Process-wide settings (``process.py``: torch's intra-op threads, zarr's async
 concurrency, the CUDA allocator's per-process cap and expandable segments)
@@ -39,53 +41,25 @@ import torch
 from distributed import WorkerPlugin
 
 from cqsa_dask.execution.hostcache import HostCache, cache_capacity
+from cqsa_dask.execution.lockrelease import PLUGIN_NAME as RELEASE_PLUGIN
+from cqsa_dask.execution.lockrelease import ensure_release
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.process import configure_process, torch_threads
+from cqsa_dask.execution.rowlocks import RowLocks
 
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-__all__ = ["CQSAWorkerPlugin", "RowLocks", "WorkerRuntime", "ensure_runtime", "plugin_name", "runtime",
-           "worker_budget"]
+__all__ = ["CQSAWorkerPlugin", "WorkerRuntime", "ensure_runtime", "plugin_name", "runtime", "worker_budget"]
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "cqsa-runtime-"
-_STRIPES = 256  # row locks per job: rows share a lock modulo this
 
 
 def plugin_name(options: RunOptions) -> str:
     """The worker plugin's name for ``options``: one runtime per distinct per-worker settings."""
     return _PREFIX + options.runtime_key
-
-
-class RowLocks:
-    """The locks of shared rows (bounded partials): a ``distributed.Lock`` per (job, row
-    stripe) inside a Dask worker, so that workers folding into one row take turns; a
-    process-local lock outside one."""
-
-    def __init__(self) -> None:
-        self._local: dict[tuple[str, int], threading.Lock] = {}
-        self._dist: dict[tuple[str, int], Any] = {}
-        self._guard = threading.Lock()
-
-    def get(self, token: str, group: int) -> AbstractContextManager[Any]:
-        """Call from the task's own thread (a distributed lock needs the worker's context)."""
-        key = (token, group % _STRIPES)
-        with self._guard:
-            try:
-                from distributed import Lock, get_worker
-
-                get_worker()
-            except (ImportError, ValueError):
-                return self._local.setdefault(key, threading.Lock())
-            if key not in self._dist:
-                lock = Lock(f"cqsa-{token}-fold-{key[1]}")
-                # bind it to this worker's scheduler connection and loop now, in the task's thread: it is
-                # used from IO threads, where the lazy binding would find no worker context
-                _ = lock.scheduler, lock.loop
-                self._dist[key] = lock
-            return self._dist[key]  # type: ignore[no-any-return]
 
 
 class WorkerRuntime:
@@ -226,13 +200,15 @@ def runtime(options: RunOptions) -> WorkerRuntime:
 
 def ensure_runtime(client: Client, options: RunOptions) -> None:
     """Make every worker of ``client``'s cluster (and every worker joining it) hold a runtime
-    for ``options``.  Cheap when it is there already (one message to the scheduler); a
+    for ``options``, and the scheduler free the row locks of workers that leave
+    (``lockrelease.py``).  Cheap when both are there already (one message to the scheduler); a
     runtime of other settings is replaced (its cache dropped; tasks still running with it
     finish on it).  Call before submitting a job's tasks."""
     name = plugin_name(options)
     # a lambda travels by value: the scheduler need not import this module (nor torch)
-    present = client.run_on_scheduler(lambda dask_scheduler, p=_PREFIX: [
-        n for n in dask_scheduler.worker_plugins if n.startswith(p)])
+    present, releases = client.run_on_scheduler(lambda dask_scheduler, p=_PREFIX, r=RELEASE_PLUGIN: (
+        [n for n in dask_scheduler.worker_plugins if n.startswith(p)], r in dask_scheduler.plugins))
+    ensure_release(client, releases)
     if name in present:
         return
     for other in present:

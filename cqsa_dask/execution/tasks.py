@@ -8,13 +8,14 @@ partials policy is the policy's (``partials/``).
 
 Quorum task (task i, batch b, head block j)::
 
+    task_done[i, b, j] set: return at once  (a rerun of a durable task after its worker died)
     tell the scheduler the task runs                      (telemetry, best effort)
     prefetch   k, v of every key group the task owns pairs for (resident), q ahead
     for each slot s with query group a and key groups [b1, b2, ...]:
         compute  (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc)
         write    behind: a single-producer row to out/lse (and its marker),
                  a shared row to the partials policy (emit)
-    write task_stats[i, b, j]  (timings, bytes, device peak)
+    write task_stats[i, b, j]  (timings, bytes, device peak, runs: the count of computations)
     write task_done[i, b, j] = 1                       (after all data)
     report the figures to the scheduler                (telemetry, best effort)
 
@@ -59,12 +60,19 @@ def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
     pool (``taskio.py``), so IO overlaps the kernels; on CUDA a slot's result
     is copied back while the next slot's kernels run.  Returns timings and
     byte counts.
+
+    A task whose marker is set computes nothing (``"skipped": True``): Dask runs a
+    finished task again when the worker holding its result died before every merge
+    that needs it ran, and what the marker vouches for is in the store already.
     """
     opt = options or RunOptions.from_config()
+    job = open_job(store, token)
+    if job.task_done[task, batch, block]:  # durable already: Dask reran it after its worker died
+        return _skipped(task, batch, block)
     rt = runtime(opt)
     rt.bind_thread()
     start = task_started(token, "quorum", (task, batch, block))
-    cell = Cell(open_job(store, token), token, batch, block)
+    cell = Cell(job, token, batch, block)
     rec = attempts(opt.retries, lambda: _QuorumRun(cell, task, opt, rt).run(), f"quorum task {task}")
     _record(cell.job.task_stats, (task, batch, block), rec, start)
     cell.job.task_done[task, batch, block] = 1
@@ -164,6 +172,14 @@ def cuda_turn(setting: str, plan: Plan) -> str:
     if setting != "auto":
         return setting
     return "kernels" if plan.groups == 1 else "streams"
+
+
+def _skipped(task: int, batch: int, block: int) -> dict[str, Any]:
+    """The record of a task found done: nothing read, written or computed."""
+    return {"kind": "quorum", "task": task, "batch": batch, "block": block, "skipped": True, "pairs": 0,
+            "kernel": None, "device": None, "seconds": 0.0, "compute_seconds": 0.0, "io_seconds": 0.0,
+            "bytes_read": 0, "bytes_written": 0, "peak_device_bytes": None, "peak_device_reserved_bytes": None,
+            "device_in_use": None}
 
 
 def _device_figures(dev: torch.device) -> dict[str, int | None]:

@@ -74,10 +74,12 @@ __all__ = [
 ENGINE = "_cqsa"
 # Per-task figures kept in task_stats / merge_stats (last axis), written by the
 # task just before its marker: start (Unix time, s), wall seconds, compute and
-# I/O seconds, bytes read and written, device peak (bytes; NaN on CPU) and
-# worker (CRC-32 of the worker's address).
+# I/O seconds, bytes read and written, device peak (bytes; NaN on CPU), worker
+# (CRC-32 of the worker's address) and runs (how many times the task computed
+# and wrote this record: the record before it plus one).  Stores of an engine
+# before "runs" have the first 8 fields only.
 STAT_FIELDS = ("start", "seconds", "compute_seconds", "io_seconds", "bytes_read", "bytes_written",
-               "peak_device_bytes", "worker")
+               "peak_device_bytes", "worker", "runs")
 _LOGICAL = "logical_dtype"
 #: torch dtype of each logical dtype name.
 TORCH_DTYPES = {name: torch_dtype(name) for name in DTYPES}
@@ -242,12 +244,18 @@ def delete_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> None:
 def write_stats(arr: zarr.Array, index: tuple[int, int, int], stats: Mapping[str, Any]) -> None:
     """Write the ``STAT_FIELDS`` of one task into ``arr[index]`` (missing or None: NaN).
 
-    ``stats["worker"]`` may be the worker's address; it is stored as its CRC-32.
+    ``stats["worker"]`` may be the worker's address; it is stored as its CRC-32.  ``runs`` is
+    counted here: the runs of the record already there (none: 0) plus one.  An array of an
+    older engine, with fewer fields, gets the fields it has.
     """
     worker = stats.get("worker")
     if isinstance(worker, str):
         stats = {**stats, "worker": zlib.crc32(worker.encode())}
-    row = [stats.get(f) for f in STAT_FIELDS]
+    fields = STAT_FIELDS[:arr.shape[-1]]
+    if "runs" in fields:
+        before = float(np.asarray(arr[(*index, STAT_FIELDS.index("runs"))]))
+        stats = {**stats, "runs": (before if np.isfinite(before) else 0.0) + 1}
+    row = [stats.get(f) for f in fields]
     arr[index] = np.array([np.nan if v is None else float(v) for v in row], dtype=np.float64)
 
 
