@@ -186,3 +186,26 @@ def test_outside_a_worker_tasks_get_a_process_local_runtime() -> None:
     assert rt is runtime(opts) and not rt.owns_process and rt.cache.capacity == 0
     assert runtime(opts.replace(host_cache="1MB")) is not rt
     assert runtime(opts.replace(check_finite=False)) is rt, "per-task options share the runtime"
+
+
+def test_a_task_on_a_worker_of_another_device_kind_is_refused_in_one_line(client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A job sized for CUDA workers (host staging, two tasks in flight) whose task lands on a CPU
+    worker (one that joined its scheduler later, say) fails with one line naming both kinds."""
+    import zarr
+
+    import cqsa_dask
+    from cqsa_dask.core.errors import InvalidInputError
+    from cqsa_dask.execution.tasks import quorum_task
+    from cqsa_dask.store.random_inputs import write_random_inputs
+
+    path = tmp_path / "job.zarr"
+    write_random_inputs(str(path), seq_len=200, heads=2, head_dim=16, seed=int.from_bytes(os.urandom(4), "little"))
+    res = cqsa_dask.run(str(path), client=client, groups=3, memory_budget="64MB")
+    assert not res.plan.host_staging  # planned for this machine's CPU workers
+    eng = zarr.open_group(str(path), mode="r+")["_cqsa"]
+    plan = dict(eng.attrs["plan"])
+    eng.attrs["plan"] = {**plan, "host_staging": True}  # as a plan for CUDA workers would say
+    eng["task_done"][0, 0, 0] = 0
+    with pytest.raises(InvalidInputError) as e:
+        quorum_task(str(path), str(eng.attrs["token"]), 0, 0, 0, RunOptions.from_config(device="cpu"))
+    assert str(e.value).count("\n") == 0 and "computes on cpu, but this job was planned for cuda workers" in str(e.value)

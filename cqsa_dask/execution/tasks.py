@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
@@ -88,6 +88,7 @@ class _QuorumRun:
         self.cell, self.task, self.plan, self.rt = cell, task, plan, rt
         self.t0 = time.perf_counter()
         self.dev = resolve_device(opt.device)
+        check_device_kind(plan, self.dev)
         if self.dev.type == "cuda":  # per-task peaks (shared by tasks running at once on one device)
             torch.cuda.reset_peak_memory_stats(self.dev)
         self.dtype = TORCH_DTYPES[plan.dtype]
@@ -157,6 +158,18 @@ class _QuorumRun:
             "io_seconds": self.timer.wait, "bytes_read": self.io.read, "bytes_written": self.io.written,
             **_device_figures(dev),
         }
+
+
+def check_device_kind(plan: Plan, dev: torch.device) -> None:
+    """Refuse a task on a worker of another device kind than the one ``plan`` was sized for (a CUDA
+    plan stages through host memory and holds two tasks at once; a CPU plan does neither): a
+    worker that joined a job's scheduler with another kind fails the job with one line."""
+    planned = "cuda" if plan.host_staging else "cpu"
+    if dev.type != planned:
+        raise InvalidInputError(
+            f"worker {worker_address() or 'in this process'} computes on {dev.type}, but this job was planned for "
+            f"{planned} workers (memory per task, tasks in flight): give its scheduler workers of one kind, "
+            "or set cqsa.device on them")
 
 
 def cuda_turn(setting: str, plan: Plan) -> str:
