@@ -74,8 +74,9 @@ class JobResult:
     kernels: tuple[str, ...] = field(default=())
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds from the call to the end of each step before the tasks ran: "connected"
-    (a cluster to run on), "prepared" (plan, job state, lease), "submitted" (graph built
-    and handed to the scheduler); "finished" (every task done)."""
+    (a cluster to run on), "planned" (sized for the workers), "claimed" (job state, lease),
+    "runtime" (the workers' runtime set up), "prepared" (graph built), "submitted" (handed
+    to the scheduler); "finished" (every task done)."""
 
     @property
     def tflops(self) -> float:
@@ -302,15 +303,18 @@ def run(
         if plan is None:  # sized for what the scheduler's workers are and advertise
             plan = plan_for(_budget(memory_budget, c, resource), workers_device_kind(c))
         check_capacity(c, resource, plan.task_memory_bytes)
+        mark("planned")
         if location.process_local:  # an in-memory store: only workers in this process reach it
             location.check_processes(c.run(os.getpid).values())
         token, resumed = _prepare(group, plan, restart, force)
         lease = Lease(group, ttl=float(config.get("lease-seconds")), force=force)
         _store_op(lease.claim)
+        mark("claimed")
         try:
             eng = engine(group)
             options = RunOptions.from_config(resource=resource, tasks_in_flight=plan.tasks_in_flight)
             ensure_runtime(c, options)  # every worker's runtime (caches, pools, locks), set up once
+            mark("runtime")
             jg = build_graph(
                 location, token, plan, resource=resource, retries=0,  # tasks retry what is transient themselves
                 task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"), options=options,
