@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -291,3 +292,96 @@ def test_generated_inputs_on_s3_through_the_cli(endpoint: str, capsys: pytest.Ca
     other = [*command[:4], "--heads", "4", *command[6:]]  # another source at the same URL
     assert main(other) == 2
     assert "holds another synthetic source" in capsys.readouterr().err
+
+
+# -- kill -9 of `cqsa run` on S3, then `cqsa resume` ----------------------------------------------
+
+
+def _engine_array(url: str, options: dict[str, Any], name: str) -> np.ndarray:
+    arr = zarr.open_group(url, mode="r", storage_options=options, zarr_format=3)["_cqsa"][name]
+    assert isinstance(arr, zarr.Array)
+    return np.asarray(arr[...])
+
+
+def _cqsa_env(endpoint: str, credentials: str) -> tuple[dict[str, str], list[str]]:
+    """The environment and CLI options of a `cqsa` subprocess reaching the server one way or the other."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "DASK_CQSA__TORCH_THREADS": "1",
+           "DASK_CQSA__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0", "DASK_CQSA__LOCAL_CLUSTER__PROCESSES": "false"}
+    if credentials == "environment":
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET,
+                   AWS_REGION="us-east-1")
+        return env, []
+    return env, ["--storage-options", json.dumps(_options(endpoint))]
+
+
+def _kill_when(proc: subprocess.Popen[bytes], ready: Any, log: Path, timeout: float = 120) -> None:
+    """SIGKILL the session ``proc`` leads (the CLI and its local workers) once ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"`cqsa run` ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no task marker after {timeout}s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("credentials", "partials", "causal"), [
+    ("environment", "all", False),
+    ("storage_options", "bounded", True),
+], ids=["env-all", "options-bounded-causal"])
+def test_a_killed_run_on_s3_resumes_at_once_without_recomputing_marked_tasks(
+        endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        credentials: str, partials: str, causal: bool) -> None:
+    """kill -9 of `cqsa run s3://...` (a subprocess with a threaded local cluster) once two task
+    markers exist, then at once `cqsa resume` (a subprocess too): the dead holder's lease is taken
+    over, every task marked before is kept (its record untouched), exactly the others run, `cqsa
+    verify` passes and out, lse match float64."""
+    inp = draw_inputs(1, 2, 1, 26 * 7, 16)  # W = 7 groups of 26 tokens, |D| = 3
+    print(f"inputs: {inp.ctx}")
+    url, options = f"s3://{BUCKET}/killed-{partials}-{inp.seed}.zarr", _options(endpoint)
+    _write_inputs(url, options, inp.q, inp.k, inp.v)
+    env, cli = _cqsa_env(endpoint, credentials)
+    prefix = url.split("/", 3)[3] + "/_cqsa/task_done"
+    log = tmp_path / "run.log"
+    with open(log, "wb") as f:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "cqsa_dask", "run", url, "--groups", "7", "--budget", "1GB", "--partials",
+             partials, "--json", *(["--causal"] if causal else []), *cli],
+            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    t0 = time.monotonic()
+    _kill_when(first, lambda: len(_keys(endpoint, prefix)) >= 2, log)
+    print(f"killed after {time.monotonic() - t0:.1f}s")
+    time.sleep(0.5)  # a request already sent when the processes died is answered
+    marked = _engine_array(url, options, "task_done")[:, 0, 0] == 1
+    records = _engine_array(url, options, "task_stats")[:, 0, 0]
+    merged = int(_engine_array(url, options, "merge_done").sum())
+    print(f"killed with {int(marked.sum())}/7 tasks and {merged}/7 merges marked")
+    assert 2 <= marked.sum() < 7, "not killed mid-job"
+    lease = zarr.open_group(url, mode="r", storage_options=options)["_cqsa"].attrs["lease"]
+    assert isinstance(lease, dict) and lease["pid"] == first.pid, "a killed run cannot release its lease"
+
+    t0 = time.monotonic()
+    resume = subprocess.run([sys.executable, "-m", "cqsa_dask", "resume", url, "--json", *cli], env=env, check=False,
+                            capture_output=True, text=True, timeout=240)
+    assert resume.returncode == 0 and "Traceback" not in resume.stderr, resume.stderr[-3000:]
+    print(f"resume: {time.monotonic() - t0:.1f}s")
+    done = json.loads(resume.stdout.splitlines()[-1])
+    assert done["event"] == "done" and done["resumed"]
+    assert done["quorum_tasks_run"] == 7 - int(marked.sum()), "a task with a marker was run again"
+    assert done["merges_run"] == 7 - merged
+    after = _engine_array(url, options, "task_stats")[:, 0, 0]
+    np.testing.assert_array_equal(after[marked], records[marked], err_msg="a marked task's record was rewritten")
+    assert not np.isnan(after[:, 0]).any(), "every task has its record (start time)"
+    assert _engine_array(url, options, "task_done").all() and _engine_array(url, options, "merge_done").all()
+    with monkeypatch.context() as m:  # `cqsa verify`, in this process, reaching the store the same way
+        for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+            if var in env:
+                m.setenv(var, env[var])
+        capsys.readouterr()
+        assert main(["verify", url, "--json", *cli]) == 0
+        assert json.loads(capsys.readouterr().out)["passed"]
+    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=causal,
+                scale=None, context=inp.ctx)
