@@ -385,3 +385,67 @@ def test_a_killed_run_on_s3_resumes_at_once_without_recomputing_marked_tasks(
         assert json.loads(capsys.readouterr().out)["passed"]
     check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=causal,
                 scale=None, context=inp.ctx)
+
+
+# -- the lease and the markers on S3: conditional writes, requests in bulk ------------------------
+
+
+def test_the_lease_on_s3_is_a_compare_and_swap(endpoint: str) -> None:
+    """Two runs read the lease at the same moment: the second write fails (If-Match), the store keeps
+    the first run's lease, and a renewal never overwrites a lease another run took."""
+    from cqsa_dask.store.conditional import attribute_swap
+    from cqsa_dask.store.jobstate import Lease
+
+    url = f"s3://{BUCKET}/lease-{os.getpid()}-{time.monotonic_ns()}.zarr"
+    group = zarr.open_group(url, mode="w", storage_options=_options(endpoint), zarr_format=3)
+    group.create_group("_cqsa").attrs.update({"plan": {"groups": 7}})
+    swap = attribute_swap(zarr.open_group(url, mode="r+", storage_options=_options(endpoint))["_cqsa"])
+    assert swap is not None, "an s3:// store has conditional writes"
+    seen = swap.read()  # the second run reads the attributes...
+    first = Lease(group, ttl=60)
+    first.acquire()  # ...the first claims meanwhile, without a settling wait
+    assert first._atomic
+    assert not swap.write(seen, {**seen.attrs, "lease": {"owner": "second"}}), "a stale write went through"
+    stored = swap.read().attrs
+    assert stored["lease"]["owner"] == first.owner and stored["plan"] == {"groups": 7}
+    with pytest.raises(StoreError, match="another run holds this store"):
+        Lease(group, ttl=60).acquire()
+    now = swap.read()  # a third run takes the lease over (as after the first's expiry)...
+    assert swap.write(now, {**now.attrs, "lease": {"owner": "third", "expires": time.time() + 60}})
+    first._write()  # ...and the first run's next renewal leaves it alone
+    first.release()
+    assert swap.read().attrs["lease"]["owner"] == "third"
+
+
+def test_markers_on_s3_cost_one_request_each_and_one_listing_in_all() -> None:
+    """Counted at the server: a marker cell read is one GET, set or not; all markers of an array are
+    one LIST whatever their number (W = 7 and W = 600); a merge's partials go in one delete."""
+    from benchmarks.s3server import counting_s3
+    from cqsa_dask.store.layout import array, create_markers, delete_chunks
+    from cqsa_dask.store.markers import Markers
+
+    with counting_s3((BUCKET,), KEY, SECRET) as server:
+        options = _options(server.endpoint)
+        group = zarr.open_group(f"s3://{BUCKET}/markers.zarr", mode="w", storage_options=options, zarr_format=3)
+        lists = []
+        for w in (7, 600):
+            create_markers(group, f"done{w}", (w, 1, 1))
+            marks = Markers(array(zarr.open_group(f"s3://{BUCKET}/markers.zarr", mode="r+",
+                                                  storage_options=options), f"done{w}"))
+            set_cells = sorted({0, 3, w - 1})
+            for a in set_cells:
+                marks[a, 0, 0] = 1
+            server.reset()
+            assert [int(marks[a, 0, 0]) for a in range(7)] == [int(a in set_cells) for a in range(7)]
+            cells = server.counts(reset=True)
+            assert cells.by_type() == {"GET": 7, "PUT": 0, "HEAD": 0, "LIST": 0, "DELETE": 0}, cells.rows
+            got = marks.read_all()
+            lists.append(server.counts(reset=True).by_type())
+            assert sorted(np.flatnonzero(got[:, 0, 0])) == set_cells
+        assert lists[0] == lists[1] == {"GET": 0, "PUT": 0, "HEAD": 0, "LIST": 1, "DELETE": 0}, lists
+        parts = group.create_array("parts", shape=(8, 4), chunks=(1, 4), dtype="float32", compressors=None)
+        parts[...] = np.ones((8, 4), np.float32)
+        server.reset()
+        delete_chunks(parts, [(i, 0) for i in range(8)])
+        assert server.counts().by_type()["DELETE"] == 1
+        assert not _keys(server.endpoint, "markers.zarr/parts/c")
