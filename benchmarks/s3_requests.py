@@ -1,28 +1,33 @@
-"""S3 requests of a job, counted at the server: per task, and at resume, at W = 1,000 token groups.
+"""S3 requests of a job, counted at the server: per task, and at resume, up to W = 1,000 token groups.
 
 ::
 
     counting moto server (benchmarks/s3server.py, its own process)  <── every request counted by type
-        s3://cqsa/full-<W>.zarr    q, k, v written with plain zarr, then
-            run      cqsa_dask.run (local cluster: worker processes)   requests per task
-            resume   the finished job again                            requests of a resume (no task left)
-        s3://cqsa/half-<W>.zarr
-            `cqsa run` (a subprocess) killed with SIGKILL once about half the task markers exist
-            resume   cqsa_dask.run: requests until the graph is submitted (on_start), then in all
+    W = --small (57): s3://cqsa/full-57.zarr, q, k, v written with plain zarr (one group per chunk)
+        run       cqsa_dask.run, the whole job (local cluster, worker processes)  requests per task
+        resume    the finished job again                                          requests of a resume
+        half      `cqsa run` (subprocess, AWS_* environment) killed with SIGKILL at half its task
+                  markers, then resumed to the end                               resume startup, per task
+    W = --groups (1,000): q, k, v written with plain zarr (chunks of 125 groups)
+        partly    `cqsa run` killed once --killed-after task markers exist; resumed: the requests
+                  until the graph is submitted, then those of the first --window finished tasks
+                  (quorum tasks and merges), then the resume is stopped
+        finished  the same job computed on a local directory by the same engine and uploaded
+                  (every file); its resume on S3 runs no task: all of it is resume cost
 
-Shape: B = 1, H = 1, D = 8, float32, N = 8 W tokens (groups of 8), inputs
-chunked one group per chunk; ``--groups`` forces W, so |D| is the ruler set's
-(47 at W = 1,000).  The client and its workers reach the server through
-``storage_options``; the killed run through the AWS_* environment.  A
-resume's "startup" requests are those the server answered before the run
+A resume's "startup" requests are those the server answered before the run
 called ``on_start`` (just before it submits the graph): opening the store,
 checking the inputs (fingerprint), the plan, the markers and the lease.
-``--compare W2`` also resumes a finished job of W2 groups, to show what of
-a resume grows with W.
+The W = 1,000 job is not run to its end through moto: at the rate the
+2-core machine serves (tens of requests per second) its ~200,000 requests
+would take hours, hence the window and the uploaded finished job.
 
-Writes ``benchmarks/results/s3-requests-<UTC time>.json`` (the environment
-blocks of ``environment.py``, the counts by type and by array) and prints
-a Markdown table.
+Shape: B = 1, H = 1, D = 8, float32, N = 8 W tokens; ``groups`` forces W,
+so |D| is the ruler set's (47 at W = 1,000).  The client reaches the
+server through ``storage_options``.  Writes
+``benchmarks/results/s3-requests-<UTC time>.json`` (the environment blocks
+of ``environment.py``, the counts by type and by array) and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,15 +59,16 @@ def _options(server: CountingS3) -> dict[str, Any]:
     return {"endpoint_url": server.endpoint, "key": KEY, "secret": SECRET}
 
 
-def write_inputs(url: str, options: dict[str, Any], groups: int, seed: int) -> None:
-    """q, k, v (1, 1, 8 W, 8) float32 of N(0, 1) into a new group, with plain zarr, one group per chunk."""
+def write_inputs(url: str, options: dict[str, Any] | None, groups: int, seed: int, groups_per_chunk: int = 1) -> None:
+    """q, k, v (1, 1, 8 W, 8) float32 of N(0, 1) into a new group, with plain zarr."""
     import zarr
 
     rng = np.random.default_rng(seed)
     g = zarr.open_group(url, mode="w", storage_options=options, zarr_format=3)
     shape = (1, 1, TOKENS_PER_GROUP * groups, HEAD_DIM)
+    chunks = (1, 1, TOKENS_PER_GROUP * groups_per_chunk, HEAD_DIM)
     for name in ("q", "k", "v"):
-        arr = g.create_array(name, shape=shape, chunks=(1, 1, TOKENS_PER_GROUP, HEAD_DIM), dtype="float32")
+        arr = g.create_array(name, shape=shape, chunks=chunks, dtype="float32")
         arr[...] = rng.standard_normal(shape, dtype=np.float32)
 
 
@@ -74,23 +81,43 @@ def _summary(counts: RequestCounts, prefix: str, per: int | None = None) -> dict
     return out
 
 
-def run_counted(server: CountingS3, url: str, groups: int, partials: str) -> dict[str, Any]:
+class _Enough(Exception):
+    """Raised by the progress callback to stop a resume after its window of tasks."""
+
+
+def run_counted(server: CountingS3, url: str, groups: int, partials: str, window: int | None = None
+                ) -> dict[str, Any]:
     """Run (or resume) the job at ``url`` in this process; the server's counts until the graph is
-    submitted and in all."""
+    submitted, and in all (or, with ``window``, over the first ``window`` finished tasks, after
+    which the run is stopped)."""
     import cqsa_dask
 
     server.reset()
     startup: list[RequestCounts] = []
+    finished: list[int] = []
+
+    def on_start(plan: Any, link: Any) -> None:
+        startup.append(server.counts(reset=window is not None))
+
+    def progress(done: int, total: int) -> None:
+        finished.append(done)
+        if window is not None and done >= window:
+            raise _Enough
+
     t0 = time.perf_counter()
-    res = cqsa_dask.run(url, storage_options=_options(server), groups=groups, memory_budget="1GB",
-                        partials=partials, on_start=lambda plan, link: startup.append(server.counts()))
+    res = None
+    with contextlib.suppress(_Enough):
+        res = cqsa_dask.run(url, storage_options=_options(server), groups=groups, memory_budget="1GB",
+                            partials=partials, on_start=on_start, progress=progress)
     seconds = time.perf_counter() - t0
     total = server.counts()
     prefix = url.split("/", 3)[3]
-    return {"seconds": round(seconds, 2), "resumed": res.resumed, "quorum_tasks_run": res.quorum_tasks_run,
-            "merges_run": res.merges_run, "quorum_size": res.plan.quorum_size, "groups": res.plan.groups,
-            "startup": _summary(startup[0], prefix) if startup else None,
-            "all": _summary(total, prefix, per=res.quorum_tasks_run or None)}
+    out: dict[str, Any] = {"seconds": round(seconds, 2), "startup": _summary(startup[0], prefix) if startup else None}
+    if res is None:  # stopped after the window: counts since on_start, per finished task (quorum or merge)
+        return out | {"stopped_after_tasks": finished[-1], "window": _summary(total, prefix, per=finished[-1])}
+    return out | {"resumed": res.resumed, "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run,
+                  "quorum_size": res.plan.quorum_size, "groups": res.plan.groups,
+                  "all": _summary(total, prefix, per=res.quorum_tasks_run or None)}
 
 
 def _task_markers(server: CountingS3, url: str) -> int:
@@ -102,9 +129,9 @@ def _task_markers(server: CountingS3, url: str) -> int:
     return 0
 
 
-def kill_half_way(server: CountingS3, url: str, groups: int, partials: str) -> dict[str, Any]:
+def kill_after(server: CountingS3, url: str, groups: int, partials: str, markers: int) -> dict[str, Any]:
     """`cqsa run` as a subprocess (store reached through the AWS_* environment), SIGKILLed with its
-    workers once half the task markers exist."""
+    workers once ``markers`` task markers exist."""
     env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": KEY,
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -113,9 +140,9 @@ def kill_half_way(server: CountingS3, url: str, groups: int, partials: str) -> d
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        while (done := _task_markers(server, url)) < groups // 2:
+        while (done := _task_markers(server, url)) < markers:
             if proc.poll() is not None:
-                raise RuntimeError(f"`cqsa run` ended (status {proc.returncode}) before half its tasks")
+                raise RuntimeError(f"`cqsa run` ended (status {proc.returncode}) before {markers} tasks")
             time.sleep(1.0)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -125,37 +152,62 @@ def kill_half_way(server: CountingS3, url: str, groups: int, partials: str) -> d
     return {"task_markers_at_kill": done, "task_markers_after": _task_markers(server, url)}
 
 
-def measure(groups: int, partials: str, compare: int | None, seed: int) -> dict[str, Any]:
+def upload_finished(server: CountingS3, url: str, groups: int, partials: str, seed: int, workdir: Path) -> None:
+    """The job computed on a local directory (same engine, same inputs written with plain zarr),
+    then every file of it uploaded to ``url``."""
+    import s3fs
+
+    import cqsa_dask
+
+    local = workdir / f"finished-{groups}.zarr"
+    write_inputs(str(local), None, groups, seed, groups_per_chunk=125)
+    cqsa_dask.run(str(local), groups=groups, memory_budget="1GB", partials=partials)
+    fs = s3fs.S3FileSystem(**_options(server), skip_instance_cache=True)
+    fs.put(str(local), url.removeprefix("s3://"), recursive=True)
+
+
+def measure(small: int, groups: int, partials: str, killed_after: int, window: int, seed: int,
+            workdir: Path) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
     with counting_s3((BUCKET,), KEY, SECRET) as server:
-        full = f"s3://{BUCKET}/full-{groups}.zarr"
-        write_inputs(full, _options(server), groups, seed)
-        rec: dict[str, Any] = {"run": run_counted(server, full, groups, partials)}
-        rec["resume_finished"] = run_counted(server, full, groups, partials)
-        if compare:
-            small = f"s3://{BUCKET}/full-{compare}.zarr"
-            write_inputs(small, _options(server), compare, seed + 1)
-            run_counted(server, small, compare, partials)
-            rec[f"resume_finished_w{compare}"] = run_counted(server, small, compare, partials)
-        half = f"s3://{BUCKET}/half-{groups}.zarr"
-        write_inputs(half, _options(server), groups, seed + 2)
-        rec["killed"] = kill_half_way(server, half, groups, partials)
-        rec["resume_half_done"] = run_counted(server, half, groups, partials)
+        if small:
+            full = f"s3://{BUCKET}/full-{small}.zarr"
+            write_inputs(full, _options(server), small, seed)
+            rec[f"w{small}_run"] = run_counted(server, full, small, partials)
+            rec[f"w{small}_resume_finished"] = run_counted(server, full, small, partials)
+            half = f"s3://{BUCKET}/half-{small}.zarr"
+            write_inputs(half, _options(server), small, seed + 1)
+            rec[f"w{small}_killed"] = kill_after(server, half, small, partials, small // 2)
+            rec[f"w{small}_resume_half_done"] = run_counted(server, half, small, partials)
+        partly = f"s3://{BUCKET}/partly-{groups}.zarr"
+        write_inputs(partly, _options(server), groups, seed + 2, groups_per_chunk=125)
+        rec[f"w{groups}_killed"] = kill_after(server, partly, groups, partials, killed_after)
+        rec[f"w{groups}_resume_partly_done"] = run_counted(server, partly, groups, partials, window=window)
+        finished = f"s3://{BUCKET}/finished-{groups}.zarr"
+        upload_finished(server, finished, groups, partials, seed + 3, workdir)
+        rec[f"w{groups}_resume_finished"] = run_counted(server, finished, groups, partials)
     return rec
 
 
-def table(results: dict[str, Any]) -> str:
+def table(results: dict[str, Any], small: int, groups: int) -> str:
     """The Markdown table of docs/cluster.md: requests of each phase by type (per task where said)."""
-    rows = ["| phase | requests | " + " | ".join(TYPES) + " |", "|---|---|" + "---|" * len(TYPES)]
-    phases = [("run, per task", results["run"]["all"], True),
-              ("resume of the finished job (before submitting)", results["resume_finished"]["startup"], False),
-              ("resume of the half-done job (before submitting)", results["resume_half_done"]["startup"], False),
-              ("resume of the half-done job, per task run", results["resume_half_done"]["all"], True)]
-    phases += [(f"resume of a finished job of W = {k.removeprefix('resume_finished_w')} (before submitting)",
-                v["startup"], False) for k, v in results.items() if k.startswith("resume_finished_w")]
-    for name, s, per in phases:
+    rows = ["| W | phase | requests | " + " | ".join(TYPES) + " |", "|---|---|---|" + "---|" * len(TYPES)]
+    phases = [(small, "whole run, per quorum task (with its merge)", f"w{small}_run", "all", True),
+              (small, "resume of the finished job (no task left)", f"w{small}_resume_finished", "all", False),
+              (small, "resume of the half-done job, until submitted", f"w{small}_resume_half_done", "startup", False),
+              (small, "resume of the half-done job, per quorum task run", f"w{small}_resume_half_done", "all", True),
+              (groups, "resume of the finished job (no task left)", f"w{groups}_resume_finished", "all", False),
+              (groups, "resume of a partly done job, until submitted", f"w{groups}_resume_partly_done", "startup",
+               False),
+              (groups, "the resumed job's first tasks, per finished task (quorum or merge)",
+               f"w{groups}_resume_partly_done", "window", True)]
+    for w, name, key, part, per in phases:
+        s = results.get(key, {}).get(part)
+        if not s or (per and "per_task_by_type" not in s):  # no task ran
+            continue
         by = s["per_task_by_type"] if per else s["by_type"]
         total = s["per_task_total"] if per else s["total"]
-        rows.append(f"| {name} | {total:,} | " + " | ".join(f"{by.get(t, 0):,}" for t in TYPES) + " |")
+        rows.append(f"| {w:,} | {name} | {total:,} | " + " | ".join(f"{by.get(t, 0):,}" for t in TYPES) + " |")
     return "\n".join(rows)
 
 
@@ -170,9 +222,11 @@ def _quiet_local_cluster() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--groups", type=int, default=1000, help="token groups W (N = 8 W tokens)")
+    ap.add_argument("--groups", type=int, default=1000, help="token groups W of the large jobs (N = 8 W tokens)")
+    ap.add_argument("--small", type=int, default=57, help="W of the job run to its end through S3 (0: none)")
+    ap.add_argument("--killed-after", type=int, default=10, help="task markers before the large run is killed")
+    ap.add_argument("--window", type=int, default=40, help="finished tasks counted in the large resume")
     ap.add_argument("--partials", choices=("all", "bounded"), default="all")
-    ap.add_argument("--compare", type=int, default=31, help="W of a second finished job resumed (0: none)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -182,16 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "s3-requests", "date": now_utc(), "issue": 16,
         "command": "python -m benchmarks.s3_requests " + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {"batch": 1, "heads": 1, "head_dim": HEAD_DIM, "seq_len": TOKENS_PER_GROUP * args.groups,
-                  "dtype": "float32", "groups": args.groups, "partials": args.partials, "seed": seed},
+                  "dtype": "float32", "groups": args.groups, "small_groups": args.small, "partials": args.partials,
+                  "seed": seed, "killed_after": args.killed_after, "window": args.window},
         "hardware": hardware(), "versions": versions(), "git": git_info(), "load_start": load(),
     }
-    with _quiet_local_cluster():
-        rec["results"] = measure(args.groups, args.partials, args.compare or None, seed)
+    with _quiet_local_cluster(), tempfile.TemporaryDirectory(prefix="cqsa-s3-requests-") as tmp:
+        rec["results"] = measure(args.small, args.groups, args.partials, args.killed_after, args.window, seed,
+                                 Path(tmp))
     rec["load_end"], rec["total_s"] = load(), round(time.perf_counter() - t0, 1)
     os.makedirs(args.out_dir, exist_ok=True)
     path = Path(args.out_dir) / f"s3-requests-{rec['date'].replace(':', '').replace('-', '')[:15]}Z.json"
     path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
-    print(table(rec["results"]))
+    print(table(rec["results"], args.small, args.groups))
     print(f"wrote {path}")
     return 0
 

@@ -5,7 +5,8 @@
     swap = attribute_swap(group)      None: no conditional writes known for this store
     version = swap.read()             HEAD of GROUP/zarr.json (its ETag), then GET (the document)
     swap.write(version, new_attrs)    PUT GROUP/zarr.json with If-Match: version.etag
-                                        -> False when anyone wrote it since that HEAD (HTTP 412)
+                                        -> False when anyone wrote it since that HEAD (HTTP 412),
+                                           or wrote it conditionally at the same moment (AWS: 409)
 
 A PUT with ``If-Match`` succeeds only while the object is still the version
 whose ETag the HEAD returned, so the document the GET returned in between is
@@ -46,15 +47,19 @@ def _is_s3(fs: Any) -> bool:
     return isinstance(fs, s3fs.S3FileSystem)
 
 
+_LOST = {"PreconditionFailed": 412, "ConditionalRequestConflict": 409}
+
+
 def _precondition_failed(e: BaseException) -> bool:
-    """Whether ``e`` (or what caused it: s3fs turns botocore's ClientError into an OSError) is an
-    HTTP 412, a condition that did not hold."""
+    """Whether ``e`` (or what caused it: s3fs turns botocore's ClientError into an OSError) says the
+    conditional write did not happen: HTTP 412 (the condition did not hold) or 409 (AWS: another
+    conditional write of the key was in progress)."""
     seen: BaseException | None = e
     while seen is not None:
         response = getattr(seen, "response", None)
         if isinstance(response, dict):
             error, meta = response.get("Error", {}), response.get("ResponseMetadata", {})
-            if error.get("Code") == "PreconditionFailed" or meta.get("HTTPStatusCode") == 412:
+            if error.get("Code") in _LOST or meta.get("HTTPStatusCode") in _LOST.values():
                 return True
         seen = seen.__cause__ or seen.__context__
     return False
