@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,40 +152,54 @@ def kill_after(server: CountingS3, url: str, groups: int, partials: str, markers
     return {"task_markers_at_kill": done, "task_markers_after": _task_markers(server, url)}
 
 
-def upload_finished(server: CountingS3, url: str, groups: int, partials: str, seed: int, workdir: Path) -> None:
+def upload_finished(server: CountingS3, url: str, groups: int, partials: str, seed: int, workdir: Path) -> int:
     """The job computed on a local directory (same engine, same inputs written with plain zarr),
-    then every file of it uploaded to ``url``."""
-    import s3fs
+    then every file of it uploaded to ``url`` (boto3, eight at a time); the files uploaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
 
     import cqsa_dask
 
     local = workdir / f"finished-{groups}.zarr"
     write_inputs(str(local), None, groups, seed, groups_per_chunk=125)
     cqsa_dask.run(str(local), groups=groups, memory_budget="1GB", partials=partials)
-    fs = s3fs.S3FileSystem(**_options(server), skip_instance_cache=True)
-    fs.put(str(local), url.removeprefix("s3://"), recursive=True)
+    s3 = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                      region_name="us-east-1")
+    prefix = url.removeprefix(f"s3://{BUCKET}/")
+    files = [p for p in local.rglob("*") if p.is_file()]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: s3.upload_file(str(p), BUCKET, f"{prefix}/{p.relative_to(local).as_posix()}"), files))
+    return len(files)
 
 
 def measure(small: int, groups: int, partials: str, killed_after: int, window: int, seed: int,
-            workdir: Path) -> dict[str, Any]:
+            workdir: Path, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every phase (module docstring); ``save`` gets the results after each."""
     rec: dict[str, Any] = {}
+
+    def done(key: str, value: Any) -> None:
+        rec[key] = value
+        save(rec)
+
     with counting_s3((BUCKET,), KEY, SECRET) as server:
         if small:
             full = f"s3://{BUCKET}/full-{small}.zarr"
             write_inputs(full, _options(server), small, seed)
-            rec[f"w{small}_run"] = run_counted(server, full, small, partials)
-            rec[f"w{small}_resume_finished"] = run_counted(server, full, small, partials)
+            done(f"w{small}_run", run_counted(server, full, small, partials))
+            done(f"w{small}_resume_finished", run_counted(server, full, small, partials))
             half = f"s3://{BUCKET}/half-{small}.zarr"
             write_inputs(half, _options(server), small, seed + 1)
-            rec[f"w{small}_killed"] = kill_after(server, half, small, partials, small // 2)
-            rec[f"w{small}_resume_half_done"] = run_counted(server, half, small, partials)
+            done(f"w{small}_killed", kill_after(server, half, small, partials, small // 2))
+            done(f"w{small}_resume_half_done", run_counted(server, half, small, partials))
         partly = f"s3://{BUCKET}/partly-{groups}.zarr"
         write_inputs(partly, _options(server), groups, seed + 2, groups_per_chunk=125)
-        rec[f"w{groups}_killed"] = kill_after(server, partly, groups, partials, killed_after)
-        rec[f"w{groups}_resume_partly_done"] = run_counted(server, partly, groups, partials, window=window)
+        done(f"w{groups}_killed", kill_after(server, partly, groups, partials, killed_after))
+        done(f"w{groups}_resume_partly_done", run_counted(server, partly, groups, partials, window=window))
         finished = f"s3://{BUCKET}/finished-{groups}.zarr"
-        upload_finished(server, finished, groups, partials, seed + 3, workdir)
-        rec[f"w{groups}_resume_finished"] = run_counted(server, finished, groups, partials)
+        done(f"w{groups}_finished_files_uploaded", upload_finished(server, finished, groups, partials, seed + 3,
+                                                                   workdir))
+        done(f"w{groups}_resume_finished", run_counted(server, finished, groups, partials))
     return rec
 
 
@@ -240,13 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                   "seed": seed, "killed_after": args.killed_after, "window": args.window},
         "hardware": hardware(), "versions": versions(), "git": git_info(), "load_start": load(),
     }
-    with _quiet_local_cluster(), tempfile.TemporaryDirectory(prefix="cqsa-s3-requests-") as tmp:
-        rec["results"] = measure(args.small, args.groups, args.partials, args.killed_after, args.window, seed,
-                                 Path(tmp))
-    rec["load_end"], rec["total_s"] = load(), round(time.perf_counter() - t0, 1)
     os.makedirs(args.out_dir, exist_ok=True)
     path = Path(args.out_dir) / f"s3-requests-{rec['date'].replace(':', '').replace('-', '')[:15]}Z.json"
-    path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+
+    def save(results: dict[str, Any]) -> None:  # after every phase: a stopped run keeps what it measured
+        rec["results"] = results
+        rec["load_end"], rec["total_s"] = load(), round(time.perf_counter() - t0, 1)
+        path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+
+    with _quiet_local_cluster(), tempfile.TemporaryDirectory(prefix="cqsa-s3-requests-") as tmp:
+        measure(args.small, args.groups, args.partials, args.killed_after, args.window, seed, Path(tmp), save)
     print(table(rec["results"], args.small, args.groups))
     print(f"wrote {path}")
     return 0
