@@ -4,9 +4,13 @@
 
     moto_server 127.0.0.1:PORT  ── bucket "cqsa"
         s3://cqsa/<job>.zarr   q, k, v written with plain zarr (zstd-compressed chunks)
-        run(url, storage_options={endpoint_url, key, secret})   ─┐  threaded LocalCluster
-        run(url) with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...   ─┘  (the tasks read and write S3)
-          -> out, lse == float64 reference; resume finds every marker (one listing); verify passes
+        `cqsa run URL` (a subprocess) with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...  (partials all)
+        `cqsa run URL --storage-options '{endpoint_url, key, secret}'`              (bounded, causal)
+          kill -9 mid-job -> `cqsa resume` at once: the lease taken over, no marked task rerun
+          -> verify passes, status complete, no partial left, out, lse == float64 reference
+        run(url, storage_options=...) on worker processes; `cqsa run/resume/dashboard` in process
+    the lease: a compare-and-swap (If-Match); markers: one GET each, one LIST in all (a counting
+        server, benchmarks/s3server.py)
     s3://missing-bucket/..., a closed port, refused credentials -> StoreError / exit 2, nothing written
     zarr MemoryStore: runs on a threaded cluster (run, attention); refused before anything is
         written when the workers are other processes
@@ -139,39 +143,6 @@ def _keys(endpoint: str, prefix: str) -> list[str]:
 
     fs = s3fs.S3FileSystem(**_options(endpoint), skip_instance_cache=True)
     return [p for p in fs.find(f"{BUCKET}/{prefix}") if not p.endswith("zarr.json")]
-
-
-@pytest.mark.parametrize(("credentials", "dtype", "causal", "partials"), [
-    ("storage_options", torch.float32, False, "all"),
-    ("environment", torch.bfloat16, True, "bounded"),
-], ids=["options-fp32-full-all", "env-bf16-causal-bounded"])
-def test_a_job_on_s3_is_exact_and_resumes_from_its_markers(
-        endpoint: str, threaded_client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        credentials: str, dtype: torch.dtype, causal: bool, partials: str) -> None:
-    inp = draw_inputs(1, 4, 2, 150, 16, dtype)  # GQA, 150 tokens: uneven groups
-    print(f"inputs: {inp.ctx}")
-    url = f"s3://{BUCKET}/{credentials}-{inp.seed}.zarr"
-    if credentials == "environment":
-        for var, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", KEY),
-                           ("AWS_SECRET_ACCESS_KEY", SECRET), ("AWS_REGION", "us-east-1")):
-            monkeypatch.setenv(var, value)
-    options = _options(endpoint) if credentials == "storage_options" else None
-    _write_inputs(url, options, inp.q, inp.k, inp.v)
-    res = cqsa_dask.run(url, storage_options=options, causal=causal, client=threaded_client, groups=5,
-                        memory_budget="1GB", partials=partials)
-    assert res.plan.groups == 5 and res.plan.partials == partials and res.quorum_tasks_run == res.plan.tasks
-    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=causal,
-                scale=None, context=inp.ctx)
-    assert _keys(endpoint, url.split("/", 3)[3] + "/_cqsa/partial_out") == [], "a finished job keeps no partials"
-    again = cqsa_dask.run(url, storage_options=options, causal=causal, client=threaded_client, groups=5,
-                          memory_budget="1GB", partials=partials)
-    assert again.resumed and again.quorum_tasks_run == 0 and again.merges_run == 0, "markers were not found"
-    assert cqsa_dask.verify(url, rows=8, storage_options=options).passed
-    cli_options = [] if options is None else ["--storage-options", json.dumps(options)]
-    capsys.readouterr()
-    assert main(["status", url, "--json", *cli_options]) == 0
-    st = json.loads(capsys.readouterr().out)
-    assert st["complete"] and st["tasks_done"] == res.plan.tasks and st["merges_done"] == res.plan.merges
 
 
 def test_resume_and_the_report_of_a_job_on_s3_take_storage_options(endpoint: str, tmp_path: Path,
@@ -328,18 +299,18 @@ def _kill_when(proc: subprocess.Popen[bytes], ready: Any, log: Path, timeout: fl
         proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize(("credentials", "partials", "causal"), [
-    ("environment", "all", False),
-    ("storage_options", "bounded", True),
-], ids=["env-all", "options-bounded-causal"])
+@pytest.mark.parametrize(("credentials", "dtype", "partials", "causal"), [
+    ("environment", torch.bfloat16, "all", False),
+    ("storage_options", torch.float32, "bounded", True),
+], ids=["env-bf16-all", "options-fp32-bounded-causal"])
 def test_a_killed_run_on_s3_resumes_at_once_without_recomputing_marked_tasks(
         endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        credentials: str, partials: str, causal: bool) -> None:
+        credentials: str, dtype: torch.dtype, partials: str, causal: bool) -> None:
     """kill -9 of `cqsa run s3://...` (a subprocess with a threaded local cluster) once two task
     markers exist, then at once `cqsa resume` (a subprocess too): the dead holder's lease is taken
     over, every task marked before is kept (its record untouched), exactly the others run, `cqsa
-    verify` passes and out, lse match float64."""
-    inp = draw_inputs(1, 2, 1, 26 * 7, 16)  # W = 7 groups of 26 tokens, |D| = 3
+    verify` passes, `cqsa status` says complete, no partial is left, and out, lse match float64."""
+    inp = draw_inputs(1, 2, 1, 26 * 7 - 5, 16, dtype)  # GQA; W = 7 groups of 26 tokens, the last 21; |D| = 3
     print(f"inputs: {inp.ctx}")
     url, options = f"s3://{BUCKET}/killed-{partials}-{inp.seed}.zarr", _options(endpoint)
     _write_inputs(url, options, inp.q, inp.k, inp.v)
@@ -383,6 +354,10 @@ def test_a_killed_run_on_s3_resumes_at_once_without_recomputing_marked_tasks(
         capsys.readouterr()
         assert main(["verify", url, "--json", *cli]) == 0
         assert json.loads(capsys.readouterr().out)["passed"]
+        assert main(["status", url, "--json", *cli]) == 0
+        st = json.loads(capsys.readouterr().out)
+    assert st["complete"] and not st["running"] and st["tasks_done"] == st["merges_done"] == 7
+    assert _keys(endpoint, url.split("/", 3)[3] + "/_cqsa/partial_out") == [], "a finished job keeps no partials"
     check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=causal,
                 scale=None, context=inp.ctx)
 
