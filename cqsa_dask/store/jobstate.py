@@ -191,8 +191,8 @@ class Lease:
         version = self._swap.read()
         cur = version.attrs.get("lease")
         if not isinstance(cur, dict) or cur.get("owner") != self.owner:
-            log.warning("the lease of %s was taken by %s: not renewed", self.owner,
-                        cur.get("owner") if isinstance(cur, dict) else "nobody")
+            log.warning("the lease of %s is now %s: left alone", self.owner,
+                        f"held by {cur.get('owner')}" if isinstance(cur, dict) else "released")
             return
         if not self._swap.write(version, {**version.attrs, **self._fields(version.attrs, lease)}):
             log.info("the lease of %s changed while it was renewed; trying again later", self.owner)
