@@ -19,7 +19,7 @@ A resume's "startup" requests are those the server answered before the run
 called ``on_start`` (just before it submits the graph): opening the store,
 checking the inputs (fingerprint), the plan, the markers and the lease.
 The W = 1,000 job is not run to its end through moto: at the rate the
-2-core machine serves (tens of requests per second) its ~200,000 requests
+2-core machine serves (tens of requests per second) its ~300,000 requests
 would take hours, hence the window and the uploaded finished job.
 
 Shape: B = 1, H = 1, D = 8, float32, N = 8 W tokens; ``groups`` forces W,
