@@ -4,9 +4,13 @@
 
     moto_server 127.0.0.1:PORT  ── bucket "cqsa"
         s3://cqsa/<job>.zarr   q, k, v written with plain zarr (zstd-compressed chunks)
-        run(url, storage_options={endpoint_url, key, secret})   ─┐  threaded LocalCluster
-        run(url) with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...   ─┘  (the tasks read and write S3)
-          -> out, lse == float64 reference; resume finds every marker (one listing); verify passes
+        `cqsa run URL` (a subprocess) with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...  (partials all)
+        `cqsa run URL --storage-options '{endpoint_url, key, secret}'`              (bounded, causal)
+          kill -9 mid-job -> `cqsa resume` at once: the lease taken over, no marked task rerun
+          -> verify passes, status complete, no partial left, out, lse == float64 reference
+        run(url, storage_options=...) on worker processes; `cqsa run/resume/dashboard` in process
+    the lease: a compare-and-swap (If-Match); markers: one GET each, one LIST in all (a counting
+        server, benchmarks/s3server.py)
     s3://missing-bucket/..., a closed port, refused credentials -> StoreError / exit 2, nothing written
     zarr MemoryStore: runs on a threaded cluster (run, attention); refused before anything is
         written when the workers are other processes
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -140,39 +145,6 @@ def _keys(endpoint: str, prefix: str) -> list[str]:
     return [p for p in fs.find(f"{BUCKET}/{prefix}") if not p.endswith("zarr.json")]
 
 
-@pytest.mark.parametrize(("credentials", "dtype", "causal", "partials"), [
-    ("storage_options", torch.float32, False, "all"),
-    ("environment", torch.bfloat16, True, "bounded"),
-], ids=["options-fp32-full-all", "env-bf16-causal-bounded"])
-def test_a_job_on_s3_is_exact_and_resumes_from_its_markers(
-        endpoint: str, threaded_client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        credentials: str, dtype: torch.dtype, causal: bool, partials: str) -> None:
-    inp = draw_inputs(1, 4, 2, 150, 16, dtype)  # GQA, 150 tokens: uneven groups
-    print(f"inputs: {inp.ctx}")
-    url = f"s3://{BUCKET}/{credentials}-{inp.seed}.zarr"
-    if credentials == "environment":
-        for var, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", KEY),
-                           ("AWS_SECRET_ACCESS_KEY", SECRET), ("AWS_REGION", "us-east-1")):
-            monkeypatch.setenv(var, value)
-    options = _options(endpoint) if credentials == "storage_options" else None
-    _write_inputs(url, options, inp.q, inp.k, inp.v)
-    res = cqsa_dask.run(url, storage_options=options, causal=causal, client=threaded_client, groups=5,
-                        memory_budget="1GB", partials=partials)
-    assert res.plan.groups == 5 and res.plan.partials == partials and res.quorum_tasks_run == res.plan.tasks
-    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=causal,
-                scale=None, context=inp.ctx)
-    assert _keys(endpoint, url.split("/", 3)[3] + "/_cqsa/partial_out") == [], "a finished job keeps no partials"
-    again = cqsa_dask.run(url, storage_options=options, causal=causal, client=threaded_client, groups=5,
-                          memory_budget="1GB", partials=partials)
-    assert again.resumed and again.quorum_tasks_run == 0 and again.merges_run == 0, "markers were not found"
-    assert cqsa_dask.verify(url, rows=8, storage_options=options).passed
-    cli_options = [] if options is None else ["--storage-options", json.dumps(options)]
-    capsys.readouterr()
-    assert main(["status", url, "--json", *cli_options]) == 0
-    st = json.loads(capsys.readouterr().out)
-    assert st["complete"] and st["tasks_done"] == res.plan.tasks and st["merges_done"] == res.plan.merges
-
-
 def test_resume_and_the_report_of_a_job_on_s3_take_storage_options(endpoint: str, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """`cqsa run`, `cqsa resume` and `cqsa dashboard` with --storage-options (a threaded local cluster)."""
@@ -291,3 +263,164 @@ def test_generated_inputs_on_s3_through_the_cli(endpoint: str, capsys: pytest.Ca
     other = [*command[:4], "--heads", "4", *command[6:]]  # another source at the same URL
     assert main(other) == 2
     assert "holds another synthetic source" in capsys.readouterr().err
+
+
+# -- kill -9 of `cqsa run` on S3, then `cqsa resume` ----------------------------------------------
+
+
+def _engine_array(url: str, options: dict[str, Any], name: str) -> np.ndarray:
+    arr = zarr.open_group(url, mode="r", storage_options=options, zarr_format=3)["_cqsa"][name]
+    assert isinstance(arr, zarr.Array)
+    return np.asarray(arr[...])
+
+
+def _cqsa_env(endpoint: str, credentials: str) -> tuple[dict[str, str], list[str]]:
+    """The environment and CLI options of a `cqsa` subprocess reaching the server one way or the other."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "DASK_CQSA__TORCH_THREADS": "1",
+           "DASK_CQSA__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0", "DASK_CQSA__LOCAL_CLUSTER__PROCESSES": "false"}
+    if credentials == "environment":
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET,
+                   AWS_REGION="us-east-1")
+        return env, []
+    return env, ["--storage-options", json.dumps(_options(endpoint))]
+
+
+def _kill_when(proc: subprocess.Popen[bytes], ready: Any, log: Path, timeout: float = 120) -> None:
+    """SIGKILL the session ``proc`` leads (the CLI and its local workers) once ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"`cqsa run` ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no task marker after {timeout}s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("credentials", "dtype", "partials", "causal"), [
+    ("environment", torch.bfloat16, "all", False),
+    ("storage_options", torch.float32, "bounded", True),
+], ids=["env-bf16-all", "options-fp32-bounded-causal"])
+def test_a_killed_run_on_s3_resumes_at_once_without_recomputing_marked_tasks(
+        endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        credentials: str, dtype: torch.dtype, partials: str, causal: bool) -> None:
+    """kill -9 of `cqsa run s3://...` (a subprocess with a threaded local cluster) once two task
+    markers exist, then at once `cqsa resume` (a subprocess too): the dead holder's lease is taken
+    over, every task marked before is kept (its record untouched), exactly the others run, `cqsa
+    verify` passes, `cqsa status` says complete, no partial is left, and out, lse match float64."""
+    inp = draw_inputs(1, 2, 1, 26 * 7 - 5, 16, dtype)  # GQA; W = 7 groups of 26 tokens, the last 21; |D| = 3
+    print(f"inputs: {inp.ctx}")
+    url, options = f"s3://{BUCKET}/killed-{partials}-{inp.seed}.zarr", _options(endpoint)
+    _write_inputs(url, options, inp.q, inp.k, inp.v)
+    env, cli = _cqsa_env(endpoint, credentials)
+    prefix = url.split("/", 3)[3] + "/_cqsa/task_done"
+    log = tmp_path / "run.log"
+    with open(log, "wb") as f:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "cqsa_dask", "run", url, "--groups", "7", "--budget", "1GB", "--partials",
+             partials, "--json", *(["--causal"] if causal else []), *cli],
+            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    t0 = time.monotonic()
+    _kill_when(first, lambda: len(_keys(endpoint, prefix)) >= 2, log)
+    print(f"killed after {time.monotonic() - t0:.1f}s")
+    time.sleep(0.5)  # a request already sent when the processes died is answered
+    marked = _engine_array(url, options, "task_done")[:, 0, 0] == 1
+    records = _engine_array(url, options, "task_stats")[:, 0, 0]
+    merged = int(_engine_array(url, options, "merge_done").sum())
+    print(f"killed with {int(marked.sum())}/7 tasks and {merged}/7 merges marked")
+    assert 2 <= marked.sum() < 7, "not killed mid-job"
+    lease = zarr.open_group(url, mode="r", storage_options=options)["_cqsa"].attrs["lease"]
+    assert isinstance(lease, dict) and lease["pid"] == first.pid, "a killed run cannot release its lease"
+
+    t0 = time.monotonic()
+    resume = subprocess.run([sys.executable, "-m", "cqsa_dask", "resume", url, "--json", *cli], env=env, check=False,
+                            capture_output=True, text=True, timeout=240)
+    assert resume.returncode == 0 and "Traceback" not in resume.stderr, resume.stderr[-3000:]
+    print(f"resume: {time.monotonic() - t0:.1f}s")
+    done = json.loads(resume.stdout.splitlines()[-1])
+    assert done["event"] == "done" and done["resumed"]
+    assert done["quorum_tasks_run"] == 7 - int(marked.sum()), "a task with a marker was run again"
+    assert done["merges_run"] == 7 - merged
+    after = _engine_array(url, options, "task_stats")[:, 0, 0]
+    np.testing.assert_array_equal(after[marked], records[marked], err_msg="a marked task's record was rewritten")
+    assert not np.isnan(after[:, 0]).any(), "every task has its record (start time)"
+    assert _engine_array(url, options, "task_done").all() and _engine_array(url, options, "merge_done").all()
+    with monkeypatch.context() as m:  # `cqsa verify`, in this process, reaching the store the same way
+        for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+            if var in env:
+                m.setenv(var, env[var])
+        capsys.readouterr()
+        assert main(["verify", url, "--json", *cli]) == 0
+        assert json.loads(capsys.readouterr().out)["passed"]
+        assert main(["status", url, "--json", *cli]) == 0
+        st = json.loads(capsys.readouterr().out)
+    assert st["complete"] and not st["running"] and st["tasks_done"] == st["merges_done"] == 7
+    assert _keys(endpoint, url.split("/", 3)[3] + "/_cqsa/partial_out") == [], "a finished job keeps no partials"
+    check_exact(inp.q, inp.k, inp.v, _read(url, options, "out"), _read(url, options, "lse"), causal=causal,
+                scale=None, context=inp.ctx)
+
+
+# -- the lease and the markers on S3: conditional writes, requests in bulk ------------------------
+
+
+def test_the_lease_on_s3_is_a_compare_and_swap(endpoint: str) -> None:
+    """Two runs read the lease at the same moment: the second write fails (If-Match), the store keeps
+    the first run's lease, and a renewal never overwrites a lease another run took."""
+    from cqsa_dask.store.conditional import attribute_swap
+    from cqsa_dask.store.jobstate import Lease
+
+    url = f"s3://{BUCKET}/lease-{os.getpid()}-{time.monotonic_ns()}.zarr"
+    group = zarr.open_group(url, mode="w", storage_options=_options(endpoint), zarr_format=3)
+    group.create_group("_cqsa").attrs.update({"plan": {"groups": 7}})
+    swap = attribute_swap(zarr.open_group(url, mode="r+", storage_options=_options(endpoint))["_cqsa"])
+    assert swap is not None, "an s3:// store has conditional writes"
+    seen = swap.read()  # the second run reads the attributes...
+    first = Lease(group, ttl=60)
+    first.acquire()  # ...the first claims meanwhile, without a settling wait
+    assert first._atomic
+    assert not swap.write(seen, {**seen.attrs, "lease": {"owner": "second"}}), "a stale write went through"
+    stored = swap.read().attrs
+    assert stored["lease"]["owner"] == first.owner and stored["plan"] == {"groups": 7}
+    with pytest.raises(StoreError, match="another run holds this store"):
+        Lease(group, ttl=60).acquire()
+    now = swap.read()  # a third run takes the lease over (as after the first's expiry)...
+    assert swap.write(now, {**now.attrs, "lease": {"owner": "third", "expires": time.time() + 60}})
+    first._write()  # ...and the first run's next renewal leaves it alone
+    first.release()
+    assert swap.read().attrs["lease"]["owner"] == "third"
+
+
+def test_markers_on_s3_cost_one_request_each_and_one_listing_in_all() -> None:
+    """Counted at the server: a marker cell read is one GET, set or not; all markers of an array are
+    one LIST whatever their number (W = 7 and W = 600); a merge's partials go in one delete."""
+    from benchmarks.s3server import counting_s3
+    from cqsa_dask.store.layout import array, create_markers, delete_chunks
+    from cqsa_dask.store.markers import Markers
+
+    with counting_s3((BUCKET,), KEY, SECRET) as server:
+        options = _options(server.endpoint)
+        group = zarr.open_group(f"s3://{BUCKET}/markers.zarr", mode="w", storage_options=options, zarr_format=3)
+        lists = []
+        for w in (7, 600):
+            create_markers(group, f"done{w}", (w, 1, 1))
+            marks = Markers(array(zarr.open_group(f"s3://{BUCKET}/markers.zarr", mode="r+",
+                                                  storage_options=options), f"done{w}"))
+            set_cells = sorted({0, 3, w - 1})
+            for a in set_cells:
+                marks[a, 0, 0] = 1
+            server.reset()
+            assert [int(marks[a, 0, 0]) for a in range(7)] == [int(a in set_cells) for a in range(7)]
+            cells = server.counts(reset=True)
+            assert cells.by_type() == {"GET": 7, "PUT": 0, "HEAD": 0, "LIST": 0, "DELETE": 0}, cells.rows
+            got = marks.read_all()
+            lists.append(server.counts(reset=True).by_type())
+            assert sorted(np.flatnonzero(got[:, 0, 0])) == set_cells
+        assert lists[0] == lists[1] == {"GET": 0, "PUT": 0, "HEAD": 0, "LIST": 1, "DELETE": 0}, lists
+        parts = group.create_array("parts", shape=(8, 4), chunks=(1, 4), dtype="float32", compressors=None)
+        parts[...] = np.ones((8, 4), np.float32)
+        server.reset()
+        delete_chunks(parts, [(i, 0) for i in range(8)])
+        assert server.counts().by_type()["DELETE"] == 1
+        assert not _keys(server.endpoint, "markers.zarr/parts/c")

@@ -13,6 +13,7 @@ Operations on one array (``ChunkIO``)::
     read_rows(b, heads, tokens, dtype)   arr[b, heads, tokens] of a (B, H, N, D) array -> (H', T', D)
     write(index, data)                   arr[index] = data; one whole chunk is replaced atomically
     exists(coords) / delete(coords)      the chunk at grid position coords
+    delete_many([coords, ...])           several chunks (one request per thousand on an object store)
     read_markers()                       a whole 0/1 marker array at once (one listing on an object store)
 
 The choice is made by capability (what the array's store and codecs are),
@@ -29,6 +30,7 @@ by an older engine) are read value by value.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +70,10 @@ class ChunkIO(Protocol):
 
     def delete(self, coords: tuple[int, ...]) -> None:
         """Delete the chunk at ``coords`` (absent: nothing to do); it then reads as the fill value."""
+        ...
+
+    def delete_many(self, coords: Sequence[tuple[int, ...]]) -> None:
+        """:meth:`delete` of every chunk in ``coords``, in as few store requests as the store allows."""
         ...
 
     def read_markers(self) -> np.ndarray:

@@ -20,10 +20,14 @@ All of it lives in the attributes and marker arrays of ``STORE/_cqsa``.
   exists (a killed client), is taken over.  On a
   local directory store the check and the write happen under an OS lock
   (``flock``) on the ``_cqsa`` directory, so two runs starting at once on
-  one machine cannot both win.  Elsewhere (object stores, file systems that
-  refuse the lock) Zarr attributes are last-writer-wins, so acquisition
-  writes, waits ``Lease.SETTLE`` and re-reads: two clients starting within
-  that window are the residual risk.
+  one machine cannot both win.  On S3 they are one compare-and-swap of
+  ``_cqsa/zarr.json`` (a PUT with ``If-Match`` its ETag, ``conditional.py``):
+  of two runs claiming at once, one write fails; renewals and the release
+  are conditional too, so a run never overwrites a lease another run took.
+  Elsewhere (other object stores, file systems that refuse the lock) Zarr
+  attributes are last-writer-wins, so acquisition writes, waits
+  ``Lease.SETTLE`` and re-reads: two clients starting within that window
+  are the residual risk.
 - Progress: ``status`` counts the task and merge markers (read in bulk, ``chunkio.read_markers``).
 """
 
@@ -51,6 +55,7 @@ import zarr.storage
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.store.chunkio import read_markers, read_rows
+from cqsa_dask.store.conditional import AttributeSwap, attribute_swap
 from cqsa_dask.store.generated import source_of
 from cqsa_dask.store.layout import array, engine, open_store
 
@@ -163,17 +168,34 @@ class Lease:
         self._thread: threading.Thread | None = None
         self._last = time.time()
         self._claimed = time.monotonic()
-        self._atomic = False  # the claim was made under the directory lock: nothing to settle
+        self._atomic = False  # the claim was atomic (directory lock, compare-and-swap): nothing to settle
+        self._swap = attribute_swap(self.eng)  # S3: conditional writes of the attributes
 
-    def _write(self, lease: bool = True) -> None:
+    def _fields(self, attrs: Mapping[str, Any], lease: bool = True) -> dict[str, Any]:
+        """The attributes a write of the lease sets, given the stored ``attrs`` (``lease`` False: dropped)."""
         now = time.time()
-        active = _num(self.eng.attrs.get("active_s")) + (now - self._last)
+        active = _num(attrs.get("active_s")) + (now - self._last)
         self._last = now
-        self.eng.attrs.update({
+        return {
             "lease": {"owner": self.owner, "expires": now + self.ttl, "host": _HOST, "pid": os.getpid(),
                       "started": _STARTED} if lease else None,
             "updated_at": now, "active_s": active,
-        })
+        }
+
+    def _write(self, lease: bool = True) -> None:
+        """Renew (or drop) the lease; through the compare-and-swap where the store has one, and then
+        only while the stored lease is still ours."""
+        if self._swap is None:
+            self.eng.attrs.update(self._fields(self.eng.attrs, lease))
+            return
+        version = self._swap.read()
+        cur = version.attrs.get("lease")
+        if not isinstance(cur, dict) or cur.get("owner") != self.owner:
+            log.warning("the lease of %s is now %s: left alone", self.owner,
+                        f"held by {cur.get('owner')}" if isinstance(cur, dict) else "released")
+            return
+        if not self._swap.write(version, {**version.attrs, **self._fields(version.attrs, lease)}):
+            log.info("the lease of %s changed while it was renewed; trying again later", self.owner)
 
     SETTLE = 0.2  # seconds between writing the lease and checking it is still ours (no directory lock)
 
@@ -184,6 +206,9 @@ class Lease:
 
     def claim(self) -> None:
         """Write the lease (first half of :meth:`acquire`): other work may run before :meth:`confirm`."""
+        if self._swap is not None:
+            self._claim_swap(self._swap)
+            return
         fd = _lock_dir(self.eng)
         try:  # the attributes as stored now, not as they were when the group was opened
             self.eng = zarr.open_group(self.eng.store, path=self.eng.path, mode="r+")
@@ -195,6 +220,16 @@ class Lease:
             if fd is not None:
                 os.close(fd)
         self._atomic = fd is not None
+
+    def _claim_swap(self, swap: AttributeSwap) -> None:
+        """Check and write the lease in one compare-and-swap of the attributes (S3)."""
+        version = swap.read()
+        _check_lease(version.attrs.get("lease"), self.force)
+        self._last = time.time()
+        self._claimed = time.monotonic()
+        if not swap.write(version, {**version.attrs, **self._fields(version.attrs)}):
+            raise StoreError("another run took this store's lease at the same moment; try again")
+        self._atomic = True
 
     def confirm(self) -> None:
         """Without the directory lock, wait out the rest of ``SETTLE`` since the claim, then check
@@ -222,8 +257,8 @@ class Lease:
             self._thread.join()
         try:
             cur = self.eng.attrs.get("lease")
-            if isinstance(cur, dict) and cur.get("owner") == self.owner:
-                self._write(lease=False)
+            if self._swap is not None or (isinstance(cur, dict) and cur.get("owner") == self.owner):
+                self._write(lease=False)  # with the swap, checked against the stored lease
         except OSError as e:  # e.g. a full disk: the lease then expires by itself
             log.info("could not release the lease of %s: %s", self.owner, e)
 
@@ -253,7 +288,11 @@ def check_free(eng: zarr.Group, force: bool = False) -> None:
     free at once (said in one warning): a run killed with ``kill -9`` can be
     resumed immediately, not only once its lease expires.  ``force`` frees one held on another
     host too (the user has made sure that run is gone); never one of a live process here."""
-    cur = eng.attrs.get("lease")
+    _check_lease(eng.attrs.get("lease"), force)
+
+
+def _check_lease(cur: Any, force: bool) -> None:
+    """:func:`check_free` of the stored lease ``cur``."""
     if not isinstance(cur, dict) or float(cur["expires"]) <= time.time():
         return
     if _holder_is_gone(cur):  # type: ignore[arg-type]

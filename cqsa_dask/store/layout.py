@@ -32,7 +32,7 @@ written.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -49,6 +49,7 @@ from cqsa_dask.core.shapes import validate_shapes
 from cqsa_dask.store.chunkio import MARKERS_ATTR, chunk_io
 from cqsa_dask.store.generated import SyntheticSource, source_of
 from cqsa_dask.store.location import OpenMode, StoreLike, StoreLocation, parse_store
+from cqsa_dask.store.markers import Markers
 
 __all__ = [
     "ENGINE",
@@ -61,6 +62,7 @@ __all__ = [
     "create_markers",
     "create_outputs",
     "delete_chunk",
+    "delete_chunks",
     "engine",
     "input_info",
     "open_store",
@@ -241,6 +243,11 @@ def delete_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> None:
     chunk_io(arr).delete(coords)
 
 
+def delete_chunks(arr: zarr.Array, coords: Sequence[tuple[int, ...]]) -> None:
+    """:func:`delete_chunk` of each of ``coords``, in as few store requests as the store allows."""
+    chunk_io(arr).delete_many(coords)
+
+
 def write_stats(arr: zarr.Array, index: tuple[int, int, int], stats: Mapping[str, Any]) -> None:
     """Write the ``STAT_FIELDS`` of one task into ``arr[index]`` (missing or None: NaN).
 
@@ -299,7 +306,8 @@ class Job:
         self.source: SyntheticSource | None = source_of(group)
         self.q, self.k, self.v = (array(group, n) if self.source is None else None for n in ("q", "k", "v"))
         self.out, self.lse = array(group, "out"), array(group, "lse")
-        self.task_done, self.merge_done = array(eng, "task_done"), array(eng, "merge_done")
+        # markers read one cell at a time by chunk presence (markers.py), written through zarr
+        self.task_done, self.merge_done = Markers(array(eng, "task_done")), Markers(array(eng, "merge_done"))
         # Stores written by an engine without per-task records have neither.
         self.task_stats = array(eng, "task_stats") if "task_stats" in eng else None
         self.merge_stats = array(eng, "merge_stats") if "merge_stats" in eng else None

@@ -31,6 +31,7 @@ import functools
 import itertools
 import os
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -128,6 +129,10 @@ class LocalFiles:
             self._path(coords).unlink()
         except FileNotFoundError:
             pass
+
+    def delete_many(self, coords: Sequence[tuple[int, ...]]) -> None:
+        for c in coords:
+            self.delete(c)
 
     def read_markers(self) -> np.ndarray:
         """Every chunk file's value (the files hold the values: exact for any marker array)."""

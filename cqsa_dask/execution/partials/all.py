@@ -140,14 +140,17 @@ class AllPartials(PartialsPolicy):
     def release(self, cell: Cell, group: int) -> None:
         """Delete the row's partials (after its marker), so that a finished job holds none and a
         running one only those of its open rows.  A chunk left behind is garbage, not an error."""
-        from cqsa_dask.store.layout import delete_chunk
+        from cqsa_dask.store.layout import delete_chunks
 
+        per_array: dict[str, tuple[zarr.Array, list[tuple[int, ...]]]] = {}
         for _, slot in cell.job.plan.producers(group):
             for arr, coords in _chunks(cell, slot, group):
-                try:
-                    delete_chunk(arr, coords)
-                except OSError as e:
-                    log.warning("could not delete a merged partial chunk %s of %s: %s", coords, arr.path, e)
+                per_array.setdefault(arr.path, (arr, []))[1].append(coords)
+        for arr, coords_list in per_array.values():  # one request per array on an object store
+            try:
+                delete_chunks(arr, coords_list)
+            except OSError as e:
+                log.warning("could not delete the merged partial chunks %s of %s: %s", coords_list, arr.path, e)
 
 
 def _read_partial(cell: Cell, task: int, slot: int, group: int, finite_inputs: bool
