@@ -4,6 +4,7 @@ worker process of its own)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 from typing import Any
@@ -203,7 +204,7 @@ def test_a_task_on_a_worker_of_another_device_kind_is_refused_in_one_line(client
     res = cqsa_dask.run(str(path), client=client, groups=3, memory_budget="64MB")
     assert not res.plan.host_staging  # planned for this machine's CPU workers
     steps = ["connected", "planned", "claimed", "runtime", "prepared", "submitted", "finished"]
-    assert list(res.phases) == steps and all(res.phases[a] <= res.phases[b] for a, b in zip(steps, steps[1:]))
+    assert list(res.phases) == steps and all(res.phases[a] <= res.phases[b] for a, b in itertools.pairwise(steps))
     eng = zarr.open_group(str(path), mode="r+")["_cqsa"]
     plan = dict(eng.attrs["plan"])
     eng.attrs["plan"] = {**plan, "host_staging": True}  # as a plan for CUDA workers would say
