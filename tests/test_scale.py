@@ -59,7 +59,8 @@ def test_a_task_holds_at_most_three_query_groups(tmp_path: Path, monkeypatch: py
         return t
 
     def counting_attend(*args: Any, **kw: Any) -> Any:
-        gc.collect()
+        if len(live) > 3:  # only garbage can make this many look alive: collect it (a full collection
+            gc.collect()   # per kernel call took 35 s of the suite) and count what stays
         most[0] = max(most[0], len(live))
         return attend(*args, **kw)
 
