@@ -73,6 +73,9 @@ class JobResult:
     peak_device_bytes: int | None
     kernels: tuple[str, ...] = field(default=())
     phases: dict[str, float] = field(default_factory=dict)
+    quorum_tasks_skipped: int = 0
+    """Quorum tasks Dask ran again after their worker died whose marker was set already: they
+    computed nothing (``tasks.quorum_task``) and are not in ``quorum_tasks_run``."""
     """Seconds from the call to the end of each step before the tasks ran: "connected"
     (a cluster to run on), "planned" (sized for the workers), "claimed" (job state, lease),
     "runtime" (the workers' runtime set up), "prepared" (graph built), "submitted" (handed
@@ -329,15 +332,16 @@ def run(
         finally:
             lease.release()
         link = c.dashboard_link
-    quorum = [r for r in results if r["kind"] == "quorum"]
+    quorum = [r for r in results if r["kind"] == "quorum" and not r.get("skipped")]
     peaks = [r["peak_device_bytes"] for r in quorum if r["peak_device_bytes"] is not None]
     return JobResult(
         plan=plan, seconds=seconds, quorum_tasks_run=len(quorum),
+        quorum_tasks_skipped=sum(r["kind"] == "quorum" and bool(r.get("skipped")) for r in results),
         merges_run=sum(r["kind"] == "merge" for r in results), resumed=resumed, dashboard_link=link,
         bytes_read=sum(r["bytes_read"] for r in results),
         bytes_written=sum(r["bytes_written"] for r in results),
         peak_device_bytes=max(peaks) if peaks else None,
-        kernels=tuple(sorted({r["kernel"] for r in quorum if r["kernel"] is not None})),  # None: skipped
+        kernels=tuple(sorted({r["kernel"] for r in quorum})),
         phases=phases,
     )
 

@@ -144,7 +144,8 @@ def _run_summary(res: Any, extra: dict[str, Any] | None = None) -> dict[str, Any
     d = {
         "tokens": p.seq_len, "seconds": round(res.seconds, 3), "tflops": round(res.tflops, 4),
         "tokens_per_s": round(p.seq_len * p.batch / max(res.seconds, 1e-9), 1),
-        "quorum_tasks_run": res.quorum_tasks_run, "merges_run": res.merges_run, "resumed": res.resumed,
+        "quorum_tasks_run": res.quorum_tasks_run, "quorum_tasks_skipped": res.quorum_tasks_skipped,
+        "merges_run": res.merges_run, "resumed": res.resumed,
         "task_memory_bytes": p.task_memory_bytes, "budget_bytes": p.budget_bytes,
         "peak_device_bytes": res.peak_device_bytes, "bytes_read": res.bytes_read,
         "bytes_written": res.bytes_written, "kernels": list(res.kernels),
