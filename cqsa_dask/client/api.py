@@ -73,13 +73,13 @@ class JobResult:
     peak_device_bytes: int | None
     kernels: tuple[str, ...] = field(default=())
     phases: dict[str, float] = field(default_factory=dict)
-    quorum_tasks_skipped: int = 0
-    """Quorum tasks Dask ran again after their worker died whose marker was set already: they
-    computed nothing (``tasks.quorum_task``) and are not in ``quorum_tasks_run``."""
     """Seconds from the call to the end of each step before the tasks ran: "connected"
     (a cluster to run on), "planned" (sized for the workers), "claimed" (job state, lease),
     "runtime" (the workers' runtime set up), "prepared" (graph built), "submitted" (handed
     to the scheduler); "finished" (every task done)."""
+    quorum_tasks_skipped: int = 0
+    """Quorum tasks Dask ran again after their worker died whose marker was set already: they
+    computed nothing (``tasks.quorum_task``) and are not in ``quorum_tasks_run``."""
 
     @property
     def tflops(self) -> float:
@@ -318,16 +318,18 @@ def run(
             options = RunOptions.from_config(resource=resource, tasks_in_flight=plan.tasks_in_flight)
             ensure_runtime(c, options)  # every worker's runtime (caches, pools, locks), set up once
             mark("runtime")
+            task_done, merge_done = _markers(eng, "task_done"), _markers(eng, "merge_done")  # for the graph and the page
             jg = build_graph(
                 location, token, plan, resource=resource, retries=0,  # tasks retry what is transient themselves
-                task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"), options=options,
+                task_done=task_done, merge_done=merge_done, options=options,
             )
             _store_op(lease.confirm)  # its settling wait overlaps building the graph; before any task
             mark("prepared")
             if on_start is not None:
                 on_start(plan, page_link(c))
-            results, seconds = _observed(c, jg.graph, jg.keys, progress, token, plan, location.describe(),
-                                         resource, eng, lambda: mark("submitted"))
+            announce_job(c, token, plan, store=location.describe(), resource=resource, task_done=task_done,
+                         merge_done=merge_done)  # the /cqsa page's plugin learns of the job first
+            results, seconds = observed(c, jg.graph, jg.keys, progress, token, submitted=lambda: mark("submitted"))
             mark("finished")
         finally:
             lease.release()
@@ -344,15 +346,6 @@ def run(
         kernels=tuple(sorted({r["kernel"] for r in quorum})),
         phases=phases,
     )
-
-
-def _observed(client: Client, graph: Any, keys: list[Any], progress: Progress | None, token: str, plan: Plan,
-              store: str, resource: str, eng: Any, submitted: Callable[[], None]
-              ) -> tuple[list[dict[str, Any]], float]:
-    """The job's graph, announced to the scheduler's dashboard plugin first (``submit.observed``)."""
-    announce_job(client, token, plan, store=store, resource=resource,
-                 task_done=_markers(eng, "task_done"), merge_done=_markers(eng, "merge_done"))
-    return observed(client, graph, keys, progress, token, submitted=submitted)
 
 
 def _validate_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
