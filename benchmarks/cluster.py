@@ -188,20 +188,21 @@ class Cluster:
 
         import cqsa_dask  # noqa: F401  (registers cqsa defaults)
         from cqsa_dask.client.api import plan_options
-        from cqsa_dask.client.cluster import DASHBOARD_PRELOAD
+        from cqsa_dask.client.local import cluster_kwargs, local_spec
 
-        lc = dask.config.get("cqsa.local-cluster")
-        res = str(dask.config.get("cqsa.resource"))
-        threads = lc["threads-per-worker"]
         opts = plan_options()
-        threads = opts["tasks_in_flight"] + int(opts["host_staging"]) if threads == "auto" else int(threads)
+        # run()'s own local-cluster spec (threads, memory share, worker env, resource, dashboard
+        # plugin), on this machine's CPU-style workers (no per-GPU pinning: one worker uses GPU 0),
+        # ``workers`` of them at least and ``processes`` if asked; a dashboard on any free port
+        lc = dask.config.get("cqsa.local-cluster")
+        wanted = {"cqsa.local-cluster.n-workers": max(int(lc["n-workers"]), workers),
+                  **({"cqsa.local-cluster.processes": processes} if processes is not None else {})}
+        with dask.config.set(wanted):
+            spec = local_spec(budget_bytes=budget_bytes, resource=str(dask.config.get("cqsa.resource")),
+                              threads=opts["tasks_in_flight"] + int(opts["host_staging"]))
         t = time.perf_counter()
-        self.cluster = LocalCluster(
-            n_workers=max(int(lc["n-workers"]), workers), threads_per_worker=threads,
-            processes=bool(lc["processes"]) if processes is None else processes, dashboard_address=":0",
-            resources={res: float(budget_bytes)}, silence_logs=logging.ERROR,
-            scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},  # the /cqsa page's plugin, as run()'s cluster
-        )
+        self.cluster = LocalCluster(n_workers=spec.n_workers, **{**cluster_kwargs(spec), "dashboard_address": ":0",
+                                                                "silence_logs": logging.ERROR})
         self.client = Client(self.cluster)
         self.client.register_plugin(TaskRecorder(), name=TaskRecorder.name)
         if DashboardRecording.path is not None:
