@@ -23,6 +23,12 @@ from distributed import Client, LocalCluster
 
 from cqsa_dask.store.layout import write_tensor
 
+# Without a GPU, Triton kernels (the fused analysis kernel) run under Triton's interpreter;
+# it must be chosen before triton is first imported.  The engine itself never picks the
+# fused kernel on the CPU unless asked (cqsa.analysis-kernel: fused).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 RESOURCE = "device_mem"
 CLIENT_DEVICE_MEM = 4e9
 

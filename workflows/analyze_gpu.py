@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "budget": a.budget, "device": str(dev), "groups": job.plan.groups, "kernels": list(job.kernels),
         "write_s": round(write_s, 2), "job_s": round(job.seconds, 2), "analysis_s": round(ana.seconds, 2),
         "ratio": round(ana.seconds / job.seconds, 3) if job.seconds > 0 else math.nan,
-        "analysis_task_bytes": ana.task_memory_bytes, "store": path, **errors,
+        "analysis_task_bytes": ana.task_memory_bytes, "analysis_kernels": list(ana.kernels), "store": path,
+        **errors,
     }))
     # key mass: float32-exact; entropy: within the bound of a bfloat16 entropy pass (docs/analysis.md)
     return 0 if errors["max_rel_key_mass_err"] < 1e-4 and errors["entropy_err_over_bound"] <= 1 else 1

@@ -49,6 +49,8 @@ class AnalysisResult:
     resumed: bool
     task_memory_bytes: int
     dashboard_link: str | None
+    #: the kernels the quorum tasks ran ("fused", or the mass pass's attention kernel), sorted
+    kernels: tuple[str, ...] = ()
 
 
 def _complete_plan(store: str, group: Any) -> tuple[Plan, str]:
@@ -128,6 +130,7 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
         tasks_run=sum(r["kind"] == "quorum" for r in results),
         reductions_run=sum(r["kind"] == "merge" for r in results), resumed=resumed,
         task_memory_bytes=need, dashboard_link=link,
+        kernels=tuple(sorted({str(r["kernel"]) for r in results if r["kind"] == "quorum"})),
     )
 
 

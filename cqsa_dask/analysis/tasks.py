@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 from cqsa_dask import config
+from cqsa_dask.analysis.fused import fused_available, fused_terms
 from cqsa_dask.analysis.layout import Analysis, open_analysis
 from cqsa_dask.analysis.pairs import entropy_term, key_features, mass_terms, query_features, value_width
 from cqsa_dask.analysis.spec import column_producers, feature_width, key_slot, parse_resolution
-from cqsa_dask.core.errors import StoreError
+from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.execution.telemetry import report_task, task_started
 from cqsa_dask.kernels.attention import resolve_device, select_kernel
 from cqsa_dask.store.layout import TORCH_DTYPES, Job, delete_chunk, open_job, read_block, write_block
@@ -46,7 +47,7 @@ __all__ = ["analysis_options", "analysis_task", "block_task", "reduce_task"]
 
 def analysis_options() -> dict[str, Any]:
     """The client-side settings the tasks need (dask.config on the client does not reach workers)."""
-    keys = ("device", "kernel", "torch-threads", "analysis-precision")
+    keys = ("device", "kernel", "torch-threads", "analysis-precision", "analysis-kernel")
     return {k: config.get(k) for k in keys}
 
 
@@ -98,10 +99,18 @@ class _BlockMap:
 
 @dataclass(frozen=True)
 class _Kernels:
-    """How one worker computes the pairs: the entropy pass's kernel and dtype (the job's, or float32 by
-    ``cqsa.analysis-precision``; "auto": float32 on the CPU), the mass pass's kernel on D' features
-    (``feature_width``) in the job's dtype, and its value columns per call (``value_width``)."""
+    """How one worker computes the pairs.
 
+    ``fused``: the one-pass kernel (``fused.py``: entropy and key mass from one Q K^T per
+    pair, float32-exact in every dtype), chosen by ``cqsa.analysis-kernel`` ("auto": where
+    it runs, CUDA with triton).  Otherwise two attention calls (``pairs.py``): the entropy
+    pass's kernel and dtype (the job's, or float32 by ``cqsa.analysis-precision``; "auto":
+    float32 on the CPU), the mass pass's kernel on D' features (``feature_width``) in the
+    job's dtype, and its value columns per call (``value_width``); those also give the block
+    map's terms when one is asked for.
+    """
+
+    fused: bool
     entropy: str
     entropy_dtype: torch.dtype
     mass: str
@@ -111,13 +120,25 @@ class _Kernels:
     @classmethod
     def choose(cls, plan: Any, dev: torch.device, opt: dict[str, Any]) -> _Kernels:
         dtype = TORCH_DTYPES[plan.dtype]
+        how = opt.get("analysis-kernel", "auto")
+        if how not in ("auto", "fused", "attention"):
+            raise InvalidInputError(f"cqsa.analysis-kernel must be auto, fused or attention, got {how!r}")
+        fused = (how == "fused" or (how == "auto" and dev.type == "cuda")) and fused_available(dev)
+        if how == "fused" and not fused:
+            raise InvalidInputError(f"cqsa.analysis-kernel is fused, but the fused kernel does not run on "
+                                    f"{dev.type} here (it needs CUDA and triton); set it to auto")
         precision = opt["analysis-precision"]
         wide = precision == "float32" or (precision == "auto" and dev.type == "cpu")
         e_dtype = torch.float32 if wide else dtype
         features = feature_width(dev.type, plan.head_dim)
         mass = select_kernel(dev, dtype, features, opt["kernel"])
-        return cls(select_kernel(dev, e_dtype, plan.head_dim, opt["kernel"]), e_dtype, mass, features,
+        return cls(fused, select_kernel(dev, e_dtype, plan.head_dim, opt["kernel"]), e_dtype, mass, features,
                    value_width(mass, dev, dtype, features))
+
+    @property
+    def name(self) -> str:
+        """The kernel named in the task records."""
+        return "fused" if self.fused else self.mass
 
 
 def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: torch.Tensor,
@@ -129,21 +150,29 @@ def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: 
     """
     rep = plan.heads_q // plan.heads_kv
     entropy = torch.zeros_like(lse)
+    if kn.fused:
+        for b in bs:
+            e, m = fused_terms(q, lse, ks[b], scale=plan.scale, diagonal_causal=plan.causal and a == b)
+            entropy += e
+            mass[b] = mass[b] + m if b in mass else m
+        if blocks is None:
+            return entropy
     qe = q.to(kn.entropy_dtype)
     qf = query_features(q, lse, plan.scale, kn.features)  # (1, hq, L, D')
     x0, cols = blocks.columns(a) if blocks else (0, torch.zeros(q.shape[2], dtype=torch.int64, device=q.device))
     ncols = int(cols[-1]) + 1
     for b in bs:
         diag = plan.causal and a == b
-        entropy += entropy_term(qe, lse, ks[b].to(kn.entropy_dtype), scale=plan.scale, diagonal_causal=diag,
-                                kernel=kn.entropy)
+        if not kn.fused:
+            entropy += entropy_term(qe, lse, ks[b].to(kn.entropy_dtype), scale=plan.scale, diagonal_causal=diag,
+                                    kernel=kn.entropy)
         kf = key_features(ks[b], rep, kn.features)  # (1, hq, S, D')
         for c0 in range(0, ncols, kn.width):  # one-hot block columns, ``width`` at a time
             values = qf.new_zeros((*qf.shape[:3], kn.width))  # (1, hq, L, V)
             inside = (cols >= c0) & (cols < c0 + kn.width)
             values[:, :, inside, (cols[inside] - c0)] = 1
             m, terms = mass_terms(qf, kf, values, scale=plan.scale, diagonal_causal=diag, kernel=kn.mass)
-            if c0 == 0:
+            if c0 == 0 and not kn.fused:
                 mass[b] = mass[b] + m if b in mass else m
             if blocks is not None:
                 blocks.add(b, x0 + c0, terms, min(kn.width, ncols - c0))
@@ -201,7 +230,7 @@ def analysis_task(store: str, job_token: str, token: str, task: int, batch: int,
     seconds = time.perf_counter() - t0
     rec = {"kind": "quorum", "task": task, "batch": batch, "block": block, "seconds": seconds,
            "compute_seconds": seconds - t_io, "io_seconds": t_io, "bytes_read": nread, "bytes_written": nwritten,
-           "kernel": kn.mass, "pairs": sum(len(bs) for _, _, bs in work)}
+           "kernel": kn.name, "pairs": sum(len(bs) for _, _, bs in work)}
     report_task(token, (task, batch, block), rec, start)
     return rec
 

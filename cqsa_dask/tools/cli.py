@@ -280,7 +280,8 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
         require_matplotlib()  # before the work: a missing extra is one line, not a lost run
     r = analyze(a.store, resolution=a.resolution, scheduler=a.scheduler, memory_budget=a.budget)
     print(f"analysis    {r.tasks_run:,} tasks, {r.reductions_run:,} reductions{' (resumed)' if r.resumed else ''}, "
-          f"{r.seconds:.1f}s, {format_bytes(r.task_memory_bytes)} per task")
+          f"{r.seconds:.1f}s, {format_bytes(r.task_memory_bytes)} per task"
+          + (f", kernel {', '.join(r.kernels)}" if r.kernels else ""))
     print(f"written     {a.store}/analysis/key_mass, entropy" + (", block_mass" if r.resolution else ""))
     if a.plot:
         print(f"plot        {plot_analysis(a.store, a.plot)}")
