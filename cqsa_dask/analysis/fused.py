@@ -47,7 +47,7 @@ LN2 = 0.6931471805599453
 # Tile shape and launch settings on CUDA (bfloat16/float16, D <= 128): measured on an H200,
 # docs/analysis.md "Fused kernel".  float32 inputs use the IEEE product (TF32 would round
 # logits by ~1e-3 relative), in smaller tiles.
-CUDA_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+CUDA_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 CUDA_CONFIG_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 

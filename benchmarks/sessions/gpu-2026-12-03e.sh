@@ -1,0 +1,18 @@
+#!/bin/bash
+# The GPU session of 2026-12-03 (evening), third call: the performance issue's 4M rows with the
+# committed engine (4 GB plain and causal, 16 GB, then 1 GB within a deadline).
+set -u
+S=${STATE:?}
+BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
+step() {  # step NAME SECONDS command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: start $(date -u +%T)"
+  timeout "$limit" "$@" > "$S/$name.log" 2>&1
+  echo "== $name: rc=$? $(date -u +%T)"
+  grep -v '^ \|^Traceback\|^distributed\.\|^tornado\.\|^$' "$S/$name.log" | tail -8
+}
+mkdir -p /tmp/cqsa-bench
+step pytest-fused 120 python3 -m pytest -q -p no:cacheprovider tests/test_analysis_fused.py
+step bench-4M 330 $BENCH --cases n4M-4GB n4M-4GB-causal
+step bench-4M-more 420 $BENCH --cases n4M-16GB n4M-1GB --deadline 400
+echo "== all steps done $(date -u +%T)"
