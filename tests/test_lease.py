@@ -81,3 +81,24 @@ def test_an_expired_or_old_style_lease() -> None:
     check_free(_engine_with({"owner": "x:1:y", "expires": time.time() - 1}))
     with pytest.raises(StoreError):  # no host or pid recorded (an older engine's): wait for its expiry
         check_free(_engine_with({"owner": "x:1:y", "expires": time.time() + 60}))
+
+
+def test_start_ticks_name_the_holder_whatever_the_wall_clock_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live holder's lease stays held when its create_time moves (the wall clock stepped: boot time is
+    derived from it), and a reused pid or a dead one is told apart by its start ticks."""
+    import psutil
+
+    me = psutil.Process()
+    ticks = jobstate._start_ticks(me.pid)
+    assert isinstance(ticks, int)
+    live = {**_lease(me.pid, me.create_time() - 5.0), "start_ticks": ticks}  # the clock moved by 5 s since
+    with pytest.raises(StoreError, match="stop it first"):
+        check_free(_engine_with(live))
+    check_free(_engine_with({**live, "start_ticks": ticks - 100}))  # the same pid, another process: gone
+    pid, started = _dead_pid()
+    check_free(_engine_with({**_lease(pid, started), "start_ticks": 12345}))
+    lease = Lease(zarr.open_group(_engine_with(None).store, mode="r+"), ttl=30)
+    lease.acquire()  # a new lease records them
+    stored = lease.eng.attrs["lease"]
+    assert stored["start_ticks"] == ticks  # type: ignore[index]
+    lease.release()

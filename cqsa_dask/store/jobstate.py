@@ -178,7 +178,7 @@ class Lease:
         self._last = now
         return {
             "lease": {"owner": self.owner, "expires": now + self.ttl, "host": _HOST, "pid": os.getpid(),
-                      "started": _STARTED} if lease else None,
+                      "started": _STARTED, "start_ticks": _start_ticks(os.getpid())} if lease else None,
             "updated_at": now, "active_s": active,
         }
 
@@ -265,6 +265,20 @@ class Lease:
 
 _HOST = socket.gethostname()
 _STARTED = psutil.Process().create_time()  # with the pid, names this process even after pid reuse
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc/PID/stat field 22);
+    None elsewhere or when it is gone.  Unlike ``create_time`` (boot time + ticks, the boot time
+    derived from the wall clock) it does not move when the clock is stepped: seen in a VM, where a
+    live process's create_time moved by more than a second and its own lease looked abandoned."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
 _TAKEN_OVER: set[str] = set()  # leases of dead holders already announced (one line each)
 
 
@@ -273,6 +287,8 @@ def _holder_is_gone(lease: dict[str, Any]) -> bool:
     its pid is free, or taken by a process started at another time."""
     if lease.get("host") != _HOST or not isinstance(lease.get("pid"), int):
         return False  # another host's, or a lease from before host/pid were recorded: wait for expiry
+    if isinstance(lease.get("start_ticks"), int):
+        return _start_ticks(lease["pid"]) != lease["start_ticks"]  # gone (None), or the pid reused
     try:
         return abs(psutil.Process(lease["pid"]).create_time() - float(lease.get("started", 0.0))) > 1.0
     except psutil.NoSuchProcess:
