@@ -5,7 +5,7 @@
 Writes q of (1, H, N, 128) bfloat16 with ``write_random_inputs`` (the benchmarks' stores:
 chunks of 8,192 tokens, every head), then times, three times each: a pinned host buffer of
 one head's rows (``torch.empty(pin_memory=True)``), ``read_rows`` of one head into pinned and
-into pageable memory, and the copy of the pinned rows to the device.  GB/s = 1e9 bytes/s.
+into pageable memory, and the copies of pinned and of pageable rows to the device.  GB/s = 1e9 bytes/s.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def main() -> None:
             x = read_rows(arr, 0, one, slice(None), torch.bfloat16, pin=True)
             assert x is not None
             rec["upload_s"] = _times(lambda: x.to("cuda", non_blocking=True))
+            y = read_rows(arr, 0, one, slice(None), torch.bfloat16, pin=False)
+            assert y is not None
+            rec["upload_pageable_s"] = _times(lambda: y.to("cuda"))
         for key in [k for k in rec if k.endswith("_s") and isinstance(rec[k], list)]:
             per = nbytes * (a.heads if "all_heads" in key else 1)
             rec[key.replace("_s", "_GBps")] = [round(per / s / 1e9, 2) for s in rec[key]]

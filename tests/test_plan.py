@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from cqsa_dask.core.dtypes import DTYPES, parse_dtype
 from cqsa_dask.core.errors import BudgetError, CQSAError, InvalidInputError
-from cqsa_dask.core.plan import Plan, make_plan, task_memory
+from cqsa_dask.core.plan import Plan, budget_for, capped_bytes, make_plan, resource_bytes, task_memory
 from cqsa_dask.core.quorums import base_set, base_set_size, is_prime, singer_prime
 from cqsa_dask.core.units import parse_budget
 
@@ -390,3 +390,41 @@ def test_huge_plan_with_empty_groups_describes_itself() -> None:
     assert quorum_system.cache_info().misses == built, "to_dict built the quorum system"
     assert d["partial_bytes"] == p.quorum_size * p.output_bytes
     assert p.shared_rows == (p.nonempty_groups, p.seq_len, p.quorum_size * p.nonempty_groups, p.quorum_size * p.seq_len)
+
+
+@settings(max_examples=200, deadline=None)
+@given(budget=st.integers(10**6, 10**11), frac=st.floats(0.001, 1.0), in_flight=st.integers(1, 4))
+def test_cuda_tasks_admitted_together_fit_under_the_allocator_cap(budget: int, frac: float, in_flight: int) -> None:
+    """On CUDA (the allocator capped at ``capped_bytes``) the tasks a worker resource of ``budget`` admits at
+    once predict at most the cap; the planned number in flight is always admitted; on the CPU the ask is the
+    prediction itself."""
+    usable = capped_bytes(budget)
+    need = max(1, int(usable * frac / in_flight))  # what the planner may pick: need * in_flight <= usable
+    ask = resource_bytes(need, budget, True)
+    assert need <= ask <= budget
+    admitted = budget // ask
+    assert admitted >= in_flight
+    assert admitted * need <= usable + admitted  # to the byte, within the rounding of each ask
+    assert resource_bytes(need, budget, False) == need
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(1, 10**11))
+def test_budget_for_is_the_smallest_budget_that_holds(total: int) -> None:
+    b = budget_for(total, True)
+    assert capped_bytes(b) >= total > capped_bytes(b - 1)
+    assert budget_for(total, False) == total
+
+
+def test_cuda_plans_size_tasks_under_the_cap() -> None:
+    """A CUDA plan's tasks in flight predict at most the capped budget; the error names a budget that works."""
+    for budget in (10**9, 4 * 10**9, 12 * 10**9):
+        p = make_plan(seq_len=2**22, heads=4, head_dim=128, dtype="bfloat16", budget=budget, tasks_in_flight=2,
+                      host_staging=True)
+        assert p.task_memory_bytes * 2 <= capped_bytes(budget)
+        admitted = budget // p.resource_bytes
+        assert admitted >= 2 and admitted * p.task_memory_bytes <= capped_bytes(budget) + admitted
+    with pytest.raises(BudgetError) as e:
+        make_plan(seq_len=2**22, heads=4, head_dim=128, dtype="bfloat16", budget=10**6, host_staging=True)
+    needed = int(re.search(r"needs ([\d,]+) bytes", str(e.value)).group(1).replace(",", ""))  # type: ignore[union-attr]
+    make_plan(seq_len=2**22, heads=4, head_dim=128, dtype="bfloat16", budget=needed, host_staging=True)

@@ -28,7 +28,7 @@ from cqsa_dask.analysis.tasks import analysis_options
 from cqsa_dask.client.cluster import check_capacity, connect, resolve_budget
 from cqsa_dask.client.submit import Progress, observed
 from cqsa_dask.core.errors import BudgetError, InvalidInputError
-from cqsa_dask.core.plan import Plan
+from cqsa_dask.core.plan import Plan, resource_bytes, usable_bytes
 from cqsa_dask.execution.telemetry import announce_job, page_link
 from cqsa_dask.store.jobstate import Lease, status
 from cqsa_dask.store.layout import array, engine, open_store
@@ -98,7 +98,8 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
     need = analysis_memory(plan, res, margin=float(config.get("memory-margin")))
     local = client is None and scheduler is None
     budget = _budget(memory_budget, client, resource, plan)
-    if local and need > budget:
+    ask = resource_bytes(need, budget, plan.host_staging)  # what a task asks of the resource (under the cap)
+    if local and (ask > budget or need > usable_bytes(budget, plan.host_staging)):
         raise BudgetError(f"an analysis task needs {need:,} bytes, more than the budget of {budget:,} bytes; "
                           "raise the budget (or lower the resolution)")
     lease = Lease(group, ttl=float(config.get("lease-seconds")))
@@ -112,11 +113,11 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
         token = str(ana.attrs["token"])
         with connect(client, scheduler, budget_bytes=budget, resource=resource,
                      threads=plan.tasks_in_flight + int(plan.host_staging)) as c:
-            check_capacity(c, resource, need)
+            check_capacity(c, resource, ask)
             markers = {n: np.asarray(array(ana, n)[...]) for n in ("task_done", "reduce_done", "block_done")}
             ag = build_analysis_graph(
                 store_s, job_token, token, plan, resolution=res.blocks if res else None, resource=resource,
-                task_bytes=need, retries=int(config.get("retries")), task_done=markers["task_done"],
+                task_bytes=ask, retries=int(config.get("retries")), task_done=markers["task_done"],
                 reduce_done=markers["reduce_done"], block_done=markers["block_done"], options=analysis_options())
             announce_job(c, token, plan, store=store_s, resource=resource, task_done=markers["task_done"],
                          merge_done=markers["reduce_done"])

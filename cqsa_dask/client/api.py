@@ -305,7 +305,7 @@ def run(
         mark("connected")
         if plan is None:  # sized for what the scheduler's workers are and advertise
             plan = plan_for(_budget(memory_budget, c, resource), workers_device_kind(c))
-        check_capacity(c, resource, plan.task_memory_bytes)
+        check_capacity(c, resource, plan.resource_bytes)
         mark("planned")
         if location.process_local:  # an in-memory store: only workers in this process reach it
             location.check_processes(c.run(os.getpid).values())

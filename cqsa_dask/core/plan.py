@@ -53,7 +53,8 @@ from cqsa_dask.core.units import parse_budget
 if TYPE_CHECKING:
     from cqsa_dask.execution.partials import PartialsPolicy
 
-__all__ = ["IDENTITY", "Plan", "make_plan", "task_memory"]
+__all__ = ["IDENTITY", "Plan", "budget_for", "capped_bytes", "make_plan", "resource_bytes", "task_memory",
+           "usable_bytes"]
 
 _FIXED_OVERHEAD = 2 * 2**20  # bytes: kernel workspace, small buffers
 PLAN_VERSION = 3  # 2: tasks_in_flight and host_staging; 3: partials and query_groups
@@ -93,6 +94,13 @@ class Plan:
     version: int = PLAN_VERSION
 
     # -- derived sizes ------------------------------------------------------
+    @property
+    def resource_bytes(self) -> int:
+        """What one quorum task asks of the worker resource: its predicted peak, raised so that
+        the tasks the budget admits at once also fit under the allocator cap (``capped_bytes``)
+        of a CUDA worker.  The same as ``task_memory_bytes`` on the CPU (no cap)."""
+        return resource_bytes(self.task_memory_bytes, self.budget_bytes, self.host_staging)
+
     @property
     def group_size(self) -> int:
         """Tokens per group (the last groups may be shorter or empty)."""
@@ -304,6 +312,36 @@ class Plan:
         return cls(**kw)
 
 
+def capped_bytes(budget: float) -> float:
+    """What a CUDA worker's allocator cap allows under a budget of ``budget`` bytes
+    (``execution/process.py::cap_device``): 1 % (at least 32 MiB, at most 10 %) less, because with
+    expandable segments the reserve can pass the cap by part of a page."""
+    return budget - min(max(0.01 * budget, 32 * 2**20), 0.1 * budget)
+
+
+def usable_bytes(budget: float, capped: bool) -> float:
+    """The bytes tasks may predict in all under ``budget``: ``capped_bytes`` on CUDA (``capped``),
+    the budget itself elsewhere."""
+    return capped_bytes(budget) if capped else budget
+
+
+def budget_for(total: int, capped: bool) -> int:
+    """The smallest budget whose ``usable_bytes`` hold ``total`` bytes."""
+    if not capped:
+        return total
+    return min(b for b in (math.ceil(total / 0.99), total + 32 * 2**20, math.ceil(total / 0.9))
+               if capped_bytes(b) >= total)
+
+
+def resource_bytes(need: int, budget: int, capped: bool) -> int:
+    """The resource a task predicting ``need`` bytes asks for under ``budget``: ``need`` scaled by
+    budget / usable, so that tasks admitted together (sum of asks <= budget) predict at most the
+    usable bytes.  Without it Dask ran three 331 MB tasks at once on a worker of 1 GB (993 MB)
+    under its 966 MB cap: out of memory (docs/benchmarks.md)."""
+    usable = usable_bytes(budget, capped)
+    return need if usable >= budget else min(budget, need * budget // int(usable))
+
+
 def task_memory(
     *, group_size: int, quorum_size: int, heads_kv: int, heads_q: int,
     head_dim: int, itemsize: int, margin: float, host_staging: bool = False,
@@ -429,7 +467,7 @@ def make_plan(
     if heads_per_task is not None and (not isinstance(heads_per_task, int) or heads_per_task < 1
                                        or kv_heads % heads_per_task):
         raise InvalidInputError(f"heads per task must divide the kv heads ({kv_heads}), got {heads_per_task!r}")
-    per_task = budget_bytes // max(1, tasks_in_flight)
+    per_task = int(usable_bytes(budget_bytes, host_staging)) // max(1, tasks_in_flight)
     rep = heads // kv_heads
 
     def need(w: int, hk: int) -> int:
@@ -452,7 +490,8 @@ def make_plan(
                     host_staging=host_staging,
                 )
                 return _finish(plan, partials, partials_limit, query_groups)
-    smallest = min(need(w, heads_per_task or 1) for w in candidates) * max(1, tasks_in_flight)
+    smallest = budget_for(min(need(w, heads_per_task or 1) for w in candidates) * max(1, tasks_in_flight),
+                          host_staging)
     raise BudgetError(
         f"memory budget {budget_bytes:,} bytes is too small for N={seq_len}, "
         f"D={head_dim}, {name}: the smallest plan{' with ' + str(groups) + ' groups' if groups else ''} "

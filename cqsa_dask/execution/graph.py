@@ -65,7 +65,7 @@ def build_graph(
         store: where the job is; every task carries its ``StoreLocation`` (picklable).
         task_done, merge_done: (W, B, J) arrays of 0/1 markers from the store.
         resource: worker resource name; each quorum task asks for
-            ``plan.task_memory_bytes`` of it.
+            ``plan.resource_bytes`` of it (its predicted peak; on CUDA raised by the allocator cap's share).
         options: how workers run the tasks (default: ``RunOptions.from_config()``).
     """
     options = options if options is not None else RunOptions.from_config()
@@ -93,7 +93,7 @@ def build_graph(
                 merges[(mp, a, b, j)] = (merge_task, store, token, a, b, j, options, *deps)
     layers = {
         qp: MaterializedLayer(quorums, annotations={
-            "resources": {resource: plan.task_memory_bytes}, "retries": retries,
+            "resources": {resource: plan.resource_bytes}, "retries": retries,
             "priority": plan.policy.quorum_priority}),
         mp: MaterializedLayer(merges, annotations={"retries": retries, "priority": 10}),
     }

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cqsa_dask.core.plan import capped_bytes
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.kernels.attention import resolve_device
 
@@ -89,13 +90,6 @@ def expandable_segments() -> None:
             torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None)
         if setter is not None:
             setter(_SEGMENTS)
-
-
-def capped_bytes(budget: float) -> float:
-    """What the allocator cap allows under a budget of ``budget`` bytes: 1 % (at least
-    32 MiB, at most 10 %) less, because with expandable segments the reserve can pass the
-    cap by part of a page."""
-    return budget - min(max(0.01 * budget, 32 * 2**20), 0.1 * budget)
 
 
 def cap_device(device: torch.device, budget: float) -> float:
