@@ -1,7 +1,6 @@
 #!/bin/bash
 # The GPU session of 2026-12-03 (evening), last call: the GPU-marked tests on the committed engine
-# (CUDA plans are now sized under the allocator cap and ask the resource for their share of it),
-# then the 1M, 4 GB case (W = 3, two tasks in flight) against the morning's figures.
+# (CUDA plans are now sized under the allocator cap and ask the resource for their share of it).
 set -u
 S=${OUT:?}
 mkdir -p /tmp/cqsa-bench
