@@ -156,3 +156,13 @@ def test_analyze_with_the_fused_kernel(tmp_path: Path, fclient: Client, case: tu
     assert rel_err(stored(path, "entropy"), ref["entropy"], 1.0) < 1e-4, inp.ctx
     if res:
         assert torch.allclose(stored(path, "block_mass"), ref["block_mass"], rtol=1e-5, atol=1e-5 * n / res)
+
+
+def test_a_bad_kernel_setting_is_refused_before_any_work(tmp_path: Path, fclient: Client) -> None:
+    inp = draw_inputs(1, 2, 1, 40, 16, torch.float32)
+    path = tmp_path / "s.zarr"
+    inp.store(path, chunk_tokens=16)
+    cqsa_dask.run(path, client=fclient, groups=3, memory_budget="1GB")
+    with dask.config.set({"cqsa.analysis-kernel": "fast"}), pytest.raises(InvalidInputError, match="auto, fused or"):
+        cqsa_dask.analyze(path, client=fclient)
+    assert not (path / "analysis").exists()

@@ -91,6 +91,9 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
     StoreError (not a job store), BudgetError (a task does not fit).
     """
     store_s = os.fspath(store)
+    kernel = config.get("analysis-kernel")
+    if kernel not in ("auto", "fused", "attention"):  # before any work (the tasks check it again)
+        raise InvalidInputError(f"cqsa.analysis-kernel must be auto, fused or attention, got {kernel!r}")
     group = open_store(store_s, mode="r+")
     plan, job_token = _complete_plan(store_s, group)
     res = parse_resolution(resolution, plan.seq_len)
