@@ -10,9 +10,11 @@ compiled kernel, with bfloat16 tensor-core products.
 
 Reference: P = exp(scale q k^T - lse) in float64 with an lse that includes
 mass from keys outside the pair (as a pair of a larger job sees it), so P's
-rows sum to less than 1.  Tolerances: key mass 1e-5 relative, entropy 1e-5
-relative with a floor of 1 nat (1e-5 nats near 0: the logits are float32 numbers of
-about 1e-6 absolute rounding, whatever the entropy).
+rows sum to less than 1.  Tolerances: key mass 5e-5 relative, entropy 5e-5
+relative with a floor of 1 nat (5e-5 nats near 0).  The logits are float32
+numbers, so with logits of standard deviation 6 (|t| up to about 40) their
+rounding alone reaches 1e-5 relative in P (measured over 40 seeds: 7.7e-6
+for key mass, 1.1e-5 for entropy); the analysis bar is 1e-4.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def check_pair(n_q: int, n_k: int, hq: int, hk: int, d: int, dtype: torch.dtype,
     assert ent.dtype == mass.dtype == torch.float32
     ent_ref, mass_ref = pair_reference(q, lse, k, scale, causal)
     ctx = (n_q, n_k, hq, hk, d, dtype, causal, magnitude, seed)
-    assert rel_err(mass.cpu().double(), mass_ref, 1e-30) < 1e-5, ctx
-    assert rel_err(ent.cpu().double(), ent_ref, 1.0) < 1e-5, ctx
+    assert rel_err(mass.cpu().double(), mass_ref, 1e-30) < 5e-5, ctx
+    assert rel_err(ent.cpu().double(), ent_ref, 1.0) < 5e-5, ctx
 
 
 HARD = [  # (L, S, hq, hk, D, dtype, causal, magnitude)
@@ -166,3 +168,24 @@ def test_a_bad_kernel_setting_is_refused_before_any_work(tmp_path: Path, fclient
     with dask.config.set({"cqsa.analysis-kernel": "fast"}), pytest.raises(InvalidInputError, match="auto, fused or"):
         cqsa_dask.analyze(path, client=fclient)
     assert not (path / "analysis").exists()
+
+
+def test_launches_split_by_kv_head_and_large_pairs_fall_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             fclient: Client) -> None:
+    """Offsets stay below the 32-bit limit: with a small limit each kv head gets its own launch (same
+    results), a pair over it for one kv head is refused, and analyze() takes the attention calls for it."""
+    monkeypatch.setattr(fused, "OFFSET_LIMIT", 2 * (64 + 1024) * 16 + 1)  # one kv head of 2 query heads
+    check_pair(60, 64, 4, 2, 16, torch.float32, False, 2.0, seed=7)  # two launches
+    q, lse, k, scale = draw_pair(60, 64, 4, 1, 16, torch.float32, False, 2.0, 7)  # 4 query heads on one kv head
+    assert not fused.fused_fits(q, k)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        fused.fused_terms(q, lse, k, scale=scale, diagonal_causal=False)
+    inp = draw_inputs(1, 4, 1, 48, 16, torch.float32, magnitude=2.0)
+    path = tmp_path / "s.zarr"
+    inp.store(path, chunk_tokens=16)
+    cqsa_dask.run(path, client=fclient, groups=3, memory_budget="1GB")
+    with dask.config.set({"cqsa.analysis-kernel": "fused"}):
+        r = cqsa_dask.analyze(path, client=fclient)
+    ref = reference(dense(inp.q, inp.k, False, r.plan.scale), None)
+    assert rel_err(stored(path, "key_mass"), ref["key_mass"], 0.0) < 1e-4, inp.ctx
+    assert rel_err(stored(path, "entropy"), ref["entropy"], 1.0) < 1e-4, inp.ctx

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FusedUnavailable", "fused_available", "fused_terms"]
+__all__ = ["FusedUnavailable", "fused_available", "fused_fits", "fused_terms"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -50,6 +50,8 @@ LN2 = 0.6931471805599453
 CUDA_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 CUDA_CONFIG_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+# Element offsets inside one launch stay below this (Triton forms them in 32-bit integers).
+OFFSET_LIMIT = 2**31 - 2**24
 
 # Triton's interpreter patches triton.language while a kernel runs: one launch at a time there.
 _INTERPRETER_LOCK = threading.Lock()
@@ -139,6 +141,20 @@ def fused_available(device: torch.device) -> bool:
     return True
 
 
+def _kv_heads_per_launch(rep: int, n_q: int, n_k: int, d: int, block_m: int) -> int:
+    """KV heads per launch so that every element offset the kernel forms (head x rows x D, rows
+    padded to the tile) stays below ``OFFSET_LIMIT`` (Triton computes them in 32 bits)."""
+    rows = max(-(-n_q // block_m) * block_m, n_k + 1024)
+    return max(1, OFFSET_LIMIT // (rep * rows * max(d, 16)))
+
+
+def fused_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the pair q (1, hq, L, D), k (1, hk, S, D) fits the kernel's 32-bit offsets with one kv head
+    (and its query heads) per launch; larger pairs take the attention calls."""
+    rep, d = q.shape[1] // k.shape[1], q.shape[3]
+    return rep * (max(q.shape[2], k.shape[2]) + 1024) * max(d, 16) < OFFSET_LIMIT
+
+
 def _config(q: torch.Tensor) -> dict[str, Any]:
     if q.device.type != "cuda":
         return dict(INTERPRETER_CONFIG)
@@ -174,14 +190,23 @@ def fused_terms(q: torch.Tensor, lse: torch.Tensor, k: torch.Tensor, *, scale: f
     mass = torch.zeros((hq, n_k), dtype=torch.float32, device=q.device)
     cfg = {**_config(q), **(config or {})}
     bm = cfg.pop("BLOCK_M")
+    rep = hq // hk
+    if not fused_fits(q, k):
+        raise ValueError(f"a pair of {n_q} x {n_k} tokens, {rep} query heads per kv head and D = {d} exceeds the "
+                         "fused kernel's 32-bit offsets (use_fused checks this first)")
     if n_q and n_k:
-        grid = (math.ceil(n_q / bm), hq)
-        with _INTERPRETER_LOCK if q.device.type != "cuda" else contextlib.nullcontext():
-            _kernel()[grid](q3, k3, lse2, ent, mass, q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1),
-                            n_q, n_k, hq // hk, scale * LOG2E, CAUSAL=diagonal_causal, D=d,
-                            BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_M=bm,
-                            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                            UPCAST=q.device.type != "cuda", **cfg)
+        per = _kv_heads_per_launch(rep, n_q, n_k, d, bm)
+        for g0 in range(0, hk, per):  # each launch's offsets stay below 2^31 (views: no copies)
+            g1 = min(hk, g0 + per)
+            qs, ks = q3[g0 * rep:g1 * rep], k3[g0:g1]
+            grid = (math.ceil(n_q / bm), qs.shape[0])
+            with _INTERPRETER_LOCK if q.device.type != "cuda" else contextlib.nullcontext():
+                _kernel()[grid](qs, ks, lse2[g0 * rep:g1 * rep], ent[g0 * rep:g1 * rep], mass[g0 * rep:g1 * rep],
+                                qs.stride(0), qs.stride(1), ks.stride(0), ks.stride(1),
+                                n_q, n_k, rep, scale * LOG2E, CAUSAL=diagonal_causal, D=d,
+                                BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_M=bm,
+                                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                                UPCAST=q.device.type != "cuda", **cfg)
     else:
         ent.zero_()
     return ent[None], mass[None]

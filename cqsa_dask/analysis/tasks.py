@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from cqsa_dask import config
-from cqsa_dask.analysis.fused import fused_available, fused_terms
+from cqsa_dask.analysis.fused import fused_available, fused_fits, fused_terms
 from cqsa_dask.analysis.layout import Analysis, open_analysis
 from cqsa_dask.analysis.pairs import entropy_term, key_features, mass_terms, query_features, value_width
 from cqsa_dask.analysis.spec import column_producers, feature_width, key_slot, parse_resolution
@@ -150,7 +150,8 @@ def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: 
     """
     rep = plan.heads_q // plan.heads_kv
     entropy = torch.zeros_like(lse)
-    if kn.fused:
+    fused = kn.fused and all(fused_fits(q, ks[b]) for b in bs)  # larger pairs: the attention calls
+    if fused:
         for b in bs:
             e, m = fused_terms(q, lse, ks[b], scale=plan.scale, diagonal_causal=plan.causal and a == b)
             entropy += e
@@ -163,7 +164,7 @@ def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: 
     ncols = int(cols[-1]) + 1
     for b in bs:
         diag = plan.causal and a == b
-        if not kn.fused:
+        if not fused:
             entropy += entropy_term(qe, lse, ks[b].to(kn.entropy_dtype), scale=plan.scale, diagonal_causal=diag,
                                     kernel=kn.entropy)
         kf = key_features(ks[b], rep, kn.features)  # (1, hq, S, D')
@@ -172,7 +173,7 @@ def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: 
             inside = (cols >= c0) & (cols < c0 + kn.width)
             values[:, :, inside, (cols[inside] - c0)] = 1
             m, terms = mass_terms(qf, kf, values, scale=plan.scale, diagonal_causal=diag, kernel=kn.mass)
-            if c0 == 0 and not kn.fused:
+            if c0 == 0 and not fused:
                 mass[b] = mass[b] + m if b in mass else m
             if blocks is not None:
                 blocks.add(b, x0 + c0, terms, min(kn.width, ncols - c0))
