@@ -178,7 +178,7 @@ class Lease:
         self._last = now
         return {
             "lease": {"owner": self.owner, "expires": now + self.ttl, "host": _HOST, "pid": os.getpid(),
-                      "started": _STARTED, "start_ticks": _start_ticks(os.getpid())} if lease else None,
+                      "started": _STARTED, "start_ticks": _START_TICKS} if lease else None,
             "updated_at": now, "active_s": active,
         }
 
@@ -263,10 +263,6 @@ class Lease:
             log.info("could not release the lease of %s: %s", self.owner, e)
 
 
-_HOST = socket.gethostname()
-_STARTED = psutil.Process().create_time()  # with the pid, names this process even after pid reuse
-
-
 def _start_ticks(pid: int) -> int | None:
     """When process ``pid`` started, in clock ticks since boot (Linux's /proc/PID/stat field 22);
     None elsewhere or when it is gone.  Unlike ``create_time`` (boot time + ticks, the boot time
@@ -279,6 +275,10 @@ def _start_ticks(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
 
+
+_HOST = socket.gethostname()
+_STARTED = psutil.Process().create_time()  # with the pid, names this process even after pid reuse
+_START_TICKS = _start_ticks(os.getpid())  # the same, immune to a stepped wall clock (Linux)
 _TAKEN_OVER: set[str] = set()  # leases of dead holders already announced (one line each)
 
 
