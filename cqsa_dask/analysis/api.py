@@ -23,7 +23,7 @@ from distributed import Client
 from cqsa_dask import config
 from cqsa_dask.analysis.graph import build_analysis_graph
 from cqsa_dask.analysis.layout import create_analysis, stored_analysis
-from cqsa_dask.analysis.spec import analysis_memory, parse_resolution
+from cqsa_dask.analysis.spec import analysis_memory, check_analysis_kernel, parse_resolution
 from cqsa_dask.analysis.tasks import analysis_options
 from cqsa_dask.client.cluster import check_capacity, connect, resolve_budget
 from cqsa_dask.client.submit import Progress, observed
@@ -91,9 +91,7 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
     StoreError (not a job store), BudgetError (a task does not fit).
     """
     store_s = os.fspath(store)
-    kernel = config.get("analysis-kernel")
-    if kernel not in ("auto", "fused", "attention"):  # before any work (the tasks check it again)
-        raise InvalidInputError(f"cqsa.analysis-kernel must be auto, fused or attention, got {kernel!r}")
+    check_analysis_kernel(config.get("analysis-kernel"))  # before any work (the tasks check it again)
     group = open_store(store_s, mode="r+")
     plan, job_token = _complete_plan(store_s, group)
     res = parse_resolution(resolution, plan.seq_len)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.core.plan import Plan
 
-__all__ = ["Resolution", "analysis_memory", "column_producers", "feature_width", "key_slot", "parse_resolution"]
+__all__ = ["ANALYSIS_KERNELS", "Resolution", "analysis_memory", "check_analysis_kernel", "column_producers", "feature_width", "key_slot", "parse_resolution"]
 
+ANALYSIS_KERNELS = ("auto", "fused", "attention")  # cqsa.analysis-kernel
 LSE_FEATURES = 3  # columns carrying -lse / scale in three parts (pairs.query_features)
 _FIXED_OVERHEAD = 2 * 2**20  # bytes: kernel workspace, small buffers
 
@@ -47,6 +48,13 @@ def parse_resolution(resolution: object, seq_len: int) -> Resolution | None:
         raise InvalidInputError(f"resolution must be an integer in 1..{seq_len} (the job's tokens), "
                                 f"got {resolution!r}")
     return Resolution(resolution, -(-seq_len // resolution))
+
+
+def check_analysis_kernel(how: object) -> str:
+    """``cqsa.analysis-kernel`` = ``how`` if it is one of ``ANALYSIS_KERNELS``; else :class:`InvalidInputError`."""
+    if how not in ANALYSIS_KERNELS:
+        raise InvalidInputError(f"cqsa.analysis-kernel must be auto, fused or attention, got {how!r}")
+    return str(how)
 
 
 def feature_width(device_type: str, head_dim: int) -> int:

@@ -36,7 +36,7 @@ from cqsa_dask import config
 from cqsa_dask.analysis.fused import fused_available, fused_fits, fused_terms
 from cqsa_dask.analysis.layout import Analysis, open_analysis
 from cqsa_dask.analysis.pairs import entropy_term, key_features, mass_terms, query_features, value_width
-from cqsa_dask.analysis.spec import column_producers, feature_width, key_slot, parse_resolution
+from cqsa_dask.analysis.spec import check_analysis_kernel, column_producers, feature_width, key_slot, parse_resolution
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.execution.telemetry import report_task, task_started
 from cqsa_dask.kernels.attention import resolve_device, select_kernel
@@ -120,9 +120,7 @@ class _Kernels:
     @classmethod
     def choose(cls, plan: Any, dev: torch.device, opt: dict[str, Any]) -> _Kernels:
         dtype = TORCH_DTYPES[plan.dtype]
-        how = opt.get("analysis-kernel", "auto")
-        if how not in ("auto", "fused", "attention"):
-            raise InvalidInputError(f"cqsa.analysis-kernel must be auto, fused or attention, got {how!r}")
+        how = check_analysis_kernel(opt.get("analysis-kernel", "auto"))
         fused = (how == "fused" or (how == "auto" and dev.type == "cuda")) and fused_available(dev)
         if how == "fused" and not fused:
             raise InvalidInputError(f"cqsa.analysis-kernel is fused, but the fused kernel does not run on "
@@ -158,7 +156,7 @@ def _slot(plan: Any, kn: _Kernels, a: int, bs: list[int], q: torch.Tensor, lse: 
             mass[b] = mass[b] + m if b in mass else m
         if blocks is None:
             return entropy
-    qe = q.to(kn.entropy_dtype)
+    qe = q.to(kn.entropy_dtype) if not fused else q
     qf = query_features(q, lse, plan.scale, kn.features)  # (1, hq, L, D')
     x0, cols = blocks.columns(a) if blocks else (0, torch.zeros(q.shape[2], dtype=torch.int64, device=q.device))
     ncols = int(cols[-1]) + 1
