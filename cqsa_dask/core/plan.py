@@ -312,11 +312,14 @@ class Plan:
         return cls(**kw)
 
 
+_CAP_SHARE, _CAP_MIN, _CAP_MAX_SHARE = 0.01, 32 * 2**20, 0.1  # the cap's headroom below the budget
+
+
 def capped_bytes(budget: float) -> float:
     """What a CUDA worker's allocator cap allows under a budget of ``budget`` bytes
     (``execution/process.py::cap_device``): 1 % (at least 32 MiB, at most 10 %) less, because with
     expandable segments the reserve can pass the cap by part of a page."""
-    return budget - min(max(0.01 * budget, 32 * 2**20), 0.1 * budget)
+    return budget - min(max(_CAP_SHARE * budget, _CAP_MIN), _CAP_MAX_SHARE * budget)
 
 
 def usable_bytes(budget: float, capped: bool) -> float:
@@ -329,8 +332,8 @@ def budget_for(total: int, capped: bool) -> int:
     """The smallest budget whose ``usable_bytes`` hold ``total`` bytes."""
     if not capped:
         return total
-    return min(b for b in (math.ceil(total / 0.99), total + 32 * 2**20, math.ceil(total / 0.9))
-               if capped_bytes(b) >= total)
+    candidates = (math.ceil(total / (1 - _CAP_SHARE)), total + _CAP_MIN, math.ceil(total / (1 - _CAP_MAX_SHARE)))
+    return min(b for b in candidates if capped_bytes(b) >= total)  # one per branch of the headroom
 
 
 def resource_bytes(need: int, budget: int, capped: bool) -> int:
