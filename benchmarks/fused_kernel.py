@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from typing import Any
 
 import torch
 
 from benchmarks import environment
+from benchmarks.kernel_sizes import median_seconds
 from cqsa_dask.analysis import fused
 from cqsa_dask.analysis.pairs import entropy_term, key_features, mass_terms, query_features, value_width
 from cqsa_dask.analysis.spec import feature_width
@@ -35,18 +35,6 @@ SETTINGS = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
     (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 4, 3), (256, 64, 8, 3), (64, 32, 4, 3),
     (128, 64, 4, 2), (128, 64, 4, 4), (128, 32, 4, 3), (256, 64, 4, 3), (256, 32, 8, 3), (128, 64, 2, 3),
 ]
-
-
-def _time(fn, reps: int = 3) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def _inputs(L: int, S: int, hq: int, hk: int, d: int = 128, causal: bool = False
@@ -102,7 +90,7 @@ def _settings(d: int) -> tuple[list[dict[str, Any]], tuple[int, int, int, int] |
     for s in SETTINGS:
         call = functools.partial(fused.fused_terms, q, lse, k, scale=scale, diagonal_causal=False, config=_config(s))
         try:
-            sec = _time(call)
+            sec = median_seconds(call)
             row: dict[str, Any] = {"setting": s, "seconds": sec, "tflops": flops / sec / 1e12}
         except Exception as e:  # noqa: BLE001 - a setting the compiler refuses (shared memory, registers)
             row = {"setting": s, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
@@ -115,12 +103,12 @@ def _settings(d: int) -> tuple[list[dict[str, Any]], tuple[int, int, int, int] |
 def _shape(L: int, h: int, causal: bool, kernel: str, best: tuple[int, int, int, int] | None) -> dict[str, Any]:
     """The job's kernel, the unfused and the fused analysis on one pair of L x L tokens, h heads."""
     q, lse, k, scale = _inputs(L, L, h, h, causal=causal)
-    job = _time(functools.partial(attend, q, k, k, scale=scale, diagonal_causal=causal, kernel=kernel))
-    unfused = _time(functools.partial(_unfused, q, lse, k, scale, causal))
+    job = median_seconds(functools.partial(attend, q, k, k, scale=scale, diagonal_causal=causal, kernel=kernel))
+    unfused = median_seconds(functools.partial(_unfused, q, lse, k, scale, causal))
     row: dict[str, Any] = {"L": L, "heads": h, "causal": causal, "job_kernel_s": job, "unfused_s": unfused}
     for name, s in (("default", None), ("best", best)):
         cfg = None if s is None else _config(s)
-        row[f"fused_{name}_s"] = _time(
+        row[f"fused_{name}_s"] = median_seconds(
             functools.partial(fused.fused_terms, q, lse, k, scale=scale, diagonal_causal=causal, config=cfg))
     row["fused_over_job"] = row["fused_default_s"] / job
     row["fused_best_over_job"] = row["fused_best_s"] / job

@@ -31,7 +31,7 @@ CASES = [  # (query rows L, key rows S, heads, causal diagonal)
 ]
 
 
-def _time(fn, reps: int = 3) -> float:  # type: ignore[no-untyped-def]
+def median_seconds(fn, reps: int = 3) -> float:  # type: ignore[no-untyped-def]
     fn()
     torch.cuda.synchronize()
     times = []
@@ -49,7 +49,7 @@ def _one(L: int, S: int, h: int, causal: bool, kernel: str, d: int = 128) -> dic
     q = torch.randn(1, h, L, d, device=dev, dtype=dt)
     k = torch.randn(1, h, S, d, device=dev, dtype=dt)
     v = torch.randn(1, h, S, d, device=dev, dtype=dt)
-    s = _time(lambda: attend(q, k, v, scale=d ** -0.5, diagonal_causal=causal, kernel=kernel))
+    s = median_seconds(lambda: attend(q, k, v, scale=d ** -0.5, diagonal_causal=causal, kernel=kernel))
     flops = 4 * L * S * d * h / (2 if causal else 1)
     return {"L": L, "S": S, "heads": h, "causal": causal, "seconds": s, "tflops": flops / s / 1e12}
 
@@ -74,13 +74,13 @@ def main() -> None:
         for k, v in kv:
             acc = merge(acc, attend(q, k, v, scale=d ** -0.5, diagonal_causal=False, kernel=kernel))
 
-    s = _time(split)
+    s = median_seconds(split)
     rows.append({"L": 1024 * K, "S": 1024 * K, "heads": 1, "causal": False, "key_blocks": 4, "seconds": s,
                  "tflops": 4 * (1024 * K) ** 2 * d / s / 1e12})
     print(json.dumps(rows[-1]), flush=True)
     host = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=True)
     devbuf = torch.empty_like(host, device=dev)
-    h2d = _time(lambda: devbuf.copy_(host, non_blocking=True))
+    h2d = median_seconds(lambda: devbuf.copy_(host, non_blocking=True))
     rec = {"kernel": kernel, "rows": rows, "h2d_pinned_gb_s": host.numel() / h2d / 1e9,
            "date_utc": environment.now_utc(), "hardware": environment.hardware(),
            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}, "git": environment.git_info()}

@@ -6,13 +6,7 @@
 set -u
 S=${STATE:?}
 BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-step() {  # step NAME SECONDS command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name: start $(date -u +%T)"
-  timeout "$limit" "$@" > "$S/$name.log" 2>&1
-  echo "== $name: rc=$? $(date -u +%T)"
-  grep -v '^ \|^Traceback\|^distributed\.\|^tornado\.\|^$' "$S/$name.log" | tail -8
-}
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 step pytest-fused 240 python3 -m pytest -q -p no:cacheprovider tests/test_analysis_fused.py

@@ -3,13 +3,7 @@
 # kernel's chosen tiles (128 x 64, 4 warps, 3 stages), then more tile settings.
 set -u
 S=${STATE:?}
-step() {  # step NAME SECONDS command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name: start $(date -u +%T)"
-  timeout "$limit" "$@" > "$S/$name.log" 2>&1
-  echo "== $name: rc=$? $(date -u +%T)"
-  grep -v '^ \|^Traceback\|^distributed\.\|^tornado\.\|^$' "$S/$name.log" | tail -8
-}
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
 mkdir -p /tmp/cqsa-analyze
 step analyze-4M 480 python3 workflows/analyze_gpu.py --workdir /tmp/cqsa-analyze --plot "$S/analysis-4M.png"
 rm -rf /tmp/cqsa-analyze

@@ -4,13 +4,7 @@
 set -u
 S=${STATE:?}
 BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-step() {  # step NAME SECONDS command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name: start $(date -u +%T)"
-  timeout "$limit" "$@" > "$S/$name.log" 2>&1
-  echo "== $name: rc=$? $(date -u +%T)"
-  grep -v '^ \|^Traceback\|^distributed\.\|^tornado\.\|^$' "$S/$name.log" | tail -8
-}
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
 mkdir -p /tmp/cqsa-bench
 step pytest-fused 120 python3 -m pytest -q -p no:cacheprovider tests/test_analysis_fused.py
 step bench-4M 330 $BENCH --cases n4M-4GB n4M-4GB-causal
