@@ -3,26 +3,31 @@
 ::
 
     ReadAhead    k, v of every key group the task needs     (submitted at once; resident)
-                 q of the next slots                         (CUDA: one ahead, CPU: two)
+                 q of the next steps (a slot, or a piece of a   (CUDA: one ahead, CPU: two)
+                 direct row: ``pieces.py``)
                  each read on the runtime's IO pool, then uploaded on the upload stream
     compute      (the task's own thread: tasks.py)
-    WriteBehind  a slot's result copied back once its kernels are done, then written
+    WriteBehind  a step's result copied back once its kernels are done, then written
                  on the IO pool; at most two writes in flight
 
 ``TaskIO`` does the reads and the writes themselves; its methods run on the
 IO threads while the task computes (thread-safe; byte counts include only
 what moved through the store).  A row with a single producer is written to
 out and lse directly, with its marker; a shared row's result goes to the
-partials policy's producer (``partials/``).
+partials policy's producer (``partials/``); the pieces of a direct row
+go to that row's ``RowPieces``, which writes the row's marker after its last
+piece.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,14 +37,25 @@ from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.execution.hostcache import HostCache
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Producer
+from cqsa_dask.execution.pieces import RowPieces, Step
 from cqsa_dask.kernels.attention import all_finite, resolve_device
 from cqsa_dask.kernels.transfer import Staged, download, upload, use
 from cqsa_dask.store.chunkio import read_rows
 from cqsa_dask.store.layout import TORCH_DTYPES, read_block, write_block
 
-__all__ = ["ReadAhead", "TaskIO", "Timer", "WriteBehind"]
+__all__ = ["ReadAhead", "Result", "TaskIO", "Timer", "WriteBehind"]
 
-Result = tuple[int, int, torch.Tensor, torch.Tensor, Any]  # slot, group, out, lse, done event
+
+
+@dataclass(frozen=True)
+class Result:
+    """A step's result on the task's device: out (hq, T, D), lse (hq, T) float32, and the event
+    after which both are valid (None: now, on the CPU)."""
+
+    step: Step
+    out: torch.Tensor
+    lse: torch.Tensor
+    done: Any = None
 
 
 def pinned(options: RunOptions) -> bool:
@@ -92,6 +108,14 @@ class TaskIO:
         self.cache, self.producer = cache, producer
         self.read = self.written = 0
         self._lock = threading.Lock()
+        self._rows: dict[int, RowPieces] = {}  # direct rows written in pieces, until their last piece
+
+    def abort(self) -> None:
+        """Drop the half-written rows of a failed task (their pieces' chunk files)."""
+        with self._lock:
+            rows, self._rows = list(self._rows.values()), {}
+        for row in rows:
+            row.abort()
 
     def _count(self, read: int = 0, written: int = 0) -> None:
         with self._lock:
@@ -99,8 +123,11 @@ class TaskIO:
             self.written += written
 
     def _input(self, name: str, arr: zarr.Array | None, heads: slice, g: int,
-               device: torch.device | None) -> torch.Tensor:
-        idx = (self.batch, heads, self.cell.rows(g))
+               device: torch.device | None, part: slice | None = None) -> torch.Tensor:
+        rows = self.cell.rows(g)
+        if part is not None:  # a piece of the group's tokens
+            rows = slice(rows.start + part.start, rows.start + part.stop)
+        idx = (self.batch, heads, rows)
         source = self.job.source
         if source is not None:  # generated where it is used (generated.py): nothing read, nothing cached
             x = {"q": source.q, "k": source.k, "v": source.v}[name](*idx, device)
@@ -110,7 +137,7 @@ class TaskIO:
         assert arr is not None
 
         def key(h0: int) -> tuple[Any, ...]:
-            return (self.token, name, self.batch, h0, g)
+            return (self.token, name, self.batch, h0, g) + ((part.start, part.stop) if part is not None else ())
 
         def load() -> torch.Tensor:
             dtype = TORCH_DTYPES[self.job.plan.dtype]
@@ -141,15 +168,27 @@ class TaskIO:
         return (upload(self._input("k", self.job.k, self.kv_h, g, device), device),
                 upload(self._input("v", self.job.v, self.kv_h, g, device), device))
 
-    def q(self, a: int, device: torch.device) -> Staged:
-        """q of group ``a``: (hq, G, D) on ``device``."""
-        return upload(self._input("q", self.job.q, self.q_h, a, device), device)
+    def q(self, a: int, device: torch.device, part: slice | None = None) -> Staged:
+        """q of group ``a``: (hq, G, D) on ``device``; only tokens ``part`` of the group (relative
+        to its first) when given."""
+        return upload(self._input("q", self.job.q, self.q_h, a, device, part), device)
 
-    def write(self, slot: int, a: int, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """Write the result (hq, G, D), (hq, G) of query group ``a`` from ``slot``: a row with a
-        single producer straight to out/lse (then its merge marker), a shared row through the
-        partials policy's producer."""
+    def write(self, step: Step, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """Write the result (hq, T, D), (hq, T) of ``step``: a piece to its row's ``RowPieces``
+        (the last one completes the row), a row with a single producer straight to out/lse (then
+        its merge marker), a shared row through the partials policy's producer."""
         job, plan = self.job, self.job.plan
+        slot, a = step.slot, step.group
+        if step.part is not None:
+            with self._lock:
+                row = self._rows.get(a)
+                if row is None:
+                    row = self._rows[a] = RowPieces(self.cell, a)
+            if row.put(step.part, out, lse):
+                with self._lock:
+                    del self._rows[a]
+            self._count(written=out.nbytes + lse.nbytes)
+            return
         if plan.direct(a):
             index = self.cell.block_of(a)
             write_block(job.out, index, out.to(TORCH_DTYPES[plan.dtype]))
@@ -181,24 +220,25 @@ class Timer:
 
 
 class ReadAhead:
-    """The reads of one task's ``work`` [(slot, query group, key groups)] on ``pool``: k, v of
-    every key group at once, q ``ahead`` slots ahead.  A consumed read is dropped at once
-    (its tensor would otherwise stay alive to the end of the task)."""
+    """The reads of one task's ``steps`` on ``pool``: k, v of every key group at once, q
+    ``ahead`` steps ahead.  A consumed read is dropped at once (its tensor would otherwise stay
+    alive to the end of the task)."""
 
-    def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, work: list[tuple[int, int, list[int]]],
-                 dev: torch.device, ahead: int):
-        self.io, self.pool, self.work, self.dev, self.ahead = io, pool, work, dev, ahead
-        groups = sorted({b for _, _, bs in work for b in bs})
+    def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, steps: list[Step], dev: torch.device, ahead: int):
+        self.io, self.pool, self.steps, self.dev, self.ahead = io, pool, steps, dev, ahead
+        groups = sorted({b for s in steps for b in s.keys})
         self._kv_reads: dict[int, Future[tuple[Staged, Staged]]] = {g: pool.submit(io.kv, g, dev) for g in groups}
-        self._q_reads: dict[int, Future[Staged]] = {
-            n: pool.submit(io.q, a, dev) for n, (_, a, _) in enumerate(work[:ahead])}
+        self._q_reads: dict[int, Future[Staged]] = {n: self._read_q(n) for n in range(min(ahead, len(steps)))}
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _read_q(self, n: int) -> Future[Staged]:
+        return self.pool.submit(self.io.q, self.steps[n].group, self.dev, self.steps[n].part)
+
     def q(self, n: int) -> torch.Tensor:
-        """q of slot ``n``: (1, hq, G, D) on the device; queues the read of slot n + ahead."""
+        """q of step ``n``: (1, hq, T, D) on the device; queues the read of step n + ahead."""
         q = use(self._q_reads.pop(n).result())[None].contiguous()
-        if n + self.ahead < len(self.work):
-            self._q_reads[n + self.ahead] = self.pool.submit(self.io.q, self.work[n + self.ahead][1], self.dev)
+        if n + self.ahead < len(self.steps):
+            self._q_reads[n + self.ahead] = self._read_q(n + self.ahead)
         return q
 
     def kv(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,18 +259,17 @@ class WriteBehind:
     """Results copied back to the host once their kernels are done, then written by
     ``write`` on ``pool``, at most ``depth`` writes in flight."""
 
-    def __init__(self, write: Callable[[int, int, torch.Tensor, torch.Tensor], None], pool: ThreadPoolExecutor,
+    def __init__(self, write: Callable[[Step, torch.Tensor, torch.Tensor], None], pool: ThreadPoolExecutor,
                  timer: Timer, depth: int = 2):
         self.write, self.pool, self.timer, self.depth = write, pool, timer, depth
         self._writes: deque[Future[None]] = deque()
 
     def put(self, result: Result) -> None:
         """Copy ``result`` to the host (once its kernels are done) and queue its write."""
-        slot, a, out_d, lse_d, done = result
         t = time.perf_counter()
-        out, lse = download(out_d, done), download(lse_d, done)
+        out, lse = download(result.out, result.done), download(result.lse, result.done)
         t = self.timer.computed(t)
-        self._writes.append(self.pool.submit(self.write, slot, a, out, lse))
+        self._writes.append(self.pool.submit(self.write, result.step, out, lse))
         while len(self._writes) > self.depth:
             self._writes.popleft().result()
         self.timer.waited(t)
@@ -243,5 +282,11 @@ class WriteBehind:
         self.timer.waited(t)
 
     def cancel(self) -> None:
+        """Cancel the queued writes and wait for the running ones (a failed task: nothing of it
+        may still write once the caller cleans up)."""
         for f in self._writes:
             f.cancel()
+        for f in self._writes:
+            if not f.cancelled():
+                with contextlib.suppress(BaseException):
+                    f.result()

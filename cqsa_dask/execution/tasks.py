@@ -11,10 +11,11 @@ Quorum task (task i, batch b, head block j)::
     task_done[i, b, j] set: return at once  (a rerun of a durable task after its worker died)
     tell the scheduler the task runs                      (telemetry, best effort)
     prefetch   k, v of every key group the task owns pairs for (resident), q ahead
-    for each slot s with query group a and key groups [b1, b2, ...]:
+    for each step (a slot with query group a and key groups [b1, b2, ...], or a query
+    piece of a row the task computes alone: pieces.py), a row's steps on one turn:
         compute  (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc)
-        write    behind: a single-producer row to out/lse (and its marker),
-                 a shared row to the partials policy (emit)
+        write    behind: a single-producer row to out/lse (and its marker; a row in
+                 pieces: after its last piece), a shared row to the partials policy (emit)
     write task_stats[i, b, j]  (timings, bytes, device peak, runs: the count of computations)
     write task_done[i, b, j] = 1                       (after all data)
     report the figures to the scheduler                (telemetry, best effort)
@@ -29,7 +30,9 @@ Merge (group a, batch b, head block j)::
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,6 +41,7 @@ from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
+from cqsa_dask.execution.pieces import Step, steps
 from cqsa_dask.execution.retry import attempts
 from cqsa_dask.execution.runtime import WorkerRuntime, runtime
 from cqsa_dask.execution.taskio import ReadAhead, Result, TaskIO, Timer, WriteBehind
@@ -94,6 +98,7 @@ class _QuorumRun:
         self.dtype = TORCH_DTYPES[plan.dtype]
         self.kernel = select_kernel(self.dev, self.dtype, plan.head_dim, opt.kernel)
         self.work = plan.work(task)
+        self.steps = steps(plan, self.work, opt.query_piece)
         shared = [a for _, a, _ in self.work if not plan.direct(a)]
         self.producer: Producer = plan.policy.producer(cell, task, shared, rt)
         self.io = TaskIO(cell, opt, rt.cache, self.producer)
@@ -101,52 +106,75 @@ class _QuorumRun:
         self.turn = cuda_turn(opt.cuda_turn, plan)
 
     def run(self) -> dict[str, Any]:
-        """Every slot of the task, reads ahead and writes behind; the task's record."""
+        """Every step of the task, reads ahead and writes behind; the task's record.
+
+        A row's steps run under one turn of the device (``WorkerRuntime.turn``), taken once the
+        first step's inputs are in; on CUDA a step's result is copied back while the next step's
+        kernels run, and with ``cuda_turn="kernels"`` the row's kernels are done before the turn
+        is given up."""
         on_cuda = self.dev.type == "cuda"
-        overlap = on_cuda and self.turn == "streams"  # else a slot's kernels are done when compute returns
-        reads = ReadAhead(self.io, self.rt.pool, self.work, self.dev, ahead=1 if on_cuda else 2)
+        exclusive = on_cuda and self.turn == "kernels"  # the turn covers the kernels themselves
+        reads = ReadAhead(self.io, self.rt.pool, self.steps, self.dev, ahead=1 if on_cuda else 2)
         writes = WriteBehind(self.io.write, self.rt.pool, self.timer)
         try:
-            with self.rt.task_stream(self.dev):
-                waiting: Result | None = None  # CUDA: the previous slot's result, not yet copied back
-                for n, (slot, a, bs) in enumerate(self.work):
+            with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
+                waiting: Result | None = None  # CUDA: the previous step's result, not yet copied back
+                for n, step in enumerate(self.steps):
                     t = time.perf_counter()
-                    q, kv = reads.q(n), [reads.kv(b) for b in bs]
-                    result = self.compute(slot, a, bs, q, kv, since=t)
+                    q, kv = reads.q(n), [reads.kv(b) for b in step.keys]
+                    if step.first:
+                        held.enter_context(self.rt.turn(self.dev.type, self.turn))
+                    t = self.timer.waited(t)
+                    result = self.compute(step, q, kv)
                     del q, kv
-                    if not overlap:  # computed already: nothing to overlap
-                        writes.put(result)
-                        continue
-                    if waiting is not None:  # copied back while slot n's kernels run
+                    if step.last and exclusive and result.done is not None:
+                        result.done.synchronize()
+                    self.timer.computed(t)
+                    if step.last:
+                        held.close()  # the row is done: the next row takes its turn again
+                    if waiting is not None:  # copied back while this step's kernels ran
                         writes.put(waiting)
-                    waiting = result
+                        waiting = None
+                    if result.done is None or (step.last and exclusive):  # computed already
+                        writes.put(result)
+                    else:
+                        waiting = result
                 if waiting is not None:
                     writes.put(waiting)
             writes.drain()
-        finally:  # leave no IO running for a failed task
-            reads.cancel()
+        except BaseException:
+            reads.cancel()  # leave no IO running for a failed task,
             writes.cancel()
+            self.io.abort()  # and no half-written row behind it
+            raise
         return self.record()
 
-    def compute(self, slot: int, a: int, bs: list[int], q: torch.Tensor,
-                kv: list[tuple[torch.Tensor, torch.Tensor]], since: float) -> Result:
-        """Attend q (1, hq, G, D) of group ``a`` to k, v (1, hk, G, D) of groups ``bs``, merged in
-        float32, on the device's turn; the result (slot, a, out (hq, G, D), lse (hq, G), its
-        done event).  A shared row of a policy that takes float32 keeps the accumulator's dtype."""
+    def compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Result:
+        """Attend q (1, hq, T, D) of ``step`` (its group, or a piece of it) to k, v (1, hk, G, D) of
+        its key groups, merged in float32; the result (out (hq, T, D), lse (hq, T), its done event).
+        A shared row of a policy that takes float32 keeps the accumulator's dtype."""
         plan = self.plan
-        with self.rt.turn(self.dev.type, self.turn):
-            t = self.timer.waited(since)
-            acc = None
-            for b, (k, v) in zip(bs, kv):
-                part = attend(q, k, v, scale=plan.scale, diagonal_causal=plan.causal and a == b, kernel=self.kernel)
+        acc = None
+        for b, (k, v) in zip(step.keys, kv):
+            for part in self._pair(step, b, q, k, v):
                 acc = merge(acc, part)
-            assert acc is not None
-            keep = self.producer.float32 and not plan.direct(a)
-            result = (slot, a, (acc[0] if keep else acc[0].to(self.dtype))[0], acc[1][0], done_event(self.dev))
-            if result[4] is not None and self.turn == "kernels":  # the turn covers the kernels themselves
-                result[4].synchronize()
-            self.timer.computed(t)
-        return result
+        assert acc is not None
+        keep = self.producer.float32 and not plan.direct(step.group)
+        return Result(step, (acc[0] if keep else acc[0].to(self.dtype))[0], acc[1][0], done_event(self.dev))
+
+    def _pair(self, step: Step, b: int, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The kernel calls of ``step``'s queries against key group ``b``: one, except for a piece
+        [r0, r1) of the causal diagonal, which sees keys [0, r0) whole and [r0, r1) under the mask."""
+        plan = self.plan
+        diagonal = plan.causal and step.group == b
+        if not diagonal or step.part is None:
+            yield attend(q, k, v, scale=plan.scale, diagonal_causal=diagonal, kernel=self.kernel)
+            return
+        r0, r1 = step.part.start, step.part.stop
+        if r0:
+            yield attend(q, k[:, :, :r0], v[:, :, :r0], scale=plan.scale, diagonal_causal=False, kernel=self.kernel)
+        yield attend(q, k[:, :, r0:r1], v[:, :, r0:r1], scale=plan.scale, diagonal_causal=True, kernel=self.kernel)
 
     def record(self) -> dict[str, Any]:
         """The task's figures: timings (s), bytes, device peaks."""

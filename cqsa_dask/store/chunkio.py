@@ -12,6 +12,8 @@ Operations on one array (``ChunkIO``)::
 
     read_rows(b, heads, tokens, dtype)   arr[b, heads, tokens] of a (B, H, N, D) array -> (H', T', D)
     write(index, data)                   arr[index] = data; one whole chunk is replaced atomically
+    stream(index)                        one whole chunk written in token runs, published at commit
+                                         (LocalFiles; None elsewhere: write the block whole)
     exists(coords) / delete(coords)      the chunk at grid position coords
     delete_many([coords, ...])           several chunks (one request per thousand on an object store)
     read_markers()                       a whole 0/1 marker array at once (one listing on an object store)
@@ -38,12 +40,29 @@ import numpy as np
 import torch
 import zarr
 
-__all__ = ["MARKERS_ATTR", "ChunkIO", "chunk_io", "direct_root", "plain_root", "read_markers", "read_rows"]
+__all__ = ["MARKERS_ATTR", "BlockStream", "ChunkIO", "chunk_io", "direct_root", "plain_root", "read_markers", "read_rows"]
 
 #: Attribute of a marker array whose chunks exist exactly where the marker is 1.
 MARKERS_ATTR = "cqsa_markers"
 
 Index = tuple[Any, ...]
+
+
+class BlockStream(Protocol):
+    """One whole chunk (H', T, D) written in token runs; readers see it only after ``commit``."""
+
+    def put(self, tokens: slice, data: np.ndarray) -> None:
+        """Write ``data`` (H', T', D), the stored dtype, at tokens ``tokens`` of the chunk (thread-safe
+        for disjoint runs)."""
+        ...
+
+    def commit(self) -> None:
+        """Publish the chunk (every run must be in)."""
+        ...
+
+    def abort(self) -> None:
+        """Drop what was written; the chunk is as it was."""
+        ...
 
 
 class ChunkIO(Protocol):
@@ -62,6 +81,11 @@ class ChunkIO(Protocol):
     def write(self, index: Index, data: np.ndarray) -> None:
         """``arr[index] = data`` (``arr``'s stored dtype); a block that is one whole chunk replaces
         it atomically (a reader never sees part of it)."""
+        ...
+
+    def stream(self, index: Index) -> BlockStream | None:
+        """A writer of the one whole chunk ``index`` selects, in token runs (``BlockStream``);
+        None where the chunk cannot be written that way (then write the block whole)."""
         ...
 
     def exists(self, coords: tuple[int, ...]) -> bool:

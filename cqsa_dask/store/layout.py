@@ -46,7 +46,7 @@ from cqsa_dask.core.dtypes import DTYPES, parse_dtype, torch_dtype
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.core.shapes import validate_shapes
-from cqsa_dask.store.chunkio import MARKERS_ATTR, chunk_io
+from cqsa_dask.store.chunkio import MARKERS_ATTR, BlockStream, chunk_io
 from cqsa_dask.store.generated import SyntheticSource, source_of
 from cqsa_dask.store.location import OpenMode, StoreLike, StoreLocation, parse_store
 from cqsa_dask.store.markers import Markers
@@ -67,6 +67,8 @@ __all__ = [
     "input_info",
     "open_store",
     "read_block",
+    "stored",
+    "stream_block",
     "write_block",
     "write_raw",
     "write_stats",
@@ -225,6 +227,18 @@ def write_block(arr: zarr.Array, index: tuple[Any, ...], t: torch.Tensor) -> Non
     one whole chunk is replaced atomically (``chunkio``: straight into its file on a plain
     local store)."""
     write_raw(arr, index, _to_numpy(t))
+
+
+def stream_block(arr: zarr.Array, index: tuple[Any, ...]) -> BlockStream | None:
+    """A writer of block ``index`` = (b, heads, tokens) of a 4-D array in token runs, published
+    whole at its commit (``chunkio.BlockStream``), when the block is one whole chunk of a plain local
+    array; else None (write the block whole)."""
+    return chunk_io(arr).stream(index)
+
+
+def stored(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a host array of its stored dtype (bfloat16 as its uint16 bits)."""
+    return _to_numpy(t)
 
 
 def write_raw(arr: zarr.Array, index: tuple[Any, ...], data: np.ndarray) -> None:

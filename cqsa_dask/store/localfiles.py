@@ -23,6 +23,11 @@ directory), then is renamed over the chunk: a reader never sees a partly
 written chunk.  An edge chunk is padded with the fill value, as zarr pads
 it.  Any other block goes through zarr, whose local store writes atomically
 per chunk too.
+
+A whole chunk can also be written in token runs (``stream``: a row that a
+task computes in query pieces): each run goes into the temporary file at its
+offsets as soon as it is ready, and ``commit`` renames the file over the
+chunk once every run is in; ``abort`` removes it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +48,7 @@ import zarr
 from cqsa_dask.store.chunkio import Index, direct_root
 from cqsa_dask.store.zarrio import ZarrChunks
 
-__all__ = ["READ_THREADS", "LocalFiles", "write_whole_chunk"]
+__all__ = ["READ_THREADS", "ChunkStream", "LocalFiles", "write_whole_chunk"]
 
 # Threads per process reading chunk files (shared by every read of the process).
 READ_THREADS = 8
@@ -118,6 +124,23 @@ class LocalFiles:
         if not (self._writable and write_whole_chunk(self.arr, self.root, index, data)):
             self._zarr.write(index, data)
 
+    def stream(self, index: Index) -> ChunkStream | None:
+        """A :class:`ChunkStream` for ``index`` = (b, heads, tokens) of a 4-D array when it selects
+        exactly one whole chunk (not an edge chunk) of a writable array whose chunks hold whole
+        rows of D; else None."""
+        arr = self.arr
+        if not (self._writable and self.partial_reads and len(index) == 3):
+            return None
+        b, heads, tokens = index
+        cb, ch, ct, _ = arr.chunks
+        if cb != 1 or not isinstance(heads, slice) or not isinstance(tokens, slice):
+            return None
+        h0, h1 = _span(heads, arr.shape[1])
+        t0, t1 = _span(tokens, arr.shape[2])
+        if h0 % ch or h1 - h0 != ch or t0 % ct or t1 - t0 != ct:
+            return None
+        return ChunkStream(self._path((int(b), h0 // ch, t0 // ct, 0)), (ch, ct, arr.shape[3]), np.dtype(arr.dtype))
+
     def exists(self, coords: tuple[int, ...]) -> bool:
         return self._path(coords).is_file()
 
@@ -190,3 +213,50 @@ def write_whole_chunk(arr: zarr.Array, root: Path, index: Index, data: np.ndarra
         tmp.unlink(missing_ok=True)
         raise
     return True
+
+
+class ChunkStream:
+    """One whole chunk (H', T, D) of a (B, H, N, D) array written in token runs: each run straight
+    into a temporary file (a random UUID beside the chunk), renamed over the chunk by ``commit``.
+
+    ``put`` may run on several threads at once (the runs are disjoint byte ranges of the file);
+    a reader never sees the chunk before ``commit``.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype[Any]):
+        self.path, self.shape, self.dtype = path, shape, dtype
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.ftruncate(self._fd, int(np.prod(shape)) * dtype.itemsize)
+
+    def put(self, tokens: slice, data: np.ndarray) -> None:
+        """Write ``data`` (H', t1 - t0, D) of the chunk's stored dtype at tokens [t0, t1) of the chunk."""
+        h, t, d = self.shape
+        t0, t1 = _span(tokens, t)
+        if data.dtype != self.dtype or data.shape != (h, t1 - t0, d):
+            raise ValueError(f"a run of tokens {t0}..{t1} takes ({h}, {t1 - t0}, {d}) {self.dtype}, "
+                             f"got {data.shape} {data.dtype}")
+        assert self._fd is not None, "the stream is closed"
+        data = np.ascontiguousarray(data)
+        row = d * self.dtype.itemsize
+        for i in range(h):  # each head's run is one contiguous byte range of the file
+            view = memoryview(data[i]).cast("B")
+            off, done = (i * t + t0) * row, 0
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], off + done)
+
+    def commit(self) -> None:
+        """Rename the file over the chunk: from now on readers see the whole chunk."""
+        self._close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Remove the temporary file (a failed task): the chunk is as it was."""
+        self._close()
+        self.tmp.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
