@@ -367,5 +367,6 @@ def _settings() -> dict[str, Any]:
     them for this run (environment variables DASK_CQSA__... included)."""
     from cqsa_dask import config
 
-    keys = ("cuda-turn", "tasks-in-flight", "partials", "host-cache", "io-threads", "kernel")
+    keys = ("cuda-turn", "tasks-in-flight", "partials", "host-cache", "io-threads", "kernel", "query-piece",
+            "local-cluster.processes")
     return {k: config.get(k) for k in keys}
