@@ -224,3 +224,20 @@ def test_cli_forced_dask_cuda_without_it_in_one_line(tmp_path) -> None:  # type:
             "'cqsa-dask[cuda]'); set it to auto or spec (DASK_CQSA__LOCAL_CLUSTER__BACKEND=spec)")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [want], str(r)
     assert "out" not in zarr.open_group(store, mode="r"), "nothing written"
+
+
+def test_a_threaded_gpu_cluster_is_one_worker_in_this_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``cqsa.local-cluster.processes: false`` with a GPU: the spec backend starts one threaded
+    worker here (no environment of its own: it shares this process's devices) and a job on it is
+    exact; more than the first GPU is refused in one line."""
+    from distributed import Client
+
+    with dask.config.set({**_SMALL, "cqsa.local-cluster.processes": False}):
+        spec = local_spec(budget_bytes=3 * 10**8, resource="device_mem", threads=2, gpus=["0"])
+        assert choose_backend(spec) == "spec" and "env" not in cluster_kwargs(spec)
+        with start(spec, "spec") as cluster, Client(cluster) as c:
+            assert set(c.run(os.getpid).values()) == {os.getpid()}, "the worker is a thread of this process"
+            _exact_job(c, tmp_path, seed=12)
+        for gpus in (["0", "1"], ["1"]):
+            with pytest.raises(InvalidInputError, match="threaded local cluster .* first GPU only"):
+                local_spec(budget_bytes=3 * 10**8, resource="device_mem", threads=2, gpus=gpus)

@@ -99,6 +99,10 @@ def local_spec(*, budget_bytes: int, resource: str, threads: int, gpus: Sequence
         return config.get(f"local-cluster.{key}")
 
     processes = bool(lc("processes"))
+    if gpus and not processes and tuple(gpus) != ("0",):
+        raise InvalidInputError(
+            f"a threaded local cluster (cqsa.local-cluster.processes false) computes in this process, on its first "
+            f"GPU only; got GPUs {','.join(gpus)}: give --gpus 0, or let the local cluster start worker processes")
     n_workers = len(gpus) if gpus else int(lc("n-workers"))
     setting = lc("memory-limit")
     try:  # "auto": this machine's memory shared among the workers (as LocalCUDACluster and LocalCluster do)
@@ -218,7 +222,8 @@ class _GPUCluster(LocalCluster):
     """A LocalCluster of one worker process per GPU: worker i sees only device ``gpus[i]``
     (``CUDA_VISIBLE_DEVICES``, set in its nanny's environment before CUDA starts there), so
     its tasks' "cuda" is that GPU.  An id may repeat: two workers then share one GPU, each
-    with the whole per-worker budget."""
+    with the whole per-worker budget.  With ``processes=False``: one threaded worker in this
+    process, on its first GPU (``local_spec`` admits no other)."""
 
     def __init__(self, gpus: Sequence[str], **options: Any):
         self._gpus = list(gpus)
@@ -228,6 +233,8 @@ class _GPUCluster(LocalCluster):
 
     def new_worker_spec(self) -> dict[Any, Any]:
         (name, spec), = super().new_worker_spec().items()
+        if not self.processes:  # a threaded worker runs in this process, on its first GPU (local_spec)
+            return {name: spec}
         gpu = self._gpus[int(name) % len(self._gpus)]
         opts = dict(spec["options"])
         opts["env"] = {**opts.get("env", {}), "CUDA_VISIBLE_DEVICES": gpu}
