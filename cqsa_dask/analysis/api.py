@@ -126,7 +126,7 @@ def analyze(store: str | os.PathLike[str], *, resolution: int | None = None, cli
             link = page_link(c)
     finally:
         lease.release()
-        engine(group).attrs.update({"active_s": active})
+        engine(group).update_attributes({"active_s": active})
     return AnalysisResult(
         plan=plan, resolution=res.blocks if res else None, seconds=seconds,
         tasks_run=sum(r["kind"] == "quorum" for r in results),

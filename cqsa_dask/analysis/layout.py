@@ -52,7 +52,7 @@ def create_analysis(group: zarr.Group, plan: Plan, job_token: str, resolution: R
     for name in ("task_done", "reduce_done"):
         create_array(ana, name, grid, (1, 1, 1), "uint8")
     create_array(ana, "block_done", (b, plan.head_blocks), (1, 1), "uint8")
-    ana.attrs.update({"job_token": job_token, "token": f"{job_token}-analysis-{uuid.uuid4().hex[:6]}",
+    ana.update_attributes({"job_token": job_token, "token": f"{job_token}-analysis-{uuid.uuid4().hex[:6]}",
                       "resolution": resolution.blocks if resolution else None})
     return ana
 

@@ -187,14 +187,14 @@ def _prepare(group: Any, plan: Plan, restart: bool, force: bool = False) -> tupl
                 )
             check_free(eng, force=force)
             # this run's sizing (budget, tasks in flight, ...), which the workers read with the plan
-            _store_op(lambda: eng.attrs.update({"plan": plan.to_dict()}))
+            _store_op(lambda: eng.update_attributes({"plan": plan.to_dict()}))
             return str(eng.attrs["token"]), True
         check_free(eng, force=force)  # a restart replaces the job: not while another run holds it
     token = str(uuid.uuid4().int)[:12]
 
     def start() -> None:
         eng = create_outputs(group, plan, token)
-        eng.attrs.update({"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
+        eng.update_attributes({"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
 
     _store_op(start)  # read-only file system, permissions, full disk: StoreError
     return token, False

@@ -186,7 +186,7 @@ class Lease:
         """Renew (or drop) the lease; through the compare-and-swap where the store has one, and then
         only while the stored lease is still ours."""
         if self._swap is None:
-            self.eng.attrs.update(self._fields(self.eng.attrs, lease))
+            self.eng.update_attributes(self._fields(self.eng.attrs, lease))  # one write of zarr.json
             return
         version = self._swap.read()
         cur = version.attrs.get("lease")

@@ -297,7 +297,7 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     nf = len(STAT_FIELDS)
     for name in ("task_stats", "merge_stats"):
         create_array(eng, name, (*grid, nf), (1, 1, 1, nf), "float64", nan_fill=True)
-    eng.attrs.update({"plan": plan.to_dict(), "token": token, "engine_version": _version()})
+    eng.update_attributes({"plan": plan.to_dict(), "token": token, "engine_version": _version()})
     return eng
 
 
