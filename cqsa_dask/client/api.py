@@ -135,7 +135,7 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def _store_op(op: Callable[[], None]) -> None:
+def _store_op(op: Callable[[], object]) -> None:
     """Run ``op``; an OSError (read-only file system, full disk) becomes :class:`StoreError`."""
     try:
         op()
