@@ -270,7 +270,7 @@ def test_chunk_heads_are_read_once_and_shared_by_head_blocks(tmp_path: Path, cli
     cpu = torch.device("cpu")
 
     def kv(io: taskio.TaskIO) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = io.kv(5, cpu)
+        k, v = io.kv("k", 5, cpu), io.kv("v", 5, cpu)
         return use(k), use(v)
 
     k0, v0 = kv(ios[0])

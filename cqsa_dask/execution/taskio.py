@@ -162,11 +162,10 @@ class TaskIO:
 
         return self.cache.get_or_load(key(heads.start), load)
 
-    def kv(self, g: int, device: torch.device) -> tuple[Staged, Staged]:
-        """k, v of group ``g``: (hk, G, D) each, on ``device`` (copied there on the upload
+    def kv(self, name: str, g: int, device: torch.device) -> Staged:
+        """k or v (``name``) of group ``g``: (hk, G, D) on ``device`` (copied there on the upload
         stream, ``transfer.py``)."""
-        return (upload(self._input("k", self.job.k, self.kv_h, g, device), device),
-                upload(self._input("v", self.job.v, self.kv_h, g, device), device))
+        return upload(self._input(name, {"k": self.job.k, "v": self.job.v}[name], self.kv_h, g, device), device)
 
     def q(self, a: int, device: torch.device, part: slice | None = None) -> Staged:
         """q of group ``a``: (hq, G, D) on ``device``; only tokens ``part`` of the group (relative
@@ -227,7 +226,8 @@ class ReadAhead:
     def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, steps: list[Step], dev: torch.device, ahead: int):
         self.io, self.pool, self.steps, self.dev, self.ahead = io, pool, steps, dev, ahead
         groups = sorted({b for s in steps for b in s.keys})
-        self._kv_reads: dict[int, Future[tuple[Staged, Staged]]] = {g: pool.submit(io.kv, g, dev) for g in groups}
+        self._kv_reads: dict[int, tuple[Future[Staged], Future[Staged]]] = {  # k and v on two threads
+            g: (pool.submit(io.kv, "k", g, dev), pool.submit(io.kv, "v", g, dev)) for g in groups}
         self._q_reads: dict[int, Future[Staged]] = {n: self._read_q(n) for n in range(min(ahead, len(steps)))}
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -244,13 +244,13 @@ class ReadAhead:
     def kv(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of key group ``b``: (1, hk, G, D) each on the device, resident for the task."""
         if b not in self._kv:
-            k, v = self._kv_reads[b].result()
+            k, v = (f.result() for f in self._kv_reads[b])
             self._kv[b] = (use(k)[None], use(v)[None])
         return self._kv[b]
 
     def cancel(self) -> None:
         """Leave no read running (a failed task)."""
-        pending: list[Future[Any]] = [*self._kv_reads.values(), *self._q_reads.values()]
+        pending: list[Future[Any]] = [f for kv in self._kv_reads.values() for f in kv] + [*self._q_reads.values()]
         for f in pending:
             f.cancel()
 
