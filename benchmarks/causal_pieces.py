@@ -6,8 +6,9 @@ One head of (1, 1, N, 128) bfloat16 on the GPU.  Times, with the engine's own ``
 ``merge`` (``kernels/attention.py``) on the chosen kernel:
 
   whole         one causal call over the row (what SDPA does)
-  pieces        per piece [r0, r1): keys [0, r0) unmasked + [r0, r1) under the mask, merged
-                (what a task does with ``cqsa.query-piece``), in a fresh thread the first time
+  pieces        per piece [r0, r1): the earlier pieces' keys unmasked, a piece at a time
+                (``--prefix``: [0, r0) in one call) + [r0, r1) under the mask, merged (what a
+                task does with ``cqsa.query-piece``), in a fresh thread the first time
                 (the kernel library builds its plans per thread and shape) and then again
   pieces-full   the same pieces without the mask (every piece the same shape), for comparison
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks import environment
+from cqsa_dask.execution.pieces import Step
 from cqsa_dask.kernels.attention import attend, merge, select_kernel
 
 
@@ -50,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2**20)
     ap.add_argument("--piece", type=int, default=131_072)
+    ap.add_argument("--prefix", action="store_true", help="keys before a piece in one call, not per piece")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -62,6 +65,11 @@ def main() -> None:
     def whole() -> None:
         attend(q, k, v, scale=scale, diagonal_causal=True, kernel=kernel)
 
+    def blocks(r0: int, r1: int) -> list[tuple[int, int, bool]]:
+        if a.prefix:  # keys [0, r0) in one call (a shape per piece)
+            return ([(0, r0, False)] if r0 else []) + [(r0, r1, True)]
+        return Step(0, 0, (0,), slice(r0, r1), a.piece).key_blocks()  # the engine's blocks
+
     def pieces(mask: bool) -> Callable[[], None]:
         def run() -> None:
             for r0, r1 in cuts:
@@ -70,16 +78,16 @@ def main() -> None:
                     attend(qp, k, v, scale=scale, diagonal_causal=False, kernel=kernel)
                     continue
                 acc = None
-                if r0:
-                    acc = merge(acc, attend(qp, k[:, :, :r0], v[:, :, :r0], scale=scale, diagonal_causal=False,
-                                            kernel=kernel))
-                acc = merge(acc, attend(qp, k[:, :, r0:r1], v[:, :, r0:r1], scale=scale, diagonal_causal=True,
-                                        kernel=kernel))
+                for k0, k1, masked in blocks(r0, r1):
+                    acc = merge(acc, attend(qp, k[:, :, k0:k1], v[:, :, k0:k1], scale=scale,
+                                            diagonal_causal=masked, kernel=kernel))
+                assert acc is not None
                 acc[0].to(torch.bfloat16)
         return run
 
     rec: dict[str, Any] = {"date": environment.now_utc(), "hardware": environment.hardware(),
-                           "versions": environment.versions(), "tokens": n, "piece": a.piece, "kernel": kernel}
+                           "versions": environment.versions(), "tokens": n, "piece": a.piece, "kernel": kernel,
+                           "prefix": a.prefix}
     rec["whole_first_s"] = _timed(whole)
     rec["whole_s"] = [_timed(whole) for _ in range(3)]
     rec["pieces_fresh_thread_s"] = _in_thread(pieces(True))

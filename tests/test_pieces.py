@@ -63,6 +63,12 @@ def test_steps_cover_every_row_once_and_cut_only_direct_rows(n: int, groups: int
             assert len(parts) == -(-(hi - lo) // piece), "as few pieces as the size allows"
             assert [s.first for s in mine] == [True] + [False] * (len(mine) - 1)
             assert [s.last for s in mine] == [False] * (len(mine) - 1) + [True]
+            for s in mine:  # the causal diagonal of each piece: keys [0, r1), earlier pieces whole
+                assert s.part is not None
+                blocks = s.key_blocks()
+                assert blocks[0][0] == 0 and blocks[-1] == (s.part.start, s.part.stop, True)
+                assert all(b[1] == c[0] for b, c in itertools.pairwise(blocks))
+                assert all(k1 - k0 == parts[0].stop and not m for k0, k1, m in blocks[:-1])
         assert [(s.slot, s.part.start if s.part else 0) for s in out] == sorted(
             (s.slot, s.part.start if s.part else 0) for s in out), "slots in the work's order"
 

@@ -165,16 +165,16 @@ class _QuorumRun:
     def _pair(self, step: Step, b: int, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The kernel calls of ``step``'s queries against key group ``b``: one, except for a piece
-        [r0, r1) of the causal diagonal, which sees keys [0, r0) whole and [r0, r1) under the mask."""
+        of the causal diagonal, which sees the earlier pieces' keys whole and its own under the
+        mask (``Step.key_blocks``)."""
         plan = self.plan
         diagonal = plan.causal and step.group == b
         if not diagonal or step.part is None:
             yield attend(q, k, v, scale=plan.scale, diagonal_causal=diagonal, kernel=self.kernel)
             return
-        r0, r1 = step.part.start, step.part.stop
-        if r0:
-            yield attend(q, k[:, :, :r0], v[:, :, :r0], scale=plan.scale, diagonal_causal=False, kernel=self.kernel)
-        yield attend(q, k[:, :, r0:r1], v[:, :, r0:r1], scale=plan.scale, diagonal_causal=True, kernel=self.kernel)
+        for k0, k1, masked in step.key_blocks():
+            yield attend(q, k[:, :, k0:k1], v[:, :, k0:k1], scale=plan.scale, diagonal_causal=masked,
+                         kernel=self.kernel)
 
     def record(self) -> dict[str, Any]:
         """The task's figures: timings (s), bytes, device peaks."""
