@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import numpy as np
@@ -32,10 +33,10 @@ from hypothesis import strategies as st
 from reference import check_exact
 
 import cqsa_dask
-from cqsa_dask.core.errors import InvalidInputError, JobFailedError
-from cqsa_dask.core.plan import make_plan
+from cqsa_dask.client.policy import plan_options
+from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError
+from cqsa_dask.core.plan import AUTO_QUERY_PIECE, make_plan
 from cqsa_dask.execution import pieces
-from cqsa_dask.execution.options import AUTO_QUERY_PIECE, RunOptions
 from cqsa_dask.store import localfiles
 from cqsa_dask.store.localfiles import LocalFiles, write_whole_chunk
 from cqsa_dask.store.random_inputs import write_random_inputs
@@ -74,12 +75,50 @@ def test_steps_cover_every_row_once_and_cut_only_direct_rows(n: int, groups: int
 
 
 def test_the_setting_is_auto_a_count_or_zero() -> None:
-    assert RunOptions.from_config().query_piece == AUTO_QUERY_PIECE
-    assert RunOptions.from_config(query_piece=0).query_piece == 0
-    assert RunOptions.from_config(query_piece="4096").query_piece == 4096
+    assert plan_options("cpu")["query_piece"] == AUTO_QUERY_PIECE
+    for value, want in ((0, 0), ("4096", 4096), (700, 700)):
+        with dask.config.set({"cqsa.query-piece": value}):
+            assert plan_options("cuda")["query_piece"] == want
     for bad in (-1, 2.5, "half", True):
-        with pytest.raises(InvalidInputError, match="query-piece must be"):
-            RunOptions.from_config(query_piece=bad)
+        with dask.config.set({"cqsa.query-piece": bad}), pytest.raises(InvalidInputError, match="query-piece must be"):
+            plan_options("cpu")
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(2**17, 2**23), heads=st.sampled_from([1, 2, 4, 8]), piece=st.sampled_from([0, 2**14, 2**17]),
+       budget_gb=st.floats(0.5, 64), cuda=st.booleans())
+def test_pieces_lower_the_prediction_only_at_one_group(n: int, heads: int, piece: int, budget_gb: float,
+                                                       cuda: bool) -> None:
+    """The memory model counts a piece of query rows at W = 1 (every row computed alone, in pieces),
+    whole rows at any other W; the plan keeps its piece size, and a task with pieces never needs more."""
+    kw: dict[str, Any] = {"seq_len": n, "heads": heads, "head_dim": 128, "dtype": "bfloat16",
+                          "budget": int(budget_gb * 1e9), "host_staging": cuda, "tasks_in_flight": 2 if cuda else 1}
+    try:
+        whole = make_plan(**kw)
+    except BudgetError:
+        whole = None
+    cut = make_plan(**kw, query_piece=piece) if whole is not None else None
+    if cut is None:
+        return
+    assert cut.query_piece == piece
+    assert cut.groups <= whole.groups, "pieces never need more groups"
+    if cut.groups == whole.groups and cut.heads_per_task == whole.heads_per_task:
+        assert cut.task_memory_bytes <= whole.task_memory_bytes
+        if cut.groups > 1 or piece == 0 or piece >= n:
+            assert cut.task_memory_bytes == whole.task_memory_bytes
+        else:
+            assert cut.task_memory_bytes < whole.task_memory_bytes
+
+
+def test_a_resumed_job_keeps_the_pieces_it_was_sized_with(client: Client, tmp_path: Path) -> None:
+    store = tmp_path / "job.zarr"
+    write_random_inputs(store, seq_len=3000, heads=2, head_dim=16, dtype="float32", seed=4)
+    with dask.config.set({"cqsa.query-piece": 1000}):
+        first = cqsa_dask.run(store, client=client, groups=1, memory_budget="1GB")
+    assert first.plan.query_piece == 1000
+    with dask.config.set({"cqsa.query-piece": 0}):
+        again = cqsa_dask.run(store, client=client, memory_budget="1GB")
+    assert again.resumed and again.plan.query_piece == 1000 and again.quorum_tasks_run == 0
 
 
 @pytest.mark.parametrize(("dtype", "hq", "hkv", "magnitude"), [
@@ -122,7 +161,7 @@ def test_a_local_store_gets_the_pieces_streamed_into_the_chunk(threaded: Client,
         out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, causal=True, return_lse=True, client=threaded,
                                        groups=1, memory_budget="1GB", store=tmp_path / "job.zarr")
     check_exact(inp.q, inp.k, inp.v, out, lse, causal=True, scale=None, context=inp.ctx)
-    assert sorted(runs) == [250, 250, 250, 250], runs
+    assert sorted(runs) == [250] * 8, runs  # two one-head tasks (two tasks per task in flight), 4 pieces each
     assert not list((tmp_path / "job.zarr").rglob("*.tmp")), "no temporary file is left"
 
 
@@ -142,7 +181,7 @@ def test_a_store_without_chunk_files_gets_the_row_whole(threaded: Client, monkey
         out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, causal=False, return_lse=True, client=threaded,
                                        groups=1, memory_budget="1GB", store=zarr.storage.MemoryStore())
     check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=inp.ctx)
-    assert sorted(puts) == [300, 300, 300], puts
+    assert sorted(puts) == [300] * 6, puts  # two one-kv-head tasks, 3 pieces each
 
 
 def test_a_failure_in_a_late_piece_leaves_no_part_of_the_row(threaded: Client, tmp_path: Path) -> None:
@@ -152,10 +191,12 @@ def test_a_failure_in_a_late_piece_leaves_no_part_of_the_row(threaded: Client, t
     with dask.config.set({"cqsa.query-piece": 300, "cqsa.retries": 0}), \
             pytest.raises(JobFailedError, match=r"input q holds NaN or Inf in group 0 \(tokens 900\.\.1199"):
         cqsa_dask.run(store, client=threaded, groups=1, memory_budget="1GB")
-    engine = zarr.open_group(store, mode="r")["_cqsa"]
-    assert not any(p.is_file() and p.name != "zarr.json" for p in (store / "out").rglob("*")), "no out chunk"
+    root = zarr.open_group(store, mode="r")
+    out, engine = root["out"], root["_cqsa"]
+    assert isinstance(out, zarr.Array) and out.chunks[1] == 1, "one task per head"
+    assert not (store / "out" / out.metadata.encode_chunk_key((0, 1, 0, 0))).exists(), "no out chunk of head 1"
     assert not list(store.rglob("*.tmp")), "no temporary file is left"
-    assert not np.asarray(engine["merge_done"][...]).any() and not np.asarray(engine["task_done"][...]).any()
+    assert not engine["merge_done"][0, 0, 1] and not engine["task_done"][0, 0, 1], "head 1 is not marked done"
 
 
 def _chunked(tmp_path: Path, shape: tuple[int, ...], chunks: tuple[int, ...]) -> zarr.Array:

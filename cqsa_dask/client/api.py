@@ -275,11 +275,14 @@ def run(
 
     def plan_for(budget: int, kind: DeviceKind) -> Plan:
         """The plan for ``budget`` on workers of device ``kind``; a stored job keeps its decision
-        (groups, heads per task, partials) unless the call names other ones (then it is refused)."""
+        (groups, heads per task, partials, query pieces) unless the call names other ones (then it
+        is refused)."""
         keep = stored or {}
         opts = plan_options(kind)
         kept = keep.get("partials") if partials in (None, "auto") else None  # a resumed job keeps its policy
         opts["partials"] = kept or partials or opts["partials"]
+        if stored:  # the pieces it was sized with (none before plans kept them)
+            opts["query_piece"] = int(keep.get("query_piece", 0))
         w = groups if groups is not None else keep.get("groups")
         p = make_plan(
             seq_len=info.seq_len, heads=info.heads_q, kv_heads=info.heads_kv, head_dim=info.head_dim,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cqsa_dask import config
 from cqsa_dask.core.errors import SchedulerError
+from cqsa_dask.core.plan import parse_query_piece
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -85,7 +86,7 @@ def plan_options(kind: DeviceKind | None = None) -> dict[str, Any]:
     """Keyword arguments of ``make_plan`` that size a job for device ``kind`` (default: this machine's).
 
     ``cqsa.tasks-in-flight`` ("auto": 2 on CUDA, 1 on the CPU), host staging on
-    CUDA, ``cqsa.memory-margin``, ``cqsa.partials`` and ``cqsa.partials-limit``.
+    CUDA, ``cqsa.memory-margin``, ``cqsa.partials``, ``cqsa.partials-limit`` and ``cqsa.query-piece``.
     """
     cuda = (kind or local_device_kind()) == "cuda"
     flight = config.get("tasks-in-flight")
@@ -95,4 +96,5 @@ def plan_options(kind: DeviceKind | None = None) -> dict[str, Any]:
         "host_staging": cuda,
         "partials": str(config.get("partials")),
         "partials_limit": config.get("partials-limit"),
+        "query_piece": parse_query_piece(config.get("query-piece")),
     }

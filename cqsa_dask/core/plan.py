@@ -9,7 +9,8 @@ Policy:
      prime q, never more groups than tokens.  Fewer groups means fewer
      re-reads of the inputs (each group is read by |D| ~ sqrt(W) tasks).
   2. For each W, the largest number of kv heads per task (a divisor of Hkv)
-     whose predicted peak memory fits ``budget / tasks_in_flight``.
+     whose predicted peak memory fits ``budget / tasks_in_flight``; at W = 1
+     in query pieces, no more than leaves two tasks per task in flight.
   3. The first fit wins.  If none fits, :class:`BudgetError` names the
      smallest budget that would work.
 
@@ -27,6 +28,11 @@ hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
     GQA/causal diagonal expansion   2 G hq D e
     merge / kernel scratch          2 G hq D 4
     total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
+
+At W = 1 every row is computed by one task alone, in query pieces of at
+most P = ``query_piece`` tokens (``execution/pieces.py``): the terms of the
+query side (query groups, accumulator, outputs, expansion, scratch) then
+count P rows instead of G; k and v stay whole.
 
 Causal plans use the same (upper-bound) model.  ``bytes_written`` is exact
 for non-causal jobs and an upper bound for causal; ``bytes_read`` counts
@@ -53,11 +59,14 @@ from cqsa_dask.core.units import parse_budget
 if TYPE_CHECKING:
     from cqsa_dask.execution.partials import PartialsPolicy
 
-__all__ = ["IDENTITY", "Plan", "budget_for", "capped_bytes", "make_plan", "resource_bytes", "task_memory",
+__all__ = ["AUTO_QUERY_PIECE", "IDENTITY", "Plan", "budget_for", "capped_bytes", "make_plan", "resource_bytes", "task_memory",
            "usable_bytes"]
 
 _FIXED_OVERHEAD = 2 * 2**20  # bytes: kernel workspace, small buffers
-PLAN_VERSION = 3  # 2: tasks_in_flight and host_staging; 3: partials and query_groups
+PLAN_VERSION = 4  # 2: tasks_in_flight and host_staging; 3: partials and query_groups; 4: query_piece
+#: Tokens of a query piece under ``cqsa.query-piece: auto`` (``execution/pieces.py``): a 1M-token
+#: row computed alone is 8 pieces, each still a large kernel (131,072 queries x every key).
+AUTO_QUERY_PIECE = 131_072
 #: The fields of a Plan that define its job (``Plan.identity``); the others size one run of it.
 IDENTITY = ("batch", "heads_q", "heads_kv", "seq_len", "head_dim", "dtype", "causal", "scale",
             "groups", "quorum_size", "heads_per_task", "partials", "query_groups")
@@ -91,6 +100,7 @@ class Plan:
     host_staging: bool = False
     partials: Partials = "all"
     query_groups: tuple[int, ...] = ()
+    query_piece: int = 0
     version: int = PLAN_VERSION
 
     # -- derived sizes ------------------------------------------------------
@@ -347,7 +357,7 @@ def resource_bytes(need: int, budget: int, capped: bool) -> int:
 
 def task_memory(
     *, group_size: int, quorum_size: int, heads_kv: int, heads_q: int,
-    head_dim: int, itemsize: int, margin: float, host_staging: bool = False,
+    head_dim: int, itemsize: int, margin: float, host_staging: bool = False, query_rows: int = 0,
 ) -> int:
     """Predicted peak memory (bytes) of one task; see the module docstring.
 
@@ -355,19 +365,32 @@ def task_memory(
     is uploaded ahead, and one result (float32 at most) waits on the device
     for its copy back while the next slot computes (``transfer.py``); the
     rest of the read-ahead and write-behind stays on the host.
+    ``query_rows`` (> 0): the task's rows are computed in pieces of at most that many tokens.
     """
     g, hk, hq, d, e = group_size, heads_kv, heads_q, head_dim, itemsize
-    output = g * hq * d * e + g * hq * 4
-    q_bufs, waiting = (2, g * hq * d * 4 + g * hq * 4) if host_staging else (3, 2 * output)
+    r = min(g, query_rows) if query_rows > 0 else g  # query rows at once
+    output = r * hq * d * e + r * hq * 4
+    q_bufs, waiting = (2, r * hq * d * 4 + r * hq * 4) if host_staging else (3, 2 * output)
     total = (
         2 * quorum_size * g * hk * d * e
-        + q_bufs * g * hq * d * e
-        + g * hq * (d + 1) * 4
+        + q_bufs * r * hq * d * e
+        + r * hq * (d + 1) * 4
         + output + waiting
-        + 2 * g * hq * d * e
-        + 2 * g * hq * d * 4
+        + 2 * r * hq * d * e
+        + 2 * r * hq * d * 4
     )
     return int(total * margin) + _FIXED_OVERHEAD
+
+
+def parse_query_piece(value: Any) -> int:
+    """``cqsa.query-piece``: tokens (a whole number >= 0; 0 = whole rows), or "auto" (``AUTO_QUERY_PIECE``)."""
+    if value == "auto":
+        return AUTO_QUERY_PIECE
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"cqsa.query-piece must be 'auto' or a whole number of tokens >= 0, got {value!r}")
+    return value
 
 
 def _finish(plan: Plan, partials: str, limit: int | str, query_groups: Sequence[int] | None) -> Plan:
@@ -410,6 +433,18 @@ def _divisors_desc(n: int) -> list[int]:
     return [h for h in range(n, 0, -1) if n % h == 0]
 
 
+def _heads_choices(w: int, kv_heads: int, batch: int, query_piece: int, tasks_in_flight: int) -> list[int]:
+    """The kv heads per task to try, most first.  At W = 1 in pieces every task reads all its k, v
+    before its first piece, and a task's read overlaps only the other tasks' kernels: so no
+    fewer tasks than two per task in flight where the heads allow (4 one-head tasks at 1M under
+    12 GB ran at 0.91 of SDPA; docs/benchmarks.md, "query pieces")."""
+    heads = _divisors_desc(kv_heads)
+    if w != 1 or query_piece <= 0:
+        return heads
+    enough = [h for h in heads if batch * (kv_heads // h) >= 2 * max(1, tasks_in_flight)]
+    return enough or [1]
+
+
 def make_plan(
     *,
     seq_len: int,
@@ -429,6 +464,7 @@ def make_plan(
     partials: str = "all",
     partials_limit: int | str = "64GiB",
     query_groups: Sequence[int] | None = None,
+    query_piece: int = 0,
 ) -> Plan:
     """Choose W and heads per task so that every task fits the budget.
 
@@ -453,6 +489,8 @@ def make_plan(
             "auto": "bounded" when "all" would exceed ``partials_limit``.
         query_groups: compute only these query groups' rows (default all;
             negative numbers count from the last non-empty group).
+        query_piece: a row one task computes alone is computed in pieces of at most this many
+            query tokens (0: whole); at W = 1 (every row so) the memory model counts a piece.
 
     Raises:
         InvalidInputError: bad shapes or dtype.  BudgetError: nothing fits.
@@ -473,16 +511,20 @@ def make_plan(
     per_task = int(usable_bytes(budget_bytes, host_staging)) // max(1, tasks_in_flight)
     rep = heads // kv_heads
 
+    query_piece = parse_query_piece(query_piece)
+
     def need(w: int, hk: int) -> int:
         return task_memory(
             group_size=max(1, -(-seq_len // w)), quorum_size=base_set_size(w),
             heads_kv=hk, heads_q=hk * rep, head_dim=head_dim,
             itemsize=DTYPES[name], margin=margin, host_staging=host_staging,
+            query_rows=query_piece if w == 1 else 0,
         )
 
     candidates = [groups] if groups is not None else _candidate_groups(seq_len)
     for w in candidates:
-        for hk in [heads_per_task] if heads_per_task else _divisors_desc(kv_heads):
+        for hk in [heads_per_task] if heads_per_task else _heads_choices(w, kv_heads, batch, query_piece,
+                                                                          tasks_in_flight):
             m = need(w, hk)
             if m <= per_task:
                 plan = Plan(
@@ -490,7 +532,7 @@ def make_plan(
                     head_dim=head_dim, dtype=name, causal=bool(causal), scale=float(scale),
                     budget_bytes=budget_bytes, groups=w, quorum_size=base_set_size(w),
                     heads_per_task=hk, task_memory_bytes=m, tasks_in_flight=max(1, tasks_in_flight),
-                    host_staging=host_staging,
+                    host_staging=host_staging, query_piece=query_piece,
                 )
                 return _finish(plan, partials, partials_limit, query_groups)
     smallest = budget_for(min(need(w, heads_per_task or 1) for w in candidates) * max(1, tasks_in_flight),

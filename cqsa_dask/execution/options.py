@@ -8,7 +8,7 @@ contract and keep their names; the fields are their snake_case twins.
 
 Two kinds of field, one value::
 
-    per task      device, kernel, check_finite, pin_host_memory, cuda_turn, query_piece
+    per task      device, kernel, check_finite, pin_host_memory, cuda_turn
     per worker    host_cache, io_threads, torch_threads, zarr_concurrency,
                   resource, cap_device_memory, expandable_segments, tasks_in_flight
                   (the runtime is built from these once per worker process;
@@ -28,11 +28,7 @@ from typing import Any, Literal
 from cqsa_dask import config
 from cqsa_dask.core.errors import InvalidInputError
 
-__all__ = ["AUTO_QUERY_PIECE", "RunOptions"]
-
-#: Tokens of a query piece under ``cqsa.query-piece: auto`` (``pieces.py``): a 1M-token row
-#: computed alone is 8 pieces, each still a large kernel (131,072 queries x every key).
-AUTO_QUERY_PIECE = 131_072
+__all__ = ["RunOptions"]
 
 PinSetting = Literal["auto"] | bool
 
@@ -42,7 +38,7 @@ _KEYS = {
     "zarr_concurrency": "zarr-concurrency", "host_cache": "host-cache", "io_threads": "io-threads",
     "pin_host_memory": "pin-host-memory", "resource": "resource", "cap_device_memory": "cap-device-memory",
     "expandable_segments": "expandable-segments", "tasks_in_flight": "tasks-in-flight", "retries": "retries",
-    "cuda_turn": "cuda-turn", "query_piece": "query-piece",
+    "cuda_turn": "cuda-turn",
 }
 # the fields the worker runtime is built from (the rest is read by each task)
 _RUNTIME_FIELDS = ("host_cache", "io_threads", "torch_threads", "zarr_concurrency", "resource",
@@ -72,9 +68,6 @@ class RunOptions:
         task's kernels at a time (the others read and write meanwhile), "streams", the
         kernels of every task in flight at once on their own streams, or "auto" (the task
         decides from its plan: ``tasks.cuda_turn``).
-    query_piece: tokens per piece of a row a task computes alone (``query-piece``; "auto"
-        resolved to ``AUTO_QUERY_PIECE``, 0: whole rows): its reads, kernels and writes then
-        pipeline (``pieces.py``).
 
     No defaults here: they live in ``cqsa.yaml``; build one with :meth:`from_config`.
     """
@@ -93,7 +86,6 @@ class RunOptions:
     tasks_in_flight: int
     retries: int
     cuda_turn: str
-    query_piece: int
 
     @classmethod
     def from_config(cls, **overrides: Any) -> RunOptions:
@@ -119,7 +111,6 @@ class RunOptions:
                 expandable_segments=bool(raw["expandable_segments"]),
                 tasks_in_flight=_in_flight(raw["tasks_in_flight"], str(raw["device"])),
                 retries=max(0, int(raw["retries"])), cuda_turn=_cuda_turn(raw["cuda_turn"]),
-                query_piece=_query_piece(raw["query_piece"]),
             )
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"a cqsa run option is not understood ({e}); see cqsa.yaml") from None
@@ -146,17 +137,6 @@ def _cuda_turn(value: Any) -> str:
     if value not in ("auto", "kernels", "streams"):
         raise ValueError(f"cuda-turn must be 'auto', 'kernels' or 'streams', got {value!r}")
     return str(value)
-
-
-def _query_piece(value: Any) -> int:
-    """``cqsa.query-piece``: tokens (an int >= 0; 0 = whole rows) or "auto"."""
-    if value == "auto":
-        return AUTO_QUERY_PIECE
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"query-piece must be 'auto' or a whole number of tokens >= 0, got {value!r}")
-    return value
 
 
 def _in_flight(value: Any, device: str) -> int:

@@ -98,7 +98,7 @@ class _QuorumRun:
         self.dtype = TORCH_DTYPES[plan.dtype]
         self.kernel = select_kernel(self.dev, self.dtype, plan.head_dim, opt.kernel)
         self.work = plan.work(task)
-        self.steps = steps(plan, self.work, opt.query_piece)
+        self.steps = steps(plan, self.work, plan.query_piece)
         shared = [a for _, a, _ in self.work if not plan.direct(a)]
         self.producer: Producer = plan.policy.producer(cell, task, shared, rt)
         self.io = TaskIO(cell, opt, rt.cache, self.producer)
