@@ -119,6 +119,13 @@ def test_a_resumed_job_keeps_the_pieces_it_was_sized_with(client: Client, tmp_pa
     with dask.config.set({"cqsa.query-piece": 0}):
         again = cqsa_dask.run(store, client=client, memory_budget="1GB")
     assert again.resumed and again.plan.query_piece == 1000 and again.quorum_tasks_run == 0
+    engine = zarr.open_group(store, mode="r+")["_cqsa"]
+    old = {k: v for k, v in dict(engine.attrs["plan"]).items() if k != "query_piece"}  # a plan stored before pieces
+    engine.update_attributes({"plan": old})
+    engine["task_done"][0, 0, 1] = 0  # one task left to run
+    with dask.config.set({"cqsa.query-piece": 700}):
+        late = cqsa_dask.run(store, client=client, memory_budget="1GB")
+    assert late.resumed and late.plan.query_piece == 0 and late.quorum_tasks_run == 1, "sized for whole rows"
 
 
 @pytest.mark.parametrize(("dtype", "hq", "hkv", "magnitude"), [

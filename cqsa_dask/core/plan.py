@@ -63,7 +63,9 @@ __all__ = ["AUTO_QUERY_PIECE", "IDENTITY", "Plan", "budget_for", "capped_bytes",
            "usable_bytes"]
 
 _FIXED_OVERHEAD = 2 * 2**20  # bytes: kernel workspace, small buffers
-PLAN_VERSION = 4  # 2: tasks_in_flight and host_staging; 3: partials and query_groups; 4: query_piece
+PLAN_VERSION = 3  # 2: tasks_in_flight and host_staging; 3: partials and query_groups
+# (query_piece came later without a new version: a stored plan without it was sized for whole
+# rows, which is what its default of 0 runs, so such a job resumes as it was planned)
 #: Tokens of a query piece under ``cqsa.query-piece: auto`` (``execution/pieces.py``): a 1M-token
 #: row computed alone is 8 pieces, each still a large kernel (131,072 queries x every key).
 AUTO_QUERY_PIECE = 131_072

@@ -46,7 +46,6 @@ from cqsa_dask.store.layout import TORCH_DTYPES, read_block, write_block
 __all__ = ["ReadAhead", "Result", "TaskIO", "Timer", "WriteBehind"]
 
 
-
 @dataclass(frozen=True)
 class Result:
     """A step's result on the task's device: out (hq, T, D), lse (hq, T) float32, and the event
