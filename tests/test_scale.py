@@ -53,8 +53,8 @@ def test_a_task_holds_at_most_three_query_groups(tmp_path: Path, monkeypatch: py
     most = [0]
     read_q, attend = taskio.TaskIO.q, tasks.attend
 
-    def tracked_q(self: Any, a: int, device: Any = None) -> torch.Tensor:
-        t = read_q(self, a, device)
+    def tracked_q(self: Any, a: int, device: Any = None, part: Any = None) -> torch.Tensor:
+        t = read_q(self, a, device, part)
         live.add(t)
         return t
 
