@@ -172,6 +172,14 @@ class LocalFiles:
         return out
 
 
+def _temporary(path: Path) -> Path:
+    """A new hidden name beside chunk file ``path`` (its directory made if missing), unique across
+    processes and hosts sharing the directory (a random UUID), to write the chunk under before it is
+    renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
 def write_whole_chunk(arr: zarr.Array, root: Path, index: Index, data: np.ndarray) -> bool:
     """Write ``data`` as ``arr[index]`` straight into the chunk file under ``root`` when ``index``
     selects exactly one chunk (an edge chunk: its part inside the array); False when it does not
@@ -203,8 +211,7 @@ def write_whole_chunk(arr: zarr.Array, root: Path, index: Index, data: np.ndarra
         full = np.full(arr.chunks, arr.metadata.fill_value, dtype=np.dtype(arr.dtype))
         full[tuple(region)] = data.reshape([r.stop for r in region])
     path = root / arr.metadata.encode_chunk_key(tuple(coords))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             f.write(full.data)
@@ -225,8 +232,7 @@ class ChunkStream:
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype[Any]):
         self.path, self.shape, self.dtype = path, shape, dtype
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        self.tmp = _temporary(path)
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.ftruncate(self._fd, int(np.prod(shape)) * dtype.itemsize)
 
