@@ -7,8 +7,7 @@
 # Each step has its own time limit and log ($STATE/<step>.log); result files go to $STATE.
 set -u
 S=${STATE:?}
-BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 step pytest-gpu 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_exactness.py tests/test_synthetic.py \
   tests/test_analysis.py tests/test_transformers.py

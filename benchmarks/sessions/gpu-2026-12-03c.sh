@@ -5,8 +5,7 @@
 #   one task's read step by step, the performance issue's 1M cases, then the 4M analysis benchmark.
 set -u
 S=${STATE:?}
-BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 step pytest-fused 240 python3 -m pytest -q -p no:cacheprovider tests/test_analysis_fused.py

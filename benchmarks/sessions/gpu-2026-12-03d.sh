@@ -3,7 +3,7 @@
 # kernel's chosen tiles (128 x 64, 4 warps, 3 stages), then more tile settings.
 set -u
 S=${STATE:?}
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 mkdir -p /tmp/cqsa-analyze
 step analyze-4M 480 python3 workflows/analyze_gpu.py --workdir /tmp/cqsa-analyze --plot "$S/analysis-4M.png"
 rm -rf /tmp/cqsa-analyze

@@ -3,8 +3,7 @@
 # committed engine (4 GB plain and causal, 16 GB, then 1 GB within a deadline).
 set -u
 S=${STATE:?}
-BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 mkdir -p /tmp/cqsa-bench
 step pytest-fused 120 python3 -m pytest -q -p no:cacheprovider tests/test_analysis_fused.py
 step bench-4M 330 $BENCH --cases n4M-4GB n4M-4GB-causal

@@ -5,8 +5,7 @@
 # cluster (local-cluster.processes false) against the default worker process.
 set -u
 S=${STATE:?}
-BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 mkdir -p /tmp/cqsa-bench
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 step pytest-gpu 240 python3 -m pytest -m gpu -q -p no:cacheprovider -x tests/test_pieces.py tests/test_exactness.py

@@ -5,8 +5,7 @@
 # 1 GB with the resource asks under the cap.
 set -u
 S=${STATE:?}
-BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 mkdir -p /tmp/cqsa-bench
 step causal-pieces 90 python3 -m benchmarks.causal_pieces --out "$S/causal-pieces.json"
 step bench-1M 200 $BENCH --cases n1M-12GB n1M-12GB-causal n1M-H1-12GB n1M-4GB-cold --notes "query pieces (auto), k and v read on two threads, worker processes"

@@ -4,8 +4,7 @@
 # second call, the GPU tests of the pieces, the 1M rows.
 set -u
 S=${STATE:?}
-BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 mkdir -p /tmp/cqsa-bench
 step causal-blocks 60 python3 -m benchmarks.causal_pieces --out "$S/causal-blocks.json"
 step pytest-pieces 150 python3 -m pytest -m gpu -q -p no:cacheprovider -x tests/test_pieces.py

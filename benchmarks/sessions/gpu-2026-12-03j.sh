@@ -4,8 +4,7 @@
 # default) and on a threaded local cluster, and the warm 12 GB row.
 set -u
 S=${STATE:?}
-BENCH="python3 -m benchmarks.bench --suite gpu-perf --workdir /tmp/cqsa-bench --out-dir $S"
-. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
 mkdir -p /tmp/cqsa-bench
 step bench-threads 60 env DASK_CQSA__LOCAL_CLUSTER__PROCESSES=False $BENCH --cases n1M-4GB-cold --notes "W = 1 in pieces, threaded local cluster"
 step bench-1M 100 $BENCH --cases n1M-12GB n1M-4GB-cold --notes "W = 1 in pieces, worker processes"
