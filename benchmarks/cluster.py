@@ -149,14 +149,15 @@ def _worker_warm(dtype: str, head_dim: int) -> dict[str, Any]:
     import torch
 
     from cqsa_dask import config
+    from cqsa_dask.execution.devicethread import on_device
     from cqsa_dask.kernels.attention import attend, resolve_device, select_kernel
 
     dev = resolve_device(config.get("device"))
     dt = getattr(torch, dtype)
     name = select_kernel(dev, dt, head_dim, config.get("kernel"))  # same positional call as the task's
     q = torch.randn(1, 2, 256, head_dim, device=dev).to(dt)
-    attend(q, q, q, scale=head_dim**-0.5, diagonal_causal=False, kernel=name)
-    attend(q, q, q, scale=head_dim**-0.5, diagonal_causal=True, kernel=name)
+    for causal in (False, True):  # on the thread the tasks' kernels are queued from
+        on_device(dev, lambda c=causal: attend(q, q, q, scale=head_dim**-0.5, diagonal_causal=c, kernel=name))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return {"device": str(dev), "kernel": name}

@@ -13,7 +13,8 @@ Quorum task (task i, batch b, head block j)::
     prefetch   k, v of every key group the task owns pairs for (resident), q ahead
     for each step (a slot with query group a and key groups [b1, b2, ...], or a query
     piece of a row the task computes alone: pieces.py), a row's steps on one turn:
-        compute  (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc)
+        compute  (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc;
+                 on CUDA queued from the device's compute thread: devicethread.py)
         write    behind: a single-producer row to out/lse (and its marker; a row in
                  pieces: after its last piece), a shared row to the partials policy (emit)
     write task_stats[i, b, j]  (timings, bytes, device peak, runs: the count of computations)
@@ -39,6 +40,7 @@ import torch
 
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
+from cqsa_dask.execution.devicethread import on_device
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
 from cqsa_dask.execution.pieces import Step, steps
@@ -152,7 +154,11 @@ class _QuorumRun:
     def compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Result:
         """Attend q (1, hq, T, D) of ``step`` (its group, or a piece of it) to k, v (1, hk, G, D) of
         its key groups, merged in float32; the result (out (hq, T, D), lse (hq, T), its done event).
-        A shared row of a policy that takes float32 keeps the accumulator's dtype."""
+        A shared row of a policy that takes float32 keeps the accumulator's dtype.  On CUDA the
+        kernels are queued from the device's compute thread (``devicethread.py``)."""
+        return on_device(self.dev, lambda: self._compute(step, q, kv))
+
+    def _compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Result:
         plan = self.plan
         acc = None
         for b, (k, v) in zip(step.keys, kv):
