@@ -74,14 +74,23 @@ def current(docs: list[dict[str, Any]]) -> dict[str, Result]:
     return best
 
 
+# settings a run records (runner.py) and their defaults; a file without one ran before it existed
+_DEFAULTS: dict[str, Any] = {"local-cluster.processes": True, "tasks-in-flight": "auto", "query-piece": "auto",
+                             "partials": "auto", "kernel": "auto", "host-cache": "auto"}
+
+
 def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
-    """Whether a GPU result ran as ``cqsa.cuda-turn: auto`` runs it: taking turns ("kernels")
+    """Whether a result ran under the default settings: each recorded setting of ``_DEFAULTS`` at
+    its default, and on the GPU as ``cqsa.cuda-turn: auto`` runs it: taking turns ("kernels")
     for a job of one token group, streams otherwise (``execution.tasks.cuda_turn``).  Files from
-    before the setting have none: they ran with streams.  An A/B run of the other setting
+    before the turn setting have none: they ran with streams.  An A/B run of another setting
     stays in its file (and in the history plot) without becoming a case's current figure."""
+    settings = doc.get("settings") or {}
+    if any(settings.get(k, v) != v for k, v in _DEFAULTS.items()):
+        return False
     if res.get("case", {}).get("device") != "cuda":
         return True
-    turn = (doc.get("settings") or {}).get("cuda-turn", "streams")
+    turn = settings.get("cuda-turn", "streams")
     if turn == "auto":
         return True
     groups = (res.get("figures") or {}).get("groups") or (res.get("detail", {}).get("plan") or {}).get("groups")

@@ -58,6 +58,23 @@ def test_latest_result_per_case_across_files(tmp_path: Path) -> None:
     assert "0123456789" in md and "old command" in md  # the runs table: commit, command as run
 
 
+@pytest.mark.parametrize("settings", [{"local-cluster.processes": False}, {"tasks-in-flight": 4},
+                                      {"query-piece": 0}, {"cuda-turn": "streams"}],
+                         ids=["threads", "flight", "piece", "turn"])
+def test_an_ab_run_of_another_setting_is_not_current(tmp_path: Path, settings: dict[str, Any]) -> None:
+    """A newer run under a setting other than its default (recorded in the file's settings) stays
+    out of the current table; the older run under the defaults keeps the case's row."""
+    defaults = {"cuda-turn": "auto", "local-cluster.processes": True, "tasks-in-flight": "auto",
+                "query-piece": "auto"}
+    one = {"groups": 1}
+    _write(tmp_path, "a.json", [_result("n1M-12GB", "2026-12-03T19:00:00+00:00", seconds=4.8, sdpa=4.4, **one)],
+           settings=defaults)
+    res = _result("n1M-12GB", "2026-12-03T20:00:00+00:00", seconds=4.1, sdpa=4.4, **one)
+    res["figures"]["groups"] = 1
+    _write(tmp_path, "b.json", [res], settings={**defaults, **settings})
+    assert report.current(report.load_results(str(tmp_path)))["n1M-12GB"][0]["_file"] == "a.json"
+
+
 def test_missing_fields_render_empty(tmp_path: Path) -> None:
     """A result carrying only a ratio (an old record), or a stopped run, still renders a row."""
     only_ratio = _result("cpu-attention", "2026-12-03", device="cpu", mode="attention", n=32768, h=2)
