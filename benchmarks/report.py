@@ -80,16 +80,17 @@ _DEFAULTS: dict[str, Any] = {"local-cluster.processes": True, "tasks-in-flight":
 
 
 def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
-    """Whether a result ran under the default settings: each recorded setting of ``_DEFAULTS`` at
-    its default, and on the GPU as ``cqsa.cuda-turn: auto`` runs it: taking turns ("kernels")
-    for a job of one token group, streams otherwise (``execution.tasks.cuda_turn``).  Files from
-    before the turn setting have none: they ran with streams.  An A/B run of another setting
-    stays in its file (and in the history plot) without becoming a case's current figure."""
+    """Whether a GPU result ran under the default settings (the GPU sessions weigh settings by
+    A/B runs; a CPU result always counts): each recorded setting of ``_DEFAULTS`` at its default,
+    and ``cqsa.cuda-turn`` as "auto" runs it: taking turns ("kernels") for a job of one token
+    group, streams otherwise (``execution.tasks.cuda_turn``).  Files from before the turn setting
+    have none: they ran with streams.  An A/B run of another setting stays in its file (and in
+    the history plot) without becoming a case's current figure."""
+    if res.get("case", {}).get("device") != "cuda":
+        return True
     settings = doc.get("settings") or {}
     if any(settings.get(k, v) != v for k, v in _DEFAULTS.items()):
         return False
-    if res.get("case", {}).get("device") != "cuda":
-        return True
     turn = settings.get("cuda-turn", "streams")
     if turn == "auto":
         return True
