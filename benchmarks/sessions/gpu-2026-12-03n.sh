@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU session of 2026-12-03 (night), last call: under the kernels turn, one task's first reads at
 # a time (WorkerRuntime.first_reads), so the task that computes first reads alone. The GPU tests of
-# the pieces (both turns), then the 1M rows where the tasks start together.
+# the pieces (both turns), then the 1M rows where the tasks start together. Measured at commit
+# 77929fb; no gain (docs/benchmarks.md, "The night"), so the change was reverted after it.
 set -u
 S=${STATE:?}
 . "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH

@@ -82,7 +82,6 @@ class WorkerRuntime:
         self.row_locks = row_locks or RowLocks()
         self._cpu_turn = threading.Lock()
         self._cuda_turn = threading.Lock()  # one per worker process: a worker drives one GPU
-        self._first_reads = threading.Lock()
         self._slots: dict[int, threading.BoundedSemaphore] = {}
         self._threads = threading.local()
         self._guard = threading.Lock()
@@ -107,13 +106,6 @@ class WorkerRuntime:
         if device_type == "cpu":
             return self._cpu_turn
         return self._cuda_turn if cuda_turn == "kernels" else contextlib.nullcontext()
-
-    def first_reads(self, device_type: str, cuda_turn: str = "streams") -> AbstractContextManager[Any]:
-        """Held while a task reads its first step's inputs on CUDA with ``cuda_turn="kernels"``:
-        the tasks of a one-group job start together and then take turns for their kernels, so
-        the task that computes first gets the IO pool to itself instead of sharing it with
-        every task's first reads (the others read while it computes).  Elsewhere: no lock."""
-        return self._first_reads if device_type == "cuda" and cuda_turn == "kernels" else contextlib.nullcontext()
 
     def fold_slots(self, n: int) -> threading.BoundedSemaphore:
         """At most ``n`` folds at once in this worker (n = the plan's tasks in flight): bounds

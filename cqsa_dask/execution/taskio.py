@@ -21,7 +21,6 @@ piece.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import threading
 import time
@@ -230,13 +229,6 @@ class ReadAhead:
             g: (pool.submit(io.kv, "k", g, dev), pool.submit(io.kv, "v", g, dev)) for g in groups}
         self._q_reads: dict[int, Future[Staged]] = {n: self._read_q(n) for n in range(min(ahead, len(steps)))}
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def wait_first(self) -> None:
-        """Wait until the first step's reads (its q, the k and v of its key groups) are done or
-        failed; nothing is consumed (a failed read raises where it is used)."""
-        if self.steps:
-            first = [f for b in self.steps[0].keys for f in self._kv_reads[b]]
-            concurrent.futures.wait([*first, self._q_reads[0]])
 
     def _read_q(self, n: int) -> Future[Staged]:
         return self.pool.submit(self.io.q, self.steps[n].group, self.dev, self.steps[n].part)

@@ -116,12 +116,7 @@ class _QuorumRun:
         is given up."""
         on_cuda = self.dev.type == "cuda"
         exclusive = on_cuda and self.turn == "kernels"  # the turn covers the kernels themselves
-        t = time.perf_counter()
-        with self.rt.first_reads(self.dev.type, self.turn):  # one task's first reads at a time (kernels turn)
-            reads = ReadAhead(self.io, self.rt.pool, self.steps, self.dev, ahead=1 if on_cuda else 2)
-            if exclusive:
-                reads.wait_first()
-        self.timer.waited(t)
+        reads = ReadAhead(self.io, self.rt.pool, self.steps, self.dev, ahead=1 if on_cuda else 2)
         writes = WriteBehind(self.io.write, self.rt.pool, self.timer)
         try:
             with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
