@@ -368,5 +368,5 @@ def _settings() -> dict[str, Any]:
     from cqsa_dask import config
 
     keys = ("cuda-turn", "tasks-in-flight", "partials", "host-cache", "io-threads", "kernel", "query-piece",
-            "local-cluster.processes")
+            "stream-keys", "local-cluster.processes")
     return {k: config.get(k) for k in keys}

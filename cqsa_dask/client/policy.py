@@ -30,13 +30,14 @@ import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 from cqsa_dask import config
-from cqsa_dask.core.errors import SchedulerError
+from cqsa_dask.core.errors import BudgetError, InvalidInputError, SchedulerError
 from cqsa_dask.core.plan import parse_query_piece
+from cqsa_dask.core.units import parse_budget
 
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["DeviceKind", "local_device_kind", "plan_options", "workers_device_kind"]
+__all__ = ["DeviceKind", "local_device_kind", "plan_options", "stream_limit", "workers_device_kind"]
 
 DeviceKind = Literal["cuda", "cpu"]
 
@@ -86,11 +87,13 @@ def plan_options(kind: DeviceKind | None = None) -> dict[str, Any]:
     """Keyword arguments of ``make_plan`` that size a job for device ``kind`` (default: this machine's).
 
     ``cqsa.tasks-in-flight`` ("auto": 2 on CUDA, 1 on the CPU), host staging on
-    CUDA, ``cqsa.memory-margin``, ``cqsa.partials``, ``cqsa.partials-limit`` and ``cqsa.query-piece``.
+    CUDA, ``cqsa.memory-margin``, ``cqsa.partials``, ``cqsa.partials-limit``, ``cqsa.query-piece``
+    and ``cqsa.stream-keys`` (``stream_limit``).
     """
     cuda = (kind or local_device_kind()) == "cuda"
     flight = config.get("tasks-in-flight")
     return {
+        "stream_limit": stream_limit(config.get("stream-keys"), cuda),
         "tasks_in_flight": (2 if cuda else 1) if flight == "auto" else int(flight),
         "margin": float(config.get("memory-margin")),
         "host_staging": cuda,
@@ -98,3 +101,26 @@ def plan_options(kind: DeviceKind | None = None) -> dict[str, Any]:
         "partials_limit": config.get("partials-limit"),
         "query_piece": parse_query_piece(config.get("query-piece")),
     }
+
+
+def stream_limit(value: Any, cuda: bool) -> int:
+    """``cqsa.stream-keys`` as the planner's ``stream_limit`` (bytes of host memory the k and v of a
+    W = 1 job's tasks in flight may take when streamed to the device in key blocks; 0: never).
+
+    "auto": on CUDA a quarter of this machine's memory (the workers' machine for a local cluster;
+    set bytes for workers elsewhere), on the CPU 0 (host memory is the device there); true: a
+    quarter of this machine's memory on any device; false or 0: never; bytes ("8GB"): that much.
+    """
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        value = {"auto": cuda, "true": True, "false": False}[value.strip().lower()]
+    if isinstance(value, bool):
+        if not value:
+            return 0
+        import psutil
+
+        return int(psutil.virtual_memory().total // 4)
+    try:
+        return parse_budget(value) if value not in (0, "0") else 0
+    except BudgetError:
+        raise InvalidInputError(f"cqsa.stream-keys must be 'auto', true, false or bytes such as '8GB', "
+                                f"got {value!r}") from None

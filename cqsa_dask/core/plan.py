@@ -11,7 +11,12 @@ Policy:
   2. For each W, the largest number of kv heads per task (a divisor of Hkv)
      whose predicted peak memory fits ``budget / tasks_in_flight``; at W = 1
      in query pieces, no more than leaves two tasks per task in flight.
-  3. The first fit wins.  If none fits, :class:`BudgetError` names the
+  3. At W = 1, when no task with k and v whole on the device fits but the
+     task's k and v fit ``stream_limit`` bytes of host memory (per task in
+     flight): k and v streamed from host memory in key blocks
+     (``stream_keys``), with the query piece halved (down to
+     ``MIN_STREAM_PIECE``) until a task fits.  Only then W > 1.
+  4. The first fit wins.  If none fits, :class:`BudgetError` names the
      smallest budget that would work.
 
 Memory model of one task (bytes), G = ceil(N / W) tokens per group,
@@ -32,7 +37,9 @@ hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
 At W = 1 every row is computed by one task alone, in query pieces of at
 most P = ``query_piece`` tokens (``execution/pieces.py``): the terms of the
 query side (query groups, accumulator, outputs, expansion, scratch) then
-count P rows instead of G; k and v stay whole.
+count P rows instead of G; k and v stay whole, or, streamed from host
+memory in key blocks of P tokens (``execution/keyblocks.py``), count two
+blocks: 4 P hk D e.
 
 Causal plans use the same (upper-bound) model.  ``bytes_written`` is exact
 for non-causal jobs and an upper bound for causal; ``bytes_read`` counts
@@ -59,7 +66,7 @@ from cqsa_dask.core.units import parse_budget
 if TYPE_CHECKING:
     from cqsa_dask.execution.partials import PartialsPolicy
 
-__all__ = ["AUTO_QUERY_PIECE", "IDENTITY", "Plan", "budget_for", "capped_bytes", "make_plan", "resource_bytes", "task_memory",
+__all__ = ["AUTO_QUERY_PIECE", "IDENTITY", "MIN_STREAM_PIECE", "Plan", "budget_for", "capped_bytes", "make_plan", "resource_bytes", "task_memory",
            "usable_bytes"]
 
 _FIXED_OVERHEAD = 2 * 2**20  # bytes: kernel workspace, small buffers
@@ -69,6 +76,9 @@ PLAN_VERSION = 3  # 2: tasks_in_flight and host_staging; 3: partials and query_g
 #: Tokens of a query piece under ``cqsa.query-piece: auto`` (``execution/pieces.py``): a 1M-token
 #: row computed alone is 8 pieces, each still a large kernel (131,072 queries x every key).
 AUTO_QUERY_PIECE = 131_072
+#: The smallest query piece (tokens) the planner halves to when k and v are streamed: below it the
+#: kernels are small and the key blocks' copies (e / 2P bytes per flop) near what PCIe carries.
+MIN_STREAM_PIECE = 32_768
 #: The fields of a Plan that define its job (``Plan.identity``); the others size one run of it.
 IDENTITY = ("batch", "heads_q", "heads_kv", "seq_len", "head_dim", "dtype", "causal", "scale",
             "groups", "quorum_size", "heads_per_task", "partials", "query_groups")
@@ -103,6 +113,7 @@ class Plan:
     partials: Partials = "all"
     query_groups: tuple[int, ...] = ()
     query_piece: int = 0
+    stream_keys: bool = False
     version: int = PLAN_VERSION
 
     # -- derived sizes ------------------------------------------------------
@@ -360,6 +371,7 @@ def resource_bytes(need: int, budget: int, capped: bool) -> int:
 def task_memory(
     *, group_size: int, quorum_size: int, heads_kv: int, heads_q: int,
     head_dim: int, itemsize: int, margin: float, host_staging: bool = False, query_rows: int = 0,
+    stream_keys: bool = False,
 ) -> int:
     """Predicted peak memory (bytes) of one task; see the module docstring.
 
@@ -368,13 +380,16 @@ def task_memory(
     for its copy back while the next slot computes (``transfer.py``); the
     rest of the read-ahead and write-behind stays on the host.
     ``query_rows`` (> 0): the task's rows are computed in pieces of at most that many tokens.
+    ``stream_keys`` (with ``query_rows``): k and v are on the device two key blocks of
+    ``query_rows`` tokens at a time, not whole.
     """
     g, hk, hq, d, e = group_size, heads_kv, heads_q, head_dim, itemsize
     r = min(g, query_rows) if query_rows > 0 else g  # query rows at once
+    keys = 2 * 2 * r * hk * d * e if stream_keys and query_rows > 0 else 2 * quorum_size * g * hk * d * e
     output = r * hq * d * e + r * hq * 4
     q_bufs, waiting = (2, r * hq * d * 4 + r * hq * 4) if host_staging else (3, 2 * output)
     total = (
-        2 * quorum_size * g * hk * d * e
+        keys
         + q_bufs * r * hq * d * e
         + r * hq * (d + 1) * 4
         + output + waiting
@@ -431,6 +446,15 @@ def _candidate_groups(seq_len: int) -> list[int]:
     return out
 
 
+def _stream_pieces(query_piece: int) -> list[int]:
+    """The query pieces a streamed W = 1 task tries, largest first: ``query_piece``, then halved
+    while at least ``MIN_STREAM_PIECE`` tokens."""
+    out = [query_piece]
+    while out[-1] // 2 >= MIN_STREAM_PIECE:
+        out.append(out[-1] // 2)
+    return out
+
+
 def _divisors_desc(n: int) -> list[int]:
     return [h for h in range(n, 0, -1) if n % h == 0]
 
@@ -467,6 +491,7 @@ def make_plan(
     partials_limit: int | str = "64GiB",
     query_groups: Sequence[int] | None = None,
     query_piece: int = 0,
+    stream_limit: int = 0,
 ) -> Plan:
     """Choose W and heads per task so that every task fits the budget.
 
@@ -493,6 +518,8 @@ def make_plan(
             negative numbers count from the last non-empty group).
         query_piece: a row one task computes alone is computed in pieces of at most this many
             query tokens (0: whole); at W = 1 (every row so) the memory model counts a piece.
+        stream_limit: host bytes that the k and v of the tasks in flight may take when a W = 1 task
+            streams them from host memory in key blocks (0: never stream; see the module docstring).
 
     Raises:
         InvalidInputError: bad shapes or dtype.  BudgetError: nothing fits.
@@ -515,28 +542,40 @@ def make_plan(
 
     query_piece = parse_query_piece(query_piece)
 
-    def need(w: int, hk: int) -> int:
+    def need(w: int, hk: int, piece: int = query_piece, stream: bool = False) -> int:
         return task_memory(
             group_size=max(1, -(-seq_len // w)), quorum_size=base_set_size(w),
             heads_kv=hk, heads_q=hk * rep, head_dim=head_dim,
             itemsize=DTYPES[name], margin=margin, host_staging=host_staging,
-            query_rows=query_piece if w == 1 else 0,
+            query_rows=piece if w == 1 else 0, stream_keys=stream,
         )
 
-    candidates = [groups] if groups is not None else _candidate_groups(seq_len)
-    for w in candidates:
-        for hk in [heads_per_task] if heads_per_task else _heads_choices(w, kv_heads, batch, query_piece,
-                                                                          tasks_in_flight):
-            m = need(w, hk)
+    def fits(w: int) -> Plan | None:
+        """The plan at ``w`` groups whose task fits, k and v whole first, else streamed (W = 1)."""
+        choices = [heads_per_task] if heads_per_task else _heads_choices(w, kv_heads, batch, query_piece,
+                                                                          tasks_in_flight)
+        tries = [(hk, query_piece, False) for hk in choices]
+        if w == 1 and query_piece > 0:
+            host = [hk for hk in choices  # k and v of every task in flight in host memory
+                    if 2 * seq_len * hk * head_dim * DTYPES[name] * max(1, tasks_in_flight) <= stream_limit]
+            tries += [(hk, p, True) for hk in host for p in _stream_pieces(query_piece)]
+        for hk, piece, stream in tries:
+            m = need(w, hk, piece, stream)
             if m <= per_task:
-                plan = Plan(
+                return Plan(
                     batch=batch, heads_q=heads, heads_kv=kv_heads, seq_len=seq_len,
                     head_dim=head_dim, dtype=name, causal=bool(causal), scale=float(scale),
                     budget_bytes=budget_bytes, groups=w, quorum_size=base_set_size(w),
                     heads_per_task=hk, task_memory_bytes=m, tasks_in_flight=max(1, tasks_in_flight),
-                    host_staging=host_staging, query_piece=query_piece,
+                    host_staging=host_staging, query_piece=piece, stream_keys=stream,
                 )
-                return _finish(plan, partials, partials_limit, query_groups)
+        return None
+
+    candidates = [groups] if groups is not None else _candidate_groups(seq_len)
+    for w in candidates:
+        plan = fits(w)
+        if plan is not None:
+            return _finish(plan, partials, partials_limit, query_groups)
     smallest = budget_for(min(need(w, heads_per_task or 1) for w in candidates) * max(1, tasks_in_flight),
                           host_staging)
     raise BudgetError(

@@ -2,9 +2,10 @@
 
 ::
 
-    ReadAhead    k, v of every key group the task needs     (submitted at once; resident)
-                 q of the next steps (a slot, or a piece of a   (CUDA: one ahead, CPU: two)
+    ReadAhead    q of the next steps (a slot, or a piece of a   (CUDA: one ahead, CPU: two)
                  direct row: ``pieces.py``)
+                 k, v of every key group the task needs     (submitted at once; resident)
+                 or, W = 1 in pieces, in key blocks         (``keyblocks.py``: resident or streamed)
                  each read on the runtime's IO pool, then uploaded on the upload stream
     compute      (the task's own thread: tasks.py)
     WriteBehind  a step's result copied back once its kernels are done, then written
@@ -35,12 +36,13 @@ import zarr
 
 from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.execution.hostcache import HostCache
+from cqsa_dask.execution.keyblocks import KeyBlocks
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Producer
 from cqsa_dask.execution.pieces import RowPieces, Step
 from cqsa_dask.kernels.attention import all_finite, resolve_device
 from cqsa_dask.kernels.transfer import Staged, download, upload, use
-from cqsa_dask.store.chunkio import read_rows
+from cqsa_dask.store.chunkio import chunk_io, read_rows
 from cqsa_dask.store.layout import TORCH_DTYPES, read_block, write_block
 
 __all__ = ["ReadAhead", "Result", "TaskIO", "Timer", "WriteBehind"]
@@ -122,7 +124,9 @@ class TaskIO:
             self.written += written
 
     def _input(self, name: str, arr: zarr.Array | None, heads: slice, g: int,
-               device: torch.device | None, part: slice | None = None) -> torch.Tensor:
+               device: torch.device | None, part: slice | None = None, *, pin: bool | None = None,
+               cache: bool = True) -> torch.Tensor:
+        pin = self.pin if pin is None else pin
         rows = self.cell.rows(g)
         if part is not None:  # a piece of the group's tokens
             rows = slice(rows.start + part.start, rows.start + part.stop)
@@ -140,7 +144,7 @@ class TaskIO:
 
         def load() -> torch.Tensor:
             dtype = TORCH_DTYPES[self.job.plan.dtype]
-            x = read_rows(arr, self.batch, heads, idx[2], dtype, pin=self.pin)  # local chunk files: these heads only
+            x = read_rows(arr, self.batch, heads, idx[2], dtype, pin=pin)  # local chunk files: these heads only
             if x is not None:
                 self._count(read=x.nbytes)
                 return _checked(x, name, g, idx, self.check)
@@ -153,18 +157,37 @@ class TaskIO:
             x = _checked(read_block(arr, ridx, self.job.plan.dtype), name, g, ridx, self.check)
             self._count(read=x.nbytes)
             if not wide:
-                return _host_copy(x, True) if self.pin else x
+                return _host_copy(x, True) if pin else x
             for h0 in range(-(-lo // n) * n, hi - n + 1, n):  # the task head blocks inside lo..hi
                 if h0 != heads.start:
-                    self.cache.put(key(h0), _host_copy(x[h0 - lo:h0 - lo + n], self.pin))
-            return _host_copy(x[heads.start - lo:heads.stop - lo], self.pin)
+                    self.cache.put(key(h0), _host_copy(x[h0 - lo:h0 - lo + n], pin))
+            return _host_copy(x[heads.start - lo:heads.stop - lo], pin)
 
-        return self.cache.get_or_load(key(heads.start), load)
+        return self.cache.get_or_load(key(heads.start), load) if cache else load()
 
     def kv(self, name: str, g: int, device: torch.device) -> Staged:
         """k or v (``name``) of group ``g``: (hk, G, D) on ``device`` (copied there on the upload
         stream, ``transfer.py``)."""
         return upload(self._input(name, {"k": self.job.k, "v": self.job.v}[name], self.kv_h, g, device), device)
+
+    def block_reads(self, name: str, size: int) -> bool:
+        """Whether input ``name`` is read in blocks of ``size`` tokens at about the cost of those
+        tokens: generated, local plain chunk files (read in token runs), or chunks of at most
+        ``size`` tokens (a store that decodes whole chunks: compressed, remote)."""
+        arr = {"q": self.job.q, "k": self.job.k, "v": self.job.v}[name]
+        return self.job.source is not None or (arr is not None and (arr.chunks[2] <= size
+                                                                    or chunk_io(arr).partial_reads))
+
+    def key_block(self, name: str, g: int, part: slice, device: torch.device, *, host: bool) -> torch.Tensor:
+        """k or v (``name``) of tokens ``part`` of group ``g`` (relative to its first): (hk, T, D),
+        read past the host cache (``keyblocks.py``: no other task reads it).  ``host``: in host
+        memory, pinned when ``device`` is CUDA (a streamed block is copied to it again and again);
+        else where a read lands (host memory; generated inputs: on ``device``)."""
+        cuda = device.type == "cuda"
+        arr = {"k": self.job.k, "v": self.job.v}[name]
+        x = self._input(name, arr, self.kv_h, g, torch.device("cpu") if host else device, part,
+                        pin=cuda if host else self.pin, cache=False)
+        return _host_copy(x, True) if host and cuda and not x.is_pinned() else x
 
     def q(self, a: int, device: torch.device, part: slice | None = None) -> Staged:
         """q of group ``a``: (hq, G, D) on ``device``; only tokens ``part`` of the group (relative
@@ -218,16 +241,22 @@ class Timer:
 
 
 class ReadAhead:
-    """The reads of one task's ``steps`` on ``pool``: k, v of every key group at once, q
-    ``ahead`` steps ahead.  A consumed read is dropped at once (its tensor would otherwise stay
-    alive to the end of the task)."""
+    """The reads of one task's ``steps`` on ``pool``: q ``ahead`` steps ahead, k, v of every key
+    group at once, or, for a task of one group in pieces (W = 1), in key blocks
+    (``keyblocks.py``; ``streamed``: kept in host memory).  A consumed read is dropped at once
+    (its tensor would otherwise stay alive to the end of the task)."""
 
-    def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, steps: list[Step], dev: torch.device, ahead: int):
+    def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, steps: list[Step], dev: torch.device, ahead: int,
+                 streamed: bool = False):
         self.io, self.pool, self.steps, self.dev, self.ahead = io, pool, steps, dev, ahead
+        self._q_reads: dict[int, Future[Staged]] = {n: self._read_q(n) for n in range(min(ahead, len(steps)))}
         groups = sorted({b for s in steps for b in s.keys})
+        self.blocks: KeyBlocks | None = None
+        if io.job.plan.groups == 1 and steps and steps[0].part is not None:  # the first piece starts on the first block
+            self.blocks = KeyBlocks(io, pool, groups[0], steps[0].size, dev, streamed)
+            groups = []
         self._kv_reads: dict[int, tuple[Future[Staged], Future[Staged]]] = {  # k and v on two threads
             g: (pool.submit(io.kv, "k", g, dev), pool.submit(io.kv, "v", g, dev)) for g in groups}
-        self._q_reads: dict[int, Future[Staged]] = {n: self._read_q(n) for n in range(min(ahead, len(steps)))}
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _read_q(self, n: int) -> Future[Staged]:
@@ -239,6 +268,14 @@ class ReadAhead:
         if n + self.ahead < len(self.steps):
             self._q_reads[n + self.ahead] = self._read_q(n + self.ahead)
         return q
+
+    def keys(self, step: Step) -> list[tuple[torch.Tensor, torch.Tensor]] | KeyBlocks:
+        """The keys of ``step``: k, v of each of its key groups, or the task's key blocks once the
+        first is in."""
+        if self.blocks is not None:
+            self.blocks.wait(0)
+            return self.blocks
+        return [self.kv(b) for b in step.keys]
 
     def kv(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of key group ``b``: (1, hk, G, D) each on the device, resident for the task."""
@@ -252,6 +289,8 @@ class ReadAhead:
         pending: list[Future[Any]] = [f for kv in self._kv_reads.values() for f in kv] + [*self._q_reads.values()]
         for f in pending:
             f.cancel()
+        if self.blocks is not None:
+            self.blocks.cancel()
 
 
 class WriteBehind:

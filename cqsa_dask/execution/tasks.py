@@ -10,7 +10,8 @@ Quorum task (task i, batch b, head block j)::
 
     task_done[i, b, j] set: return at once  (a rerun of a durable task after its worker died)
     tell the scheduler the task runs                      (telemetry, best effort)
-    prefetch   k, v of every key group the task owns pairs for (resident), q ahead
+    prefetch   k, v of every key group the task owns pairs for (resident; W = 1: in key blocks,
+               resident or streamed from host memory: keyblocks.py), q ahead
     for each step (a slot with query group a and key groups [b1, b2, ...], or a query
     piece of a row the task computes alone: pieces.py), a row's steps on one turn:
         compute  (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc;
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ import torch
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.devicethread import on_device
+from cqsa_dask.execution.keyblocks import KeyBlocks
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
 from cqsa_dask.execution.pieces import Step, steps
@@ -116,14 +119,15 @@ class _QuorumRun:
         is given up."""
         on_cuda = self.dev.type == "cuda"
         exclusive = on_cuda and self.turn == "kernels"  # the turn covers the kernels themselves
-        reads = ReadAhead(self.io, self.rt.pool, self.steps, self.dev, ahead=1 if on_cuda else 2)
+        reads = ReadAhead(self.io, self.rt.pool, self.steps, self.dev, ahead=1 if on_cuda else 2,
+                          streamed=self.plan.stream_keys)
         writes = WriteBehind(self.io.write, self.rt.pool, self.timer)
         try:
             with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
                 waiting: Result | None = None  # CUDA: the previous step's result, not yet copied back
                 for n, step in enumerate(self.steps):
                     t = time.perf_counter()
-                    q, kv = reads.q(n), [reads.kv(b) for b in step.keys]
+                    q, kv = reads.q(n), reads.keys(step)
                     if step.first:
                         held.enter_context(self.rt.turn(self.dev.type, self.turn))
                     t = self.timer.waited(t)
@@ -151,22 +155,51 @@ class _QuorumRun:
             raise
         return self.record()
 
-    def compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Result:
+    def compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]] | KeyBlocks
+                ) -> Result:
         """Attend q (1, hq, T, D) of ``step`` (its group, or a piece of it) to k, v (1, hk, G, D) of
-        its key groups, merged in float32; the result (out (hq, T, D), lse (hq, T), its done event).
-        A shared row of a policy that takes float32 keeps the accumulator's dtype.  On CUDA the
-        kernels are queued from the device's compute thread (``devicethread.py``)."""
+        its key groups (or to the task's key blocks, W = 1), merged in float32; the result
+        (out (hq, T, D), lse (hq, T), its done event).  A shared row of a policy that takes float32
+        keeps the accumulator's dtype.  On CUDA the kernels are queued from the device's compute
+        thread (``devicethread.py``); waits for key blocks stay on the task's thread."""
+        if isinstance(kv, KeyBlocks):
+            acc = None
+            for j, masked in self._block_calls(step, kv):
+                k, v = kv.device(j) if j is not None else kv.whole()
+                acc = on_device(self.dev, partial(self._attend_merge, acc, q, k, v, masked))
+                del k, v
+            assert acc is not None
+            return on_device(self.dev, partial(self._result, step, acc))
         return on_device(self.dev, lambda: self._compute(step, q, kv))
 
     def _compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Result:
-        plan = self.plan
         acc = None
         for b, (k, v) in zip(step.keys, kv):
             for part in self._pair(step, b, q, k, v):
                 acc = merge(acc, part)
         assert acc is not None
-        keep = self.producer.float32 and not plan.direct(step.group)
+        return self._result(step, acc)
+
+    def _attend_merge(self, acc: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``acc`` merged with q (1, hq, T, D) attending to one key block k, v (1, hk, S, D)."""
+        return merge(acc, attend(q, k, v, scale=self.plan.scale, diagonal_causal=masked, kernel=self.kernel))
+
+    def _result(self, step: Step, acc: tuple[torch.Tensor, torch.Tensor]) -> Result:
+        """The step's result from its float32 accumulator (1, hq, T, D), (1, hq, T)."""
+        keep = self.producer.float32 and not self.plan.direct(step.group)
         return Result(step, (acc[0] if keep else acc[0].to(self.dtype))[0], acc[1][0], done_event(self.dev))
+
+    def _block_calls(self, step: Step, blocks: KeyBlocks) -> list[tuple[int | None, bool]]:
+        """The kernel calls of a piece of a W = 1 row on the task's key blocks, as (block, masked);
+        block None: all the keys at once (resident, once the first piece has waited for each
+        block).  Causal: the earlier blocks whole, its own under the mask (``Step.key_blocks``)."""
+        assert step.part is not None
+        if self.plan.causal:
+            return [(k0 // step.size, masked) for k0, _, masked in step.key_blocks()]
+        if blocks.streamed or step.first:
+            return [(j, False) for j in range(len(blocks))]
+        return [(None, False)]
 
     def _pair(self, step: Step, b: int, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

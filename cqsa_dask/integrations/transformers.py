@@ -158,11 +158,12 @@ def route(query: torch.Tensor, key: torch.Tensor, *, min_tokens: int, memory_bud
 
     "sdpa" below ``min_tokens`` queries; "device" when the inputs are on a CUDA
     device and the engine's plan under ``memory_budget`` is a single group
-    (one task holds the whole call); "engine" otherwise.
+    with k and v whole on the device (one task holds the whole call); "engine" otherwise.
     """
     if query.shape[2] < min_tokens:
         return "sdpa"
-    if query.device.type == "cuda" and _plan(query, key, memory_budget, causal).groups == 1:
+    plan = _plan(query, key, memory_budget, causal) if query.device.type == "cuda" else None
+    if plan is not None and plan.groups == 1 and not plan.stream_keys:
         return "device"
     return "engine"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Staged", "done_event", "download", "upload", "use"]
+__all__ = ["Staged", "done_event", "download", "upload", "upload_buffer", "upload_into", "use"]
 
 _STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 _LOCK = threading.Lock()
@@ -54,14 +54,45 @@ def upload(x: torch.Tensor, dev: torch.device) -> Staged:
     """
     if dev.type != "cuda" or x.device.type == "cuda":
         return Staged(x)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    dev = torch.device("cuda", index)
+    dev = _indexed(dev)
     s = _side_stream(dev, "up")
     with torch.cuda.stream(s):
         y = x.to(dev, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record(s)
     return Staged(y, ev)
+
+
+def upload_buffer(shape: tuple[int, ...], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """An uninitialised tensor on ``dev`` for ``upload_into`` to fill, allocated on the upload
+    stream (CUDA; like ``upload``'s copies), so the copies into it need no other ordering."""
+    if dev.type != "cuda":
+        return torch.empty(shape, dtype=dtype)
+    with torch.cuda.stream(_side_stream(_indexed(dev), "up")):
+        return torch.empty(shape, dtype=dtype, device=dev)
+
+
+def upload_into(dst: torch.Tensor, x: torch.Tensor) -> torch.cuda.Event | None:
+    """Copy ``x`` (host, or a CUDA tensor of the calling thread's stream) into ``dst`` (a view of an
+    ``upload_buffer``, same shape) on the upload stream; the event after which ``dst`` holds it
+    (None on the CPU, where the copy is done on return)."""
+    if not dst.is_cuda:
+        dst.copy_(x)
+        return None
+    s = _side_stream(_indexed(dst.device), "up")
+    if x.is_cuda:  # read on the upload stream: not to be reused before the copy ran
+        s.wait_stream(torch.cuda.current_stream(x.device))
+        x.record_stream(s)
+    with torch.cuda.stream(s):
+        dst.copy_(x, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(s)
+    return ev
+
+
+def _indexed(dev: torch.device) -> torch.device:
+    """``dev`` with its index (the current device's when it has none)."""
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def use(r: Staged) -> torch.Tensor:

@@ -49,6 +49,9 @@ def _plan_lines(p: Plan) -> list[str]:
         (f"partials    {p.partials}: peak {format_bytes(p.partial_bytes)} on disk "
          f"({p.partial_bytes / p.output_bytes:.2f} x the output, {format_bytes(p.output_bytes)})"),
         *([f"rows        only query groups {', '.join(map(str, p.query_groups))}"] if p.query_groups else []),
+        *([(f"keys        k, v streamed from host memory in blocks of {p.query_piece:,} tokens "
+           f"({format_bytes(2 * p.seq_len * p.heads_per_task * p.head_dim * p.itemsize)} a task)")]
+          if p.stream_keys else []),
     ]
 
 
