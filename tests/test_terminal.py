@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -48,6 +49,24 @@ class Pane:
             time.sleep(0.3)
         raise AssertionError(f"{needle!r} did not appear within {timeout} s:\n{self.text()}")
 
+    def wait_mid_job(self, timeout: float = 120.0) -> str:
+        """The screen once the progress bar shows some tasks done and fewer than half.
+
+        Acting on what the job reports, not after a fixed sleep: on a fast machine the whole job
+        takes a few seconds, so a sleep could land after its end.
+        """
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            screen = self.text()
+            bars = re.findall(r"\] (\d+)/(\d+) tasks", screen)
+            if bars:
+                done, total = map(int, bars[-1])
+                assert done < total, f"the job ended before it could be interrupted:\n{screen}"
+                if 0 < done < total // 2:
+                    return screen
+            time.sleep(0.1)
+        raise AssertionError(f"the job showed no progress within {timeout} s:\n{self.text()}")
+
     def close(self) -> None:
         subprocess.run(["tmux", "kill-session", "-t", self.name], check=False)
 
@@ -61,7 +80,7 @@ def pane(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _job(tmp_path: Path) -> Path:
     store = tmp_path / "job.zarr"
-    write_random_inputs(store, seq_len=12288, heads=2, head_dim=64, dtype="float32", seed=7)
+    write_random_inputs(store, seq_len=16384, heads=2, head_dim=64, dtype="float32", seed=7)
     return store
 
 
@@ -72,8 +91,7 @@ def _cqsa(*args: str) -> str:
 def test_ctrl_c_then_resume(tmp_path: Path, pane: Pane) -> None:
     store = _job(tmp_path)
     pane.type(f"{_cqsa('run', str(store), '--budget', '6MB')}; echo EXIT=$?", "Enter")
-    pane.wait_for("dashboard ")  # the plan is printed: the job runs
-    time.sleep(3)
+    pane.wait_mid_job()
     pane.type("C-c")
     screen = pane.wait_for("EXIT=")
     assert "EXIT=130" in screen, screen
@@ -87,11 +105,10 @@ def test_ctrl_c_then_resume(tmp_path: Path, pane: Pane) -> None:
 
 
 def _running_in_background(tmp_path: Path, pane: Pane) -> Path:
-    """A job started as the shell's job %1, a few seconds into its tasks; its store."""
+    """A job started as the shell's job %1, some of its tasks done; its store."""
     store = _job(tmp_path)
     pane.type(f"{_cqsa('run', str(store), '--budget', '6MB')} & sleep 0.5; echo STARTED", "Enter")
-    pane.wait_for("dashboard ")
-    time.sleep(3)
+    pane.wait_mid_job()
     return store
 
 
