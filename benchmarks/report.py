@@ -76,7 +76,8 @@ def current(docs: list[dict[str, Any]]) -> dict[str, Result]:
 
 # settings a run records (runner.py) and their defaults; a file without one ran before it existed
 _DEFAULTS: dict[str, Any] = {"local-cluster.processes": True, "tasks-in-flight": "auto", "query-piece": "auto",
-                             "partials": "auto", "kernel": "auto", "host-cache": "auto", "stream-keys": "auto"}
+                             "partials": "auto", "kernel": "auto", "host-cache": "auto", "stream-keys": "auto",
+                             "io-threads": 4}
 
 
 def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
