@@ -58,6 +58,9 @@ def test_keys_are_streamed_only_where_nothing_whole_fits(n: int, hkv: int, rep: 
         return
     if not plan.stream_keys:
         assert never is not None and plan == never, "without streaming the plan is the one it always was"
+        if plan.tasks_in_flight == 1:  # k, v whole, alone: only where two of them do not fit
+            assert plan.groups == 1 and piece > 0
+            assert plan.task_memory_bytes <= usable_bytes(plan.budget_bytes, True) < 2 * plan.task_memory_bytes
         return
     assert limit_gb > 0 and piece > 0 and plan.groups == 1
     assert never is None or never.groups > 1, "k, v whole at W = 1 is preferred to streaming them"
@@ -70,15 +73,20 @@ def test_keys_are_streamed_only_where_nothing_whole_fits(n: int, hkv: int, rep: 
         itemsize=2, margin=1.10, host_staging=True, query_rows=plan.query_piece, stream_keys=True)
 
 
-def test_four_million_tokens_under_4gb_stream_one_head_a_task() -> None:
-    """The performance issue's 4M case: W = 13 with k, v whole, one group with them streamed."""
+def test_four_million_tokens_one_group_under_4gb_and_1gb() -> None:
+    """The performance issue's 4M cases.  4 GB: two one-head tasks with k, v whole do not fit, one
+    does (2.85 GB), and it is preferred to streaming.  1 GB: k, v streamed (W = 133 without)."""
     kw: dict[str, Any] = {"seq_len": 2**22, "heads": 4, "head_dim": 128, "budget": "4GB", "host_staging": True,
                           "tasks_in_flight": 2, "query_piece": 131072}
-    assert make_plan(**kw).groups == 13
-    plan = make_plan(**kw, stream_limit=32 * 10**9)
-    assert (plan.groups, plan.heads_per_task, plan.stream_keys, plan.query_piece) == (1, 1, True, 131072)
+    for limit in (0, 32 * 10**9):
+        plan = make_plan(**kw, stream_limit=limit)
+        assert (plan.groups, plan.heads_per_task, plan.stream_keys, plan.tasks_in_flight) == (1, 1, False, 1)
+        assert plan.task_memory_bytes <= usable_bytes(plan.budget_bytes, True) < 2 * plan.task_memory_bytes
+    assert make_plan(**{**kw, "budget": "6GB"}).tasks_in_flight == 2, "two fit: both in flight"
     small = make_plan(**{**kw, "budget": "1GB"}, stream_limit=32 * 10**9)
-    assert (small.groups, small.stream_keys, small.query_piece) == (1, True, 65536), "the piece is halved to fit"
+    assert (small.groups, small.stream_keys, small.query_piece, small.tasks_in_flight) == (1, True, 65536, 2), \
+        "the piece is halved to fit"
+    assert make_plan(**{**kw, "budget": "1GB"}).groups == 133
 
 
 def test_the_setting_is_auto_a_switch_or_bytes() -> None:

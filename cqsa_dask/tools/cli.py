@@ -43,7 +43,8 @@ def _plan_lines(p: Plan) -> list[str]:
          f"{p.dtype}{' causal' if p.causal else ''}"),
         f"groups      W={p.groups} of {p.group_size:,} tokens, quorum size |D|={p.quorum_size}",
         f"tasks       {p.tasks:,} quorum tasks ({p.heads_per_task} kv heads each) + {p.merges:,} merges",
-        f"memory      {format_bytes(p.task_memory_bytes)} per task, budget {format_bytes(p.budget_bytes)}",
+        (f"memory      {format_bytes(p.task_memory_bytes)} per task, {p.tasks_in_flight} in flight, "
+         f"budget {format_bytes(p.budget_bytes)}"),
         (f"work        {p.flops / 1e12:,.3g} TFLOP, reads {format_bytes(p.bytes_read)}, "
          f"writes {format_bytes(p.bytes_written)}"),
         (f"partials    {p.partials}: peak {format_bytes(p.partial_bytes)} on disk "
