@@ -152,20 +152,43 @@ def test_a_nan_in_a_late_key_block_fails_the_job_and_leaves_no_row(client: Clien
     assert not engine["merge_done"][0, 0, 1] and not engine["task_done"][0, 0, 1], "head 1 is not marked done"
 
 
+_CUDA_TOKENS = 16001  # the fewest (with pieces of 700) where two streamed tasks fit a budget that one whole does not
+
+
+def _two_streamed_budget() -> int:
+    """A CUDA budget (two tasks in flight) where two one-kv-head tasks with k, v streamed fit and
+    one with them whole does not (else the planner runs that one alone)."""
+    margin = float(dask.config.get("cqsa.memory-margin"))
+    kw: dict[str, Any] = {"group_size": _CUDA_TOKENS, "quorum_size": 1, "heads_kv": 1, "heads_q": 2, "head_dim": 128,
+                          "itemsize": 2, "margin": margin, "host_staging": True, "query_rows": 700}
+    streamed, whole = task_memory(**kw, stream_keys=True), task_memory(**kw)
+    assert 2 * streamed < whole
+    return budget_for((2 * streamed + whole) // 2, True)
+
+
+def test_the_cuda_streaming_budget_streams_two_tasks() -> None:
+    """The GPU test's budget, planned here: streamed, two in flight."""
+    with dask.config.set({"cqsa.query-piece": 700, "cqsa.stream-keys": "1GB"}):
+        for causal in (False, True):
+            plan = make_plan(seq_len=_CUDA_TOKENS, heads=4, kv_heads=2, head_dim=128, causal=causal,
+                             budget=_two_streamed_budget(), **plan_options("cuda"))
+            assert (plan.groups, plan.stream_keys, plan.tasks_in_flight, plan.tasks) == (1, True, 2, 2), plan
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("turn", ["kernels", "streams"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_streamed_keys_are_exact_on_cuda(turn: str, causal: bool) -> None:
     """cuDNN on blocks copied from pinned host memory on the upload stream, at most two on the
     device, under either turn."""
-    inp = draw_inputs(1, 4, 2, 3001, 128, torch.bfloat16)
+    inp = draw_inputs(1, 4, 2, _CUDA_TOKENS, 128, torch.bfloat16)
     print(f"inputs: {inp.ctx}")
     with dask.config.set({"cqsa.query-piece": 700, "cqsa.cuda-turn": turn, "cqsa.stream-keys": "1GB",
                           "cqsa.cap-device-memory": False}):  # a budget of tens of MB: no allocator cap
-        budget = budget_for(2 * _streaming_budget(3001, 4, 2, 128, torch.bfloat16, 700), True)
-        plan = make_plan(seq_len=3001, heads=4, kv_heads=2, head_dim=128, causal=causal, budget=budget,
+        budget = _two_streamed_budget()
+        plan = make_plan(seq_len=_CUDA_TOKENS, heads=4, kv_heads=2, head_dim=128, causal=causal, budget=budget,
                          **plan_options("cuda"))
-        assert (plan.groups, plan.stream_keys) == (1, True), plan
+        assert (plan.groups, plan.stream_keys, plan.tasks_in_flight) == (1, True, 2), plan
         out, lse = cqsa_dask.attention(inp.q.cuda(), inp.k.cuda(), inp.v.cuda(), causal=causal, return_lse=True,
                                        memory_budget=budget)
     check_exact(inp.q, inp.k, inp.v, out.cpu(), lse.cpu(), causal=causal, scale=None, context=f"{turn} {inp.ctx}")
