@@ -554,7 +554,8 @@ def make_plan(
         )
 
     def fits(w: int) -> Plan | None:
-        """The plan at ``w`` groups whose task fits, k and v whole first, else streamed (W = 1)."""
+        """The plan at ``w`` groups whose task fits: k and v whole with ``tasks_in_flight`` tasks,
+        then (W = 1) whole with one task in flight, then streamed."""
         choices = [heads_per_task] if heads_per_task else _heads_choices(w, kv_heads, batch, query_piece,
                                                                           tasks_in_flight)
         flight = max(1, tasks_in_flight)
