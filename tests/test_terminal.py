@@ -50,7 +50,7 @@ class Pane:
         raise AssertionError(f"{needle!r} did not appear within {timeout} s:\n{self.text()}")
 
     def wait_mid_job(self, timeout: float = 120.0) -> str:
-        """The screen once the progress bar shows some tasks done and fewer than half.
+        """The screen once the progress bar shows some tasks done and fewer than three quarters.
 
         Acting on what the job reports, not after a fixed sleep: on a fast machine the whole job
         takes a few seconds, so a sleep could land after its end.
@@ -62,7 +62,7 @@ class Pane:
             if bars:
                 done, total = map(int, bars[-1])
                 assert done < total, f"the job ended before it could be interrupted:\n{screen}"
-                if 0 < done < total // 2:
+                if 0 < done < total * 3 // 4:
                     return screen
             time.sleep(0.1)
         raise AssertionError(f"the job showed no progress within {timeout} s:\n{self.text()}")
