@@ -103,13 +103,19 @@ def test_the_setting_is_auto_a_switch_or_bytes() -> None:
     assert plan_options("cpu")["stream_limit"] == 0, "the CPU never streams by default"
 
 
+def _one_head_task(n: int, hq: int, hkv: int, d: int, dtype: torch.dtype, piece: int,
+                   host_staging: bool = False) -> tuple[int, int]:
+    """Predicted bytes of a W = 1 task of one kv head: (k, v streamed, k, v whole)."""
+    e, margin = torch.finfo(dtype).bits // 8, float(dask.config.get("cqsa.memory-margin"))
+    kw: dict[str, Any] = {"group_size": n, "quorum_size": 1, "heads_kv": 1, "heads_q": hq // hkv, "head_dim": d,
+                          "itemsize": e, "margin": margin, "host_staging": host_staging, "query_rows": piece}
+    return task_memory(**kw, stream_keys=True), task_memory(**kw)
+
+
 def _streaming_budget(n: int, hq: int, hkv: int, d: int, dtype: torch.dtype, piece: int) -> int:
     """A CPU budget (one task in flight) between a W = 1 task with k, v streamed and one with them
     whole, at one kv head a task."""
-    e, margin = torch.finfo(dtype).bits // 8, float(dask.config.get("cqsa.memory-margin"))
-    kw: dict[str, Any] = {"group_size": n, "quorum_size": 1, "heads_kv": 1, "heads_q": hq // hkv, "head_dim": d,
-                          "itemsize": e, "margin": margin, "query_rows": piece}
-    streamed, whole = task_memory(**kw, stream_keys=True), task_memory(**kw)
+    streamed, whole = _one_head_task(n, hq, hkv, d, dtype, piece)
     assert streamed < whole
     return (streamed + whole) // 2
 
@@ -152,16 +158,13 @@ def test_a_nan_in_a_late_key_block_fails_the_job_and_leaves_no_row(client: Clien
     assert not engine["merge_done"][0, 0, 1] and not engine["task_done"][0, 0, 1], "head 1 is not marked done"
 
 
-_CUDA_TOKENS = 16001  # the fewest (with pieces of 700) where two streamed tasks fit a budget that one whole does not
+_CUDA_TOKENS = 16001  # enough (with pieces of 700) that two streamed tasks fit a budget that one whole does not
 
 
 def _two_streamed_budget() -> int:
     """A CUDA budget (two tasks in flight) where two one-kv-head tasks with k, v streamed fit and
     one with them whole does not (else the planner runs that one alone)."""
-    margin = float(dask.config.get("cqsa.memory-margin"))
-    kw: dict[str, Any] = {"group_size": _CUDA_TOKENS, "quorum_size": 1, "heads_kv": 1, "heads_q": 2, "head_dim": 128,
-                          "itemsize": 2, "margin": margin, "host_staging": True, "query_rows": 700}
-    streamed, whole = task_memory(**kw, stream_keys=True), task_memory(**kw)
+    streamed, whole = _one_head_task(_CUDA_TOKENS, 4, 2, 128, torch.bfloat16, 700, host_staging=True)
     assert 2 * streamed < whole
     return budget_for((2 * streamed + whole) // 2, True)
 

@@ -466,7 +466,7 @@ def _heads_choices(w: int, kv_heads: int, batch: int, query_piece: int, tasks_in
     """The kv heads per task to try, most first.  At W = 1 in pieces every task reads all its k, v
     before its first piece, and a task's read overlaps only the other tasks' kernels: so no
     fewer tasks than two per task in flight where the heads allow (4 one-head tasks at 1M under
-    12 GB ran at 0.91 of SDPA; docs/benchmarks.md, "query pieces")."""
+    12 GB ran at 0.91 of SDPA; docs/benchmarks.md, "Measurements behind the defaults")."""
     heads = _divisors_desc(kv_heads)
     if w != 1 or query_piece <= 0:
         return heads
@@ -556,14 +556,15 @@ def make_plan(
     def fits(w: int) -> Plan | None:
         """The plan at ``w`` groups whose task fits: k and v whole with ``tasks_in_flight`` tasks,
         then (W = 1) whole with one task in flight, then streamed."""
-        choices = [heads_per_task] if heads_per_task else _heads_choices(w, kv_heads, batch, query_piece,
-                                                                          tasks_in_flight)
+        def heads_to_try(flight: int) -> list[int]:
+            return [heads_per_task] if heads_per_task else _heads_choices(w, kv_heads, batch, query_piece, flight)
+
         flight = max(1, tasks_in_flight)
+        choices = heads_to_try(flight)
         tries = [(hk, query_piece, False, flight) for hk in choices]
         if w == 1 and query_piece > 0:
             if flight > 1:  # k and v whole, one task at a time
-                alone = [heads_per_task] if heads_per_task else _heads_choices(w, kv_heads, batch, query_piece, 1)
-                tries += [(hk, query_piece, False, 1) for hk in alone]
+                tries += [(hk, query_piece, False, 1) for hk in heads_to_try(1)]
             host = [hk for hk in choices  # k and v of every task in flight in host memory
                     if 2 * seq_len * hk * head_dim * DTYPES[name] * flight <= stream_limit]
             tries += [(hk, p, True, flight) for hk in host for p in _stream_pieces(query_piece)]
