@@ -8,7 +8,7 @@
 cuDNN keeps its handles and the execution plans of its attention graphs (one
 per shape) per host thread.  Dask runs a task on whichever of its worker
 threads is free, so each thread paid those set-ups again: measured on an H200
-(docs/benchmarks.md, "The late evening of 2026-12-03"), the pieces of a 1M
+(docs/benchmarks.md, "Measurements behind the defaults"), the pieces of a 1M
 causal head took 0.47 s of kernels on a thread that had run them, 0.56 s on a
 fresh thread and 1.2-1.3 s on the first thread to build their plans, and a
 job's tasks computed 0.75-0.97 s on threads new to them against 0.56 s.

@@ -243,7 +243,7 @@ def cuda_turn(setting: str, plan: Plan) -> str:
     """``cqsa.cuda-turn`` for a task of ``plan``: "auto" is "kernels" for a job of one token
     group and "streams" otherwise.
 
-    Measured on one H200 (docs/benchmarks.md, "cuda-turn"): at N = 1M under 12 GB (W = 1, four
+    Measured on one H200 (docs/benchmarks.md, "Measurements behind the defaults"): at N = 1M under 12 GB (W = 1, four
     single-head tasks that start together, each reading all its inputs before its kernels),
     taking turns made the job 1.11x faster (SDPA ratio 0.602 against 0.541); at N = 4M under
     4 GB (W = 13, 52 tasks whose starts spread out by themselves) sharing through streams was
