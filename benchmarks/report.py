@@ -75,9 +75,11 @@ def current(docs: list[dict[str, Any]]) -> dict[str, Result]:
 
 
 # settings a run records (runner.py) and their defaults; a file without one ran before it existed
-_DEFAULTS: dict[str, Any] = {"local-cluster.processes": True, "tasks-in-flight": "auto", "query-piece": "auto",
+_DEFAULTS: dict[str, Any] = {"local-cluster.processes": "auto", "tasks-in-flight": "auto", "query-piece": "auto",
                              "partials": "auto", "kernel": "auto", "host-cache": "auto", "stream-keys": "auto",
                              "io-threads": 4}
+# a default's earlier value, still a default run: worker processes were the default until 2026-12-04
+_FORMER: dict[str, tuple[Any, ...]] = {"local-cluster.processes": (True,)}
 
 
 def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
@@ -90,7 +92,7 @@ def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
     if res.get("case", {}).get("device") != "cuda":
         return True
     settings = doc.get("settings") or {}
-    if any(settings.get(k, v) != v for k, v in _DEFAULTS.items()):
+    if any(settings.get(k, v) not in (v, *_FORMER.get(k, ())) for k, v in _DEFAULTS.items()):
         return False
     turn = settings.get("cuda-turn", "streams")
     if turn == "auto":

@@ -64,7 +64,7 @@ def test_latest_result_per_case_across_files(tmp_path: Path) -> None:
 def test_an_ab_run_of_another_setting_is_not_current(tmp_path: Path, settings: dict[str, Any]) -> None:
     """A newer run under a setting other than its default (recorded in the file's settings) stays
     out of the current table; the older run under the defaults keeps the case's row."""
-    defaults = {"cuda-turn": "auto", "local-cluster.processes": True, "tasks-in-flight": "auto",
+    defaults = {"cuda-turn": "auto", "local-cluster.processes": "auto", "tasks-in-flight": "auto",
                 "query-piece": "auto"}
     one = {"groups": 1}
     _write(tmp_path, "a.json", [_result("n1M-12GB", "2026-12-03T19:00:00+00:00", seconds=4.8, sdpa=4.4, **one)],
@@ -128,3 +128,16 @@ def test_median_interval_covers_the_median_as_often_as_it_claims() -> None:
         k = v.index(got[0]) + 1
         assert got[1] == v[n - k], n
         assert coverage(n, k) >= 0.95 > coverage(n, k + 1), n
+
+
+def test_a_run_under_a_former_default_stays_current(tmp_path: Path) -> None:
+    """Worker processes were the default until 2026-12-04: such a run still counts as a default
+    run of its case (the newest default run is the current one)."""
+    one = {"groups": 1}
+    old = {"cuda-turn": "auto", "local-cluster.processes": True}
+    _write(tmp_path, "a.json", [_result("n4M-4GB", "2026-12-03T19:00:00+00:00", seconds=65.0, sdpa=78.0, **one)],
+           settings=old)
+    assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "a.json"
+    _write(tmp_path, "b.json", [_result("n4M-4GB", "2026-12-04T19:00:00+00:00", seconds=64.0, sdpa=78.0, **one)],
+           settings={**old, "local-cluster.processes": "auto"})
+    assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "b.json"

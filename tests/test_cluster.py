@@ -26,7 +26,14 @@ import zarr
 
 from cqsa_dask import config
 from cqsa_dask.client.cluster import connect
-from cqsa_dask.client.local import choose_backend, cluster_kwargs, cuda_cluster_kwargs, local_spec, start
+from cqsa_dask.client.local import (
+    choose_backend,
+    cluster_kwargs,
+    cuda_cluster_kwargs,
+    local_spec,
+    start,
+    worker_processes,
+)
 from cqsa_dask.core.errors import InvalidInputError
 
 HAVE_DASK_CUDA = importlib.util.find_spec("dask_cuda") is not None
@@ -181,7 +188,7 @@ def test_dask_cuda_backend_for_real(tmp_path, monkeypatch) -> None:  # type: ign
     if not gpus:
         monkeypatch.setenv("DASK_CUDA_TEST_DISABLE_DEVICE_SPECIFIC", "1")
         gpus = ["0"]
-    with dask.config.set(_SMALL):
+    with dask.config.set({**_SMALL, "cqsa.local-cluster.processes": True}):  # auto: one GPU is a thread here
         spec = local_spec(budget_bytes=3 * 10**8, resource="device_mem", threads=3, gpus=gpus)
     assert choose_backend(spec) == "dask-cuda"
     with start(spec, "dask-cuda") as cluster, Client(cluster) as c:
@@ -224,6 +231,48 @@ def test_cli_forced_dask_cuda_without_it_in_one_line(tmp_path) -> None:  # type:
             "'cqsa-dask[cuda]'); set it to auto or spec (DASK_CQSA__LOCAL_CLUSTER__BACKEND=spec)")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [want], str(r)
     assert "out" not in zarr.open_group(store, mode="r"), "nothing written"
+
+
+def test_auto_runs_one_gpu_in_a_thread_and_everything_else_in_processes() -> None:
+    """``cqsa.local-cluster.processes: auto`` (the default): a thread of this process for tasks
+    on one GPU, this process's first; worker processes for CPU tasks, several GPUs, or a GPU
+    other than the first; true and false are obeyed; anything else is refused in one line."""
+    first = "0"  # no GPU is visible here: the first device's name
+    assert config.get("local-cluster.processes") == "auto"
+    assert worker_processes("auto", [first]) is False
+    assert [worker_processes("auto", g) for g in ([], [first, "1"], ["1"], [first, first])] == [True] * 4
+    assert (worker_processes(True, [first]), worker_processes(False, [])) == (True, False)
+    spec = local_spec(budget_bytes=10**9, resource="device_mem", threads=3, gpus=[first])
+    assert not spec.processes and spec.env == {} and choose_backend(spec) == "spec"
+    assert local_spec(budget_bytes=10**9, resource="device_mem", threads=2).processes
+    with pytest.raises(InvalidInputError, match="processes must be true, false or auto; got 'yes'"):
+        worker_processes("yes", [first])
+
+
+@pytest.mark.gpu
+def test_run_with_no_client_on_one_gpu_computes_in_this_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The default on one GPU: ``run()`` with no client starts no worker process (none is this
+    process's child while the job runs), its tasks run on the GPU, and the result is exact."""
+    import torch
+    from reference import check_exact
+
+    import cqsa_dask
+    from cqsa_dask.store.random_inputs import write_random_inputs
+
+    store = tmp_path / "job.zarr"
+    g = write_random_inputs(store, seq_len=3000, heads=4, kv_heads=2, head_dim=64, dtype="float16", seed=17)
+    children: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        children.extend(p.pid for p in psutil.Process().children(recursive=True))
+
+    with dask.config.set({**_SMALL, "cqsa.local-cluster.gpus": "0"}):
+        res = cqsa_dask.run(store, memory_budget="2GB", causal=True, progress=progress)
+    assert res.plan.host_staging and res.peak_device_bytes, res  # sized for, and run on, the GPU
+    assert children == [], f"worker processes started: {children}"
+    q, k, v = (torch.from_numpy(g[n][...]) for n in ("q", "k", "v"))
+    check_exact(q, k, v, torch.from_numpy(g["out"][...]), torch.from_numpy(g["lse"][...]), causal=True,
+                scale=None, context="seed 17")
 
 
 def test_a_threaded_gpu_cluster_is_one_worker_in_this_process(tmp_path) -> None:  # type: ignore[no-untyped-def]

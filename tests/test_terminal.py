@@ -88,9 +88,13 @@ def _cqsa(*args: str) -> str:
     return " ".join([*cqsa_command(), *args])
 
 
-def test_ctrl_c_then_resume(tmp_path: Path, pane: Pane) -> None:
+@pytest.mark.parametrize("workers", ["processes", "thread"])
+def test_ctrl_c_then_resume(tmp_path: Path, pane: Pane, workers: str) -> None:
+    """Worker processes (the CPU's default), or the worker a thread of the command's own process
+    (the default on one GPU): one line, exit 130, and a resume that completes the job."""
     store = _job(tmp_path)
-    pane.type(f"{_cqsa('run', str(store), '--budget', '6MB')}; echo EXIT=$?", "Enter")
+    env = "DASK_CQSA__LOCAL_CLUSTER__PROCESSES=false " if workers == "thread" else ""
+    pane.type(f"{env}{_cqsa('run', str(store), '--budget', '6MB')}; echo EXIT=$?", "Enter")
     pane.wait_mid_job()
     pane.type("C-c")
     screen = pane.wait_for("EXIT=")

@@ -54,7 +54,7 @@ from cqsa_dask import config
 from cqsa_dask.core.errors import InvalidInputError, SchedulerError
 
 __all__ = ["DASHBOARD_PRELOAD", "Backend", "BackendSetting", "LocalSpec", "choose_backend", "cluster_kwargs",
-           "cuda_cluster_kwargs", "local_spec", "parse_backend", "start"]
+           "cuda_cluster_kwargs", "local_spec", "parse_backend", "start", "worker_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def local_spec(*, budget_bytes: int, resource: str, threads: int, gpus: Sequence
     def lc(key: str) -> Any:
         return config.get(f"local-cluster.{key}")
 
-    processes = bool(lc("processes"))
-    if gpus and not processes and tuple(gpus) != ("0",):
+    processes = worker_processes(lc("processes"), gpus)
+    if gpus and not processes and tuple(gpus) != _first_gpu():
         raise InvalidInputError(
             f"a threaded local cluster (cqsa.local-cluster.processes false) computes in this process, on its first "
             f"GPU only; got GPUs {','.join(gpus)}: give --gpus 0, or let the local cluster start worker processes")
@@ -120,6 +120,27 @@ def local_spec(*, budget_bytes: int, resource: str, threads: int, gpus: Sequence
         dashboard_address=lc("dashboard-address"),
         silence_logs=logging.getLevelName(str(lc("silence-logs")).upper()),
     )
+
+
+def worker_processes(setting: Any, gpus: Sequence[str]) -> bool:
+    """Whether the local cluster's worker runs in processes of its own, by
+    ``cqsa.local-cluster.processes`` (``setting``): true, false, or "auto": a thread of this
+    process when the tasks run on one GPU, this process's first (``gpus``), worker processes
+    otherwise.  A worker process imports distributed, torch and the engine before its first
+    task (5-9 s on the H200 machine, docs/benchmarks.md), more than a 1M-token job computes."""
+    if setting == "auto":
+        return not (len(gpus) == 1 and tuple(gpus) == _first_gpu())
+    if isinstance(setting, bool):
+        return setting
+    raise InvalidInputError(f"cqsa.local-cluster.processes must be true, false or auto; got {setting!r}")
+
+
+def _first_gpu() -> tuple[str, ...]:
+    """(id of this process's first GPU,), as ``local_gpus`` names it ("0" where none is visible:
+    the name its first device would have)."""
+    from cqsa_dask.client.cluster import visible_gpus
+
+    return tuple(visible_gpus()[:1]) or ("0",)
 
 
 def cluster_kwargs(spec: LocalSpec) -> dict[str, Any]:

@@ -3,7 +3,8 @@
     client.get(graph, keys, sync=False) ──as_completed──> results, progress(done, total)
         the first task that errs (or is cancelled: lost workers or scheduler) cancels the rest
         and raises JobFailedError naming it; the whole wait runs inside the job's span, and the
-        /cqsa page is told how it ended (done, failed, cancelled by Ctrl-C)
+        /cqsa page is told how it ended (done, failed, cancelled by Ctrl-C); a job that ends
+        early stops its tasks running in this process (a threaded worker: execution/stop.py)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from distributed import Client, as_completed, span
 
 from cqsa_dask.core.errors import JobFailedError
+from cqsa_dask.execution import stop
 from cqsa_dask.execution.telemetry import Outcome, finish_job, job_span_name
 
 __all__ = ["Progress", "observed"]
@@ -29,6 +31,7 @@ def observed(client: Client, graph: Any, keys: list[Any], progress: Progress | N
     called once the graph is with the scheduler."""
     t0 = time.perf_counter()
     outcome: Outcome = "failed"
+    stop.clear(token)
     try:
         with span(job_span_name(token)):
             results = _execute(client, graph, keys, progress, what, submitted)
@@ -37,6 +40,8 @@ def observed(client: Client, graph: Any, keys: list[Any], progress: Progress | N
         outcome = "cancelled"
         raise
     finally:
+        if outcome != "done":  # its futures are cancelled: stop its tasks running in this process
+            stop.request(token)
         seconds = time.perf_counter() - t0
         finish_job(client, token, outcome, seconds)
     return results, seconds

@@ -13,7 +13,8 @@ do; the CLI prints them as one line.
     │   └── BudgetError     (ValueError)   budget malformed or too small
     ├── StoreError          (OSError)      missing/unreadable/unwritable store
     ├── SchedulerError      (ConnectionError) no scheduler, no fitting worker
-    └── JobFailedError      (RuntimeError) a task failed during the run
+    ├── JobFailedError      (RuntimeError) a task failed during the run
+    └── JobCancelledError   (RuntimeError) a running task stopped: its job was interrupted
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "BudgetError",
     "CQSAError",
     "InvalidInputError",
+    "JobCancelledError",
     "JobFailedError",
     "SchedulerError",
     "StoreError",
@@ -50,3 +52,8 @@ class SchedulerError(CQSAError, ConnectionError):
 
 class JobFailedError(CQSAError, RuntimeError):
     """A task of the job failed; the message names the task and the cause."""
+
+
+class JobCancelledError(CQSAError, RuntimeError):
+    """A task stopped at a step because its job was interrupted (Ctrl-C, SIGTERM, a failed
+    task) in the process that runs it: a threaded worker's tasks (``execution/stop.py``)."""

@@ -14,6 +14,7 @@ Quorum task (task i, batch b, head block j)::
                resident or streamed from host memory: keyblocks.py), q ahead
     for each step (a slot with query group a and key groups [b1, b2, ...], or a query
     piece of a row the task computes alone: pieces.py), a row's steps on one turn:
+        stop     if the job was interrupted in this process (a threaded worker: stop.py)
         compute  (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc;
                  on CUDA queued from the device's compute thread: devicethread.py)
         write    behind: a single-producer row to out/lse (and its marker; a row in
@@ -49,6 +50,7 @@ from cqsa_dask.execution.partials import Cell, Merged, Producer
 from cqsa_dask.execution.pieces import Step, steps
 from cqsa_dask.execution.retry import attempts
 from cqsa_dask.execution.runtime import WorkerRuntime, runtime
+from cqsa_dask.execution.stop import check as check_stopped
 from cqsa_dask.execution.taskio import ReadAhead, Result, TaskIO, Timer, WriteBehind
 from cqsa_dask.execution.telemetry import report_task, task_started, worker_address
 from cqsa_dask.kernels.attention import attend, merge, resolve_device, select_kernel
@@ -126,6 +128,7 @@ class _QuorumRun:
             with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
                 waiting: Result | None = None  # CUDA: the previous step's result, not yet copied back
                 for n, step in enumerate(self.steps):
+                    check_stopped(self.cell.token)  # the job was interrupted in this process (stop.py)
                     t = time.perf_counter()
                     q, kv = reads.q(n), reads.keys(step)
                     if step.first:

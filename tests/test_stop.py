@@ -1,0 +1,108 @@
+"""Interrupting a job whose worker is a thread of the submitting process (``execution/stop.py``).
+
+::
+
+    run() on LocalCluster(processes=False)   Ctrl-C (KeyboardInterrupt in the main thread) while
+                                            a task runs: the task stops at its next query piece
+                                            (its marker unset, no failure logged), the worker is
+                                            idle; resume computes the rest, exact against float64
+    stop.request / clear / check             per job, in this process only
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import pytest
+import torch
+import zarr
+from conftest import draw_inputs
+from distributed import Client, LocalCluster
+from reference import check_exact
+
+import cqsa_dask
+from cqsa_dask.core.errors import CQSAError, JobCancelledError
+from cqsa_dask.execution import stop
+from cqsa_dask.execution.tasks import _QuorumRun
+from cqsa_dask.store.chunkio import read_markers
+from cqsa_dask.store.jobstate import status
+from cqsa_dask.store.layout import array, engine, open_store
+
+
+def test_a_stop_is_per_job_and_cleared_by_the_next_run() -> None:
+    stop.check("job-a")  # never stopped: nothing happens
+    stop.request("job-a")
+    with pytest.raises(JobCancelledError, match="job job-a was stopped") as e:
+        stop.check("job-a")
+    assert isinstance(e.value, CQSAError)
+    stop.check("job-b")  # another job runs on
+    stop.clear("job-a")
+    stop.check("job-a")
+
+
+def _interrupt_once_running(cluster: LocalCluster, fired: list[Any]) -> None:
+    """Send this process SIGINT (what Ctrl-C in a terminal does) once the threaded worker runs
+    its first quorum task; that task's key goes to ``fired``."""
+    (worker,) = cluster.workers.values()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = [ts for ts in list(worker.state.executing) if "cqsa-quorum" in str(ts.key)]  # type: ignore[union-attr]
+        if running:
+            fired.append(running[0].key)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_a_threaded_workers_running_task_at_its_next_piece(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One task per head, each in 64 query pieces of 128, every piece held 50 ms longer (so that
+    a task lasts seconds on any machine): Ctrl-C while the first runs stops it at a piece, so it
+    never sets its marker (without the stop, the worker would run it to its end before the
+    cluster could close), and nothing is logged as a failed task.  A resume on the same store
+    completes the job, exact against float64."""
+    real = _QuorumRun.compute
+
+    def slower(self: _QuorumRun, *args: Any) -> Any:
+        time.sleep(0.05)
+        return real(self, *args)
+
+    monkeypatch.setattr(_QuorumRun, "compute", slower)
+    inp = draw_inputs(1, 2, 2, 8192, 64, torch.float32)
+    print(f"inputs: {inp.ctx}")
+    store = tmp_path / "job.zarr"
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    for name, x in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+        root.create_array(name, shape=x.shape, chunks=(1, 1, 2048, 64), dtype="float32")[...] = x.numpy()
+    fired: list[Any] = []
+    with dask.config.set({"cqsa.query-piece": 128}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"device_mem": 2e9},
+                         dashboard_address=None) as cluster, Client(cluster) as c:
+        (worker,) = cluster.workers.values()
+        threading.Thread(target=_interrupt_once_running, args=(cluster, fired), daemon=True).start()
+        with caplog.at_level(logging.ERROR, logger="distributed"), pytest.raises(KeyboardInterrupt):
+            cqsa_dask.run(store, client=c, memory_budget="1GB")
+        assert fired, "the job ended before a task was interrupted"
+        deadline = time.monotonic() + 30
+        while worker.state.executing and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.05)
+        assert not worker.state.executing, "the interrupted task still runs"  # type: ignore[union-attr]
+        st = status(store)
+        assert st.plan["groups"] == 1 and st.tasks_total == 2, st.plan
+        _, task, batch, block = fired[0]
+        done = read_markers(array(engine(open_store(store, mode="r")), "task_done"))
+        assert not done[task, batch, block], "the running task ran to its end instead of stopping at a piece"
+        assert not [r for r in caplog.records if "Compute Failed" in r.getMessage()], caplog.text
+        monkeypatch.undo()
+        res = cqsa_dask.run(store, client=c, memory_budget="1GB")
+    assert res.resumed
+    out, lse = (torch.from_numpy(zarr.open_group(store, mode="r")[n][...]) for n in ("out", "lse"))
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=inp.ctx)
