@@ -78,8 +78,9 @@ def current(docs: list[dict[str, Any]]) -> dict[str, Result]:
 _DEFAULTS: dict[str, Any] = {"local-cluster.processes": "auto", "tasks-in-flight": "auto", "query-piece": "auto",
                              "partials": "auto", "kernel": "auto", "host-cache": "auto", "stream-keys": "auto",
                              "io-threads": 4}
-# a default's earlier value, still a default run: worker processes were the default until 2026-12-04
-_FORMER: dict[str, tuple[Any, ...]] = {"local-cluster.processes": (True,)}
+# a default's earlier value and until when it was the default (UTC): a run of that value before
+# then ran under the defaults of its day (worker processes, until the threaded worker on one GPU)
+_FORMER: dict[str, tuple[Any, str]] = {"local-cluster.processes": (True, "2026-12-04T15:45")}
 
 
 def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
@@ -92,13 +93,19 @@ def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
     if res.get("case", {}).get("device") != "cuda":
         return True
     settings = doc.get("settings") or {}
-    if any(settings.get(k, v) not in (v, *_FORMER.get(k, ())) for k, v in _DEFAULTS.items()):
+    if any(settings.get(k, v) != v and not _former(k, settings[k], _date(doc, res)) for k, v in _DEFAULTS.items()):
         return False
     turn = settings.get("cuda-turn", "streams")
     if turn == "auto":
         return True
     groups = (res.get("figures") or {}).get("groups") or (res.get("detail", {}).get("plan") or {}).get("groups")
     return turn == ("kernels" if groups == 1 else "streams")
+
+
+def _former(key: str, value: Any, date: str) -> bool:
+    """Whether ``value`` of setting ``key`` was its default on ``date`` (``_FORMER``)."""
+    was, until = _FORMER.get(key, (None, ""))
+    return key in _FORMER and value == was and date[:16] < until
 
 
 def fit_exponent(points: list[tuple[int, float]]) -> float | None:

@@ -131,8 +131,8 @@ def test_median_interval_covers_the_median_as_often_as_it_claims() -> None:
 
 
 def test_a_run_under_a_former_default_stays_current(tmp_path: Path) -> None:
-    """Worker processes were the default until 2026-12-04: such a run still counts as a default
-    run of its case (the newest default run is the current one)."""
+    """Worker processes were the default until 2026-12-04 15:45: such a run from before then still
+    counts as a default run of its case; one from after it is an A/B run."""
     one = {"groups": 1}
     old = {"cuda-turn": "auto", "local-cluster.processes": True}
     _write(tmp_path, "a.json", [_result("n4M-4GB", "2026-12-03T19:00:00+00:00", seconds=65.0, sdpa=78.0, **one)],
@@ -140,4 +140,7 @@ def test_a_run_under_a_former_default_stays_current(tmp_path: Path) -> None:
     assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "a.json"
     _write(tmp_path, "b.json", [_result("n4M-4GB", "2026-12-04T19:00:00+00:00", seconds=64.0, sdpa=78.0, **one)],
            settings={**old, "local-cluster.processes": "auto"})
+    assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "b.json"
+    _write(tmp_path, "c.json", [_result("n4M-4GB", "2026-12-04T20:00:00+00:00", seconds=63.0, sdpa=78.0, **one)],
+           settings=old)  # processes after the change: an A/B run
     assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "b.json"

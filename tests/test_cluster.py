@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import dask
 import psutil
 import pytest
+import torch as _torch
 import zarr
 
 from cqsa_dask import config
@@ -37,6 +38,7 @@ from cqsa_dask.client.local import (
 from cqsa_dask.core.errors import InvalidInputError
 
 HAVE_DASK_CUDA = importlib.util.find_spec("dask_cuda") is not None
+HAVE_GPU = _torch.cuda.is_available()
 
 
 def _listening(port: int) -> set[str]:
@@ -57,6 +59,7 @@ def test_dashboard_listens_on_localhost_by_default() -> None:
     assert scheduler == "127.0.0.1"
 
 
+@pytest.mark.skipif(HAVE_GPU, reason="the settings on a machine without GPUs (this one has one)")
 def test_gpus_setting_on_a_machine_without_gpus() -> None:
     from cqsa_dask.client.cluster import local_gpus, visible_gpus
     from cqsa_dask.core.errors import InvalidInputError
