@@ -103,8 +103,7 @@ class _QuorumRun:
         if self.dev.type == "cuda":  # per-task peaks (shared by tasks running at once on one device)
             torch.cuda.reset_peak_memory_stats(self.dev)
         self.dtype = TORCH_DTYPES[plan.dtype]
-        self.kernel_setting = opt.kernel
-        self.kernel = ""  # chosen in run(), once the first reads are under way
+        self.kernel = select_kernel(self.dev, self.dtype, plan.head_dim, opt.kernel)
         self.work = plan.work(task)
         self.steps = steps(plan, self.work, plan.query_piece)
         shared = [a for _, a, _ in self.work if not plan.direct(a)]
@@ -126,11 +125,6 @@ class _QuorumRun:
                           streamed=self.plan.stream_keys)
         writes = WriteBehind(self.io.write, self.rt.pool, self.timer)
         try:
-            # probed once per process (cached), while the first reads run, on the compute thread:
-            # the cuDNN handle it makes there is the one the kernels use (devicethread.py; the
-            # probe's one wait for the device holds the other tasks' launches once per process)
-            self.kernel = on_device(self.dev, partial(select_kernel, self.dev, self.dtype, self.plan.head_dim,
-                                                      self.kernel_setting))
             with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
                 waiting: Result | None = None  # CUDA: the previous step's result, not yet copied back
                 for n, step in enumerate(self.steps):
