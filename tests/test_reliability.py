@@ -349,6 +349,15 @@ def _worker_names(dask_scheduler: Any) -> list[tuple[str, str]]:
     return [(str(ws.name), addr) for addr, ws in dask_scheduler.workers.items()]
 
 
+def _taken_by(dask_scheduler: Any, name: str) -> int:
+    """Tasks the worker named ``name`` processes, plus those the scheduler's work stealing is
+    moving to it (steal requests in flight: a frozen victim answers them once it goes on)."""
+    stealing = dask_scheduler.extensions.get("stealing")
+    moving = sum(1 for info in stealing.in_flight.values() if info["thief"].name == name) if stealing else 0
+    ws = next((w for w in dask_scheduler.workers.values() if w.name == name), None)
+    return moving + (len(ws.processing) if ws is not None else 0)
+
+
 def _executing_on_worker(dask_worker: Any) -> int:
     return len(dask_worker.state.executing)  # includes tasks cancelled while they execute
 
@@ -739,11 +748,12 @@ def elastic(cluster: DaskCluster, small: Source, tmp_path_factory: pytest.TempPa
 
     The module's other worker advertises no ELASTIC (it only takes merges,
     which ask for no resource).  "big" is frozen (SIGSTOP) from the joiner's
-    start until 1 s after it registered: a worker takes 4-8 s to start on
-    the loaded 2-core machine, longer than the whole job.  Frozen, "big"
-    keeps the rest of the job queued on it, and Dask's work stealing, whose
-    requests the frozen worker answers once it goes on, moves some of it
-    to the joiner.  The two new workers are stopped, and "big" advertises
+    start until the scheduler sends the joiner a task or steals one for it
+    (at most 30 s): a worker takes 4-8 s to start on the loaded 2-core
+    machine, longer than the whole job.  Frozen, "big" keeps the rest of the
+    job queued on it, and Dask's work stealing, whose requests the frozen
+    worker answers once it goes on, moves some of it to the joiner (a fixed
+    1 s freeze once ended before any steal was decided).  The two new workers are stopped, and "big" advertises
     no ELASTIC again, before the tests, which only read the record.
     """
     cluster.ensure_workers()
@@ -765,7 +775,9 @@ def elastic(cluster: DaskCluster, small: Source, tmp_path_factory: pytest.TempPa
                     done_at_join = _count(store, "task_done")
                     procs["joiner"] = cluster.spawn_worker("elastic-joiner", ELASTIC, DEVICE_MEM, logdir / "joiner")
                     cluster.ensure_workers(WORKERS + 2)
-                    time.sleep(1)
+                    with contextlib.suppress(AssertionError):  # if none comes, the test says the joiner ran none
+                        _await(lambda: c.run_on_scheduler(_taken_by, name="elastic-joiner"),
+                               "a quorum task on its way to the joiner", 30, 0.1)
                 finally:
                     os.kill(big_pid, signal.SIGCONT)
                 res = job.result(timeout=240)

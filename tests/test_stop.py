@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,17 @@ def _interrupt_once_running(cluster: LocalCluster, fired: list[Any]) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever an earlier import installed
+    (dask_jobqueue's runner module sets one that exits)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.integration
+@pytest.mark.usefixtures("python_sigint")
 def test_ctrl_c_stops_a_threaded_workers_running_task_at_its_next_piece(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """One task per head, each in 64 query pieces of 128, every piece held 50 ms longer (so that
