@@ -15,6 +15,7 @@ cluster; its figures are then those of the quorum tasks that finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -24,6 +25,7 @@ from typing import Any
 
 from benchmarks.cases import Case
 from benchmarks.cluster import Cluster, NvmlPeak, collect_tasks, reset_workers
+from benchmarks.sampler import Sampler
 
 __all__ = ["attention_call", "clear_job", "cold_run", "summarize_tasks", "warm_run"]
 
@@ -65,7 +67,8 @@ def warm_run(cl: Cluster, store: str, case: Case, budget: int) -> dict[str, Any]
         except BaseException as e:  # noqa: BLE001  (re-raised below, or the time box's consequence)
             box["error"] = e
 
-    with NvmlPeak() as nv:
+    sampler = Sampler() if os.environ.get("CQSA_BENCH_SAMPLE") == "1" else contextlib.nullcontext()
+    with NvmlPeak() as nv, sampler:
         t, t_unix = time.perf_counter(), time.time()
         th = threading.Thread(target=go, name="bench-cqsa-run", daemon=True)
         th.start()
@@ -83,7 +86,7 @@ def warm_run(cl: Cluster, store: str, case: Case, budget: int) -> dict[str, Any]
     tasks = collect_tasks(cl.client)
     return {**_job_figures(box["res"], seconds), "peak_device_reserved_bytes": _max_reserved(tasks),
             "profile": summarize_tasks(tasks), "nvml": nv.result(), "timeline": timeline(store, t_unix),
-            "worker": warm}
+            "worker": warm, **({"sample": sampler.summary()} if isinstance(sampler, Sampler) else {})}
 
 
 def cold_run(store: str, case: Case, budget: int) -> dict[str, Any]:

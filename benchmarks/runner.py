@@ -181,7 +181,7 @@ class Runner:
         entry["figures"] = _figures(case, cqsa_runs, sdpa_runs)
         entry["profile"] = cqsa_runs[-1].get("profile")
         entry["detail"].update({k: cqsa_runs[-1][k] for k in ("timeline", "nvml", "worker", "plan", "partials",
-                                                              "quorum_tasks_run", "merges_run", "phases") if k in cqsa_runs[-1]})
+                                                              "quorum_tasks_run", "merges_run", "phases", "sample") if k in cqsa_runs[-1]})
         if self.rounds > 1:
             entry["detail"]["rounds"] = [{"seconds": c.get("seconds"), "execute_seconds": c.get("execute_seconds"),
                                           "profile": c.get("profile")} for c in cqsa_runs]
