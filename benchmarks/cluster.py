@@ -189,18 +189,21 @@ class Cluster:
 
         import cqsa_dask  # noqa: F401  (registers cqsa defaults)
         from cqsa_dask.client.api import plan_options
+        from cqsa_dask.client.cluster import local_gpus
         from cqsa_dask.client.local import cluster_kwargs, local_spec
 
         opts = plan_options()
         # run()'s own local-cluster spec (threads, memory share, worker env, resource, dashboard
-        # plugin), on this machine's CPU-style workers (no per-GPU pinning: one worker uses GPU 0),
-        # ``workers`` of them at least and ``processes`` if asked; a dashboard on any free port
+        # plugin, and on one GPU its worker: a thread of this process under processes "auto"), on
+        # this machine's CPU-style workers (no per-GPU pinning: a worker uses GPU 0), ``workers`` of
+        # them at least and ``processes`` if asked; a dashboard on any free port
         lc = dask.config.get("cqsa.local-cluster")
         wanted = {"cqsa.local-cluster.n-workers": max(int(lc["n-workers"]), workers),
                   **({"cqsa.local-cluster.processes": processes} if processes is not None else {})}
+        gpus = local_gpus()[:1] if workers == 1 and opts["host_staging"] else []  # host_staging: CUDA
         with dask.config.set(wanted):
             spec = local_spec(budget_bytes=budget_bytes, resource=str(dask.config.get("cqsa.resource")),
-                              threads=opts["tasks_in_flight"] + int(opts["host_staging"]))
+                              threads=opts["tasks_in_flight"] + int(opts["host_staging"]), gpus=gpus)
         t = time.perf_counter()
         self.cluster = LocalCluster(n_workers=spec.n_workers, **{**cluster_kwargs(spec), "dashboard_address": ":0",
                                                                 "silence_logs": logging.ERROR})
