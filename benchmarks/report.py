@@ -92,6 +92,8 @@ def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
     the history plot) without becoming a case's current figure."""
     if res.get("case", {}).get("device") != "cuda":
         return True
+    if (res.get("detail") or {}).get("sample"):  # sampled (CQSA_BENCH_SAMPLE): the sampler takes the GIL
+        return False
     settings = doc.get("settings") or {}
     if any(settings.get(k, v) != v and not _former(k, settings[k], _date(doc, res)) for k, v in _DEFAULTS.items()):
         return False

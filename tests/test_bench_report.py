@@ -144,3 +144,16 @@ def test_a_run_under_a_former_default_stays_current(tmp_path: Path) -> None:
     _write(tmp_path, "c.json", [_result("n4M-4GB", "2026-12-04T20:00:00+00:00", seconds=63.0, sdpa=78.0, **one)],
            settings=old)  # processes after the change: an A/B run
     assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "b.json"
+
+
+def test_a_sampled_run_is_not_current(tmp_path: Path) -> None:
+    """A run under the sampler (CQSA_BENCH_SAMPLE=1, benchmarks/sampler.py) is slowed by it: it stays
+    in its file, not in the current table."""
+    one = {"groups": 1}
+    settings = {"cuda-turn": "auto", "local-cluster.processes": "auto"}
+    _write(tmp_path, "a.json", [_result("n1M-12GB", "2026-12-04T19:00:00+00:00", seconds=4.6, sdpa=4.0, **one)],
+           settings=settings)
+    sampled = _result("n1M-12GB", "2026-12-04T20:00:00+00:00", seconds=4.9, sdpa=4.0, **one)
+    sampled.setdefault("detail", {})["sample"] = {"cqsa-io": {"samples": 10, "top": []}}
+    _write(tmp_path, "b.json", [sampled], settings=settings)
+    assert report.current(report.load_results(str(tmp_path)))["n1M-12GB"][0]["_file"] == "a.json"
