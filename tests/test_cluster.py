@@ -242,10 +242,13 @@ def test_auto_runs_one_gpu_in_a_thread_and_everything_else_in_processes() -> Non
     """``cqsa.local-cluster.processes: auto`` (the default): a thread of this process for tasks
     on one GPU, this process's first; worker processes for CPU tasks, several GPUs, or a GPU
     other than the first; true and false are obeyed; anything else is refused in one line."""
-    first = "0"  # no GPU is visible here: the first device's name
+    from cqsa_dask.client.cluster import visible_gpus
+
+    first = (visible_gpus() or ["0"])[0]  # where none is visible: the name its first device would have
     assert config.get("local-cluster.processes") == "auto"
     assert worker_processes("auto", [first]) is False
-    assert [worker_processes("auto", g) for g in ([], [first, "1"], ["1"], [first, first])] == [True] * 4
+    other = "1" if first != "1" else "2"
+    assert [worker_processes("auto", g) for g in ([], [first, other], [other], [first, first])] == [True] * 4
     assert (worker_processes(True, [first]), worker_processes(False, [])) == (True, False)
     spec = local_spec(budget_bytes=10**9, resource="device_mem", threads=3, gpus=[first])
     assert not spec.processes and spec.env == {} and choose_backend(spec) == "spec"
