@@ -90,9 +90,7 @@ def test_ctrl_c_stops_a_threaded_workers_running_task_at_its_next_piece(
     inp = draw_inputs(1, 2, 2, 8192, 64, torch.float32)
     print(f"inputs: {inp.ctx}")
     store = tmp_path / "job.zarr"
-    root = zarr.open_group(store, mode="w", zarr_format=3)
-    for name, x in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
-        root.create_array(name, shape=x.shape, chunks=(1, 1, 2048, 64), dtype="float32")[...] = x.numpy()
+    inp.store(store, chunk_tokens=2048)
     fired: list[Any] = []
     with dask.config.set({"cqsa.query-piece": 128}), \
             LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"device_mem": 2e9},
