@@ -31,7 +31,7 @@ blocks are copied into one host tensor, streamed ones used where they are.
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +40,7 @@ from cqsa_dask.kernels.transfer import Staged, done_event, upload, upload_buffer
 from cqsa_dask.store.layout import TORCH_DTYPES
 
 if TYPE_CHECKING:
+    from cqsa_dask.execution.iopool import Lane
     from cqsa_dask.execution.taskio import TaskIO
 
 __all__ = ["KeyBlocks"]
@@ -51,7 +52,7 @@ class KeyBlocks:
     """k, v (1, hk, N, D) of key ``group`` of a task, read in blocks of ``size`` tokens on ``pool``
     (see the module docstring); ``streamed``: kept in host memory and copied per use."""
 
-    def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, group: int, size: int, dev: torch.device,
+    def __init__(self, io: TaskIO, pool: Lane, group: int, size: int, dev: torch.device,
                  streamed: bool):
         plan = io.job.plan
         lo, hi = plan.group_bounds(group)

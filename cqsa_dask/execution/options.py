@@ -9,7 +9,7 @@ contract and keep their names; the fields are their snake_case twins.
 Two kinds of field, one value::
 
     per task      device, kernel, check_finite, pin_host_memory, cuda_turn
-    per worker    host_cache, io_threads, torch_threads, zarr_concurrency,
+    per worker    host_cache, io_threads, io_order, torch_threads, zarr_concurrency,
                   resource, cap_device_memory, expandable_segments, tasks_in_flight
                   (the runtime is built from these once per worker process;
                    ``runtime_key`` tells two runtimes apart)
@@ -38,10 +38,10 @@ _KEYS = {
     "zarr_concurrency": "zarr-concurrency", "host_cache": "host-cache", "io_threads": "io-threads",
     "pin_host_memory": "pin-host-memory", "resource": "resource", "cap_device_memory": "cap-device-memory",
     "expandable_segments": "expandable-segments", "tasks_in_flight": "tasks-in-flight", "retries": "retries",
-    "cuda_turn": "cuda-turn",
+    "cuda_turn": "cuda-turn", "io_order": "io-order",
 }
 # the fields the worker runtime is built from (the rest is read by each task)
-_RUNTIME_FIELDS = ("host_cache", "io_threads", "torch_threads", "zarr_concurrency", "resource",
+_RUNTIME_FIELDS = ("host_cache", "io_threads", "io_order", "torch_threads", "zarr_concurrency", "resource",
                    "cap_device_memory", "expandable_segments", "device")
 
 
@@ -56,6 +56,8 @@ class RunOptions:
     zarr_concurrency: zarr's async concurrency in a worker process (``zarr-concurrency``).
     host_cache: host cache bytes, "8GB", "auto" or 0 (``host-cache``).
     io_threads: store IO threads per worker (``io-threads``).
+    io_order: "tasks" (the earliest task's IO first) or "fifo" (as queued) (``io-order``;
+        ``iopool.py``).
     pin_host_memory: "auto" | True | False (``pin-host-memory``).
     resource: the worker resource carrying the budget (``resource``).
     cap_device_memory: cap torch's CUDA allocator at that resource (``cap-device-memory``).
@@ -86,6 +88,7 @@ class RunOptions:
     tasks_in_flight: int
     retries: int
     cuda_turn: str
+    io_order: str
 
     @classmethod
     def from_config(cls, **overrides: Any) -> RunOptions:
@@ -111,6 +114,7 @@ class RunOptions:
                 expandable_segments=bool(raw["expandable_segments"]),
                 tasks_in_flight=_in_flight(raw["tasks_in_flight"], str(raw["device"])),
                 retries=max(0, int(raw["retries"])), cuda_turn=_cuda_turn(raw["cuda_turn"]),
+                io_order=_choice("io-order", raw["io_order"], ("tasks", "fifo")),
             )
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"a cqsa run option is not understood ({e}); see cqsa.yaml") from None
@@ -134,8 +138,13 @@ def _cache_setting(value: Any) -> int | str:
 
 def _cuda_turn(value: Any) -> str:
     """``cqsa.cuda-turn``: "auto", "kernels" or "streams"."""
-    if value not in ("auto", "kernels", "streams"):
-        raise ValueError(f"cuda-turn must be 'auto', 'kernels' or 'streams', got {value!r}")
+    return _choice("cuda-turn", value, ("auto", "kernels", "streams"))
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """``value`` of setting ``key``, one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{key} must be {' or '.join(repr(a) for a in allowed)}, got {value!r}")
     return str(value)
 
 

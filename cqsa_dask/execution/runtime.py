@@ -11,7 +11,7 @@
 A :class:`WorkerRuntime` owns
 
     cache        the host cache of input blocks and partials (``hostcache.py``)
-    pool         the IO thread pool (``cqsa.io-threads``)
+    pool         the IO threads (``cqsa.io-threads``), the earliest task's work first (``iopool.py``)
     streams      one CUDA stream per worker thread (``task_stream``)
     turn         the CPU compute turn: one task at a time runs torch math on the CPU
     fold slots   at most n folds at once (bounded partials bound their journals so)
@@ -33,7 +33,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,7 @@ import torch
 from distributed import WorkerPlugin
 
 from cqsa_dask.execution.hostcache import HostCache, cache_capacity
+from cqsa_dask.execution.iopool import IOPool
 from cqsa_dask.execution.lockrelease import PLUGIN_NAME as RELEASE_PLUGIN
 from cqsa_dask.execution.lockrelease import ensure_release
 from cqsa_dask.execution.options import RunOptions
@@ -78,7 +78,7 @@ class WorkerRuntime:
                  row_locks: RowLocks | None = None, budget: float | None = None):
         self.options, self.owns_process = options, owns_process
         self.cache = HostCache(cache_capacity(options.host_cache, memory_limit))
-        self.pool = ThreadPoolExecutor(max_workers=options.io_threads, thread_name_prefix="cqsa-io")
+        self.pool = IOPool(options.io_threads, ordered=options.io_order == "tasks")
         self.row_locks = row_locks or RowLocks()
         self._cpu_turn = threading.Lock()
         self._cuda_turn = threading.Lock()  # one per worker process: a worker drives one GPU

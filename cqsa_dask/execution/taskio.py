@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ import zarr
 
 from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.execution.hostcache import HostCache
+from cqsa_dask.execution.iopool import Lane
 from cqsa_dask.execution.keyblocks import KeyBlocks
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Producer
@@ -246,7 +247,7 @@ class ReadAhead:
     (``keyblocks.py``; ``streamed``: kept in host memory).  A consumed read is dropped at once
     (its tensor would otherwise stay alive to the end of the task)."""
 
-    def __init__(self, io: TaskIO, pool: ThreadPoolExecutor, steps: list[Step], dev: torch.device, ahead: int,
+    def __init__(self, io: TaskIO, pool: Lane, steps: list[Step], dev: torch.device, ahead: int,
                  streamed: bool = False):
         self.io, self.pool, self.steps, self.dev, self.ahead = io, pool, steps, dev, ahead
         self._q_reads: dict[int, Future[Staged]] = {n: self._read_q(n) for n in range(min(ahead, len(steps)))}
@@ -297,7 +298,7 @@ class WriteBehind:
     """Results copied back to the host once their kernels are done, then written by
     ``write`` on ``pool``, at most ``depth`` writes in flight."""
 
-    def __init__(self, write: Callable[[Step, torch.Tensor, torch.Tensor], None], pool: ThreadPoolExecutor,
+    def __init__(self, write: Callable[[Step, torch.Tensor, torch.Tensor], None], pool: Lane,
                  timer: Timer, depth: int = 2):
         self.write, self.pool, self.timer, self.depth = write, pool, timer, depth
         self._writes: deque[Future[None]] = deque()

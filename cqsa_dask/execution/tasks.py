@@ -44,6 +44,7 @@ import torch
 from cqsa_dask.core.errors import InvalidInputError, StoreError
 from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.devicethread import on_device
+from cqsa_dask.execution.iopool import Lane
 from cqsa_dask.execution.keyblocks import KeyBlocks
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
@@ -84,7 +85,8 @@ def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
     rt.bind_thread()
     start = task_started(token, "quorum", (task, batch, block))
     cell = Cell(job, token, batch, block)
-    rec = attempts(opt.retries, lambda: _QuorumRun(cell, task, opt, rt).run(), f"quorum task {task}")
+    lane = rt.pool.lane()  # the task's place in the IO queue, kept by its attempts
+    rec = attempts(opt.retries, lambda: _QuorumRun(cell, task, opt, rt, lane).run(), f"quorum task {task}")
     _record(cell.job.task_stats, (task, batch, block), rec, start)
     cell.job.task_done[task, batch, block] = 1
     report_task(token, (task, batch, block), rec, start)
@@ -94,9 +96,9 @@ def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
 class _QuorumRun:
     """One quorum task: prefetch (``ReadAhead``), compute (``compute``), write (``WriteBehind``)."""
 
-    def __init__(self, cell: Cell, task: int, opt: RunOptions, rt: WorkerRuntime):
+    def __init__(self, cell: Cell, task: int, opt: RunOptions, rt: WorkerRuntime, lane: Lane):
         plan = cell.job.plan
-        self.cell, self.task, self.plan, self.rt = cell, task, plan, rt
+        self.cell, self.task, self.plan, self.rt, self.lane = cell, task, plan, rt, lane
         self.t0 = time.perf_counter()
         self.dev = resolve_device(opt.device)
         check_device_kind(plan, self.dev)
@@ -121,9 +123,9 @@ class _QuorumRun:
         is given up."""
         on_cuda = self.dev.type == "cuda"
         exclusive = on_cuda and self.turn == "kernels"  # the turn covers the kernels themselves
-        reads = ReadAhead(self.io, self.rt.pool, self.steps, self.dev, ahead=1 if on_cuda else 2,
+        reads = ReadAhead(self.io, self.lane, self.steps, self.dev, ahead=1 if on_cuda else 2,
                           streamed=self.plan.stream_keys)
-        writes = WriteBehind(self.io.write, self.rt.pool, self.timer)
+        writes = WriteBehind(self.io.write, self.lane, self.timer)
         try:
             with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
                 waiting: Result | None = None  # CUDA: the previous step's result, not yet copied back
