@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks.cases import Case
 from benchmarks.cluster import Cluster, NvmlPeak, collect_tasks, reset_workers
+from benchmarks.gputrace import GpuTrace
 from benchmarks.sampler import Sampler
 
 __all__ = ["attention_call", "clear_job", "cold_run", "summarize_tasks", "warm_run"]
@@ -68,7 +69,8 @@ def warm_run(cl: Cluster, store: str, case: Case, budget: int) -> dict[str, Any]
             box["error"] = e
 
     sampler = Sampler() if os.environ.get("CQSA_BENCH_SAMPLE") == "1" else contextlib.nullcontext()
-    with NvmlPeak() as nv, sampler:
+    tracer = GpuTrace() if os.environ.get("CQSA_BENCH_GPU_TRACE") == "1" else contextlib.nullcontext()
+    with NvmlPeak() as nv, sampler, tracer:
         t, t_unix = time.perf_counter(), time.time()
         th = threading.Thread(target=go, name="bench-cqsa-run", daemon=True)
         th.start()
@@ -86,7 +88,8 @@ def warm_run(cl: Cluster, store: str, case: Case, budget: int) -> dict[str, Any]
     tasks = collect_tasks(cl.client)
     return {**_job_figures(box["res"], seconds), "peak_device_reserved_bytes": _max_reserved(tasks),
             "profile": summarize_tasks(tasks), "nvml": nv.result(), "timeline": timeline(store, t_unix),
-            "worker": warm, **({"sample": sampler.summary()} if isinstance(sampler, Sampler) else {})}
+            "worker": warm, **({"sample": sampler.summary()} if isinstance(sampler, Sampler) else {}),
+            **({"gpu_trace": tracer.summary()} if isinstance(tracer, GpuTrace) else {})}
 
 
 def cold_run(store: str, case: Case, budget: int) -> dict[str, Any]:

@@ -77,31 +77,40 @@ def current(docs: list[dict[str, Any]]) -> dict[str, Result]:
 # settings a run records (runner.py) and their defaults; a file without one ran before it existed
 _DEFAULTS: dict[str, Any] = {"local-cluster.processes": "auto", "tasks-in-flight": "auto", "query-piece": "auto",
                              "partials": "auto", "kernel": "auto", "host-cache": "auto", "stream-keys": "auto",
-                             "io-threads": 4}
+                             "io-threads": 4, "io-order": "tasks"}
 # a default's earlier value and until when it was the default (UTC): a run of that value before
 # then ran under the defaults of its day (worker processes, until the threaded worker on one GPU)
 _FORMER: dict[str, tuple[Any, str]] = {"local-cluster.processes": (True, "2026-12-04T15:45")}
+# since when cqsa.cuda-turn's default is streams at every size (before: "auto", turns at W = 1)
+_STREAMS_SINCE = "2026-12-04T18:30"
 
 
 def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
     """Whether a GPU result ran under the default settings (the GPU sessions weigh settings by
-    A/B runs; a CPU result always counts): each recorded setting of ``_DEFAULTS`` at its default,
-    and ``cqsa.cuda-turn`` as "auto" runs it: taking turns ("kernels") for a job of one token
-    group, streams otherwise (``execution.tasks.cuda_turn``).  Files from before the turn setting
-    have none: they ran with streams.  An A/B run of another setting stays in its file (and in
-    the history plot) without becoming a case's current figure."""
+    A/B runs; a CPU result always counts): each recorded setting of ``_DEFAULTS`` at its default
+    (or at a former default, before it changed: ``_FORMER``), and ``cqsa.cuda-turn`` as the
+    default of its day ran it: streams, and until ``_STREAMS_SINCE`` "auto", which took turns
+    ("kernels") for a job of one token group and used streams otherwise.  Files from before a
+    setting existed have none: they ran under the defaults of their day.  An A/B run of another
+    setting stays in its file (and in the history plot) without becoming a case's current figure,
+    as does a run its session's notes call one ("A/B: ...", for a setting the file does not record).
+    """
     if res.get("case", {}).get("device") != "cuda":
         return True
-    if (res.get("detail") or {}).get("sample"):  # sampled (CQSA_BENCH_SAMPLE): the sampler takes the GIL
+    if str(doc.get("notes") or "").startswith("A/B"):
         return False
+    detail = res.get("detail") or {}
+    if detail.get("sample") or detail.get("gpu_trace"):  # sampled (CQSA_BENCH_SAMPLE: the sampler takes the
+        return False  # GIL) or traced (CQSA_BENCH_GPU_TRACE: the profiler adds to each kernel)
     settings = doc.get("settings") or {}
-    if any(settings.get(k, v) != v and not _former(k, settings[k], _date(doc, res)) for k, v in _DEFAULTS.items()):
+    date = _date(doc, res)
+    if any(settings.get(k, v) != v and not _former(k, settings[k], date) for k, v in _DEFAULTS.items()):
         return False
     turn = settings.get("cuda-turn", "streams")
-    if turn == "auto":
-        return True
+    if date >= _STREAMS_SINCE:
+        return turn in ("streams", "auto")  # "auto" reads as streams since then
     groups = (res.get("figures") or {}).get("groups") or (res.get("detail", {}).get("plan") or {}).get("groups")
-    return turn == ("kernels" if groups == 1 else "streams")
+    return turn == "auto" or turn == ("kernels" if groups == 1 else "streams")
 
 
 def _former(key: str, value: Any, date: str) -> bool:

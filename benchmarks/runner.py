@@ -180,8 +180,9 @@ class Runner:
                 break
         entry["figures"] = _figures(case, cqsa_runs, sdpa_runs)
         entry["profile"] = cqsa_runs[-1].get("profile")
-        entry["detail"].update({k: cqsa_runs[-1][k] for k in ("timeline", "nvml", "worker", "plan", "partials",
-                                                              "quorum_tasks_run", "merges_run", "phases", "sample") if k in cqsa_runs[-1]})
+        kept_keys = ("timeline", "nvml", "worker", "plan", "partials", "quorum_tasks_run", "merges_run", "phases",
+                     "sample", "gpu_trace")
+        entry["detail"].update({k: cqsa_runs[-1][k] for k in kept_keys if k in cqsa_runs[-1]})
         if self.rounds > 1:
             entry["detail"]["rounds"] = [{"seconds": c.get("seconds"), "execute_seconds": c.get("execute_seconds"),
                                           "profile": c.get("profile")} for c in cqsa_runs]
@@ -367,6 +368,6 @@ def _settings() -> dict[str, Any]:
     them for this run (environment variables DASK_CQSA__... included)."""
     from cqsa_dask import config
 
-    keys = ("cuda-turn", "tasks-in-flight", "partials", "host-cache", "io-threads", "kernel", "query-piece",
+    keys = ("cuda-turn", "tasks-in-flight", "partials", "host-cache", "io-threads", "io-order", "kernel", "query-piece",
             "stream-keys", "local-cluster.processes")
     return {k: config.get(k) for k in keys}

@@ -59,8 +59,8 @@ def test_latest_result_per_case_across_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("settings", [{"local-cluster.processes": False}, {"tasks-in-flight": 4},
-                                      {"query-piece": 0}, {"cuda-turn": "streams"}],
-                         ids=["threads", "flight", "piece", "turn"])
+                                      {"query-piece": 0}, {"cuda-turn": "streams"}, {"io-order": "fifo"}],
+                         ids=["threads", "flight", "piece", "turn", "io-order"])
 def test_an_ab_run_of_another_setting_is_not_current(tmp_path: Path, settings: dict[str, Any]) -> None:
     """A newer run under a setting other than its default (recorded in the file's settings) stays
     out of the current table; the older run under the defaults keeps the case's row."""
@@ -146,6 +146,31 @@ def test_a_run_under_a_former_default_stays_current(tmp_path: Path) -> None:
     assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "b.json"
 
 
+def test_a_run_its_notes_call_an_ab_run_is_not_current(tmp_path: Path) -> None:
+    """Session k's fifo runs ran before the files recorded io-order: their notes say "A/B: ..."."""
+    _write(tmp_path, "a.json", [_result("n1M-12GB", "2026-12-04T18:03:00+00:00", seconds=4.3, sdpa=4.2)],
+           notes="io-order tasks")
+    _write(tmp_path, "b.json", [_result("n1M-12GB", "2026-12-04T18:04:00+00:00", seconds=4.7, sdpa=4.2)],
+           notes="A/B: io-order fifo")
+    assert report.current(report.load_results(str(tmp_path)))["n1M-12GB"][0]["_file"] == "a.json"
+
+
+def test_cuda_turn_counts_as_the_default_of_its_day(tmp_path: Path) -> None:
+    """Until 2026-12-04 18:30 "auto" took turns at W = 1 (an explicit "kernels" run there was a default
+    run, "streams" an A/B run); since then the default is streams (and "auto" reads as streams)."""
+    def current_file(name: str, date: str, turn: str) -> str:
+        res = _result("n1M-12GB", date, seconds=4.5, sdpa=4.0, groups=1)
+        res["figures"]["groups"] = 1
+        _write(tmp_path, name, [res], settings={"cuda-turn": turn})
+        return str(report.current(report.load_results(str(tmp_path)))["n1M-12GB"][0]["_file"])
+
+    assert current_file("a.json", "2026-12-04T17:00:00+00:00", "kernels") == "a.json"
+    assert current_file("b.json", "2026-12-04T17:30:00+00:00", "streams") == "a.json"  # an A/B run then
+    assert current_file("c.json", "2026-12-04T19:00:00+00:00", "streams") == "c.json"
+    assert current_file("d.json", "2026-12-04T19:30:00+00:00", "kernels") == "c.json"  # an A/B run now
+    assert current_file("e.json", "2026-12-04T20:00:00+00:00", "auto") == "e.json"
+
+
 def test_a_sampled_run_is_not_current(tmp_path: Path) -> None:
     """A run under the sampler (CQSA_BENCH_SAMPLE=1, benchmarks/sampler.py) is slowed by it: it stays
     in its file, not in the current table."""
@@ -157,3 +182,14 @@ def test_a_sampled_run_is_not_current(tmp_path: Path) -> None:
     sampled.setdefault("detail", {})["sample"] = {"cqsa-io": {"samples": 10, "top": []}}
     _write(tmp_path, "b.json", [sampled], settings=settings)
     assert report.current(report.load_results(str(tmp_path)))["n1M-12GB"][0]["_file"] == "a.json"
+
+
+def test_busy_and_gaps_of_a_gpu_trace() -> None:
+    """The union of overlapping kernels (two streams) and the idle gaps of the window, longest first."""
+    from benchmarks.gputrace import busy_and_gaps
+
+    spans = [(12.0, 20.0), (15.0, 25.0), (40.0, 50.0), (49.0, 52.0), (0.0, 11.0)]  # the last starts before lo
+    busy, gaps = busy_and_gaps(spans, 10.0, 60.0)
+    assert busy == pytest.approx(1.0 + 13.0 + 12.0)
+    assert gaps == [(15.0, 15.0), (42.0, 8.0), (1.0, 1.0)]
+    assert busy_and_gaps([], 0.0, 5.0) == (0.0, [(0.0, 5.0)])

@@ -84,18 +84,9 @@ def test_options_come_from_the_config_and_travel_with_each_task() -> None:
     assert RunOptions.from_config(cuda_turn="streams").cuda_turn == "streams"
     with pytest.raises(InvalidInputError, match="cuda-turn must be"):
         RunOptions.from_config(cuda_turn="sometimes")
-    assert RunOptions.from_config().cuda_turn == "auto"
-
-
-def test_auto_cuda_turn_takes_turns_only_for_one_group_jobs() -> None:
-    from cqsa_dask.core.plan import make_plan
-    from cqsa_dask.execution.tasks import cuda_turn
-
-    def plan(groups: int):  # type: ignore[no-untyped-def]
-        return make_plan(seq_len=4096, heads=4, head_dim=64, dtype="bfloat16", budget="1GB", groups=groups)
-
-    assert [cuda_turn("auto", plan(w)) for w in (1, 2, 7)] == ["kernels", "streams", "streams"]
-    assert cuda_turn("streams", plan(1)) == "streams" and cuda_turn("kernels", plan(7)) == "kernels"
+    assert RunOptions.from_config().cuda_turn == "streams"
+    assert RunOptions.from_config(cuda_turn="kernels").cuda_turn == "kernels"
+    assert RunOptions.from_config(cuda_turn="auto").cuda_turn == "streams"  # the former default's name
 
 
 @pytest.mark.parametrize("budget", [10**5, 10**7, 10**8, 10**9, 2 * 10**9, 4 * 10**9, 16 * 10**9, 80 * 10**9])

@@ -66,10 +66,9 @@ class RunOptions:
         2 on CUDA, 1 on the CPU) (``tasks-in-flight``).
     retries: attempts after the first when a task fails for a transient reason
         (``retries``); a deterministic failure stops the job at once (``tasks.py``).
-    cuda_turn: how tasks in flight on one GPU share it (``cuda-turn``): "kernels", one
-        task's kernels at a time (the others read and write meanwhile), "streams", the
-        kernels of every task in flight at once on their own streams, or "auto" (the task
-        decides from its plan: ``tasks.cuda_turn``).
+    cuda_turn: how tasks in flight on one GPU share it (``cuda-turn``): "streams", the
+        kernels of every task in flight at once on their own streams, or "kernels", one
+        task's kernels at a time (the others read and write meanwhile); "auto" reads as "streams".
 
     No defaults here: they live in ``cqsa.yaml``; build one with :meth:`from_config`.
     """
@@ -137,8 +136,10 @@ def _cache_setting(value: Any) -> int | str:
 
 
 def _cuda_turn(value: Any) -> str:
-    """``cqsa.cuda-turn``: "auto", "kernels" or "streams"."""
-    return _choice("cuda-turn", value, ("auto", "kernels", "streams"))
+    """``cqsa.cuda-turn``: "kernels" or "streams"; "auto" (the default until 2026-12-04, which took
+    turns for jobs of one token group) is now "streams"."""
+    turn = _choice("cuda-turn", value, ("streams", "kernels", "auto"))
+    return "streams" if turn == "auto" else turn
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:

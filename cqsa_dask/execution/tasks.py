@@ -59,7 +59,7 @@ from cqsa_dask.kernels.transfer import done_event
 from cqsa_dask.store.layout import TORCH_DTYPES, open_job, write_block, write_stats
 from cqsa_dask.store.location import StoreLike
 
-__all__ = ["cuda_turn", "merge_task", "quorum_task"]
+__all__ = ["merge_task", "quorum_task"]
 
 
 def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
@@ -112,7 +112,7 @@ class _QuorumRun:
         self.producer: Producer = plan.policy.producer(cell, task, shared, rt)
         self.io = TaskIO(cell, opt, rt.cache, self.producer)
         self.timer = Timer()
-        self.turn = cuda_turn(opt.cuda_turn, plan)
+        self.turn = opt.cuda_turn
 
     def run(self) -> dict[str, Any]:
         """Every step of the task, reads ahead and writes behind; the task's record.
@@ -242,21 +242,6 @@ def check_device_kind(plan: Plan, dev: torch.device) -> None:
             f"worker {worker_address() or 'in this process'} computes on {dev.type}, but this job was planned for "
             f"{planned} workers (memory per task, tasks in flight): give its scheduler workers of one kind, "
             "or set cqsa.device on them")
-
-
-def cuda_turn(setting: str, plan: Plan) -> str:
-    """``cqsa.cuda-turn`` for a task of ``plan``: "auto" is "kernels" for a job of one token
-    group and "streams" otherwise.
-
-    Measured on one H200 (docs/benchmarks.md, "Measurements behind the defaults"): at N = 1M under 12 GB (W = 1, four
-    single-head tasks that start together, each reading all its inputs before its kernels),
-    taking turns made the job 1.11x faster (SDPA ratio 0.602 against 0.541); at N = 4M under
-    4 GB (W = 13, 52 tasks whose starts spread out by themselves) sharing through streams was
-    faster (1.081 against 0.991), and under 1 GB taking turns ran tasks out of memory.
-    """
-    if setting != "auto":
-        return setting
-    return "kernels" if plan.groups == 1 else "streams"
 
 
 def _skipped(task: int, batch: int, block: int) -> dict[str, Any]:
