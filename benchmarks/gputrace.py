@@ -80,11 +80,18 @@ class GpuTrace:
         return self._summary
 
 
+def _is_mark(name: str) -> bool:
+    """torch.cuda._sleep's kernel (``spin_kernel`` in ATen's cuda/Sleep.cu)."""
+    return "spin_kernel" in name or "sleep" in name.lower()
+
+
 def _summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    marks = sorted((e for e in kernels if "sleep" in e.get("name", "").lower()), key=lambda e: e["ts"])
+    marks = sorted((e for e in kernels if _is_mark(e.get("name", ""))), key=lambda e: e["ts"])
     if len(marks) < 2:
-        return {"error": f"{len(marks)} marker kernels in the trace"}
+        names = Counter(e.get("name", "?")[:60] for e in kernels)
+        return {"error": f"{len(marks)} marker kernels in the trace", "kernels": len(kernels),
+                "names": names.most_common(5)}
     lo, hi = marks[0]["ts"] + marks[0]["dur"], marks[-1]["ts"]
     work = [e for e in kernels if e not in (marks[0], marks[-1]) and lo <= e["ts"] <= hi]
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in work]

@@ -29,6 +29,7 @@ from distributed import Client
 
 from cqsa_dask import config
 from cqsa_dask.client.cluster import check_capacity, connect, local_gpus, resolve_budget
+from cqsa_dask.client.local import worker_processes
 from cqsa_dask.client.policy import DeviceKind, local_device_kind, plan_options, workers_device_kind
 from cqsa_dask.client.session import session_defaults
 from cqsa_dask.client.submit import Progress, observed
@@ -40,6 +41,8 @@ from cqsa_dask.execution.graph import build_graph
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.runtime import ensure_runtime
 from cqsa_dask.execution.telemetry import announce_job, page_link
+from cqsa_dask.execution.warmup import warm_up
+from cqsa_dask.kernels.attention import resolve_device
 from cqsa_dask.store.chunkio import read_markers
 from cqsa_dask.store.jobstate import Lease, check_free, fingerprint, same_inputs
 from cqsa_dask.store.layout import (
@@ -156,6 +159,15 @@ def _stored_plan(group: Any, restart: bool) -> dict[str, Any] | None:
         return None
     stored = engine(group).attrs.get("plan")
     return dict(stored) if isinstance(stored, dict) else None  # type: ignore[arg-type]
+
+
+def _warm_local_kernels(plan: Plan, gpus: Sequence[str]) -> None:
+    """A threaded local worker on one GPU queues its tasks' kernels from this process: build the
+    kernels' plans for ``plan``'s shapes now, while the cluster starts (``execution/warmup.py``,
+    ``cqsa.kernel-warmup``)."""
+    if gpus and config.get("kernel-warmup") and not worker_processes(config.get("local-cluster.processes"), gpus):
+        opts = RunOptions.from_config()
+        warm_up(plan, resolve_device(opts.device), opts.kernel)
 
 
 def _prepare(group: Any, plan: Plan, restart: bool, force: bool = False) -> tuple[str, bool]:
@@ -300,6 +312,8 @@ def run(
         _precheck(lambda k: plan_for(parse_budget(memory_budget), k))
     gpus = local_gpus() if local else []  # checked even for CPU tasks: a GPU named must exist
     gpus = gpus if kind == "cuda" else []  # one worker process per GPU
+    if plan is not None:
+        _warm_local_kernels(plan, gpus)  # while the local cluster starts
     # CUDA: a thread more than tasks in flight, for merges while the device computes; CPU: a task
     # already uses every core, and a second thread running torch at once oversubscribes them
     threads = (plan.tasks_in_flight + int(plan.host_staging)) if plan else 2

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
-__all__ = ["on_device"]
+__all__ = ["on_device", "submit_on_device"]
 
 T = TypeVar("T")
 
@@ -47,6 +47,12 @@ def on_device(dev: torch.device, fn: Callable[[], T]) -> T:
     called from a compute thread, ``fn()`` runs here."""
     if dev.type != "cuda" or threading.current_thread().name.startswith(_PREFIX):
         return fn()
+    return submit_on_device(dev, fn).result()
+
+
+def submit_on_device(dev: torch.device, fn: Callable[[], T]) -> Future[T]:
+    """Queue ``fn()`` on CUDA device ``dev``'s compute thread, with the calling thread's current stream
+    of ``dev`` as its current stream; its future (work queued later waits for it)."""
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     with _guard:
         pool = _threads.get(index)
@@ -58,4 +64,4 @@ def on_device(dev: torch.device, fn: Callable[[], T]) -> T:
         with torch.cuda.stream(stream):
             return fn()
 
-    return pool.submit(queued).result()
+    return pool.submit(queued)

@@ -65,10 +65,10 @@ class KeyBlocks:
         # a store that reads only whole chunks (compressed, remote) is read once per input, then cut
         self._cut = {n: not io.block_reads(n, size) for n in _NAMES}
         self._reads: list[dict[str, Future[Any]]] = [{} for _ in self.bounds]
-        for n in _NAMES:
-            once = pool.submit(self._read, n, None) if self._cut[n] else None
-            for j in range(len(self.bounds)):
-                self._reads[j][n] = once or pool.submit(self._read, n, j)
+        once = {n: pool.submit(self._read, n, None) for n in _NAMES if self._cut[n]}
+        for j in range(len(self.bounds)):  # k and v of a block together: a piece needs both
+            for n in _NAMES:
+                self._reads[j][n] = once.get(n) or pool.submit(self._read, n, j)
         self._ready: set[tuple[str, int]] = set()  # resident blocks the task's stream waits for already
         self._in_use: deque[Any] = deque()  # streamed: events after the kernels of the blocks handed out
         self._handed = False
