@@ -87,7 +87,7 @@ _STREAMS_SINCE = "2026-12-04T18:30"
 
 def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
     """Whether a GPU result ran under the default settings (the GPU sessions weigh settings by
-    A/B runs; a CPU result always counts): each recorded setting of ``_DEFAULTS`` at its default
+    A/B runs; a CPU result counts unless its notes call it an A/B run): each recorded setting of ``_DEFAULTS`` at its default
     (or at a former default, before it changed: ``_FORMER``), and ``cqsa.cuda-turn`` as the
     default of its day ran it: streams, and until ``_STREAMS_SINCE`` "auto", which took turns
     ("kernels") for a job of one token group and used streams otherwise.  Files from before a
@@ -95,10 +95,10 @@ def default_settings(doc: dict[str, Any], res: dict[str, Any]) -> bool:
     setting stays in its file (and in the history plot) without becoming a case's current figure,
     as does a run its session's notes call one ("A/B: ...", for a setting the file does not record).
     """
-    if res.get("case", {}).get("device") != "cuda":
-        return True
     if str(doc.get("notes") or "").startswith("A/B"):
         return False
+    if res.get("case", {}).get("device") != "cuda":
+        return True
     detail = res.get("detail") or {}
     if detail.get("sample") or detail.get("gpu_trace"):  # sampled (CQSA_BENCH_SAMPLE: the sampler takes the
         return False  # GIL) or traced (CQSA_BENCH_GPU_TRACE: the profiler adds to each kernel)

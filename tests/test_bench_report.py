@@ -146,12 +146,14 @@ def test_a_run_under_a_former_default_stays_current(tmp_path: Path) -> None:
     assert report.current(report.load_results(str(tmp_path)))["n4M-4GB"][0]["_file"] == "b.json"
 
 
-def test_a_run_its_notes_call_an_ab_run_is_not_current(tmp_path: Path) -> None:
-    """Session k's fifo runs ran before the files recorded io-order: their notes say "A/B: ..."."""
-    _write(tmp_path, "a.json", [_result("n1M-12GB", "2026-12-04T18:03:00+00:00", seconds=4.3, sdpa=4.2)],
-           notes="io-order tasks")
-    _write(tmp_path, "b.json", [_result("n1M-12GB", "2026-12-04T18:04:00+00:00", seconds=4.7, sdpa=4.2)],
-           notes="A/B: io-order fifo")
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_a_run_its_notes_call_an_ab_run_is_not_current(tmp_path: Path, device: str) -> None:
+    """Session k's fifo runs ran before the files recorded io-order: their notes say "A/B: ..."; so do
+    CPU runs of another setting or commit."""
+    _write(tmp_path, "a.json", [_result("n1M-12GB", "2026-12-04T18:03:00+00:00", seconds=4.3, sdpa=4.2,
+                                        device=device)], notes="io-order tasks")
+    _write(tmp_path, "b.json", [_result("n1M-12GB", "2026-12-04T18:04:00+00:00", seconds=4.7, sdpa=4.2,
+                                        device=device)], notes="A/B: io-order fifo")
     assert report.current(report.load_results(str(tmp_path)))["n1M-12GB"][0]["_file"] == "a.json"
 
 
