@@ -145,7 +145,8 @@ def _cuda_turn(value: Any) -> str:
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     """``value`` of setting ``key``, one of ``allowed``."""
     if value not in allowed:
-        raise ValueError(f"{key} must be {' or '.join(repr(a) for a in allowed)}, got {value!r}")
+        names = [repr(a) for a in allowed]
+        raise ValueError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
     return str(value)
 
 
