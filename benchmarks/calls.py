@@ -189,6 +189,9 @@ def summarize_tasks(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
         "quorum_bytes_read": sum(t.get("bytes_read", 0) for t in q),
         "quorum_bytes_written": sum(t.get("bytes_written", 0) for t in q),
         "merge_bytes_written": sum(t.get("bytes_written", 0) for t in m),
+        # per quorum task, by its start: seconds until its IO was set up, until its first step's inputs were in
+        "quorum_setup_seconds": [round(t.get("setup_seconds", 0.0), 4) for t in q],
+        "quorum_first_step_seconds": [round(t.get("first_step_seconds", 0.0), 4) for t in q],
     }
 
 

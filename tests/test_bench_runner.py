@@ -73,7 +73,11 @@ def test_tiny_cpu_run_writes_one_result_file_the_report_reads(tmp_path: Path) ->
         assert res["check"]["rows"] >= 2 and res["check"]["max_abs_out"] < 1e-5, res["check"]
     run = doc["results"][0]["figures"]
     assert run["bytes_read"] > 0 and run["bytes_written"] > 0 and run["groups"] >= 3
-    assert doc["results"][0]["profile"]["quorum_count"] > 0  # the per-task profile of a warm run
+    prof = doc["results"][0]["profile"]
+    assert prof["quorum_count"] > 0  # the per-task profile of a warm run
+    assert len(prof["quorum_setup_seconds"]) == len(prof["quorum_first_step_seconds"]) == prof["quorum_count"]
+    assert all(0 <= a <= b < prof["quorum_seconds"]  # IO set up, then the first step's inputs in, within the task
+               for a, b in zip(prof["quorum_setup_seconds"], prof["quorum_first_step_seconds"]))
     md = report.markdown(report.load_results(str(out)))
     for res in doc["results"]:
         row = next(line for line in md.splitlines() if line.startswith(f"| {res['case']['name']} |"))

@@ -113,6 +113,7 @@ class _QuorumRun:
         self.io = TaskIO(cell, opt, rt.cache, self.producer)
         self.timer = Timer()
         self.turn = opt.cuda_turn
+        self.setup_s = self.first_step_s = 0.0  # since t0: IO set up; the first step's inputs in
 
     def run(self) -> dict[str, Any]:
         """Every step of the task, reads ahead and writes behind; the task's record.
@@ -129,6 +130,7 @@ class _QuorumRun:
         try:
             with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
                 waiting: Result | None = None  # CUDA: the previous step's result, not yet copied back
+                self.setup_s = time.perf_counter() - self.t0
                 for n, step in enumerate(self.steps):
                     check_stopped(self.cell.token)  # the job was interrupted in this process (stop.py)
                     t = time.perf_counter()
@@ -136,6 +138,8 @@ class _QuorumRun:
                     if step.first:
                         held.enter_context(self.rt.turn(self.dev.type, self.turn))
                     t = self.timer.waited(t)
+                    if n == 0:
+                        self.first_step_s = t - self.t0
                     result = self.compute(step, q, kv)
                     del q, kv
                     if step.last and exclusive and result.done is not None:
@@ -221,13 +225,15 @@ class _QuorumRun:
                          kernel=self.kernel)
 
     def record(self) -> dict[str, Any]:
-        """The task's figures: timings (s), bytes, device peaks."""
+        """The task's figures: timings (s; ``setup_seconds``: until its IO was set up,
+        ``first_step_seconds``: until its first step's inputs were in), bytes, device peaks."""
         dev, c = self.dev, self.cell
         return {
             "kind": "quorum", "task": self.task, "batch": c.batch, "block": c.block,
             "pairs": sum(len(bs) for _, _, bs in self.work), "kernel": self.kernel, "device": str(dev),
             "seconds": time.perf_counter() - self.t0, "compute_seconds": self.timer.compute,
             "io_seconds": self.timer.wait, "bytes_read": self.io.read, "bytes_written": self.io.written,
+            "setup_seconds": self.setup_s, "first_step_seconds": self.first_step_s,
             **_device_figures(dev),
         }
 
