@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,3 +37,20 @@ def test_all_finite_matches_the_elementwise_check(dtype: str, shape: tuple[int, 
     assert all_finite(x) == want
     if big and x.numel() > 1 and not specials and dtype != "float16":
         assert not torch.isfinite(x.sum(dtype=torch.float32)), "the big case must overflow the sum"
+
+
+@pytest.mark.parametrize("dtype", sorted(_DTYPES))
+def test_all_finite_on_blocks_the_size_the_io_threads_check(dtype: str) -> None:
+    """Blocks of 32K-1M elements (vectorised reductions, an odd tail): a NaN or an Inf anywhere, the
+    first and last element included, is found; a block without one passes."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    for n in (32 * 1024 + 7, 1024 * 1024):
+        x = torch.randn(n, generator=g).to(_DTYPES[dtype])
+        assert all_finite(x)
+        for where in (0, n - 1, int(torch.randint(1, n - 1, (), generator=g))):
+            for name, value in _SPECIAL.items():
+                y = x.clone()
+                y[where] = value
+                assert not all_finite(y.view(1, 1, -1)), (n, where, name)
