@@ -358,6 +358,17 @@ def _taken_by(dask_scheduler: Any, name: str) -> int:
     return moving + (len(ws.processing) if ws is not None else 0)
 
 
+def _queue_of(dask_scheduler: Any, name: str) -> dict[str, Any]:
+    """What the scheduler's work stealing sees of the worker named ``name``: its tasks, its
+    occupancy (their expected seconds), whether it is counted saturated, and the quorum tasks'
+    average duration.  Dask steals only from a worker whose occupancy exceeds 0.2 s."""
+    ws = next(w for w in dask_scheduler.workers.values() if w.name == name)
+    prefix = dask_scheduler.task_prefixes.get("cqsa-quorum")
+    return {"processing": len(ws.processing), "occupancy": round(ws.occupancy, 3),
+            "saturated": ws in dask_scheduler.saturated,
+            "quorum_task_seconds": round(prefix.duration_average, 4) if prefix is not None else None}
+
+
 def _executing_on_worker(dask_worker: Any) -> int:
     return len(dask_worker.state.executing)  # includes tasks cancelled while they execute
 
@@ -706,7 +717,10 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
 # -- 1b. workers that join mid-job, and a worker too small --------------------------------------
 
 ELASTIC = "elastic_mem"  # the resource of the elastic job: the module's two workers do not advertise it
-ELASTIC_GROUPS = 31  # SMALL cut into 31 groups: 31 quorum tasks, and a quarter of BIG's reference to check
+# SMALL cut into 128 groups of 16 tokens: 128 quorum tasks of 10-30 ms.  Dask steals only from a worker whose
+# queued work is worth more than 0.2 s: with 31 such tasks, CI's faster machine had finished 14 when
+# the joiner came and the 17 left on "big" were not worth stealing (the joiner ran none)
+ELASTIC_GROUPS = 128
 
 
 @dataclass(frozen=True)
@@ -718,6 +732,7 @@ class Elastic:
     workers: dict[str, str]  # role ("big", "small", "joiner") -> address
     small_amount: int  # of ELASTIC, advertised by the small worker
     done_at_join: int  # quorum tasks marked done when the joiner was started
+    queue_at_join: dict[str, Any]  # "big" as the scheduler's work stealing saw it then (_queue_of)
     ran_on: np.ndarray  # (W,) CRC-32 of the address each quorum task ran on
     runs: np.ndarray  # (W,) computations of each quorum task
     merges_on: np.ndarray  # (W,) the same for merges (NaN: a merge that had nothing to merge)
@@ -773,6 +788,7 @@ def elastic(cluster: DaskCluster, small: Source, tmp_path_factory: pytest.TempPa
                 os.kill(big_pid, signal.SIGSTOP)
                 try:
                     done_at_join = _count(store, "task_done")
+                    queue_at_join = c.run_on_scheduler(_queue_of, name="reliability-0")
                     procs["joiner"] = cluster.spawn_worker("elastic-joiner", ELASTIC, DEVICE_MEM, logdir / "joiner")
                     cluster.ensure_workers(WORKERS + 2)
                     with contextlib.suppress(AssertionError):  # if none comes, the test says the joiner ran none
@@ -793,14 +809,15 @@ def elastic(cluster: DaskCluster, small: Source, tmp_path_factory: pytest.TempPa
     worker, runs = STAT_FIELDS.index("worker"), STAT_FIELDS.index("runs")
     roles = {"big": "big", "joiner": "elastic-joiner", "small": "elastic-small"}
     yield Elastic(store, res.plan, {r: names[n] for r, n in roles.items()}, small_amount, done_at_join,
-                  stats["task"][:, worker], stats["task"][:, runs], stats["merge"][:, worker])
+                  queue_at_join, stats["task"][:, worker], stats["task"][:, runs], stats["merge"][:, worker])
 
 
 @pytest.mark.integration
 def test_a_worker_joining_mid_job_takes_tasks(elastic: Elastic, small: Source) -> None:
     """The joiner ran quorum tasks of the job it joined; every task computed once; exact."""
     on = {role: int((elastic.ran_on == _crc(addr)).sum()) for role, addr in elastic.workers.items()}
-    print(f"joined after {elastic.done_at_join}/{elastic.plan.tasks} quorum tasks; quorum tasks per worker {on}")
+    print(f"joined after {elastic.done_at_join}/{elastic.plan.tasks} quorum tasks, big's queue then "
+          f"{elastic.queue_at_join}; quorum tasks per worker {on}")
     assert elastic.done_at_join < elastic.plan.tasks - 2, "the joiner came too late to take any task"
     assert on["joiner"] >= 1, f"the worker that joined ran no quorum task: {on}"
     assert on["big"] + on["joiner"] == elastic.plan.tasks, on
