@@ -375,6 +375,10 @@ def test_producers_with_empty_groups_match_the_owned_work(w: int, data: st.DataO
     size = {a: e - s for a, (s, e) in zip(shared, map(p.group_bounds, shared))}
     assert p.shared_rows == (len(shared), sum(size.values()), sum(rows[a] for a in shared),
                          sum(rows[a] * size[a] for a in shared))
+    assert p.merges == sum(1 for k in rows.values() if k) * p.batch * p.head_blocks == ne  # a merge per computed row
+    some = sorted(set(data.draw(st.lists(st.integers(0, ne - 1), min_size=1, max_size=4), label="query groups")))
+    picked = make_plan(seq_len=n, heads=1, head_dim=8, groups=w, budget="1GB", causal=causal, query_groups=some)
+    assert picked.merges == len(some) and picked.merge_groups == some
 
 
 def test_huge_plan_with_empty_groups_describes_itself() -> None:

@@ -164,8 +164,10 @@ class Plan:
 
     @property
     def merges(self) -> int:
-        """Number of merge tasks: one per computed non-empty (group, batch, head block)."""
-        return len(self.merge_groups) * self.batch * self.head_blocks
+        """Number of merge tasks: one per computed non-empty (group, batch, head block); O(1)
+        (``merge_groups`` lists up to W groups: 0.5 s at W = 24M, in every ``to_dict``)."""
+        rows = len(self.query_groups) if self.query_groups else self.nonempty_groups
+        return rows * self.batch * self.head_blocks
 
     @property
     def policy(self) -> PartialsPolicy:
