@@ -305,3 +305,13 @@ def test_demo_runs_and_reports(jobs: Jobs) -> None:
     exact = next(line for line in r.stdout.splitlines() if line.startswith("exactness"))
     m = re.search(r"max \|out err\| ([0-9.e+-]+)", exact)
     assert m and float(m.group(1)) < 1e-4, exact
+
+
+@pytest.mark.parametrize("command", [["plan", "--seq-len", "1024", "--heads", "2", "--head-dim", "64"],
+                                     ["run", "s.zarr"], ["analyze", "s.zarr"], ["demo"]])
+def test_memory_budget_is_another_spelling_of_budget(command: list[str]) -> None:
+    """``--memory-budget`` (the Python API's name) and ``--budget`` set the same option."""
+    from cqsa_dask.tools.cli import _parser
+
+    for flag in ("--budget", "--memory-budget"):
+        assert _parser().parse_args([*command, flag, "3.5GB"]).budget == "3.5GB"
