@@ -39,13 +39,16 @@ Backend policy (``cqsa.local-cluster.backend``):
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from distributed import LocalCluster
@@ -218,13 +221,50 @@ def start(spec: LocalSpec, backend: Backend) -> LocalCluster:
     with _no_sigint_in_children():  # the workers are spawned now, with SIGINT ignored; the job is not
         if backend == "dask-cuda":
             cluster = _start_dask_cuda(spec)
-        elif spec.gpus:
-            cluster = _GPUCluster(spec.gpus, **cluster_kwargs(spec))
         else:
-            cluster = LocalCluster(n_workers=spec.n_workers, **cluster_kwargs(spec))
+            try:
+                cluster = (_GPUCluster(spec.gpus, **cluster_kwargs(spec)) if spec.gpus
+                           else LocalCluster(n_workers=spec.n_workers, **cluster_kwargs(spec)))
+            except Exception as e:
+                script = _unguarded_script() if spec.processes else None
+                if script is None:
+                    raise
+                raise SchedulerError(
+                    f"the local cluster's worker processes did not start ({type(e).__name__}: {e}); each of them "
+                    f"imports the calling script {script!r} again, so a script must call cqsa_dask "
+                    "under `if __name__ == \"__main__\":`; or set cqsa.local-cluster.processes to false "
+                    "(one threaded worker in this process)") from e
     log.info("local cluster (%s backend): %d workers on %s", backend, len(cluster.workers),
              ",".join(spec.gpus) or "the CPU")
     return cluster
+
+
+def _unguarded_script() -> str | None:
+    """The path of the script this process runs as ``python script.py`` when no top-level
+    ``if __name__ == "__main__":`` guards its code (None: guarded, an interactive session,
+    ``python -m``, unreadable): spawned worker processes import it again and run that code
+    (Python's multiprocessing "spawn" start method), a second cluster start included."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
+    try:
+        tree = ast.parse(Path(path).read_bytes()) if path else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if tree is None:
+        return None
+    for node in tree.body:
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Compare) and {_name(test.left), *map(_name, test.comparators)} == {"__name__",
+                                                                                                  "__main__"}:
+            return None
+    return str(path)
+
+
+def _name(node: ast.expr) -> str | None:
+    """``__name__`` for that name, the text of a string constant, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def _start_dask_cuda(spec: LocalSpec) -> LocalCluster:
