@@ -299,3 +299,28 @@ def test_a_threaded_gpu_cluster_is_one_worker_in_this_process(tmp_path) -> None:
         for gpus in (["0", "1"], ["1"]):
             with pytest.raises(InvalidInputError, match="threaded local cluster .* first GPU only"):
                 local_spec(budget_bytes=3 * 10**8, resource="device_mem", threads=2, gpus=gpus)
+
+
+@pytest.mark.parametrize("advertised", [None, "just below"])
+def test_a_users_cluster_without_the_resource_gets_one_error_saying_how(advertised: str | None) -> None:
+    """attention() with the user's own LocalCluster whose workers advertise no ``device_mem``, or
+    one byte less than a task needs: SchedulerError naming the bytes and how to advertise them
+    (`dask worker --resources`, ``LocalCluster(resources=...)``); the inputs are untouched."""
+    from distributed import Client, LocalCluster
+
+    import cqsa_dask
+    from cqsa_dask.core.errors import SchedulerError
+    from cqsa_dask.core.plan import make_plan
+
+    need = make_plan(seq_len=900, heads=2, head_dim=32, budget="3MB", dtype="float32").task_memory_bytes
+    resources = {} if advertised is None else {"device_mem": need - 1}
+    gen = _torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    q, k, v = (_torch.randn(1, 2, 900, 32, generator=gen) for _ in range(3))
+    before = [x.clone() for x in (q, k, v)]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                      resources=resources) as lc, Client(lc) as c, pytest.raises(SchedulerError) as e:
+        cqsa_dask.attention(q, k, v, client=c, memory_budget="3MB")
+    msg = str(e.value)
+    assert f"no worker advertises {need:,} bytes of resource 'device_mem'" in msg, msg
+    assert f"--resources device_mem={need}" in msg and f"LocalCluster(resources={{'device_mem': {need}}})" in msg, msg
+    assert "\n" not in msg and all(_torch.equal(x, y) for x, y in zip((q, k, v), before))

@@ -150,5 +150,6 @@ def check_capacity(client: Client, resource: str, need: int) -> None:
     if max(have) < need:
         raise SchedulerError(
             f"no worker advertises {need:,} bytes of resource {resource!r} (largest: {max(have):,.0f}); "
-            f"start workers with `--resources {resource}={need}` or lower the budget"
+            f"start workers with `--resources {resource}={need}` (`dask worker`; LocalCluster(resources="
+            f"{{{resource!r}: {need}}})) or lower the budget"
         )
