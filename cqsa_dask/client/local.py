@@ -246,16 +246,16 @@ def _unguarded_script() -> str | None:
     (Python's multiprocessing "spawn" start method), a second cluster start included."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
+    if not path:
+        return None
     try:
-        tree = ast.parse(Path(path).read_bytes()) if path else None
+        tree = ast.parse(Path(path).read_bytes())
     except (OSError, SyntaxError, ValueError):
         return None
-    if tree is None:
-        return None
+    guard = {"__name__", "__main__"}
     for node in tree.body:
         test = node.test if isinstance(node, ast.If) else None
-        if isinstance(test, ast.Compare) and {_name(test.left), *map(_name, test.comparators)} == {"__name__",
-                                                                                                  "__main__"}:
+        if isinstance(test, ast.Compare) and {_name(test.left), *map(_name, test.comparators)} == guard:
             return None
     return str(path)
 
