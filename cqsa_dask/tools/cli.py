@@ -111,6 +111,11 @@ def _store_options(p: argparse.ArgumentParser) -> None:
                         "uses the AWS_* environment variables)")
 
 
+def _budget_option(p: argparse.ArgumentParser, default: str | None, text: str) -> None:
+    """``--budget``, also spelled ``--memory-budget`` (the Python API's name)."""
+    p.add_argument("--budget", "--memory-budget", dest="budget", default=default, help=text)
+
+
 def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partials", choices=("auto", "all", "bounded"), default=None,
                    help="partial results: all (|D| x the output on disk, fastest), bounded (folded into each "
@@ -344,8 +349,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--head-dim", type=int, required=True, help="head dim D (<= 256)")
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--dtype", default="bfloat16", help="float32|float16|bfloat16 (fp32, fp16, bf16)")
-    pl.add_argument("--budget", "--memory-budget", dest="budget", default=None,
-                    help="memory budget per worker, e.g. 12GB (default: config)")
+    _budget_option(pl, None, "memory budget per worker, e.g. 12GB (default: config)")
     pl.add_argument("--causal", action="store_true")
     pl.add_argument("--scale", type=float, default=None)
     pl.add_argument("--groups", type=int, default=None, help="force the number of token groups W")
@@ -360,8 +364,7 @@ def _parser() -> argparse.ArgumentParser:
     _store_options(r)
     r.add_argument("--causal", action="store_true")
     r.add_argument("--scale", type=float, default=None)
-    r.add_argument("--budget", "--memory-budget", dest="budget", default=None,
-                   help="memory budget per worker (default: workers' resource or config)")
+    _budget_option(r, None, "memory budget per worker (default: workers' resource or config)")
     r.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
     r.add_argument("--gpus", default=None, metavar="all|none|0,1,...",
                     help="GPUs of the local cluster, one worker each (default: cqsa.local-cluster.gpus, all)")
@@ -414,8 +417,7 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("store", help="path or URL of the store of a complete job")
     an.add_argument("--resolution", type=int, default=None, metavar="R", help="also the R x R block map")
     an.add_argument("--plot", default=None, metavar="FILE.png", help="draw the results (needs matplotlib)")
-    an.add_argument("--budget", "--memory-budget", dest="budget", default=None,
-                    help="memory budget per worker (default: workers' resource or the job's)")
+    _budget_option(an, None, "memory budget per worker (default: workers' resource or the job's)")
     an.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: a local cluster)")
     an.set_defaults(fn=_cmd_analyze)
 
@@ -431,8 +433,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--kv-heads", type=int, default=2)
     d.add_argument("--head-dim", type=int, default=64)
     d.add_argument("--dtype", default="float32")
-    d.add_argument("--budget", "--memory-budget", dest="budget", default="48MB",
-                   help="memory budget (default forces several groups)")
+    _budget_option(d, "48MB", "memory budget (default forces several groups)")
     d.add_argument("--causal", action="store_true")
     d.add_argument("--rows", type=int, default=16, help="sampled rows checked against float64")
     d.add_argument("--seed", type=int, default=0)
