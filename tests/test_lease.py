@@ -10,9 +10,11 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import zarr
+from clitools import snapshot
 
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.store import jobstate
@@ -102,3 +104,24 @@ def test_start_ticks_name_the_holder_whatever_the_wall_clock_does(monkeypatch: p
     stored = lease.eng.attrs["lease"]
     assert stored["start_ticks"] == ticks  # type: ignore[index]
     lease.release()
+
+
+def test_a_held_store_is_refused_before_any_scheduler_is_asked(tmp_path: Path) -> None:
+    """``run`` looks at the lease before it connects: a store another live run holds is refused at
+    once, even with a scheduler that never answers (before, a SchedulerError after the 10 s connect
+    timeout; with a busy cluster, the refusal waited on every worker's answer), and its bytes stay
+    as they were."""
+    import psutil
+
+    import cqsa_dask
+    from cqsa_dask.store.random_inputs import write_random_inputs
+
+    store = tmp_path / "held.zarr"
+    write_random_inputs(store, seq_len=64, heads=2, kv_heads=1, head_dim=8, seed=7)
+    me = psutil.Process()
+    eng = zarr.open_group(str(store), mode="r+", zarr_format=3).create_group("_cqsa")
+    eng.attrs["lease"] = _lease(me.pid, me.create_time())
+    before = snapshot(store)
+    with pytest.raises(StoreError, match="another run holds this store"):
+        cqsa_dask.run(store, scheduler="tcp://127.0.0.1:9")  # the discard port: nothing listens
+    assert snapshot(store) == before

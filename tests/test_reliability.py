@@ -33,8 +33,8 @@ subprocess per invocation) and through ``cqsa_dask.run``::
     (*) an engine bug; the test is kept as it should be and marked xfail(strict=True)
 
 Sizes (float32, Hq=2, Hkv=1): with the workers' 3.2e6 bytes the planner picks
-W=31 (|D|=6) for BIG (N=4096, D=32): 31 quorum tasks + 31 merges, 2-3 s
-here, long enough to kill something mid-job; and W=7 (|D|=3) for
+W=31 (|D|=6) for BIG (N=4096, D=32): 31 quorum tasks + 31 merges, 0.5-3 s
+(the kill tests freeze the workers to be sure to kill mid-job); and W=7 (|D|=3) for
 SMALL (N=2048, D=16), where every query group has three producers, so
 partial results exist (a group with one producer is written straight to
 out/lse).  A quorum task needs 2.7e6 of the 3.2e6 a worker advertises, so at
@@ -856,8 +856,11 @@ def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tm
     """kill -9 of `cqsa run`; `cqsa resume` finishes the job without redoing finished tasks.
 
     Both runs get cqsa.lease-seconds = 3 from the environment, so the killed
-    run's lease (never released) expires soon.  While the first run holds it,
-    a second run is refused.  Quorum tasks executed: the markers set by the
+    run's lease (never released) expires soon.  Once four tasks are done the
+    workers are frozen (SIGSTOP) until the client is killed, so the kill
+    comes mid-job on any machine (the whole job takes ~0.5 s here).  While
+    the first run holds the lease, a second run is refused, before it asks
+    the (frozen) workers anything.  Quorum tasks executed: the markers set by the
     killed run (counted once its tasks in flight have finished: Dask cannot
     interrupt a running task, so they complete after the client is gone)
     plus what the resume reports; at most the tasks in flight (one per
@@ -871,16 +874,22 @@ def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tm
             first = subprocess.Popen([*cqsa_command(), "run", str(store), "--scheduler", cluster.address, "--json"],
                                      stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV, **SHORT_LEASE},
                                      start_new_session=True)
+        pids = list(c.run(os.getpid).values())
         try:
-            _await(lambda: first.poll() is not None or _count(store, "task_done") >= 1, "the first task", 180)
-            assert first.poll() is None, f"the first run ended early:\n{log.read_text()}"
-            with pytest.raises(StoreError, match="another run holds this store") as refused:
-                cqsa_dask.run(store, client=c)  # through a connected client: refused within ~0.1 s
-            assert isinstance(refused.value, OSError)
-            _await(lambda: first.poll() is not None or _count(store, "task_done") >= 4, "four finished tasks")
-            assert first.poll() is None, f"the first run ended before the kill (make BIG larger):\n{log.read_text()}"
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait(timeout=10)
+            _await(lambda: first.poll() is not None or _count(store, "task_done") >= 4, "four finished tasks",
+                   180, 0.01)
+            for pid in pids:  # the job stops here, however fast the machine (CI's ran all 31 tasks before the kill)
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                assert first.poll() is None, f"the first run ended before the kill:\n{log.read_text()}"
+                with pytest.raises(StoreError, match="another run holds this store") as refused:
+                    cqsa_dask.run(store, client=c)  # refused before the (frozen) workers are asked anything
+                assert isinstance(refused.value, OSError)
+                os.kill(first.pid, signal.SIGKILL)
+                first.wait(timeout=10)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
             plan, token = _plan(store), str(_engine(store).attrs["token"])
             _await(lambda: _settled(c, token), "the killed job's tasks to finish or be forgotten", 60, 0.2)
             st = status(store)

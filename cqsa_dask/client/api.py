@@ -173,8 +173,9 @@ def _warm_local_kernels(plan: Plan, gpus: Sequence[str]) -> None:
 def _prepare(group: Any, plan: Plan, restart: bool, force: bool = False) -> tuple[str, bool]:
     """Resume the stored job when its plan and inputs match; else start a new one.
 
-    A changed job or changed inputs are refused as such before the lease is looked at; then a
-    live lease of another run refuses (``force``: one of another host is taken over)."""
+    ``run`` has refused a store held by another run before it connected; the lease is looked at
+    again here (it may have been claimed since), after a changed job or changed inputs are
+    refused as such (``force``: a lease of another host is taken over)."""
     if ENGINE in group:
         eng = engine(group)
         stored = dict(eng.attrs.get("plan") or {})  # type: ignore[arg-type]
@@ -284,6 +285,8 @@ def run(
     resource = str(config.get("resource"))
 
     stored = _stored_plan(group, restart)
+    if ENGINE in group:  # another run's live lease refuses this one now: before a cluster starts or workers are asked
+        _store_op(lambda: check_free(engine(group), force=force))
 
     def plan_for(budget: int, kind: DeviceKind) -> Plan:
         """The plan for ``budget`` on workers of device ``kind``; a stored job keeps its decision
