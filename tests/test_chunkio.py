@@ -254,3 +254,20 @@ def test_presence_markers_are_read_with_one_listing() -> None:
     assert np.argwhere(got).tolist() == [[3, 1, 2], [39, 0, 0]]
     assert logged.counter.get("list_prefix") == 1, dict(logged.counter)
     assert not logged.counter.get("get"), f"markers were read chunk by chunk: {dict(logged.counter)}"
+
+
+@pytest.mark.parametrize("encoding", [{"name": "v2", "separator": "."}, {"name": "v2", "separator": "/"},
+                                      {"name": "default", "separator": "."}], ids=["v2-dot", "v2-slash", "dot"])
+def test_other_chunk_key_encodings_are_read_directly(tmp_path: Path, encoding: dict[str, str]) -> None:
+    """Uncompressed arrays whose chunk keys zarr writes another way (e.g. a migrated v2 store's
+    ``0.1.2.0``) are read from their files, the same values as zarr reads."""
+    g = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    shape = (2, 2, 64, 8)
+    data = np.random.default_rng().standard_normal(shape).astype(np.float32)
+    arr = g.create_array("a", shape=shape, chunks=(1, 1, 16, 8), dtype="float32", compressors=None,
+                         chunk_key_encoding=encoding)
+    arr[...] = data
+    io = chunk_io(arr)
+    assert isinstance(io, LocalFiles) and direct_root(arr) is not None
+    got = io.read_rows(1, slice(0, 2), slice(5, 50), torch.float32)
+    assert torch.equal(got, torch.from_numpy(data[1, :, 5:50]))

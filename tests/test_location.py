@@ -13,11 +13,13 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 import zarr.storage
@@ -210,3 +212,28 @@ def test_urls_are_equal_exactly_when_their_options_are(scheme: str, path: list[s
     assert (la == lb) == (a == b)
     back = pickle.loads(pickle.dumps(la))
     assert back == la and hash(back) == hash(la) and back.storage_options == a
+
+
+@pytest.mark.parametrize("how", ["path", "url"])
+def test_a_zarr_v2_group_is_named_and_the_migration_it_names_works(tmp_path: Path, how: str) -> None:
+    """A Zarr v2 group of q, k, v (written with plain zarr) is refused as such, naming zarr-python's
+    migration; once it has run (`zarr migrate v3 STORE`, as the error says), the same store opens as
+    a v3 group with the same values."""
+    rng = np.random.default_rng()
+    data = {n: rng.standard_normal((1, 2, 40, 8)).astype(np.float32) for n in "qkv"}
+    path = tmp_path / "v2.zarr"
+    g2 = zarr.open_group(path, mode="w", zarr_format=2)
+    for n, a in data.items():
+        g2.create_array(n, data=a, chunks=(1, 2, 16, 8))
+    target = str(path) if how == "path" else f"file://{path}"
+    before = sorted(p.name for p in path.rglob("*"))
+    with pytest.raises(StoreError, match=r"is a Zarr v2 group; .*`zarr migrate v3 ") as e:
+        parse_store(target).open_group("r+")
+    assert sorted(p.name for p in path.rglob("*")) == before  # nothing written
+    command = re.search(r"`(zarr migrate v3 [^`]+)`", str(e.value))
+    assert command is not None
+    zarr_cli = Path(sys.executable).parent / "zarr"
+    subprocess.run([str(zarr_cli), *command.group(1).split()[1:]], check=True, capture_output=True)
+    group = parse_store(target).open_group("r")
+    for n, a in data.items():
+        np.testing.assert_array_equal(np.asarray(group[n][...]), a)

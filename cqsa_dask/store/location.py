@@ -216,6 +216,11 @@ class StoreLocation:
         except (zarr.errors.GroupNotFoundError, FileNotFoundError, NotADirectoryError) as e:
             if missing_ok:
                 return None
+            if mode in ("r", "r+") and self._holds_v2_group():
+                how = (f"`zarr migrate v3 {self.target}` (zarr-python's command: `pip install 'zarr[cli]'`)"
+                       if self.kind != "object" else "zarr.metadata.migrate_v3.migrate_to_v3")
+                raise StoreError(f"store {where} is a Zarr v2 group; cqsa reads and writes Zarr v3: add v3 metadata "
+                                 f"in place with {how}, which keeps q, k and v's chunks as they are") from None
             hint = ": check the bucket, the path and the credentials" if self.kind == "url" else ""
             raise StoreError(f"store {where} is not a Zarr v3 group (nothing found there{hint}); create one "
                              f"with zarr.open_group(..., mode='w') ({type(e).__name__}: {e})") from None
@@ -236,6 +241,15 @@ class StoreLocation:
             raise _unreachable(where, e) from None
         except Exception as e:  # noqa: BLE001  (endpoints, credentials, network: each client has its own errors)
             raise _unreachable(where, e) from None
+
+
+    def _holds_v2_group(self) -> bool:
+        """Whether a Zarr v2 group is stored here (asked only once no v3 group was found)."""
+        try:
+            zarr.open_group(store=self._zarr_store(True), mode="r", zarr_format=2)
+        except Exception:  # noqa: BLE001  (nothing, or nothing readable: the caller's error stands)
+            return False
+        return True
 
 
 def _unreachable(where: str, e: BaseException) -> StoreError:
