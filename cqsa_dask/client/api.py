@@ -29,6 +29,7 @@ from distributed import Client
 
 from cqsa_dask import config
 from cqsa_dask.client.cluster import check_capacity, connect, local_gpus, resolve_budget
+from cqsa_dask.client.forward_only import forward_only
 from cqsa_dask.client.local import worker_processes
 from cqsa_dask.client.policy import DeviceKind, local_device_kind, plan_options, workers_device_kind
 from cqsa_dask.client.session import session_defaults
@@ -368,6 +369,10 @@ def run(
     )
 
 
+NO_BACKWARD = ("cqsa_dask.attention computes the forward pass only: it has no backward; train with "
+               "torch.nn.functional.scaled_dot_product_attention, or call it under torch.no_grad()")
+
+
 def _validate_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -416,6 +421,9 @@ def attention(
 
     Returns:
         out (B, Hq, N, D) in q's dtype on q's device, and lse when asked.
+        There is no backward: with gradients enabled and inputs that require
+        them, the outputs require them too, and a backward that reaches them
+        raises NotImplementedError (gradients are never silently dropped).
     """
     _validate_tensors(q, k, v)
     if store is not None and workdir is not None:
@@ -429,20 +437,26 @@ def attention(
     plan = make_plan(seq_len=n, heads=hq, kv_heads=k.shape[1], head_dim=d, batch=b,
                      dtype=str(q.dtype), causal=causal, scale=scale, budget=memory_budget, groups=groups,
                      **plan_options(kind))
-    tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir) if location is None else None
-    try:
-        if location is None:
-            assert tmp is not None
-            location = parse_store(os.path.join(tmp, "job.zarr"))
-        group = location.create_group(overwrite=tmp is not None)
-        g = plan.group_size
-        write_tensor(group, "q", q, (1, plan.q_heads_per_task, g, d))
-        write_tensor(group, "k", k, (1, plan.heads_per_task, g, d))
-        write_tensor(group, "v", v, (1, plan.heads_per_task, g, d))
-        run(location, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
-        out = read_block(array(group, "out"), (...,), plan.dtype).to(q.device)
-        lse = read_block(array(group, "lse"), (...,), "float32").to(q.device)
-    finally:
-        if tmp is not None and not keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal location
+        tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir) if location is None else None
+        try:
+            if location is None:
+                assert tmp is not None
+                location = parse_store(os.path.join(tmp, "job.zarr"))
+            group = location.create_group(overwrite=tmp is not None)
+            g = plan.group_size
+            write_tensor(group, "q", q, (1, plan.q_heads_per_task, g, d))
+            write_tensor(group, "k", k, (1, plan.heads_per_task, g, d))
+            write_tensor(group, "v", v, (1, plan.heads_per_task, g, d))
+            run(location, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
+            out = read_block(array(group, "out"), (...,), plan.dtype).to(q.device)
+            lse = read_block(array(group, "lse"), (...,), "float32").to(q.device)
+        finally:
+            if tmp is not None and not keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out, lse
+
+    out, lse = forward_only(compute, NO_BACKWARD, q, k, v)
     return (out, lse) if return_lse else out

@@ -46,6 +46,7 @@ import torch
 
 from cqsa_dask import config
 from cqsa_dask.client.api import attention, plan_options
+from cqsa_dask.client.forward_only import forward_only
 from cqsa_dask.client.session import Session, current_session
 from cqsa_dask.core.errors import InvalidInputError
 from cqsa_dask.core.plan import Plan, make_plan
@@ -104,7 +105,7 @@ class Backend:
         scale = float(scaling) if scaling is not None else None
         compute = on_device if way == "device" else self._engine
         fn = functools.partial(compute, scale=scale, causal=causal)
-        out = _NoBackward.apply(fn, query, key, value)  # (B, Hq, N, D)
+        out = _tensor(forward_only(fn, NO_BACKWARD, query, key, value))  # (B, Hq, N, D)
         return out.transpose(1, 2).contiguous(), None  # (B, N, Hq, D)
 
     def _budget(self) -> int | str:
@@ -131,25 +132,13 @@ class Backend:
             self._own = None
 
 
-def _tensor(x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _tensor(x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     assert isinstance(x, torch.Tensor)
     return x
 
 
-class _NoBackward(torch.autograd.Function):
-    """Runs ``fn(q, k, v)`` on detached inputs; a backward through it raises."""
-
-    @staticmethod
-    def forward(ctx: Any, fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
-        return fn(q.detach(), k.detach(), v.detach())
-
-    @staticmethod
-    def backward(ctx: Any, *grad: torch.Tensor) -> Any:
-        raise NotImplementedError(
-            "the cqsa attention backend computes forward passes only (prefill, generation, scoring): it has "
-            "no backward; train with attn_implementation='sdpa' or 'eager', or run under torch.no_grad()"
-        )
+NO_BACKWARD = ("the cqsa attention backend computes forward passes only (prefill, generation, scoring): it has "
+               "no backward; train with attn_implementation='sdpa' or 'eager', or run under torch.no_grad()")
 
 
 def route(query: torch.Tensor, key: torch.Tensor, *, min_tokens: int, memory_budget: int | str,
