@@ -297,6 +297,7 @@ def test_run_honours_local_cluster_environment_variables(jobs: Jobs) -> None:
 def test_demo_runs_and_reports(jobs: Jobs) -> None:
     r = jobs.result("demo")
     assert r.returncode == 0 and "Traceback" not in r.stderr, f"seed {jobs.seeds['demo']}\n{r}"
+    assert "\r" not in r.stderr and "tasks" not in r.stderr, f"a progress bar without a terminal:\n{r.stderr}"
     heads = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
     for word in ("tokens", "memory", "exactness"):
         assert word in heads, f"no line starting with {word!r}:\n{r.stdout}"

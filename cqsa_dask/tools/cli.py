@@ -318,7 +318,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         group = write_random_inputs(path, seq_len=a.seq_len, heads=a.heads, kv_heads=a.kv_heads,
                                      head_dim=a.head_dim, dtype=a.dtype, seed=a.seed)
         res = run(path, causal=a.causal, memory_budget=budget,
-                  progress=_Progress(True, False), on_start=_start_printer(False))
+                  progress=_Progress(sys.stderr.isatty(), False), on_start=_start_printer(False))
         rows = sample_rows(group, a.rows, seed=a.seed)
         chk = check_rows(group, rows, causal=a.causal, scale=res.plan.scale)
     rss = _resource.getrusage(_resource.RUSAGE_CHILDREN).ru_maxrss * 1024
