@@ -316,3 +316,17 @@ def test_memory_budget_is_another_spelling_of_budget(command: list[str]) -> None
 
     for flag in ("--budget", "--memory-budget"):
         assert _parser().parse_args([*command, flag, "3.5GB"]).budget == "3.5GB"
+
+
+def test_progress_without_a_terminal_is_a_line_every_ten_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--progress` into a log (stderr not a terminal): whole lines, rate-limited, the last one always."""
+    from cqsa_dask.tools.cli import _Progress
+
+    bar = _Progress(True, False)
+    for done in range(1, 41):
+        bar(done, 40)
+    err = capsys.readouterr().err
+    assert "\r" not in err, repr(err)
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("progress    1/40 tasks") and \
+        lines[1].startswith("progress    40/40 tasks"), lines

@@ -57,17 +57,22 @@ def _plan_lines(p: Plan) -> list[str]:
 
 
 class _Progress:
-    """A one-line progress bar with ETA on a terminal (stderr)."""
+    """A one-line progress bar with ETA on a terminal (stderr); without one (``--progress`` into a
+    log file, a batch job's output) a plain line every ``LOG_EVERY`` seconds instead."""
+
+    LOG_EVERY = 10.0
 
     def __init__(self, enabled: bool, as_json: bool):
         self.enabled, self.as_json, self.t0 = enabled, as_json, time.perf_counter()
-        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+        self.last = float("-inf")  # the first call shows
         self.done = self.total = 0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
         self.done, self.total = done, total
-        if not (self.enabled or self.as_json) or (now - self.last < 0.2 and done < total):
+        every = 0.2 if self.as_json or self.tty else self.LOG_EVERY
+        if not (self.enabled or self.as_json) or (now - self.last < every and done < total):
             return
         self.last = now
         el = now - self.t0
@@ -75,6 +80,10 @@ class _Progress:
         if self.as_json:
             print(json.dumps({"event": "progress", "done": done, "total": total,
                               "elapsed_s": round(el, 3), "eta_s": round(eta, 3)}), flush=True)
+            return
+        if not self.tty:
+            sys.stderr.write(f"progress    {done}/{total} tasks, {el:.1f}s elapsed, eta {eta:.1f}s\n")
+            sys.stderr.flush()
             return
         width = 30
         fill = int(width * done / max(total, 1))
