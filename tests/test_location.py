@@ -14,6 +14,7 @@ import gc
 import os
 import pickle
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -221,7 +222,7 @@ def test_a_zarr_v2_group_is_named_and_the_migration_it_names_works(tmp_path: Pat
     a v3 group with the same values."""
     rng = np.random.default_rng()
     data = {n: rng.standard_normal((1, 2, 40, 8)).astype(np.float32) for n in "qkv"}
-    path = tmp_path / "v2.zarr"
+    path = tmp_path / "my v2.zarr"  # a space: the command in the error must still run as printed
     g2 = zarr.open_group(path, mode="w", zarr_format=2)
     for n, a in data.items():
         g2.create_array(n, data=a, chunks=(1, 2, 16, 8))
@@ -233,7 +234,8 @@ def test_a_zarr_v2_group_is_named_and_the_migration_it_names_works(tmp_path: Pat
     command = re.search(r"`(zarr migrate v3 [^`]+)`", str(e.value))
     assert command is not None
     zarr_cli = Path(sys.executable).parent / "zarr"
-    subprocess.run([str(zarr_cli), *command.group(1).split()[1:]], check=True, capture_output=True)
+    subprocess.run(f"{shlex.quote(str(zarr_cli))} {command.group(1).removeprefix('zarr ')}", shell=True, check=True,
+                   capture_output=True)
     group = parse_store(target).open_group("r")
     for n, a in data.items():
         np.testing.assert_array_equal(np.asarray(group[n][...]), a)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import shutil
 import uuid
 import weakref
@@ -217,7 +218,7 @@ class StoreLocation:
             if missing_ok:
                 return None
             if mode in ("r", "r+") and self._holds_v2_group():
-                how = (f"`zarr migrate v3 {self.target}` (zarr-python's command: `pip install 'zarr[cli]'`)"
+                how = (f"`zarr migrate v3 {shlex.quote(self.target)}` (zarr-python's command: `pip install 'zarr[cli]'`)"
                        if self.kind != "object" else "zarr.metadata.migrate_v3.migrate_to_v3")
                 raise StoreError(f"store {where} is a Zarr v2 group; cqsa reads and writes Zarr v3: add v3 metadata "
                                  f"in place with {how}, which keeps q, k and v's chunks as they are") from None
@@ -241,7 +242,6 @@ class StoreLocation:
             raise _unreachable(where, e) from None
         except Exception as e:  # noqa: BLE001  (endpoints, credentials, network: each client has its own errors)
             raise _unreachable(where, e) from None
-
 
     def _holds_v2_group(self) -> bool:
         """Whether a Zarr v2 group is stored here (asked only once no v3 group was found)."""
