@@ -14,6 +14,7 @@ unless ``workdir`` is given), calls ``run`` and reads ``out``/``lse`` back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
@@ -154,11 +155,11 @@ def _identity(d: dict[str, Any]) -> dict[str, Any]:
     return {name: d.get(name) for name in IDENTITY} | {"query_groups": list(d.get("query_groups") or [])}
 
 
-def _stored_plan(group: Any, restart: bool) -> dict[str, Any] | None:
-    """The plan dict of the job stored in ``group`` (None: no job, or it is to be replaced)."""
-    if restart or ENGINE not in group:
+def _stored_plan(eng: Any, restart: bool) -> dict[str, Any] | None:
+    """The plan dict of the job whose engine group is ``eng`` (None: no job, or it is to be replaced)."""
+    if restart or eng is None:
         return None
-    stored = engine(group).attrs.get("plan")
+    stored = eng.attrs.get("plan")
     return dict(stored) if isinstance(stored, dict) else None  # type: ignore[arg-type]
 
 
@@ -285,9 +286,10 @@ def run(
     info = input_info(group)
     resource = str(config.get("resource"))
 
-    stored = _stored_plan(group, restart)
-    if ENGINE in group:  # another run's live lease refuses this one now: before a cluster starts or workers are asked
-        _store_op(lambda: check_free(engine(group), force=force))
+    eng = engine(group) if ENGINE in group else None
+    if eng is not None:  # another run's live lease refuses this one now: before a cluster starts or workers are asked
+        _store_op(functools.partial(check_free, eng, force=force))
+    stored = _stored_plan(eng, restart)
 
     def plan_for(budget: int, kind: DeviceKind) -> Plan:
         """The plan for ``budget`` on workers of device ``kind``; a stored job keeps its decision
@@ -439,18 +441,16 @@ def attention(
                      **plan_options(kind))
 
     def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal location
         tmp = tempfile.mkdtemp(prefix="cqsa-", dir=workdir) if location is None else None
         try:
-            if location is None:
-                assert tmp is not None
-                location = parse_store(os.path.join(tmp, "job.zarr"))
-            group = location.create_group(overwrite=tmp is not None)
+            where = location if tmp is None else parse_store(os.path.join(tmp, "job.zarr"))
+            assert where is not None
+            group = where.create_group(overwrite=tmp is not None)
             g = plan.group_size
             write_tensor(group, "q", q, (1, plan.q_heads_per_task, g, d))
             write_tensor(group, "k", k, (1, plan.heads_per_task, g, d))
             write_tensor(group, "v", v, (1, plan.heads_per_task, g, d))
-            run(location, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
+            run(where, causal=causal, scale=scale, memory_budget=memory_budget, client=client, groups=groups)
             out = read_block(array(group, "out"), (...,), plan.dtype).to(q.device)
             lse = read_block(array(group, "lse"), (...,), "float32").to(q.device)
         finally:
