@@ -118,6 +118,9 @@ SMALL = {"seq_len": 2048, "heads": 2, "kv_heads": 1, "head_dim": 16}  # W = 7 wi
 CLIENT_CONFIG = {"cqsa.torch-threads": 1, "distributed.client.scheduler-info-interval": "1h"}
 ENV = {"DASK_CQSA__TORCH_THREADS": "1", "DASK_DISTRIBUTED__CLIENT__SCHEDULER_INFO_INTERVAL": "1h"}  # `cqsa`
 SHORT_LEASE = {"DASK_CQSA__LEASE_SECONDS": "3"}
+# the killed-worker job: BIG in 128 groups, so a worker still holds unmarked tasks when one is frozen (in 31
+# groups the job, ~0.5 s, once ended before any worker could be caught mid-task)
+KILL_GROUPS = 128
 NO_HOST_CACHE = {"DASK_CQSA__HOST_CACHE": "0"}
 UNANSWERED = "tcp://127.0.0.1:9"  # the discard port: nothing listens on loopback
 
@@ -659,7 +662,7 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
     store = big.copy(tmp_path / "job.zarr")
     with cluster.client() as c, ThreadPoolExecutor(1) as pool:
         pids: dict[str, int] = c.run(os.getpid)  # worker address -> pid of the worker process
-        job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address, partials=partials)
+        job = pool.submit(cqsa_dask.run, store, scheduler=cluster.address, partials=partials, groups=KILL_GROUPS)
         ids: dict[str, str] = c.run(_worker_id)
 
         def kill() -> tuple[str, list[int], list[str], float] | None:
