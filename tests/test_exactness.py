@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import dask
 import pytest
 import torch
 from conftest import draw_inputs
@@ -167,6 +168,42 @@ def test_huge_logits(dtype: torch.dtype, causal: bool, client, make_inputs) -> N
     check_exact(inp.q, inp.k, inp.v, out, lse, causal=causal, scale=None, context=inp.ctx, extra_floor=floor)
 
 
+CANCEL = replace(SHAPES["ragged"], b=1, hq=4, hkv=2, magnitude=0.05)
+
+
+def _cancelling(dtype: torch.dtype, make_inputs):  # type: ignore[no-untyped-def]
+    """Inputs of ``CANCEL`` whose v is +64 on the first half of the tokens and -64 on the second
+    (plus N(0, 1)), the logits small: (inputs, v, the kernels' rounding allowance)."""
+    inp = make_inputs(CANCEL.b, CANCEL.hq, CANCEL.hkv, CANCEL.n, CANCEL.d, dtype, magnitude=CANCEL.magnitude)
+    sign = torch.ones(CANCEL.n, 1, dtype=torch.float64)
+    sign[CANCEL.n // 2:] = -1.0
+    v = (inp.v.double() + 64.0 * sign).to(dtype)
+    ref, _ = reference_attention(inp.q, inp.k, v, False, None)
+    assert ref[..., -1, :].abs().max() < 8, f"the last row does not cancel: {ref[..., -1, :].abs().max():.3g}"
+    return inp, v, 0.5 * torch.finfo(dtype).eps * v.double().abs().max().item()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("partials", ["all", "bounded"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_partials_that_cancel(dtype: torch.dtype, partials: str, causal: bool, client, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    """The key groups' partial results are near +-64 while a late row's out is near 0
+    (``_cancelling``).
+
+    The kernels return each key group's result in the job dtype (as SDPA does), rounded at its
+    own magnitude: up to half an ulp of 64 for the share of the row it carries, which one fused
+    kernel, rounding once at the row's magnitude, does not have.  That is the allowance here
+    (0.5 eps max|v|, on top of the usual bound): the engine's error model (docs/design.md,
+    "Partials stored in float32").  Partials are float32, so nothing rounds a task's merged
+    result again."""
+    inp, v, allowance = _cancelling(dtype, make_inputs)
+    with dask.config.set({"cqsa.partials": partials}):
+        out, lse = cqsa_dask.attention(inp.q, inp.k, v, causal=causal, return_lse=True, client=client,
+                                       groups=CANCEL.groups)
+    check_exact(inp.q, inp.k, v, out, lse, causal=causal, scale=None, extra_floor=allowance,
+                context=f"{inp.ctx}; partials {partials}")
+
+
 def test_out_only(client, make_inputs) -> None:  # type: ignore[no-untyped-def]
     """return_lse=False returns just the tensor."""
     inp = make_inputs(2, 2, 2, 33, 16, torch.float32)
@@ -226,8 +263,6 @@ def test_check_exact_rejects_an_output_off_by_more_than_rounding(magnitude: floa
 def test_exact_on_cuda_under_either_turn(turn: str, causal: bool, make_inputs) -> None:  # type: ignore[no-untyped-def]
     """``cqsa.cuda-turn``: two tasks in flight on one GPU, taking turns for their kernels or not,
     through a local cluster of per-GPU workers (GQA, uneven groups, several slots per task)."""
-    import dask
-
     case = Case(1, 4, 2, 3001, 128, groups=13)
     inp = make_inputs(case.b, case.hq, case.hkv, case.n, case.d, torch.bfloat16)
     with dask.config.set({"cqsa.cuda-turn": turn, "cqsa.tasks-in-flight": 2}):
@@ -235,3 +270,16 @@ def test_exact_on_cuda_under_either_turn(turn: str, causal: bool, make_inputs) -
                                        memory_budget="1GB", groups=case.groups)
     assert out.is_cuda
     check_exact(inp.q, inp.k, inp.v, out.cpu(), lse.cpu(), causal=causal, scale=None, context=f"{turn} {inp.ctx}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("partials", ["all", "bounded"])
+def test_partials_that_cancel_on_cuda(partials: str, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    """``test_partials_that_cancel`` on the GPU's kernels (bfloat16, full), through a local cluster of
+    per-GPU workers: the same allowance holds."""
+    inp, v, allowance = _cancelling(torch.bfloat16, make_inputs)
+    with dask.config.set({"cqsa.partials": partials}):
+        out, lse = cqsa_dask.attention(inp.q.cuda(), inp.k.cuda(), v.cuda(), return_lse=True, memory_budget="1GB",
+                                       groups=CANCEL.groups)
+    check_exact(inp.q, inp.k, v, out.cpu(), lse.cpu(), causal=False, scale=None, extra_floor=allowance,
+                context=f"{inp.ctx}; partials {partials}")

@@ -78,7 +78,7 @@ def test_the_store_format_is_unchanged(tmp_path: Path, name: str) -> None:
     grid = (p.groups, b, p.head_blocks)
     want = {
         "out": ((b, hq, n, d), (1, ht, g, d), "uint16"), "lse": ((b, hq, n), (1, ht, g), "float32"),
-        "_cqsa/partial_out": ((s, b, hq, n, d), (1, 1, ht, g, d), "uint16"),
+        "_cqsa/partial_out": ((s, b, hq, n, d), (1, 1, ht, g, d), "float32"),
         "_cqsa/partial_lse": ((s, b, hq, n), (1, 1, ht, g), "float32"),
         "_cqsa/task_done": (grid, (1, 1, 1), "uint8"), "_cqsa/merge_done": (grid, (1, 1, 1), "uint8"),
         "_cqsa/task_stats": ((*grid, 9), (1, 1, 1, 9), "float64"),
@@ -154,3 +154,34 @@ def test_tasks_called_directly_run_each_policy_end_to_end(tmp_path: Path, name: 
     left = [f for n in ("partial_out", "partial_lse", "fold_state", "fold_journal", "fold_journal_head")
             for f in (path / "_cqsa" / n).rglob("*") if f.is_file() and f.name != "zarr.json"]
     assert left == [], left
+
+
+def test_a_job_started_with_partials_in_its_dtype_finishes_in_it(tmp_path: Path) -> None:
+    """A store written before partials were float32 holds partial_out in the job dtype (bfloat16
+    as uint16): a resumed job writes and reads its partials so (not as float32 bits), exact."""
+    import torch
+    from conftest import draw_inputs
+    from reference import check_exact
+
+    from cqsa_dask.execution.options import RunOptions
+    from cqsa_dask.execution.tasks import merge_task, quorum_task
+    from cqsa_dask.store.layout import ENGINE, create_array, logical_dtype, read_block
+
+    inp = draw_inputs(1, 2, 2, 150, 32, torch.bfloat16)
+    path = tmp_path / "s.zarr"
+    g = inp.store(path, 64)
+    p = make_plan(seq_len=150, heads=2, head_dim=32, dtype="bf16", budget="1GB", groups=7, partials="all")
+    token = f"earlier-{inp.seed}"
+    create_outputs(g, p, token)
+    eng = g[ENGINE]
+    b, hq, n, d, ht, gs, s = p.batch, p.heads_q, p.seq_len, p.head_dim, p.q_heads_per_task, p.group_size, p.quorum_size
+    create_array(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, gs, d), "bfloat16", nan_fill=True)  # as before
+    assert logical_dtype(eng["partial_out"]) == "bfloat16"
+    opts = RunOptions.from_config(device="cpu", host_cache="0")  # the merges read the partials back
+    written = sum(quorum_task(str(path), token, t, 0, 0, opts)["bytes_written"] for t in p.task_ids)
+    assert written == p.shared_rows[3] * b * hq * (d * 2 + 4)  # partials of 2-byte values (not 4) and lse
+    for a in p.merge_groups:
+        merge_task(str(path), token, a, 0, 0, opts)
+    out = read_block(g["out"], (slice(None),) * 4, "bfloat16")  # type: ignore[arg-type]
+    lse = torch.from_numpy(np.asarray(g["lse"][...]))
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=f"seed {inp.seed}")

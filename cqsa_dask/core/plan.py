@@ -30,9 +30,10 @@ hk kv heads and hq = hk * Hq / Hkv query heads per task, e = element size:
                                                          CUDA: 2, one in use, one uploaded ahead)
     float32 accumulator + lse       G hq (D + 1) 4
     kernel output + lse             G hq D e + G hq 4
-    outputs waiting to be written   2 (G hq D e + G hq 4)  (CUDA: the previous slot's result
-                                                         waiting to be copied back, float32 at
-                                                         most: G hq D 4 + G hq 4)
+    outputs waiting to be written   2 (G hq D 4 + G hq 4)  (float32 at most: a shared row's result
+                                                         is a float32 partial; CUDA: one, the
+                                                         previous slot's result waiting to be
+                                                         copied back: G hq D 4 + G hq 4)
     GQA/causal diagonal expansion   2 G hq D e
     merge / kernel scratch          2 G hq D 4
     total x margin (config)  + 2 MiB fixed (kernel workspace, buffers)
@@ -252,7 +253,7 @@ class Plan:
         """Bytes read from the store: |D| passes over q, k, v, then the partials."""
         e, n, d = self.itemsize, self.seq_len, self.head_dim
         qkv = self.batch * n * d * e * (self.heads_q + 2 * self.heads_kv)
-        partial = self.batch * self.heads_q * n * (d * e + 4)
+        partial = self.batch * self.heads_q * n * (d + 1) * 4  # float32 partials
         return int(self.quorum_size * (qkv + partial) * self._row_fraction())
 
     @property
@@ -392,7 +393,8 @@ def task_memory(
     r = min(g, query_rows) if query_rows > 0 else g  # query rows at once
     keys = 2 * 2 * r * hk * d * e if stream_keys and query_rows > 0 else 2 * quorum_size * g * hk * d * e
     output = r * hq * d * e + r * hq * 4
-    q_bufs, waiting = (2, r * hq * d * 4 + r * hq * 4) if host_staging else (3, 2 * output)
+    result = r * hq * d * 4 + r * hq * 4  # float32 at most (a shared row's partial)
+    q_bufs, waiting = (2, result) if host_staging else (3, 2 * result)
     total = (
         keys
         + q_bufs * r * hq * d * e

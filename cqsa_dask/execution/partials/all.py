@@ -9,8 +9,15 @@
              no:  acc = merge over producers of partial (cache, else store, checked)
                   out, lse := acc;  merge_done[a] := 1;  drop the row's partials
 
-The store holds |D| x the output at worst (every open row's partials), and a
-merged row none.  The merge reads its producers in a fixed order, so "all"
+Partials are float32 (out and lse), whatever the job's dtype: a producer's
+result is rounded once, when the merged row is written, as a fused kernel's is;
+a partial rounded to bfloat16 at its own magnitude, which can exceed the
+row's (the producers' values cancel), would round it twice.  Stores written
+before 2026-12-05 hold partial_out in the job dtype: a job resumed there
+keeps writing and reading it so (its logical dtype says which).
+
+The store holds |D| x the output (float32) at worst (every open row's
+partials), and a merged row none.  The merge reads its producers in a fixed order, so "all"
 is bitwise reproducible from run to run.
 
 Damage: a producer without its marker, or whose chunks are missing (lost, or
@@ -44,14 +51,19 @@ NAMES = ("partial_out", "partial_lse")
 
 
 def create_partial_arrays(eng: zarr.Group, plan: Plan) -> None:
-    """partial_out (|D|, B, Hq, N, D) in the job dtype and partial_lse (|D|, B, Hq, N)
-    float32, one chunk per (slot, batch, head block, group), reading NaN where unwritten."""
+    """partial_out (|D|, B, Hq, N, D) and partial_lse (|D|, B, Hq, N), float32, one chunk per
+    (slot, batch, head block, group), reading NaN where unwritten."""
     from cqsa_dask.store.layout import create_array
 
     b, hq, n, d = plan.batch, plan.heads_q, plan.seq_len, plan.head_dim
     g, ht, s = plan.group_size, plan.q_heads_per_task, plan.quorum_size
-    create_array(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), plan.dtype, nan_fill=True)
+    create_array(eng, "partial_out", (s, b, hq, n, d), (1, 1, ht, g, d), "float32", nan_fill=True)
     create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32", nan_fill=True)
+
+
+def partial_bytes_per_token(plan: Plan) -> int:
+    """Bytes of one token's partial (out and lse, float32) of every query head of ``plan``."""
+    return plan.batch * plan.heads_q * (plan.head_dim + 1) * 4
 
 
 def _key(cell: Cell, slot: int, group: int, what: str) -> tuple[Any, ...]:
@@ -68,17 +80,21 @@ def _chunks(cell: Cell, slot: int, group: int) -> list[tuple[zarr.Array, tuple[i
 class _Stored(Producer):
     """Writes each result as a partial, and keeps it in the host cache for the merge."""
 
+    float32: ClassVar[bool] = True  # partials are float32 (module docstring)
+
     def __init__(self, cell: Cell, cache: HostCache):
         self.cell, self.cache = cell, cache
 
     def emit(self, slot: int, group: int, out: torch.Tensor, lse: torch.Tensor) -> int:
-        from cqsa_dask.store.layout import write_block
+        from cqsa_dask.store.layout import TORCH_DTYPES, logical_dtype, write_block
 
         cell = self.cell
         if cell.job.merge_done[group, cell.batch, cell.block]:  # a rerun of a producer of a merged row
             return 0
         _, heads, rows = cell.block_of(group)
-        write_block(cell.job.partials["partial_out"], (slot, cell.batch, heads, rows), out)
+        arr = cell.job.partials["partial_out"]
+        out = out.to(TORCH_DTYPES[logical_dtype(arr)])  # float32 (a job started by an earlier engine: its dtype)
+        write_block(arr, (slot, cell.batch, heads, rows), out)
         write_block(cell.job.partials["partial_lse"], (slot, cell.batch, heads, rows), lse)
         self.cache.put(_key(cell, slot, group, "out"), out)
         self.cache.put(_key(cell, slot, group, "lse"), lse)
@@ -91,13 +107,14 @@ class AllPartials(PartialsPolicy):
     name: ClassVar[str] = "all"
 
     def partial_bytes(self, plan: Plan) -> int:
-        """Every producer's partial of every shared row: |D| x the output at most."""
+        """Every producer's partial (float32) of every shared row: |D| x the output at most."""
         tokens = plan.shared_rows[1]
-        return int(plan.quorum_size * plan.output_bytes * tokens / plan.seq_len)
+        return plan.quorum_size * partial_bytes_per_token(plan) * tokens
 
     def bytes_written(self, plan: Plan) -> int:
-        """|D| partial outputs with lse, then out and lse."""
-        return int((plan.quorum_size + 1) * plan.output_bytes * plan.computed_tokens / plan.seq_len)
+        """The partials (float32 out and lse) of every producer of a shared row, then out and lse."""
+        out = plan.output_bytes * plan.computed_tokens // plan.seq_len
+        return partial_bytes_per_token(plan) * plan.shared_rows[3] + out
 
     def create_arrays(self, eng: zarr.Group, plan: Plan) -> None:
         create_partial_arrays(eng, plan)
@@ -157,7 +174,7 @@ def _read_partial(cell: Cell, task: int, slot: int, group: int, finite_inputs: b
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial (out (hq, G, D), lse (hq, G)) of a producer, checked (module docstring: damage)."""
     from cqsa_dask.kernels.attention import all_finite
-    from cqsa_dask.store.layout import chunk_exists, read_block
+    from cqsa_dask.store.layout import chunk_exists, logical_dtype, read_block
 
     job, b, j = cell.job, cell.batch, cell.block
     where = f"quorum task {task} (batch {b}, head block {j}, slot {slot})"
@@ -168,7 +185,8 @@ def _read_partial(cell: Cell, task: int, slot: int, group: int, finite_inputs: b
         if not all(chunk_exists(arr, c) for arr, c in _chunks(cell, slot, group)):
             ok, reason = False, "its chunk is missing (deleted when its row was merged, or lost)"
         else:
-            out = read_block(job.partials["partial_out"], (slot, b, heads, rows), job.plan.dtype)
+            arr = job.partials["partial_out"]
+            out = read_block(arr, (slot, b, heads, rows), logical_dtype(arr))
             lse = read_block(job.partials["partial_lse"], (slot, b, heads, rows), "float32")
             ok = not finite_inputs or (all_finite(lse) and all_finite(out))
             reason = "missing or non-finite values"
