@@ -107,7 +107,7 @@ class AllPartials(PartialsPolicy):
     name: ClassVar[str] = "all"
 
     def partial_bytes(self, plan: Plan) -> int:
-        """Every producer's partial (float32) of every shared row: |D| x the output at most."""
+        """Every producer's partial (float32) of every shared row: |D| x the output (in float32) at most."""
         tokens = plan.shared_rows[1]
         return plan.quorum_size * partial_bytes_per_token(plan) * tokens
 
