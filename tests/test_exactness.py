@@ -17,8 +17,10 @@ the session's Dask cluster::
     even-w        W=8 (relaxed set; the difference W/2 is its own negative)
     planner       a budget so small that the planner itself picks W >= 13
 
-then custom scales, large (1e3) and huge (1e5) logits, strided inputs, and
-a few hypothesis-drawn shapes with any W (also W > N, even, non-Singer).
+then custom scales, large (1e3) and huge (1e5) logits, key groups whose
+values cancel (v = +-64: the kernels' own rounding, the one allowance beyond
+the criterion), strided inputs, and a few hypothesis-drawn shapes with any W
+(also W > N, even, non-Singer).
 """
 
 from __future__ import annotations
