@@ -4,7 +4,8 @@
         the first task that errs (or is cancelled: lost workers or scheduler) cancels the rest
         and raises JobFailedError naming it; the whole wait runs inside the job's span, and the
         /cqsa page is told how it ended (done, failed, cancelled by Ctrl-C); a job that ends
-        early stops its tasks running in this process (a threaded worker: execution/stop.py)
+        early stops its tasks running in this process (a threaded worker: execution/stop.py) and
+        returns once they stopped writing
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def observed(client: Client, graph: Any, keys: list[Any], progress: Progress | N
         outcome = "cancelled"
         raise
     finally:
-        if outcome != "done":  # its futures are cancelled: stop its tasks running in this process
-            stop.request(token)
+        if outcome != "done":  # its futures are cancelled: stop its tasks running in this process,
+            stop.request(token)  # and return once they stopped writing (the caller then releases the lease)
+            stop.wait_idle(token)
         seconds = time.perf_counter() - t0
         finish_job(client, token, outcome, seconds)
     return results, seconds

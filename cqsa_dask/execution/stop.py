@@ -7,8 +7,14 @@ running: it would run to its end (tens of seconds for a 4M-token task) before th
 closes and the process exits.  So the client marks the job here once its futures are
 cancelled, and a running task checks the mark between steps::
 
-    client  observed(): clear(token) ... cancel futures ─> request(token)
-    task    for each step: check(token)  ─> JobCancelledError, the task's IO cancelled
+    client  observed(): clear(token) ... cancel futures ─> request(token) ─> wait_idle(token)
+    task    with running(token): for each step: check(token)  ─> JobCancelledError, the
+            task's IO cancelled, its half-written row removed
+
+``wait_idle`` lets the client return (and release the store's lease) only once the job's
+tasks in this process have stopped writing: a failed or interrupted run leaves no temporary
+file behind, and no task of it writes after another run took the store (bounded by
+``WAIT_S``: a step of a large task can take longer; it is then logged).
 
 Worker processes hold their own copy of this registry, which nobody marks: their tasks
 end when the cluster stops their processes, as before.
@@ -16,15 +22,52 @@ end when the cluster stops their processes, as before.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from cqsa_dask.core.errors import JobCancelledError
 
-__all__ = ["check", "clear", "request"]
+__all__ = ["WAIT_S", "check", "clear", "request", "running", "wait_idle"]
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 10.0  # the longest a stopped job waits for its tasks in this process to end
 
 _stopped: set[str] = set()
 _lock = threading.Lock()
+_running: dict[str, int] = {}  # tasks of a job running in this process
+_idle = threading.Condition(_lock)
+
+
+@contextlib.contextmanager
+def running(token: str) -> Iterator[None]:
+    """Count a task of job ``token`` as running in this process while the block runs."""
+    with _lock:
+        _running[token] = _running.get(token, 0) + 1
+    try:
+        yield
+    finally:
+        with _lock:
+            left = _running[token] - 1
+            if left:
+                _running[token] = left
+            else:
+                del _running[token]
+                _idle.notify_all()
+
+
+def wait_idle(token: str, timeout: float = WAIT_S) -> bool:
+    """Wait up to ``timeout`` seconds for job ``token``'s tasks in this process to end; whether
+    they did."""
+    with _idle:
+        done = _idle.wait_for(lambda: token not in _running, timeout)
+    if not done:
+        log.warning("job %s: %d task(s) in this process still running %.0f s after it stopped; they end "
+                    "at their next step", token, _running.get(token, 0), timeout)
+    return done
 
 
 def request(token: str) -> None:

@@ -52,6 +52,7 @@ from cqsa_dask.execution.pieces import Step, steps
 from cqsa_dask.execution.retry import attempts
 from cqsa_dask.execution.runtime import WorkerRuntime, runtime
 from cqsa_dask.execution.stop import check as check_stopped
+from cqsa_dask.execution.stop import running
 from cqsa_dask.execution.taskio import ReadAhead, Result, TaskIO, Timer, WriteBehind
 from cqsa_dask.execution.telemetry import report_task, task_started, worker_address
 from cqsa_dask.kernels.attention import attend, merge, resolve_device, select_kernel
@@ -86,9 +87,10 @@ def quorum_task(store: StoreLike, token: str, task: int, batch: int, block: int,
     start = task_started(token, "quorum", (task, batch, block))
     cell = Cell(job, token, batch, block)
     lane = rt.pool.lane()  # the task's place in the IO queue, kept by its attempts
-    rec = attempts(opt.retries, lambda: _QuorumRun(cell, task, opt, rt, lane).run(), f"quorum task {task}")
-    _record(cell.job.task_stats, (task, batch, block), rec, start)
-    cell.job.task_done[task, batch, block] = 1
+    with running(token):  # a stopped job's client waits for it (stop.py)
+        rec = attempts(opt.retries, lambda: _QuorumRun(cell, task, opt, rt, lane).run(), f"quorum task {task}")
+        _record(cell.job.task_stats, (task, batch, block), rec, start)
+        cell.job.task_done[task, batch, block] = 1
     report_task(token, (task, batch, block), rec, start)
     return rec
 
@@ -279,7 +281,9 @@ def merge_task(store: StoreLike, token: str, group: int, batch: int, block: int,
     again only after a transient failure.  ``deps`` are the producers' results (only there
     so Dask orders the merge after them)."""
     opt = options or RunOptions.from_config()
-    return attempts(opt.retries, lambda: _merge(store, token, group, batch, block, opt), f"merge of group {group}")
+    with running(token):  # a stopped job's client waits for it (stop.py)
+        return attempts(opt.retries, lambda: _merge(store, token, group, batch, block, opt),
+                        f"merge of group {group}")
 
 
 def _merge(store: StoreLike, token: str, group: int, batch: int, block: int, opt: RunOptions) -> dict[str, Any]:
