@@ -221,6 +221,11 @@ class Plan:
         return self.policy.partial_bytes(self)
 
     @property
+    def partial_token_bytes(self) -> int:
+        """Bytes of one token's partial result (out and lse, float32) of every query head."""
+        return self.batch * self.heads_q * (self.head_dim + 1) * 4
+
+    @property
     def itemsize(self) -> int:
         return DTYPES[self.dtype]
 
@@ -253,8 +258,7 @@ class Plan:
         """Bytes read from the store: |D| passes over q, k, v, then the partials."""
         e, n, d = self.itemsize, self.seq_len, self.head_dim
         qkv = self.batch * n * d * e * (self.heads_q + 2 * self.heads_kv)
-        partial = self.batch * self.heads_q * n * (d + 1) * 4  # float32 partials
-        return int(self.quorum_size * (qkv + partial) * self._row_fraction())
+        return int(self.quorum_size * (qkv + self.partial_token_bytes * n) * self._row_fraction())
 
     @property
     def bytes_written(self) -> int:

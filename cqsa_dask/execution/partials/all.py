@@ -61,11 +61,6 @@ def create_partial_arrays(eng: zarr.Group, plan: Plan) -> None:
     create_array(eng, "partial_lse", (s, b, hq, n), (1, 1, ht, g), "float32", nan_fill=True)
 
 
-def partial_bytes_per_token(plan: Plan) -> int:
-    """Bytes of one token's partial (out and lse, float32) of every query head of ``plan``."""
-    return plan.batch * plan.heads_q * (plan.head_dim + 1) * 4
-
-
 def _key(cell: Cell, slot: int, group: int, what: str) -> tuple[Any, ...]:
     """Host cache key of one partial's ``what`` ("out" or "lse")."""
     return (cell.token, "partial", what, slot, cell.batch, cell.block, group)
@@ -109,12 +104,12 @@ class AllPartials(PartialsPolicy):
     def partial_bytes(self, plan: Plan) -> int:
         """Every producer's partial (float32) of every shared row: |D| x the output (in float32) at most."""
         tokens = plan.shared_rows[1]
-        return plan.quorum_size * partial_bytes_per_token(plan) * tokens
+        return plan.quorum_size * plan.partial_token_bytes * tokens
 
     def bytes_written(self, plan: Plan) -> int:
         """The partials (float32 out and lse) of every producer of a shared row, then out and lse."""
         out = plan.output_bytes * plan.computed_tokens // plan.seq_len
-        return partial_bytes_per_token(plan) * plan.shared_rows[3] + out
+        return plan.partial_token_bytes * plan.shared_rows[3] + out
 
     def create_arrays(self, eng: zarr.Group, plan: Plan) -> None:
         create_partial_arrays(eng, plan)
