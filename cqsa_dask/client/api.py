@@ -108,6 +108,15 @@ def _markers(eng: Any, name: str) -> np.ndarray:
     return read_markers(array(eng, name))
 
 
+def _done_so_far(eng: Any, plan: Plan, resumed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The (W, B, J) task and merge markers of the job: read from the store when it is resumed; a
+    job just started has none set."""
+    if resumed:
+        return _markers(eng, "task_done"), _markers(eng, "merge_done")
+    grid = (plan.groups, plan.batch, plan.head_blocks)
+    return np.zeros(grid, np.uint8), np.zeros(grid, np.uint8)
+
+
 def _fit_disk(plan: Plan, store: StoreLocation) -> Plan:
     """"auto" partials that also fit the disk: bounded when "all" would not.
 
@@ -208,8 +217,8 @@ def _prepare(group: Any, plan: Plan, restart: bool, force: bool = False) -> tupl
     token = str(uuid.uuid4().int)[:12]
 
     def start() -> None:
-        eng = create_outputs(group, plan, token)
-        eng.update_attributes({"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
+        create_outputs(group, plan, token,
+                       {"fingerprint": fingerprint(group), "started_at": time.time(), "active_s": 0.0})
 
     _store_op(start)  # read-only file system, permissions, full disk: StoreError
     return token, False
@@ -341,7 +350,7 @@ def run(
             options = RunOptions.from_config(resource=resource, tasks_in_flight=plan.tasks_in_flight)
             ensure_runtime(c, options)  # every worker's runtime (caches, pools, locks), set up once
             mark("runtime")
-            task_done, merge_done = _markers(eng, "task_done"), _markers(eng, "merge_done")  # for the graph and the page
+            task_done, merge_done = _done_so_far(eng, plan, resumed)  # for the graph and the page
             jg = build_graph(
                 location, token, plan, resource=resource, retries=0,  # tasks retry what is transient themselves
                 task_done=task_done, merge_done=merge_done, options=options,

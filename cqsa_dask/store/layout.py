@@ -50,6 +50,7 @@ from cqsa_dask.store.chunkio import MARKERS_ATTR, BlockStream, chunk_io
 from cqsa_dask.store.generated import SyntheticSource, source_of
 from cqsa_dask.store.location import OpenMode, StoreLike, StoreLocation, parse_store
 from cqsa_dask.store.markers import Markers
+from cqsa_dask.store.nodes import create_local_array, open_local_array
 
 __all__ = [
     "ENGINE",
@@ -111,13 +112,21 @@ def array(group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
 
     ``hint`` is appended to the message for a missing array.
     """
+    local = open_local_array(group, name, _config)  # a local directory: read from its zarr.json
+    if local is not None:
+        return local
     try:
         node = group[name]
     except KeyError:
         raise StoreError(f"store has no array {name!r}{': ' + hint if hint else ''}") from None
     if not isinstance(node, zarr.Array):
         raise StoreError(f"{name!r} in the store is a group, not an array")
-    return node.with_config(_MARKER_CHUNKS if node.attrs.get(MARKERS_ATTR) == "presence" else _WRITE_EVERY_CHUNK)
+    return node.with_config(_config(node.attrs))
+
+
+def _config(attrs: Mapping[str, Any]) -> Any:
+    """The zarr ArrayConfigParams of an array with attributes ``attrs``: markers skip empty chunks."""
+    return _MARKER_CHUNKS if attrs.get(MARKERS_ATTR) == "presence" else _WRITE_EVERY_CHUNK
 
 
 def engine(group: zarr.Group) -> zarr.Group:
@@ -183,19 +192,21 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
     """
     chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
     fill: float = (_NAN_BITS.get(dtype, float("nan"))) if nan_fill else 0
-    return group.create_array(
-        name, shape=shape, chunks=chunks, dtype=_zarr_dtype(dtype), compressors=None, fill_value=fill,
-        attributes=_attrs(dtype), overwrite=overwrite, config=_WRITE_EVERY_CHUNK,
-    )
+    spec: dict[str, Any] = {"shape": shape, "chunks": chunks, "dtype": _zarr_dtype(dtype),
+                            "fill_value": fill, "attributes": _attrs(dtype)}
+    if overwrite and create_local_array(group, name, **spec):  # a local directory: no zarr round trips
+        return array(group, name)
+    return group.create_array(name, compressors=None, overwrite=overwrite, config=_WRITE_EVERY_CHUNK, **spec)
 
 
 def create_markers(group: zarr.Group, name: str, shape: tuple[int, ...]) -> zarr.Array:
     """A uint8 marker array, one chunk per marker, whose chunks exist exactly where it holds 1
     (``chunkio.MARKERS_ATTR``: writing 0 deletes the chunk), so all of it is read with one listing."""
-    return group.create_array(
-        name, shape=shape, chunks=(1,) * len(shape), dtype="uint8", compressors=None, fill_value=0,
-        attributes={MARKERS_ATTR: "presence"}, overwrite=True, config=_MARKER_CHUNKS,
-    )
+    spec: dict[str, Any] = {"shape": shape, "chunks": (1,) * len(shape), "dtype": "uint8", "fill_value": 0,
+                            "attributes": {MARKERS_ATTR: "presence"}}
+    if create_local_array(group, name, **spec):  # a local directory: no zarr round trips
+        return array(group, name)
+    return group.create_array(name, compressors=None, overwrite=True, config=_MARKER_CHUNKS, **spec)
 
 
 def write_tensor(group: zarr.Group, name: str, t: torch.Tensor, chunks: tuple[int, ...]) -> None:
@@ -280,10 +291,13 @@ def write_stats(arr: zarr.Array, index: tuple[int, int, int], stats: Mapping[str
     arr[index] = np.array([np.nan if v is None else float(v) for v in row], dtype=np.float64)
 
 
-def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
+def create_outputs(group: zarr.Group, plan: Plan, token: str,
+                   attrs: Mapping[str, Any] | None = None) -> zarr.Group:
     """Create out, lse and the engine subgroup for ``plan``; return the subgroup.
 
-    Overwrites earlier outputs and engine state (callers decide on resume).
+    Overwrites earlier outputs and engine state (callers decide on resume).  The subgroup's
+    attributes (the plan, ``token``, the engine version, and ``attrs``) are written last, once
+    every array exists.
     """
     b, hq, n, d = plan.batch, plan.heads_q, plan.seq_len, plan.head_dim
     g, ht = plan.group_size, plan.q_heads_per_task
@@ -297,7 +311,7 @@ def create_outputs(group: zarr.Group, plan: Plan, token: str) -> zarr.Group:
     nf = len(STAT_FIELDS)
     for name in ("task_stats", "merge_stats"):
         create_array(eng, name, (*grid, nf), (1, 1, 1, nf), "float64", nan_fill=True)
-    eng.update_attributes({"plan": plan.to_dict(), "token": token, "engine_version": _version()})
+    eng.update_attributes({"plan": plan.to_dict(), "token": token, "engine_version": _version(), **(attrs or {})})
     return eng
 
 

@@ -116,8 +116,8 @@ class LocalFiles:
                 os.close(fd)
 
         coords = [(c_h, c_t) for c_h in range(h0 // ch, -(-h1 // ch)) for c_t in range(t0 // ct, -(-t1 // ct))]
-        if not all(_pool().map(lambda c: chunk(*c), coords)):
-            return None
+        if not (chunk(*coords[0]) if len(coords) == 1 else all(_pool().map(lambda c: chunk(*c), coords))):
+            return None  # (one chunk: read here, a hand-over to the pool costs more than a small read)
         return buf.view(dtype).reshape(h1 - h0, t1 - t0, d)
 
     def write(self, index: Index, data: np.ndarray) -> None:
