@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from cqsa_dask.store.chunkio import MARKERS_ATTR, chunk_io, direct_root, read_markers, read_rows
 from cqsa_dask.store.layout import array, create_array, create_markers, read_block
 from cqsa_dask.store.localfiles import LocalFiles, write_whole_chunk
+from cqsa_dask.store.markers import Markers
 from cqsa_dask.store.zarrio import ZarrChunks
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -209,7 +210,8 @@ def _marker_cases(seed: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, n
        presence=st.booleans())
 def test_markers_in_bulk_are_the_markers(tmp_path: Path, shape: tuple[int, int, int], seed: int,
                                          presence: bool) -> None:
-    """Markers set and cleared one by one (as tasks do) read back in bulk identically from the
+    """Markers set and cleared one by one (through ``Markers``, as tasks do) read back one by one
+    and in bulk identically from the
     chunk files, through zarr on disk and through zarr in memory; old-style marker arrays (no
     presence attribute: a cleared marker is a stored 0) too."""
     set_, cleared = _marker_cases(seed, shape)
@@ -222,10 +224,12 @@ def test_markers_in_bulk_are_the_markers(tmp_path: Path, shape: tuple[int, int, 
         else:
             create_array(g, "task_done", shape, (1, 1, 1), "uint8")
         arr = array(g, "task_done")
+        cells = Markers(arr)  # written as the tasks write them (presence markers: by chunk IO)
         for c in zip(*np.nonzero(set_)):
-            arr[c] = 1
+            cells[c] = 1
         for c in zip(*np.nonzero(set_ & cleared)):
-            arr[c] = 0
+            cells[c] = 0
+        assert all(cells[c] == want[c] for c in np.ndindex(*shape))
         arrays.append(arr)
     on_disk, in_memory = arrays
     assert isinstance(chunk_io(on_disk), LocalFiles) and isinstance(chunk_io(in_memory), ZarrChunks)

@@ -333,3 +333,31 @@ def test_synthetic_store_blocks_are_seeded_by_place(tmp_path: Path) -> None:
         assert len({row.tobytes() for row in blocks}) == len(blocks), name
     q0, k0 = np.asarray(a["q"][0, 0, :64]), np.asarray(a["k"][0, 0, :64])
     assert np.mean(q0 == k0) < 1e-2, "q and k draw from different generators"
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_task_records_count_their_runs(tmp_path: Path, where: str) -> None:
+    """write_stats: a record per cell, None as NaN, ``runs`` the record before it plus one, the
+    other cells untouched; an older engine's array of 8 fields gets those 8 (no ``runs``)."""
+    from cqsa_dask.store.layout import STAT_FIELDS, array, create_array, write_stats
+
+    store = zarr.storage.LocalStore(tmp_path / "s.zarr") if where == "local" else zarr.storage.MemoryStore()
+    g = zarr.open_group(store, mode="w")
+    rng = np.random.default_rng()
+    nf = len(STAT_FIELDS)
+    create_array(g, "stats", (3, 2, 2, nf), (1, 1, 1, nf), "float64", nan_fill=True)
+    create_array(g, "old", (3, 2, 2, 8), (1, 1, 1, 8), "float64", nan_fill=True)
+    arr, old = array(g, "stats"), array(g, "old")
+    cell = tuple(int(x) for x in rng.integers(0, (3, 2, 2)))
+    seconds = float(rng.uniform(1, 9))
+    for n in (1, 2, 3):
+        write_stats(arr, cell, {"seconds": seconds * n, "peak_device_bytes": None, "worker": "tcp://w:1"})
+        got = np.asarray(arr[cell])
+        assert got[STAT_FIELDS.index("runs")] == n and got[STAT_FIELDS.index("seconds")] == seconds * n
+        assert np.isnan(got[STAT_FIELDS.index("peak_device_bytes")])
+    everything = np.asarray(arr[...])
+    others = np.ones((3, 2, 2), bool)
+    others[cell] = False
+    assert np.isnan(everything[others]).all()
+    write_stats(old, cell, {"seconds": seconds})
+    assert np.asarray(old[cell])[STAT_FIELDS.index("seconds")] == seconds and old.shape[-1] == 8

@@ -285,10 +285,12 @@ def write_stats(arr: zarr.Array, index: tuple[int, int, int], stats: Mapping[str
         stats = {**stats, "worker": zlib.crc32(worker.encode())}
     fields = STAT_FIELDS[:arr.shape[-1]]
     if "runs" in fields:
-        before = float(np.asarray(arr[(*index, STAT_FIELDS.index("runs"))]))
+        own_chunk = tuple(arr.chunks[:3]) == (1, 1, 1) and arr.chunks[3] == arr.shape[3]
+        before = float(np.asarray(arr[(*index, STAT_FIELDS.index("runs"))])) \
+            if not own_chunk or chunk_exists(arr, (*index, 0)) else float("nan")  # no record: nothing to read
         stats = {**stats, "runs": (before if np.isfinite(before) else 0.0) + 1}
     row = [stats.get(f) for f in fields]
-    arr[index] = np.array([np.nan if v is None else float(v) for v in row], dtype=np.float64)
+    write_raw(arr, index, np.array([np.nan if v is None else float(v) for v in row], dtype=np.float64))
 
 
 def create_outputs(group: zarr.Group, plan: Plan, token: str,

@@ -13,8 +13,10 @@ same read costs more on S3: s3fs asks for the object's size before each
 whole-object GET (a HEAD), and for an absent key adds a listing to tell a
 missing key from a directory, so an unset marker cost two requests and a
 set one two.  Arrays of other layouts (an older engine's stored zeros) are
-read through zarr.  Writes always go through zarr; ``read_all`` reads
-every marker in bulk (``chunkio.read_markers``: one listing).
+read and written through zarr.  A cell of a presence-marker array is
+written the same way it is read, through the chunk IO: 1 writes its chunk
+(``ChunkIO.write``), 0 deletes it; ``read_all`` reads every marker in bulk
+(``chunkio.read_markers``: one listing).
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ class Markers:
         return self.arr[index]
 
     def __setitem__(self, index: Any, value: Any) -> None:
+        cell = index if isinstance(index, tuple) else (index,)
+        if (self._io is not None and len(cell) == self.arr.ndim and value in (0, 1)
+                and all(isinstance(i, (int, np.integer)) for i in cell)):
+            coords = tuple(int(i) % n for i, n in zip(cell, self.arr.shape, strict=True))
+            if value:  # the cell's chunk written (one file, renamed into place on a local store),
+                self._io.write(coords, np.array(1, np.uint8))
+            else:  # or deleted: what zarr does for these arrays, without its round trips
+                self._io.delete(coords)
+            return
         self.arr[index] = value
 
     def read_all(self) -> np.ndarray:
