@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from cqsa_dask.core.errors import StoreError
 from cqsa_dask.store.chunkio import MARKERS_ATTR
 from cqsa_dask.store.layout import array, create_array, create_markers
-from cqsa_dask.store.nodes import create_local_array, open_local_array
+from cqsa_dask.store.nodes import create_local_array, open_local_array, open_local_group
 
 EVERY = {"write_empty_chunks": True}
 
@@ -133,3 +133,19 @@ def test_layout_goes_through_it_and_keeps_its_errors(tmp_path: Path) -> None:
         array(g, "sub")
     with pytest.raises(StoreError, match="no array 'gone'"):
         array(g, "gone")
+
+
+def test_a_subgroup_opened_from_its_document_is_zarrs(tmp_path: Path) -> None:
+    g = zarr.open_group(zarr.storage.LocalStore(tmp_path), mode="w")
+    attrs = {"plan": {"groups": 7, "scale": 0.125}, "token": "123", "lease": None}
+    g.create_group("_cqsa", attributes=attrs).create_array("task_done", shape=(3,), dtype="uint8")
+    ours = open_local_group(g, "_cqsa")
+    theirs = zarr.open_group(str(tmp_path), mode="r+")["_cqsa"]
+    assert ours is not None and ours.path == "_cqsa" and dict(ours.attrs) == dict(theirs.attrs) == attrs
+    ours.update_attributes({"token": "456"})  # written through it, seen by zarr
+    assert zarr.open_group(str(tmp_path), mode="r")["_cqsa"].attrs["token"] == "456"
+    assert isinstance(ours["task_done"], zarr.Array)
+    for name in ("missing", "_cqsa/task_done"):
+        assert open_local_group(g, name) is None
+    assert open_local_group(ours, "task_done") is None  # an array
+    assert open_local_group(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), "_cqsa") is None

@@ -50,7 +50,7 @@ from cqsa_dask.store.chunkio import MARKERS_ATTR, BlockStream, chunk_io
 from cqsa_dask.store.generated import SyntheticSource, source_of
 from cqsa_dask.store.location import OpenMode, StoreLike, StoreLocation, parse_store
 from cqsa_dask.store.markers import Markers
-from cqsa_dask.store.nodes import create_local_array, open_local_array
+from cqsa_dask.store.nodes import create_local_array, open_local_array, open_local_group
 
 __all__ = [
     "ENGINE",
@@ -131,7 +131,8 @@ def _config(attrs: Mapping[str, Any]) -> Any:
 
 def engine(group: zarr.Group) -> zarr.Group:
     """The engine subgroup ``_cqsa`` of ``group``; :class:`StoreError` if absent."""
-    node = group.get(ENGINE)
+    local = open_local_group(group, ENGINE)  # a local directory: read from its zarr.json
+    node = local if local is not None else group.get(ENGINE)
     if not isinstance(node, zarr.Group):
         raise StoreError(f"the store holds no cqsa job (no {ENGINE} group): start one with `cqsa run`")
     return node

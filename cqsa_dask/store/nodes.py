@@ -1,4 +1,4 @@
-"""Array nodes of a local directory store, created and opened straight from their zarr.json.
+"""Nodes of a local directory store, created and opened straight from their zarr.json.
 
 zarr creates and opens a node through its event loop: on a ``LocalStore`` every
 ``create_array`` and every ``group[name]`` is several hops to zarr's IO thread
@@ -14,7 +14,8 @@ module does the same with the same metadata, without the hops::
     open    the node's zarr.json read and parsed into a ``zarr.Array`` over the
             group's own store (``AsyncArray`` from the document's metadata, as
             zarr's open builds it; the parsed metadata, immutable, is cached per
-            document), with the config the caller picks from its attributes
+            document), with the config the caller picks from its attributes; a
+            subgroup (the engine's ``_cqsa``) likewise, its attributes as stored now
 
 Any other store (URLs, Store objects, another zarr format) is left to zarr: the
 functions return False / None and the caller goes through zarr's API.  Both ways
@@ -35,9 +36,10 @@ from typing import Any
 import zarr
 import zarr.storage
 from zarr.core.array import AsyncArray, parse_array_metadata
+from zarr.core.group import AsyncGroup, GroupMetadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 
-__all__ = ["create_local_array", "open_local_array"]
+__all__ = ["create_local_array", "open_local_array", "open_local_group"]
 
 _DOC = "zarr.json"
 
@@ -101,6 +103,23 @@ def open_local_array(group: zarr.Group, name: str,
         return None
     path = zarr.storage.StorePath(group.store, _node_path(group, name))
     return zarr.Array(AsyncArray(metadata=meta, store_path=path, config=config(dict(meta.attributes))))
+
+
+def open_local_group(group: zarr.Group, name: str) -> zarr.Group | None:
+    """The subgroup ``name`` of ``group`` read from its zarr.json; None when the store is not a
+    local directory or ``name`` is not a plain zarr v3 group there (the caller asks zarr)."""
+    where = _node_dir(group, name)
+    if where is None:
+        return None
+    try:
+        meta = json.loads((where / _DOC).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(meta, dict) or meta.get("node_type") != "group" or meta.get("zarr_format") != 3
+            or meta.get("consolidated_metadata")):
+        return None
+    path = zarr.storage.StorePath(group.store, _node_path(group, name))
+    return zarr.Group(AsyncGroup(metadata=GroupMetadata.from_dict(meta), store_path=path))
 
 
 @lru_cache(maxsize=512)
