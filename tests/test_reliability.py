@@ -83,7 +83,7 @@ import zarr
 import zarr.storage
 from clitools import CliResult, cqsa_command, snapshot
 from conftest import partial_files
-from distributed import Client
+from distributed import Client, WorkerPlugin
 from distributed.utils import key_split
 from reference import FACTOR, check_exact, lse_tolerance, reference_attention, sdpa
 
@@ -854,14 +854,42 @@ def _lease_expired(store: Path) -> bool:
     return not isinstance(lease, dict) or float(lease["expires"]) < time.time()
 
 
+class _FreezeAt(WorkerPlugin):
+    """Stops its worker's process (SIGSTOP) when its ``n``-th quorum task has finished.
+
+    The stop comes in the worker's own transition of that task to memory,
+    after the task wrote its marker, so the job halts at the same point
+    however fast the machine (polling the markers from the test and stopping
+    the workers from outside once let CI's workers finish all 31 tasks first).
+    """
+
+    name = "cqsa-test-freeze"
+
+    def __init__(self, n: int) -> None:
+        self.n, self.finished = n, 0
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if start == "executing" and finish == "memory" and str(key_split(key)).startswith("cqsa-quorum"):
+            self.finished += 1
+            if self.finished == self.n:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped by a signal (state T in /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
 @pytest.mark.integration
 def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tmp_path: Path) -> None:
     """kill -9 of `cqsa run`; `cqsa resume` finishes the job without redoing finished tasks.
 
     Both runs get cqsa.lease-seconds = 3 from the environment, so the killed
-    run's lease (never released) expires soon.  Once four tasks are done the
-    workers are frozen (SIGSTOP) until the client is killed, so the kill
-    comes mid-job on any machine (the whole job takes ~0.5 s here).  While
+    run's lease (never released) expires soon.  Each worker stops itself
+    (SIGSTOP, from a worker plugin) when its second quorum task has finished,
+    and stays frozen until the client is killed, so the kill comes mid-job
+    on any machine (the whole job takes ~0.5 s here).  While
     the first run holds the lease, a second run is refused, before it asks
     the (frozen) workers anything.  Quorum tasks executed: the markers set by the
     killed run (counted once its tasks in flight have finished: Dask cannot
@@ -873,33 +901,39 @@ def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tm
     store = big.copy(tmp_path / "job.zarr")
     log = tmp_path / "first-run.log"
     with cluster.client() as c:
-        with open(log, "wb") as f:
-            first = subprocess.Popen([*cqsa_command(), "run", str(store), "--scheduler", cluster.address, "--json"],
-                                     stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV, **SHORT_LEASE},
-                                     start_new_session=True)
         pids = list(c.run(os.getpid).values())
+        c.register_plugin(_FreezeAt(4 // WORKERS))  # before the run, so its workers stop at the same point
+        first: subprocess.Popen[bytes] | None = None
         try:
-            _await(lambda: first.poll() is not None or _count(store, "task_done") >= 4, "four finished tasks",
-                   180, 0.01)
-            for pid in pids:  # the job stops here, however fast the machine (CI's ran all 31 tasks before the kill)
-                os.kill(pid, signal.SIGSTOP)
             try:
+                with open(log, "wb") as f:
+                    first = subprocess.Popen([*cqsa_command(), "run", str(store), "--scheduler", cluster.address,
+                                              "--json"], stdout=f, stderr=subprocess.STDOUT,
+                                             env={**os.environ, **ENV, **SHORT_LEASE}, start_new_session=True)
+                _await(lambda: first.poll() is not None or all(_stopped(pid) for pid in pids),
+                       "every worker to stop itself after its second task", 180, 0.01)
                 assert first.poll() is None, f"the first run ended before the kill:\n{log.read_text()}"
                 with pytest.raises(StoreError, match="another run holds this store") as refused:
                     cqsa_dask.run(store, client=c)  # refused before the (frozen) workers are asked anything
                 assert isinstance(refused.value, OSError)
                 os.kill(first.pid, signal.SIGKILL)
                 first.wait(timeout=10)
+                token = str(_engine(store).attrs["token"])  # the workers resume once the scheduler forgot the job
+                _await(lambda: c.run_on_scheduler(_job_tasks_on_scheduler, token=token) == 0,
+                       "the scheduler to forget the killed run's tasks", 60, 0.05)
             finally:
                 for pid in pids:
                     os.kill(pid, signal.SIGCONT)
-            plan, token = _plan(store), str(_engine(store).attrs["token"])
+                c.unregister_worker_plugin(_FreezeAt.name)
+                for pid in pids:  # a worker that reached its stop only now (a failed wait) goes on too
+                    os.kill(pid, signal.SIGCONT)
+            plan = _plan(store)
             _await(lambda: _settled(c, token), "the killed job's tasks to finish or be forgotten", 60, 0.2)
             st = status(store)
             assert _leased(store), "a killed run cannot have released its lease"
             _await(lambda: _lease_expired(store), "the killed run's 3 s lease to expire", 30, 0.2)
         finally:
-            if first.poll() is None:
+            if first is not None and first.poll() is None:
                 _kill_session(first)
     done_by_first = _count(store, "task_done")
     merged_by_first = _count(store, "merge_done")
