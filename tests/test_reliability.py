@@ -916,6 +916,7 @@ def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tm
                 with pytest.raises(StoreError, match="another run holds this store") as refused:
                     cqsa_dask.run(store, client=c)  # refused before the (frozen) workers are asked anything
                 assert isinstance(refused.value, OSError)
+                assert status(store).running, "a live run is reported as running"
                 os.kill(first.pid, signal.SIGKILL)
                 first.wait(timeout=10)
                 token = str(_engine(store).attrs["token"])  # the workers resume once the scheduler forgot the job
@@ -940,6 +941,7 @@ def test_resume_after_the_client_is_killed(cluster: DaskCluster, big: Source, tm
     print(f"killed run: {done_by_first}/{plan.tasks} tasks, {merged_by_first}/{plan.merges} merges")
     assert 4 <= done_by_first < plan.tasks, f"not killed mid-job: {done_by_first}/{plan.tasks} tasks done"
     assert st.tasks_done == done_by_first and not st.complete
+    assert not st.running, "a killed run of this host (its lease still valid) is not reported as running"
 
     done = _done_event(_cqsa("resume", store, "--scheduler", cluster.address, "--json", env=SHORT_LEASE))
     executed = done_by_first + done["quorum_tasks_run"]

@@ -118,13 +118,20 @@ def _running_in_background(tmp_path: Path, pane: Pane) -> Path:
 
 def test_kill_9_then_resume_at_once(tmp_path: Path, pane: Pane) -> None:
     store = _running_in_background(tmp_path, pane)
-    pane.type("kill -9 %1; wait %1; echo KILLED=$?", "Enter")
+    # the command's process alone, as `kill -9 PID` does (`kill -9 %1` would kill its whole process
+    # group: the local cluster's processes and its multiprocessing resource tracker too)
+    pane.type("kill -9 $!; wait $!; echo KILLED=$?", "Enter")
     pane.wait_for("KILLED=137")
+    pane.type(f"{_cqsa('status', str(store))}; echo STATUS=$?", "Enter")
+    screen = pane.wait_for("STATUS=")
+    assert "STATUS=0" in screen and "stopped (resume with `cqsa resume`)" in screen, screen  # not "running"
     pane.type(f"{_cqsa('resume', str(store))}; echo RESUMED=$?", "Enter")
     screen = pane.wait_for("RESUMED=", timeout=300)
     assert "RESUMED=0" in screen, screen
     assert "taking over the lease of" in screen and "no longer exists on this host" in screen, screen
     assert "another run holds this store" not in screen, screen
+    # the killed run's multiprocessing resource tracker cleans up after it without a word
+    assert "resource_tracker" not in screen and "leaked" not in screen, screen
 
 
 def test_sigterm(tmp_path: Path, pane: Pane) -> None:

@@ -358,7 +358,8 @@ def status(store: Any, storage_options: Mapping[str, Any] | None = None) -> Stat
     mdone = int(read_markers(array(eng, "merge_done")).sum())
     per_task = plan.bytes_written // max(1, plan.tasks + plan.merges)
     lease = eng.attrs.get("lease")
-    running = isinstance(lease, dict) and float(lease["expires"]) > time.time()
+    # a live lease of a process of this host that no longer exists (a killed run) is no run
+    running = isinstance(lease, dict) and float(lease["expires"]) > time.time() and not _holder_is_gone(lease)
     elapsed = _num(eng.attrs.get("active_s"))
     if running:
         elapsed += time.time() - _num(eng.attrs.get("updated_at"), time.time())

@@ -262,7 +262,10 @@ def _cmd_status(a: argparse.Namespace) -> int:
     print(f"state       {state}")
     print(f"tasks       {st.tasks_done:,} / {st.tasks_total:,} quorum tasks, {st.merges_done:,} / "
           f"{st.merges_total:,} merges")
-    print(f"time        {st.elapsed_s:.1f}s active, {st.tasks_per_s:.2f} tasks/s, eta {eta}")
+    # a stopped run's active time is what its last lease renewal recorded (a run killed before its
+    # first renewal recorded none)
+    known = "" if st.running or st.complete else " (as of its last lease renewal)"
+    print(f"time        {st.elapsed_s:.1f}s active{known}, {st.tasks_per_s:.2f} tasks/s, eta {eta}")
     print(f"written     ~{format_bytes(st.bytes_written)} (estimated from the plan)")
     return 0
 
@@ -468,6 +471,9 @@ def _quiet() -> None:
     loggers = ("distributed", "distributed.client", "bokeh", "tornado", "tornado.application")
     dask.config.set({"logging": dict.fromkeys(loggers, "critical"), "cqsa.local-cluster.silence-logs": "critical"})
     warnings.simplefilter("ignore")
+    # the local cluster's multiprocessing resource tracker (started with these -W options) outlives a
+    # run killed with kill -9 and would warn on the terminal about the semaphores it then cleans up
+    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
 
 
 def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace | None) -> int:
