@@ -656,7 +656,9 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
     that lock: with ``distributed.Lock`` they waited for the dead holder's
     lease to time out (30 s); here the scheduler's release plugin frees it
     when the worker is removed (its event names the lock and the worker),
-    and the row is merged within 15 s of the kill (a few seconds here).
+    within 15 s of the kill (a few seconds here), and the row is merged.
+    (The row's merge itself also waits for its producers, which the one
+    surviving worker may run last: 17 s after the kill on CI once.)
     """
     cluster.ensure_workers()
     store = big.copy(tmp_path / "job.zarr")
@@ -687,7 +689,9 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
         res = job.result(timeout=240)
         job_seconds = time.monotonic() - killed_at
         workers_after = set(c.scheduler_info(n_workers=-1)["workers"])
-        freed = [x for _, msg in c.get_events(TOPIC) for x in msg["leases"]]
+        events = c.get_events(TOPIC)  # (scheduler's wall time, message)
+        freed = [x for _, msg in events for x in msg["leases"]]
+        freed_at = {x["name"]: at for at, msg in events for x in msg["leases"]}
     plan = res.plan
     assert plan.partials == partials
     runs = _stat(store, "runs")
@@ -711,8 +715,11 @@ def test_job_survives_a_killed_worker(cluster: DaskCluster, big: Source, tmp_pat
     if partials == "bounded":
         assert locks and plan.groups < 256, (locks, plan.groups)
         assert _rows_merged(store, rows), f"rows {rows} not merged"
-        assert row_seconds < 15, f"rows {rows} of the killed lock holder waited {row_seconds:.1f} s"
         assert all({"name": n, "holder": holder} in freed for n in locks), f"not freed by the plugin: {freed}"
+        killed_wall = time.time() - (time.monotonic() - killed_at)  # the kill on the scheduler's clock (this host)
+        waited = {n: round(freed_at[n] - killed_wall, 1) for n in locks}
+        print(f"row locks freed {waited} s after the kill")
+        assert all(w < 15 for w in waited.values()), f"row locks freed only {waited} s after the kill"
     big.assert_exact(store)
     cluster.ensure_workers()  # the nanny brought up a replacement for the tests that follow
 
