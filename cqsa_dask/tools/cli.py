@@ -473,7 +473,9 @@ def _quiet() -> None:
     warnings.simplefilter("ignore")
     # the local cluster's multiprocessing resource tracker (started with these -W options) outlives a
     # run killed with kill -9 and would warn on the terminal about the semaphores it then cleans up
-    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+    tracker = "ignore::UserWarning:multiprocessing.resource_tracker"
+    if tracker not in sys.warnoptions:  # once, however often main() runs in a process
+        sys.warnoptions.append(tracker)
 
 
 def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace | None) -> int:
