@@ -10,6 +10,7 @@
                                (uneven blocks, causal, GQA, bf16 / fp32, large logits), on the
                                session's worker process
     a NaN in a late key block  the job fails with one line, nothing of the row is left
+    cqsa.first-pieces 2        a streamed row keeps one piece at a time, exact
     a compressed store         chunks longer than a block read once and cut, shorter ones by block
 """
 
@@ -34,6 +35,7 @@ from cqsa_dask.client.policy import plan_options, stream_limit
 from cqsa_dask.core.dtypes import DTYPES
 from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError
 from cqsa_dask.core.plan import MIN_STREAM_PIECE, budget_for, make_plan, task_memory, usable_bytes
+from cqsa_dask.execution import tasks
 from cqsa_dask.execution.keyblocks import KeyBlocks
 from cqsa_dask.store.random_inputs import write_random_inputs
 
@@ -202,6 +204,28 @@ def threaded() -> Iterator[Client]:
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"device_mem": 4e9},
                       dashboard_address=None) as cluster, Client(cluster) as c:
         yield c
+
+
+def test_streamed_keys_keep_one_piece_at_a_time(threaded: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cqsa.first-pieces 2 leaves a streamed row's pieces one at a time (each copies the blocks it
+    attends to): exact, and no two pieces computed together."""
+    pairs: list[int] = []
+    real = tasks._QuorumRun.compute_together
+
+    def counted(self: Any, steps: list[Any], qs: list[torch.Tensor], blocks: Any) -> Any:
+        pairs.append(len(steps))
+        return real(self, steps, qs, blocks)
+
+    monkeypatch.setattr(tasks._QuorumRun, "compute_together", counted)
+    inp = draw_inputs(1, 2, 2, 3001, 32, torch.float32)
+    print(f"inputs: {inp.ctx}")
+    budget = _streaming_budget(3001, 2, 2, 32, torch.float32, 700)
+    with dask.config.set({"cqsa.query-piece": 700, "cqsa.stream-keys": "1GB", "cqsa.first-pieces": 2}):
+        plan = make_plan(seq_len=3001, heads=2, head_dim=32, dtype="float32", budget=budget, **plan_options("cpu"))
+        assert (plan.groups, plan.stream_keys) == (1, True), plan
+        out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, return_lse=True, client=threaded, memory_budget=budget)
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=inp.ctx)
+    assert pairs == [], pairs
 
 
 @pytest.mark.parametrize(("chunk_tokens", "reads"), [(3000, [None]), (500, list(range(5)))],

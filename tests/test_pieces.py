@@ -7,6 +7,12 @@
     attention(..., W = 1)      pieces on the session's worker process: exact against float64
                                (uneven pieces, causal diagonal cut at each piece, GQA, bf16 / fp32,
                                large logits)
+    together(plan, steps, F)   every step once, in order; with F = 2 the first two pieces of a
+                               non-causal W = 1 row with resident keys at once, nothing else
+    cqsa.first-pieces 2        exact (GQA, bf16 / fp32, large logits, a row of two pieces), the
+                               pair computed together; causal rows (and streamed ones:
+                               test_keyblocks.py) unchanged and exact; any value but 1 or 2
+                               refused with one line
     ChunkStream                token runs in any order give the bytes of a whole-chunk write;
                                nothing is seen before commit; abort leaves nothing
     a zarr MemoryStore         no chunk files: pieces go through a host buffer (threaded cluster)
@@ -16,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,8 @@ import cqsa_dask
 from cqsa_dask.client.policy import plan_options
 from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError
 from cqsa_dask.core.plan import AUTO_QUERY_PIECE, make_plan
-from cqsa_dask.execution import pieces
+from cqsa_dask.execution import pieces, tasks
+from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.store import localfiles
 from cqsa_dask.store.localfiles import LocalFiles, write_whole_chunk
 from cqsa_dask.store.random_inputs import write_random_inputs
@@ -145,6 +153,68 @@ def test_rows_in_pieces_are_exact(client: Client, dtype: torch.dtype, hq: int, h
     check_exact(inp.q, inp.k, inp.v, out, lse, causal=causal, scale=None, context=inp.ctx)
 
 
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 5000), groups=st.sampled_from([1, 2, 3, 7]), causal=st.booleans(), stream=st.booleans(),
+       piece=st.integers(0, 6000), first=st.sampled_from([1, 2]))
+def test_only_the_first_two_pieces_of_a_full_resident_row_go_together(n: int, groups: int, causal: bool,
+                                                                      stream: bool, piece: int, first: int) -> None:
+    plan = make_plan(seq_len=n, heads=2, head_dim=8, dtype="float32", causal=causal, groups=groups, budget="1GB")
+    plan = dataclasses.replace(plan, stream_keys=stream and groups == 1)
+    for task in plan.task_ids:
+        st_ = pieces.steps(plan, plan.work(task), piece)
+        units = pieces.together(plan, st_, first)
+        assert [n for u in units for n in u] == list(range(len(st_))), "every step once, in order"
+        paired = [u for u in units if len(u) > 1]
+        cut = len(st_) >= 2 and st_[0].part is not None
+        if first == 2 and groups == 1 and not causal and not plan.stream_keys and cut:
+            assert units[0] == [0, 1] and len(paired) == 1
+            assert st_[0].first and (st_[1].slot, st_[1].group) == (st_[0].slot, st_[0].group)
+        else:
+            assert not paired, "one step at a time"
+
+
+def test_first_pieces_is_one_or_two() -> None:
+    assert RunOptions.from_config().first_pieces == 1
+    assert RunOptions.from_config(first_pieces="2").first_pieces == 2
+    for bad in (0, 3, "two", 1.5, True):
+        with pytest.raises(InvalidInputError, match="first-pieces must be 1 or 2"):
+            RunOptions.from_config(first_pieces=bad)
+    inp = draw_inputs(1, 1, 1, 64, 8)
+    with dask.config.set({"cqsa.first-pieces": 3}), pytest.raises(InvalidInputError, match="first-pieces must be 1 or 2"):
+        cqsa_dask.attention(inp.q, inp.k, inp.v, memory_budget="1GB")
+
+
+@pytest.mark.parametrize(("dtype", "hq", "hkv", "n", "magnitude", "causal"), [
+    (torch.bfloat16, 4, 2, 3001, 1.0, False), (torch.float32, 2, 2, 1201, 1.0, False),
+    (torch.bfloat16, 2, 1, 2500, 30.0, False), (torch.bfloat16, 4, 2, 3001, 1.0, True)],
+    ids=["bf16-gqa", "fp32-two-pieces", "bf16-mqa-large-logits", "causal-unchanged"])
+def test_the_first_two_pieces_together_are_exact(threaded: Client, monkeypatch: pytest.MonkeyPatch,
+                                                 dtype: torch.dtype, hq: int, hkv: int, n: int,
+                                                 magnitude: float, causal: bool) -> None:
+    """cqsa.first-pieces 2 on an in-process worker: pieces of at most 700 (a row of 1,201 tokens is
+    two pieces, both in the first step); the pair runs through ``compute_together`` once per
+    task, except on the causal diagonal, which keeps one piece at a time."""
+    pairs: list[int] = []
+    real = tasks._QuorumRun.compute_together
+
+    def counted(self: Any, steps: list[pieces.Step], qs: list[torch.Tensor], blocks: Any) -> Any:
+        pairs.append(len(steps))
+        return real(self, steps, qs, blocks)
+
+    monkeypatch.setattr(tasks._QuorumRun, "compute_together", counted)
+    inp = draw_inputs(1, hq, hkv, n, 32, dtype, magnitude=magnitude)
+    print(f"inputs: {inp.ctx}")
+    with dask.config.set({"cqsa.query-piece": 700, "cqsa.first-pieces": 2}):
+        res = cqsa_dask.attention(inp.q, inp.k, inp.v, causal=causal, return_lse=True, client=threaded,
+                                  groups=1, memory_budget="1GB")
+    out, lse = res
+    check_exact(inp.q, inp.k, inp.v, out, lse, causal=causal, scale=None, context=inp.ctx)
+    if causal:
+        assert not pairs, pairs
+    else:
+        assert pairs and set(pairs) == {2}, pairs  # once per task, two pieces
+
+
 @pytest.fixture(scope="module")
 def threaded() -> Client:
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={"device_mem": 4e9},
@@ -251,14 +321,16 @@ def test_only_one_whole_chunk_is_streamed(tmp_path: Path, index: tuple[object, .
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("first", [1, 2], ids=["one-first-piece", "two-first-pieces"])
 @pytest.mark.parametrize("turn", ["kernels", "streams"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_rows_in_pieces_are_exact_on_cuda(turn: str, causal: bool) -> None:
+def test_rows_in_pieces_are_exact_on_cuda(turn: str, causal: bool, first: int) -> None:
     """The cuDNN kernels on key slices (GQA, the causal diagonal cut at each piece), copied back and
-    written piece by piece while the next piece computes, under either turn."""
+    written piece by piece while the next piece computes, under either turn; with
+    cqsa.first-pieces 2 the first two pieces of a full row together."""
     inp = draw_inputs(1, 4, 2, 3001, 128, torch.bfloat16)
     print(f"inputs: {inp.ctx}")
-    with dask.config.set({"cqsa.query-piece": 700, "cqsa.cuda-turn": turn}):
+    with dask.config.set({"cqsa.query-piece": 700, "cqsa.cuda-turn": turn, "cqsa.first-pieces": first}):
         out, lse = cqsa_dask.attention(inp.q.cuda(), inp.k.cuda(), inp.v.cuda(), causal=causal, return_lse=True,
                                        memory_budget="1GB", groups=1)
     check_exact(inp.q, inp.k, inp.v, out.cpu(), lse.cpu(), causal=causal, scale=None, context=f"{turn} {inp.ctx}")

@@ -1,7 +1,8 @@
 #!/bin/bash
 # The performance issue's whole table on one card with the engine as committed, for the next
 # session that is lent a GPU (the issue's targets are stated for the H200; 12-05's 1M rows ran on
-# an H100, the 4M rows last ran on the H200 on 12-04).  About 12-15 minutes: run it detached,
+# an H100, the 4M rows last ran on the H200 on 12-04; since 12-06 it also runs H = 1 and 1M with
+# cqsa.first-pieces 2, to decide that default).  About 14-17 minutes: run it detached,
 #   bash benchmarks/device_session.sh 560 --script benchmarks/sessions/gpu-table.sh
 # and call that again until it prints DONE; then copy the result files into benchmarks/results/,
 # run `python -m benchmarks.report` and update "The performance issue's table" in docs/benchmarks.md.
@@ -11,6 +12,7 @@ S=${STATE:?}
 mkdir -p /tmp/cqsa-bench
 step pytest 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_exactness.py tests/test_keyblocks.py tests/test_pieces.py tests/test_devicethread.py tests/test_synthetic.py
 step warm-1m 200 $BENCH --rounds 3 --cases n1M-12GB n1M-12GB-causal n1M-H1-12GB --notes "the issue's table, three rounds"
+DASK_CQSA__FIRST_PIECES=2 step warm-1m-first2 150 $BENCH --rounds 3 --cases n1M-H1-12GB n1M-12GB --notes "cqsa.first-pieces 2, against warm-1m (the default, 1)"
 step cold 80 $BENCH --cases n1M-4GB-cold --notes "the issue's table, a fresh process"
 step warm-4m 420 $BENCH --cases n4M-4GB n4M-4GB-causal --notes "the issue's table"
 step budgets-4m 300 $BENCH --cases n4M-16GB n4M-1GB --notes "the issue's table: 1 GB against 16 GB"

@@ -43,7 +43,11 @@ most P = ``query_piece`` tokens (``execution/pieces.py``): the terms of the
 query side (query groups, accumulator, outputs, expansion, scratch) then
 count P rows instead of G; k and v stay whole, or, streamed from host
 memory in key blocks of P tokens (``execution/keyblocks.py``), count two
-blocks: 4 P hk D e.
+blocks: 4 P hk D e.  With ``cqsa.first-pieces`` 2 a non-causal row with k
+and v resident computes its first two pieces together: their second q and
+accumulator, and the next piece's q read ahead, take the terms such a task
+leaves free (no result waits during its first step; no diagonal expansion),
+and the task waits for those kernels before its next piece.
 
 Causal plans use the same (upper-bound) model.  ``bytes_written`` is exact
 for non-causal jobs and an upper bound for causal; ``bytes_read`` counts

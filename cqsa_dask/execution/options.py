@@ -8,7 +8,7 @@ contract and keep their names; the fields are their snake_case twins.
 
 Two kinds of field, one value::
 
-    per task      device, kernel, check_finite, pin_host_memory, cuda_turn
+    per task      device, kernel, check_finite, pin_host_memory, cuda_turn, first_pieces
     per worker    host_cache, io_threads, io_order, torch_threads, zarr_concurrency,
                   resource, cap_device_memory, expandable_segments, tasks_in_flight
                   (the runtime is built from these once per worker process;
@@ -38,7 +38,7 @@ _KEYS = {
     "zarr_concurrency": "zarr-concurrency", "host_cache": "host-cache", "io_threads": "io-threads",
     "pin_host_memory": "pin-host-memory", "resource": "resource", "cap_device_memory": "cap-device-memory",
     "expandable_segments": "expandable-segments", "tasks_in_flight": "tasks-in-flight", "retries": "retries",
-    "cuda_turn": "cuda-turn", "io_order": "io-order",
+    "cuda_turn": "cuda-turn", "io_order": "io-order", "first_pieces": "first-pieces",
 }
 # the fields the worker runtime is built from (the rest is read by each task)
 _RUNTIME_FIELDS = ("host_cache", "io_threads", "io_order", "torch_threads", "zarr_concurrency", "resource",
@@ -69,6 +69,8 @@ class RunOptions:
     cuda_turn: how tasks in flight on one GPU share it (``cuda-turn``): "streams", the
         kernels of every task in flight at once on their own streams, or "kernels", one
         task's kernels at a time (the others read and write meanwhile); "auto" reads as "streams".
+    first_pieces: 1, or 2: the first two query pieces of a non-causal W = 1 row with resident
+        k and v attend the key blocks together as they land (``first-pieces``; ``tasks.py``).
 
     No defaults here: they live in ``cqsa.yaml``; build one with :meth:`from_config`.
     """
@@ -88,6 +90,7 @@ class RunOptions:
     retries: int
     cuda_turn: str
     io_order: str
+    first_pieces: int
 
     @classmethod
     def from_config(cls, **overrides: Any) -> RunOptions:
@@ -114,6 +117,7 @@ class RunOptions:
                 tasks_in_flight=_in_flight(raw["tasks_in_flight"], str(raw["device"])),
                 retries=max(0, int(raw["retries"])), cuda_turn=_cuda_turn(raw["cuda_turn"]),
                 io_order=_choice("io-order", raw["io_order"], ("tasks", "fifo")),
+                first_pieces=_first_pieces(raw["first_pieces"]),
             )
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"a cqsa run option is not understood ({e}); see cqsa.yaml") from None
@@ -140,6 +144,14 @@ def _cuda_turn(value: Any) -> str:
     turns for jobs of one token group) is now "streams"."""
     turn = _choice("cuda-turn", value, ("streams", "kernels", "auto"))
     return "streams" if turn == "auto" else turn
+
+
+def _first_pieces(value: Any) -> int:
+    """``cqsa.first-pieces``: 1 or 2 (the memory model holds two pieces' queries and accumulators
+    at once only in the terms a non-causal task leaves free: ``core/plan.py``)."""
+    if isinstance(value, bool) or str(value).strip() not in ("1", "2"):
+        raise ValueError(f"first-pieces must be 1 or 2, got {value!r}")
+    return int(value)
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:

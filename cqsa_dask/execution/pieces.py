@@ -3,9 +3,12 @@
 ::
 
     work   [(slot, a, [b1, b2, ...]), ...]                  (Plan.work: one entry per slot)
-    steps  [Step(slot, a, keys, part=None), ...]             a shared row, or a short one: whole
-           [Step(slot, a, keys, part=0:P), Step(.., P:2P), ...]   a direct row of more than
+    steps  [Step(slot, a, keys, part=0:P), Step(.., P:2P), ...]   a direct row of more than
                                                              ``query_piece`` tokens: in pieces
+           [Step(slot, a, keys, part=None), ...]             a shared row, or a short one: whole
+    together  [[0, 1], [2], [3], ...]                         the steps computed at once: one by one,
+                                                             or (``cqsa.first-pieces`` 2) the first
+                                                             two pieces of a non-causal W = 1 row
 
 A direct row (``Plan.direct``: the task is its only producer, always so at
 W = 1) is the task's final result, so it can be computed, copied back and
@@ -33,7 +36,7 @@ from cqsa_dask.core.plan import Plan
 from cqsa_dask.execution.partials import Cell
 from cqsa_dask.store.layout import TORCH_DTYPES, stored, stream_block, write_block
 
-__all__ = ["RowPieces", "Step", "steps"]
+__all__ = ["RowPieces", "Step", "steps", "together"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,23 @@ def steps(plan: Plan, work: list[tuple[int, int, list[int]]], query_piece: int) 
         for i, r0 in enumerate(starts):
             out.append(Step(slot, a, tuple(bs), slice(r0, min(n, r0 + size)), size, i == 0, i == len(starts) - 1))
     return out
+
+
+def together(plan: Plan, steps: list[Step], first_pieces: int) -> list[list[int]]:
+    """The order a task computes its ``steps`` in, as lists of step indices computed at once: one
+    step each, except, with ``first_pieces`` 2, the first two pieces of a non-causal W = 1 row
+    whose k and v are resident, which attend each key block together as it lands.
+
+    The first piece alone outruns the blocks' reads (a 131,072 x 131,072 kernel takes about as
+    long as reading its 64 MB block at H = 1); two pieces give the reads twice the kernels to
+    hide under.  A causal piece reads one block more than the piece before it and a streamed
+    block is copied per piece: those keep one step at a time."""
+    units = [[n] for n in range(len(steps))]
+    if (first_pieces == 2 and plan.groups == 1 and not plan.causal and not plan.stream_keys
+            and len(steps) >= 2 and steps[0].part is not None and steps[0].first and not steps[0].last
+            and (steps[1].slot, steps[1].group) == (steps[0].slot, steps[0].group)):
+        units[:2] = [[0, 1]]
+    return units
 
 
 class RowPieces:

@@ -242,15 +242,17 @@ class Timer:
 
 
 class ReadAhead:
-    """The reads of one task's ``steps`` on ``pool``: q ``ahead`` steps ahead, k, v of every key
-    group at once, or, for a task of one group in pieces (W = 1), in key blocks
-    (``keyblocks.py``; ``streamed``: kept in host memory).  A consumed read is dropped at once
-    (its tensor would otherwise stay alive to the end of the task)."""
+    """The reads of one task's ``steps`` on ``pool``: q ``ahead`` steps ahead (the first ``first``
+    steps' at once, before any key), k, v of every key group at once, or, for a task of one group
+    in pieces (W = 1), in key blocks (``keyblocks.py``; ``streamed``: kept in host memory).  A
+    consumed read is dropped at once (its tensor would otherwise stay alive to the end of the task)."""
 
     def __init__(self, io: TaskIO, pool: Lane, steps: list[Step], dev: torch.device, ahead: int,
-                 streamed: bool = False):
+                 streamed: bool = False, first: int = 1):
         self.io, self.pool, self.steps, self.dev, self.ahead = io, pool, steps, dev, ahead
-        self._q_reads: dict[int, Future[Staged]] = {n: self._read_q(n) for n in range(min(ahead, len(steps)))}
+        self._q_reads: dict[int, Future[Staged]] = {}
+        self._queued = 0  # q reads queued so far: those of steps 0 .. _queued - 1
+        self._queue_through(max(ahead, first) - 1)
         groups = sorted({b for s in steps for b in s.keys})
         self.blocks: KeyBlocks | None = None
         if io.job.plan.groups == 1 and steps and steps[0].part is not None:  # the first piece starts on the first block
@@ -260,15 +262,24 @@ class ReadAhead:
             g: (pool.submit(io.kv, "k", g, dev), pool.submit(io.kv, "v", g, dev)) for g in groups}
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _read_q(self, n: int) -> Future[Staged]:
-        return self.pool.submit(self.io.q, self.steps[n].group, self.dev, self.steps[n].part)
+    def _queue_through(self, n: int) -> None:
+        """Queue the q reads of every step up to ``n`` not queued yet."""
+        while self._queued <= min(n, len(self.steps) - 1):
+            m = self._queued
+            self._q_reads[m] = self.pool.submit(self.io.q, self.steps[m].group, self.dev, self.steps[m].part)
+            self._queued += 1
 
-    def q(self, n: int) -> torch.Tensor:
-        """q of step ``n``: (1, hq, T, D) on the device; queues the read of step n + ahead."""
+    def q(self, n: int, *, read_ahead: bool = True) -> torch.Tensor:
+        """q of step ``n``: (1, hq, T, D) on the device; queues the reads through step n + ahead
+        (``read_ahead`` False: the caller does, with :meth:`read_ahead`)."""
         q = use(self._q_reads.pop(n).result())[None].contiguous()
-        if n + self.ahead < len(self.steps):
-            self._q_reads[n + self.ahead] = self._read_q(n + self.ahead)
+        if read_ahead:
+            self.read_ahead(n)
         return q
+
+    def read_ahead(self, n: int) -> None:
+        """Queue the q reads of the steps after step ``n``, through step n + ahead."""
+        self._queue_through(n + self.ahead)
 
     def keys(self, step: Step) -> list[tuple[torch.Tensor, torch.Tensor]] | KeyBlocks:
         """The keys of ``step``: k, v of each of its key groups, or the task's key blocks once the

@@ -13,7 +13,8 @@ Quorum task (task i, batch b, head block j)::
     prefetch   k, v of every key group the task owns pairs for (resident; W = 1: in key blocks,
                resident or streamed from host memory: keyblocks.py), q ahead
     for each step (a slot with query group a and key groups [b1, b2, ...], or a query
-    piece of a row the task computes alone: pieces.py), a row's steps on one turn:
+    piece of a row the task computes alone: pieces.py; cqsa.first-pieces 2: a row's first
+    two pieces at once, on each key block as it lands), a row's steps on one turn:
         stop     if the job was interrupted in this process (a threaded worker: stop.py)
         compute  (out, lse) = merge over bk of attend(q_a, k_bk, v_bk)   (float32 acc;
                  on CUDA queued from the device's compute thread: devicethread.py)
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -49,6 +50,7 @@ from cqsa_dask.execution.keyblocks import KeyBlocks
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.execution.partials import Cell, Merged, Producer
 from cqsa_dask.execution.pieces import Step, steps
+from cqsa_dask.execution.pieces import together as pieces_together
 from cqsa_dask.execution.retry import attempts
 from cqsa_dask.execution.runtime import WorkerRuntime, runtime
 from cqsa_dask.execution.stop import check as check_stopped
@@ -114,7 +116,7 @@ class _QuorumRun:
         self.producer: Producer = plan.policy.producer(cell, task, shared, rt)
         self.io = TaskIO(cell, opt, rt.cache, self.producer)
         self.timer = Timer()
-        self.turn = opt.cuda_turn
+        self.turn, self.first_pieces = opt.cuda_turn, opt.first_pieces
         self.setup_s = self.first_step_s = 0.0  # since t0: IO set up; the first step's inputs in
 
     def run(self) -> dict[str, Any]:
@@ -123,41 +125,57 @@ class _QuorumRun:
         A row's steps run under one turn of the device (``WorkerRuntime.turn``), taken once the
         first step's inputs are in; on CUDA a step's result is copied back while the next step's
         kernels run, and with ``cuda_turn="kernels"`` the row's kernels are done before the turn
-        is given up."""
+        is given up.  With ``first_pieces`` 2 the first two pieces of a W = 1 row attend the key
+        blocks together as they land (``pieces.together``)."""
         on_cuda = self.dev.type == "cuda"
         exclusive = on_cuda and self.turn == "kernels"  # the turn covers the kernels themselves
+        units = pieces_together(self.plan, self.steps, self.first_pieces)
         reads = ReadAhead(self.io, self.lane, self.steps, self.dev, ahead=1 if on_cuda else 2,
-                          streamed=self.plan.stream_keys)
+                          streamed=self.plan.stream_keys, first=len(units[0]) if units else 1)
         writes = WriteBehind(self.io.write, self.lane, self.timer)
         try:
             with self.rt.task_stream(self.dev), contextlib.ExitStack() as held:
-                waiting: Result | None = None  # CUDA: the previous step's result, not yet copied back
+                waiting: list[Result] = []  # CUDA: results of the previous unit, not yet copied back
                 self.setup_s = time.perf_counter() - self.t0
-                for n, step in enumerate(self.steps):
+                for unit in units:
                     check_stopped(self.cell.token)  # the job was interrupted in this process (stop.py)
+                    first, last = self.steps[unit[0]], self.steps[unit[-1]]
                     t = time.perf_counter()
-                    q, kv = reads.q(n), reads.keys(step)
-                    if step.first:
+                    qs = [reads.q(n, read_ahead=len(unit) == 1) for n in unit]
+                    kv = reads.keys(first)
+                    if first.first:
                         held.enter_context(self.rt.turn(self.dev.type, self.turn))
                     t = self.timer.waited(t)
-                    if n == 0:
+                    if unit[0] == 0:
                         self.first_step_s = t - self.t0
-                    result = self.compute(step, q, kv)
-                    del q, kv
-                    if step.last and exclusive and result.done is not None:
-                        result.done.synchronize()
+                    if len(unit) == 1:
+                        results = [self.compute(first, qs[0], kv)]
+                    else:  # pieces together: the next q read once their kernels are queued
+                        assert isinstance(kv, KeyBlocks)
+                        results = self.compute_together([self.steps[n] for n in unit], qs, kv)
+                        reads.read_ahead(unit[-1])
+                    del qs, kv
+                    if last.last and exclusive and results[-1].done is not None:
+                        results[-1].done.synchronize()
                     self.timer.computed(t)
-                    if step.last:
+                    if last.last:
                         held.close()  # the row is done: the next row takes its turn again
-                    if waiting is not None:  # copied back while this step's kernels ran
-                        writes.put(waiting)
-                        waiting = None
-                    if result.done is None or (step.last and exclusive):  # computed already
-                        writes.put(result)
-                    else:
-                        waiting = result
-                if waiting is not None:
-                    writes.put(waiting)
+                    for w in waiting:  # copied back while this unit's kernels ran
+                        writes.put(w)
+                    waiting = []
+                    if len(unit) > 1 and results[-1].done is not None:
+                        # wait for these kernels before the next step: its q (read ahead) and these
+                        # results then take no more of the device than a step of one piece does
+                        t = time.perf_counter()
+                        results[-1].done.synchronize()
+                        t = self.timer.computed(t)
+                    for result in results:
+                        if result.done is None or (last.last and exclusive):  # computed already
+                            writes.put(result)
+                        else:
+                            waiting.append(result)
+                for w in waiting:
+                    writes.put(w)
             writes.drain()
         except BaseException:
             reads.cancel()  # leave no IO running for a failed task,
@@ -182,6 +200,30 @@ class _QuorumRun:
             assert acc is not None
             return on_device(self.dev, partial(self._result, step, acc))
         return on_device(self.dev, lambda: self._compute(step, q, kv))
+
+    def compute_together(self, steps: list[Step], qs: list[torch.Tensor], blocks: KeyBlocks) -> list[Result]:
+        """Pieces ``steps`` of one row, q (1, hq, T_i, D) each, attending every key block of
+        ``blocks`` in turn as it lands, each piece merged in its own float32 accumulator; their
+        results, in order (one done event after all their kernels)."""
+        accs: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(steps)
+        for j in range(len(blocks)):
+            k, v = blocks.device(j)
+            accs = on_device(self.dev, partial(self._attend_merge_all, accs, qs, k, v))
+            del k, v
+
+        def finish() -> list[Result]:
+            done = []
+            for s, a in zip(steps, accs, strict=True):
+                assert a is not None  # every piece attended to at least one block
+                done.append(self._result(s, a))
+            return [Result(r.step, r.out, r.lse, done[-1].done) for r in done]
+
+        return on_device(self.dev, finish)
+
+    def _attend_merge_all(self, accs: Sequence[tuple[torch.Tensor, torch.Tensor] | None], qs: list[torch.Tensor],
+                          k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each accumulator of ``accs`` merged with its q of ``qs`` attending to key block k, v (1, hk, S, D)."""
+        return [self._attend_merge(acc, q, k, v, False) for acc, q in zip(accs, qs, strict=True)]
 
     def _compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Result:
         acc = None
