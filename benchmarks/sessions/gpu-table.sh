@@ -4,6 +4,8 @@
 # an H100, the 4M rows last ran on the H200 on 12-04; since 12-06 it also runs H = 1 and 1M with
 # cqsa.first-pieces 2, to decide that default).  About 14-17 minutes: run it detached,
 #   bash benchmarks/device_session.sh 560 --script benchmarks/sessions/gpu-table.sh
+# (its pytest step needs the test wheels too: ../shared/gpu/fetch-wheels.sh pytest pluggy iniconfig
+# hypothesis sortedcontainers attrs; carry .whl and start the call with the line it prints)
 # and call that again until it prints DONE; then copy the result files into benchmarks/results/,
 # run `python -m benchmarks.report` and update "The performance issue's table" in docs/benchmarks.md.
 set -u
