@@ -6,7 +6,8 @@
 #   bash benchmarks/device_session.sh 560 --script benchmarks/sessions/gpu-table.sh
 # (its pytest step needs the test wheels too: ../shared/gpu/fetch-wheels.sh pytest pluggy iniconfig
 # hypothesis sortedcontainers attrs; carry .whl and start the call with the line it prints)
-# and call that again until it prints DONE; then copy the result files into benchmarks/results/,
+# and call that again at once (a machine idle for 30 s goes back) until it prints DONE; then copy
+# the result files into benchmarks/results/,
 # run `python -m benchmarks.report` and update "The performance issue's table" in docs/benchmarks.md.
 set -u
 S=${STATE:?}
