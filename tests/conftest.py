@@ -5,6 +5,8 @@ advertises 4 GB of the engine's resource, so exactness tests don't each start
 a cluster.  ``make_inputs``: a factory for random q, k, v whose seed comes
 from ``os.urandom`` (or ``CQSA_TEST_SEED`` to replay one) and is printed in
 the test's output and in every assertion message built from ``Inputs.ctx``.
+``pieces_together``: the pieces of each step computed together (``cqsa.first-pieces``)
+by tasks of an in-process worker.
 """
 
 from __future__ import annotations
@@ -112,3 +114,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if out:
         config.hook.pytest_deselected(items=out)
         items[:] = [it for it in items if it not in out]
+
+
+@pytest.fixture
+def pieces_together(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of pieces of every step that an in-process worker's task computed together
+    (more than one: ``cqsa.first-pieces`` 2), appended as the tasks run."""
+    from cqsa_dask.execution import tasks
+
+    seen: list[int] = []
+    real = tasks._QuorumRun.compute_together
+
+    def counted(self: tasks._QuorumRun, steps: list, qs: list, blocks: object) -> list:
+        if len(steps) > 1:
+            seen.append(len(steps))
+        return real(self, steps, qs, blocks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tasks._QuorumRun, "compute_together", counted)
+    return seen

@@ -35,7 +35,6 @@ from cqsa_dask.client.policy import plan_options, stream_limit
 from cqsa_dask.core.dtypes import DTYPES
 from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError
 from cqsa_dask.core.plan import MIN_STREAM_PIECE, budget_for, make_plan, task_memory, usable_bytes
-from cqsa_dask.execution import tasks
 from cqsa_dask.execution.keyblocks import KeyBlocks
 from cqsa_dask.store.random_inputs import write_random_inputs
 
@@ -206,17 +205,9 @@ def threaded() -> Iterator[Client]:
         yield c
 
 
-def test_streamed_keys_keep_one_piece_at_a_time(threaded: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streamed_keys_keep_one_piece_at_a_time(threaded: Client, pieces_together: list[int]) -> None:
     """cqsa.first-pieces 2 leaves a streamed row's pieces one at a time (each copies the blocks it
     attends to): exact, and no two pieces computed together."""
-    pairs: list[int] = []
-    real = tasks._QuorumRun.compute_together
-
-    def counted(self: Any, steps: list[Any], qs: list[torch.Tensor], blocks: Any) -> Any:
-        pairs.append(len(steps))
-        return real(self, steps, qs, blocks)
-
-    monkeypatch.setattr(tasks._QuorumRun, "compute_together", counted)
     inp = draw_inputs(1, 2, 2, 3001, 32, torch.float32)
     print(f"inputs: {inp.ctx}")
     budget = _streaming_budget(3001, 2, 2, 32, torch.float32, 700)
@@ -225,7 +216,7 @@ def test_streamed_keys_keep_one_piece_at_a_time(threaded: Client, monkeypatch: p
         assert (plan.groups, plan.stream_keys) == (1, True), plan
         out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, return_lse=True, client=threaded, memory_budget=budget)
     check_exact(inp.q, inp.k, inp.v, out, lse, causal=False, scale=None, context=inp.ctx)
-    assert pairs == [], pairs
+    assert pieces_together == [], pieces_together
 
 
 @pytest.mark.parametrize(("chunk_tokens", "reads"), [(3000, [None]), (500, list(range(5)))],

@@ -43,7 +43,7 @@ import cqsa_dask
 from cqsa_dask.client.policy import plan_options
 from cqsa_dask.core.errors import BudgetError, InvalidInputError, JobFailedError
 from cqsa_dask.core.plan import AUTO_QUERY_PIECE, make_plan
-from cqsa_dask.execution import pieces, tasks
+from cqsa_dask.execution import pieces
 from cqsa_dask.execution.options import RunOptions
 from cqsa_dask.store import localfiles
 from cqsa_dask.store.localfiles import LocalFiles, write_whole_chunk
@@ -188,31 +188,22 @@ def test_first_pieces_is_one_or_two() -> None:
     (torch.bfloat16, 4, 2, 3001, 1.0, False), (torch.float32, 2, 2, 1201, 1.0, False),
     (torch.bfloat16, 2, 1, 2500, 30.0, False), (torch.bfloat16, 4, 2, 3001, 1.0, True)],
     ids=["bf16-gqa", "fp32-two-pieces", "bf16-mqa-large-logits", "causal-unchanged"])
-def test_the_first_two_pieces_together_are_exact(threaded: Client, monkeypatch: pytest.MonkeyPatch,
+def test_the_first_two_pieces_together_are_exact(threaded: Client, pieces_together: list[int],
                                                  dtype: torch.dtype, hq: int, hkv: int, n: int,
                                                  magnitude: float, causal: bool) -> None:
     """cqsa.first-pieces 2 on an in-process worker: pieces of at most 700 (a row of 1,201 tokens is
     two pieces, both in the first step); the pair runs through ``compute_together`` once per
     task, except on the causal diagonal, which keeps one piece at a time."""
-    pairs: list[int] = []
-    real = tasks._QuorumRun.compute_together
-
-    def counted(self: Any, steps: list[pieces.Step], qs: list[torch.Tensor], blocks: Any) -> Any:
-        pairs.append(len(steps))
-        return real(self, steps, qs, blocks)
-
-    monkeypatch.setattr(tasks._QuorumRun, "compute_together", counted)
     inp = draw_inputs(1, hq, hkv, n, 32, dtype, magnitude=magnitude)
     print(f"inputs: {inp.ctx}")
     with dask.config.set({"cqsa.query-piece": 700, "cqsa.first-pieces": 2}):
-        res = cqsa_dask.attention(inp.q, inp.k, inp.v, causal=causal, return_lse=True, client=threaded,
-                                  groups=1, memory_budget="1GB")
-    out, lse = res
+        out, lse = cqsa_dask.attention(inp.q, inp.k, inp.v, causal=causal, return_lse=True, client=threaded,
+                                       groups=1, memory_budget="1GB")
     check_exact(inp.q, inp.k, inp.v, out, lse, causal=causal, scale=None, context=inp.ctx)
     if causal:
-        assert not pairs, pairs
+        assert not pieces_together, pieces_together
     else:
-        assert pairs and set(pairs) == {2}, pairs  # once per task, two pieces
+        assert pieces_together and set(pieces_together) == {2}, pieces_together  # once per task, two pieces
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,7 @@ class _QuorumRun:
                         # results then take no more of the device than a step of one piece does
                         t = time.perf_counter()
                         results[-1].done.synchronize()
-                        t = self.timer.computed(t)
+                        self.timer.computed(t)
                     for result in results:
                         if result.done is None or (last.last and exclusive):  # computed already
                             writes.put(result)
@@ -192,23 +192,18 @@ class _QuorumRun:
         keeps the accumulator's dtype.  On CUDA the kernels are queued from the device's compute
         thread (``devicethread.py``); waits for key blocks stay on the task's thread."""
         if isinstance(kv, KeyBlocks):
-            acc = None
-            for j, masked in self._block_calls(step, kv):
-                k, v = kv.device(j) if j is not None else kv.whole()
-                acc = on_device(self.dev, partial(self._attend_merge, acc, q, k, v, masked))
-                del k, v
-            assert acc is not None
-            return on_device(self.dev, partial(self._result, step, acc))
+            return self.compute_together([step], [q], kv)[0]
         return on_device(self.dev, lambda: self._compute(step, q, kv))
 
     def compute_together(self, steps: list[Step], qs: list[torch.Tensor], blocks: KeyBlocks) -> list[Result]:
-        """Pieces ``steps`` of one row, q (1, hq, T_i, D) each, attending every key block of
-        ``blocks`` in turn as it lands, each piece merged in its own float32 accumulator; their
-        results, in order (one done event after all their kernels)."""
+        """Pieces ``steps`` of a W = 1 row, q (1, hq, T_i, D) each, attending to the task's key
+        blocks (``_block_calls`` of the first: several steps are the row's first pieces, which
+        take every block in turn as it lands), each piece merged in its own float32 accumulator;
+        their results, in order (one done event after all their kernels)."""
         accs: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(steps)
-        for j in range(len(blocks)):
-            k, v = blocks.device(j)
-            accs = on_device(self.dev, partial(self._attend_merge_all, accs, qs, k, v))
+        for j, masked in self._block_calls(steps[0], blocks):
+            k, v = blocks.device(j) if j is not None else blocks.whole()
+            accs = on_device(self.dev, partial(self._attend_merge_all, accs, qs, k, v, masked))
             del k, v
 
         def finish() -> list[Result]:
@@ -221,9 +216,11 @@ class _QuorumRun:
         return on_device(self.dev, finish)
 
     def _attend_merge_all(self, accs: Sequence[tuple[torch.Tensor, torch.Tensor] | None], qs: list[torch.Tensor],
-                          k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each accumulator of ``accs`` merged with its q of ``qs`` attending to key block k, v (1, hk, S, D)."""
-        return [self._attend_merge(acc, q, k, v, False) for acc, q in zip(accs, qs, strict=True)]
+                          k: torch.Tensor, v: torch.Tensor, masked: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each accumulator of ``accs`` merged with its q of ``qs`` (1, hq, T_i, D) attending to one
+        key block k, v (1, hk, S, D)."""
+        return [merge(acc, attend(q, k, v, scale=self.plan.scale, diagonal_causal=masked, kernel=self.kernel))
+                for acc, q in zip(accs, qs, strict=True)]
 
     def _compute(self, step: Step, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Result:
         acc = None
@@ -232,11 +229,6 @@ class _QuorumRun:
                 acc = merge(acc, part)
         assert acc is not None
         return self._result(step, acc)
-
-    def _attend_merge(self, acc: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``acc`` merged with q (1, hq, T, D) attending to one key block k, v (1, hk, S, D)."""
-        return merge(acc, attend(q, k, v, scale=self.plan.scale, diagonal_causal=masked, kernel=self.kernel))
 
     def _result(self, step: Step, acc: tuple[torch.Tensor, torch.Tensor]) -> Result:
         """The step's result from its float32 accumulator (1, hq, T, D), (1, hq, T)."""
