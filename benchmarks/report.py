@@ -77,7 +77,8 @@ def current(docs: list[dict[str, Any]]) -> dict[str, Result]:
 # settings a run records (runner.py) and their defaults; a file without one ran before it existed
 _DEFAULTS: dict[str, Any] = {"local-cluster.processes": "auto", "tasks-in-flight": "auto", "query-piece": "auto",
                              "partials": "auto", "kernel": "auto", "host-cache": "auto", "stream-keys": "auto",
-                             "io-threads": 4, "io-order": "tasks", "pin-host-memory": False, "kernel-warmup": True}
+                             "io-threads": 4, "io-order": "tasks", "pin-host-memory": False, "kernel-warmup": True,
+                             "first-pieces": 1}
 # a default's earlier value and until when it was the default (UTC): a run of that value before
 # then ran under the defaults of its day (worker processes, until the threaded worker on one GPU)
 _FORMER: dict[str, tuple[Any, str]] = {"local-cluster.processes": (True, "2026-12-04T15:45")}

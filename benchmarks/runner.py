@@ -369,5 +369,5 @@ def _settings() -> dict[str, Any]:
     from cqsa_dask import config
 
     keys = ("cuda-turn", "tasks-in-flight", "partials", "host-cache", "io-threads", "io-order", "kernel", "query-piece",
-            "stream-keys", "local-cluster.processes", "pin-host-memory", "kernel-warmup")
+            "stream-keys", "local-cluster.processes", "pin-host-memory", "kernel-warmup", "first-pieces")
     return {k: config.get(k) for k in keys}
