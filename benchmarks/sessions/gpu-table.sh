@@ -1,15 +1,15 @@
 #!/bin/bash
-# The performance issue's whole table on one card with the engine as committed, for the next
-# session that is lent a GPU (the issue's targets are stated for the H200; 12-05's 1M rows ran on
-# an H100, the 4M rows last ran on the H200 on 12-04; since 12-06 it also runs H = 1 and 1M with
-# cqsa.first-pieces 2, to decide that default).  About 14-17 minutes: run it detached,
+# The performance issue's whole table on one card with the engine as committed (last run: session
+# 06b, 2026-12-06, one H100), with cqsa.first-pieces 2 beside the default on H = 1 and 1M (its A/B:
+# the run records the setting, and benchmarks.report keeps it out of the current figures).  About
+# 11 minutes (06b: 04:20-04:31): run it detached,
 #   bash benchmarks/device_session.sh 560 --script benchmarks/sessions/gpu-table.sh
 # (its pytest step needs the test wheels too: ../shared/gpu/fetch-wheels.sh pytest pluggy iniconfig
-# hypothesis sortedcontainers attrs; carry .whl and start the call with the line it prints)
-# (the rows not measured with the current engine first: a machine taken back mid-way loses the rest)
+# hypothesis sortedcontainers attrs; carry .whl and start the call with the line it prints),
 # and call that again at once (a machine idle for 30 s goes back) until it prints DONE; then copy
 # the result files into benchmarks/results/,
 # run `python -m benchmarks.report` and update "The performance issue's table" in docs/benchmarks.md.
+# The steps that decide most come first: a machine taken back mid-way loses the rest.
 set -u
 S=${STATE:?}
 . "$(dirname "$0")/steps.sh"  # step NAME SECONDS command...; $BENCH
