@@ -163,7 +163,7 @@ def test_only_the_first_two_pieces_of_a_full_resident_row_go_together(n: int, gr
     for task in plan.task_ids:
         st_ = pieces.steps(plan, plan.work(task), piece)
         units = pieces.together(plan, st_, first)
-        assert [n for u in units for n in u] == list(range(len(st_))), "every step once, in order"
+        assert [i for u in units for i in u] == list(range(len(st_))), "every step once, in order"
         paired = [u for u in units if len(u) > 1]
         cut = len(st_) >= 2 and st_[0].part is not None
         if first == 2 and groups == 1 and not causal and not plan.stream_keys and cut:

@@ -207,11 +207,11 @@ class _QuorumRun:
             del k, v
 
         def finish() -> list[Result]:
-            done = []
+            results = []
             for s, a in zip(steps, accs, strict=True):
                 assert a is not None  # every piece attended to at least one block
-                done.append(self._result(s, a))
-            return [Result(r.step, r.out, r.lse, done[-1].done) for r in done]
+                results.append(self._result(s, a))
+            return [Result(r.step, r.out, r.lse, results[-1].done) for r in results]
 
         return on_device(self.dev, finish)
 
